@@ -1,0 +1,3 @@
+from cifarbench.cli import main
+
+raise SystemExit(main())

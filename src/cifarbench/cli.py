@@ -1,0 +1,236 @@
+"""The command line: parses flags, calls the Python API, prints. No logic lives here that the API lacks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+from cifarbench.errors import CifarbenchError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # a bad flag is a user error: one line, status 1
+        self.exit(1, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _data_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help="folder with CIFAR-10 (default: $CIFARBENCH_DATA, then ./data)")
+    p.add_argument("--no-verify", dest="verify", action="store_false", default=None,
+                   help="accept files whose md5 is not the official one (e.g. the JPEG-q75 copy); recorded with the run")
+    p.add_argument("--no-download", dest="download", action="store_false", default=None,
+                   help="never fetch the data set; fail if no local copy is found")
+
+
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", help="named recipe (default: the model's own; see `cifarbench models`)")
+    p.add_argument("--epochs", type=int, help="override the recipe's number of epochs")
+    p.add_argument("--batch-size", type=int, help="override the recipe's batch size")
+    p.add_argument("--lr", type=float, help="override the recipe's learning rate")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="override the recipe's precision")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | mps (default: auto)")
+    p.add_argument("--runs-dir", help="run history folder (default: $CIFARBENCH_HOME, then ./runs)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    _data_flags(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cifarbench", description="Train, compare and understand image classifiers on CIFAR-10.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("download", help="fetch and verify the official CIFAR-10 archive")
+    p.add_argument("--data-dir", help="destination folder (default: $CIFARBENCH_DATA, then ./data)")
+    p.add_argument("--url", help="mirror URL (https only; still verified against the official md5)")
+
+    p = sub.add_parser("explore", help="per-class image grids and class counts")
+    p.add_argument("--per-class", type=int, default=10, help="images per class (default 10)")
+    p.add_argument("--out", default="grid.png", help="PNG to write (default grid.png)")
+    p.add_argument("--split", choices=["train", "test"], default="train")
+    p.add_argument("--seed", type=int, default=0, help="which random examples to show")
+    p.add_argument("--json", action="store_true")
+    _data_flags(p)
+
+    sub.add_parser("models", help="list registered models and recipes")
+
+    p = sub.add_parser("train", help="train one model and record the run")
+    p.add_argument("model")
+    p.add_argument("--seed", type=int, default=0)
+    _run_flags(p)
+
+    p = sub.add_parser("eval", help="evaluate a run or checkpoint on the whole test set")
+    p.add_argument("ref", metavar="RUN_ID_OR_CHECKPOINT")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--runs-dir")
+    p.add_argument("--json", action="store_true")
+    _data_flags(p)
+
+    p = sub.add_parser("compare", help="train several models over seeds and compare them (the main job)")
+    p.add_argument("models", nargs="+")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per model (0..N-1); mean ± std over them")
+    p.add_argument("--plot", help="learning-curve PNG (default: RUNS_DIR/compare-TIMESTAMP.png)")
+    _run_flags(p)
+
+    p = sub.add_parser("runs", help="list the run history")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--runs-dir")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def _print_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def _note_unverified(dataset: dict) -> None:
+    if not dataset.get("verified"):
+        print(f"note: the data in {dataset['source']} does not match the official CIFAR-10 checksums; accepted "
+              "because of --no-verify and recorded as unverified", file=sys.stderr)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {"epochs": args.epochs, "batch_size": args.batch_size, "precision": args.precision, "device": args.device,
+            "data_dir": args.data_dir, "verify": args.verify, "download": args.download}
+
+
+def _config(args: argparse.Namespace, model: str, seed: int):
+    from dataclasses import replace
+
+    from cifarbench.training.recipes import make_config
+
+    config = make_config(model, args.recipe, seed=seed, **_overrides(args))
+    return replace(config, optimizer=replace(config.optimizer, lr=args.lr)) if args.lr else config
+
+
+def _epoch_printer(args: argparse.Namespace):
+    out = sys.stderr if args.json else sys.stdout
+
+    def show(config, m) -> None:
+        print(f"{config.model} seed {config.seed} epoch {m.epoch:>3}/{config.epochs}  train loss {m.train_loss:.4f}  test loss {m.test_loss:.4f}  "
+              f"test acc {100 * m.test_accuracy:6.2f}%  {m.seconds:7.1f} s", file=out, flush=True)
+
+    return show
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    from cifarbench.data import cifar10
+
+    root = cifar10.ensure_cifar10(args.data_dir, download=True, url=args.url or cifar10.URL)
+    print(f"CIFAR-10 is in {root.resolve()}")
+
+
+def cmd_explore(args: argparse.Namespace) -> None:
+    from cifarbench.config import DataConfig
+    from cifarbench.data import load_dataset
+    from cifarbench.reporting.plots import plot_class_grid
+    from cifarbench.reporting.tables import format_table
+
+    if args.per_class < 1:
+        raise CifarbenchError("--per-class must be at least 1")
+    ds = load_dataset(DataConfig(data_dir=args.data_dir, verify=args.verify is not False, download=args.download is not False))
+    split = ds.train if args.split == "train" else ds.test
+    path = plot_class_grid(split.images, split.labels, ds.classes, args.out, per_class=args.per_class, seed=args.seed)
+    counts = {"train": ds.train.class_counts(len(ds.classes)), "test": ds.test.class_counts(len(ds.classes))}
+    if args.json:
+        _print_json({"grid": str(path), "classes": list(ds.classes), "counts": counts, "dataset": ds.info()})
+        return
+    _note_unverified(ds.info())
+    rows = [(c, counts["train"][i], counts["test"][i]) for i, c in enumerate(ds.classes)]
+    rows.append(("total", sum(counts["train"]), sum(counts["test"])))
+    print(format_table(["class", "train", "test"], rows))
+    print(f"\nwrote {path} ({args.per_class} {args.split} images per class)")
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from cifarbench.models import count_parameters, create_model, get_model_spec, list_models
+    from cifarbench.reporting.tables import format_table
+    from cifarbench.training.recipes import list_recipes
+
+    rows = [(n, f"{count_parameters(create_model(n)):,}", get_model_spec(n).default_recipe, get_model_spec(n).description)
+            for n in list_models()]
+    print(format_table(["model", "params", "default recipe", "description"], rows))
+    print(f"\nrecipes: {', '.join(list_recipes())}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from cifarbench.api import train_run
+
+    config = _config(args, args.model, args.seed)
+    show = _epoch_printer(args)
+    result = train_run(config, runs_dir=args.runs_dir, on_epoch=lambda m: show(config, m))
+    if args.json:
+        _print_json(result)
+        return
+    _note_unverified(result["dataset"])
+    print(f"run {result['run_id']}: test accuracy {100 * result['test_accuracy']:.2f}%, test loss "
+          f"{result['test_loss']:.4f}, {result['train_seconds']:.1f} s training on {result['device']}")
+    print(f"saved in {result['run_dir']}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from cifarbench.api import evaluate_checkpoint
+    from cifarbench.reporting.tables import evaluation_table
+
+    result = evaluate_checkpoint(args.ref, runs_dir=args.runs_dir, data_dir=args.data_dir, verify=args.verify,
+                                 device=args.device)
+    if args.json:
+        _print_json(result)
+        return
+    print(f"{result['model']} ({result['checkpoint']}): test accuracy {100 * result['test_accuracy']:.2f}%, "
+          f"test loss {result['test_loss']:.4f} over {result['n']} images\n")
+    print(evaluation_table(result))
+    if not result["dataset_matches_training"]:
+        print("\nnote: this test set is not the one the model was trained with (different fingerprint)")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from cifarbench.api import compare
+    from cifarbench.reporting.tables import comparison_table
+
+    report = compare(args.models, lambda m, s: _config(args, m, s), seeds=args.seeds, runs_dir=args.runs_dir,
+                     plot=args.plot, on_epoch=_epoch_printer(args))
+    if args.json:
+        _print_json(report)
+        return
+    _note_unverified(report["dataset"])
+    print(comparison_table(report["results"]))
+    print(f"\nlearning curves: {report['plot']}")
+
+
+def cmd_runs(args: argparse.Namespace) -> None:
+    from cifarbench.reporting.tables import runs_table
+    from cifarbench.runs.store import RunStore
+
+    with RunStore(args.runs_dir) as store:
+        runs = store.list_runs(args.limit)
+    if args.json:
+        _print_json({"runs": runs})
+    elif runs:
+        print(runs_table(runs))
+    else:
+        print(f"no runs yet in {store.path}")
+
+
+COMMANDS = {"download": cmd_download, "explore": cmd_explore, "models": cmd_models, "train": cmd_train,
+            "eval": cmd_eval, "compare": cmd_compare, "runs": cmd_runs}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except CifarbenchError as exc:
+        print(f"cifarbench: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("cifarbench: interrupted; finished epochs are saved in the run folder", file=sys.stderr)
+        return 130
+    except OSError as exc:  # disk full, permission denied: the user's environment, not a bug
+        print(f"cifarbench: error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""CIFAR-10: find it, download it, verify it, parse it (python or binary layout) and cache the result.
+
+Resolution order for the folder: the `data_dir` argument (`--data-dir`), then `$CIFARBENCH_DATA`, then
+`./data`. The folder may hold `cifar-10-batches-py/`, `cifar-10-batches-bin/` or the official
+`cifar-10-python.tar.gz`, or be one of those batch folders itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cifarbench.data.dataset import ImageDataset, Split, fingerprint
+from cifarbench.data.safe_pickle import safe_load_pickle
+from cifarbench.errors import DataError
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+ARCHIVE = "cifar-10-python.tar.gz"
+ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
+PY_DIR = "cifar-10-batches-py"
+BIN_DIR = "cifar-10-batches-bin"
+TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_BATCH = "test_batch"
+# The official per-file md5s of the python layout (the authors publish only the archive's; these are the
+# ones every major loader checks). No such list exists for the binary layout's files.
+OFFICIAL_MD5 = {
+    "data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "test_batch": "40351d587109b95175f43aff81a1287e",
+    "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
+}
+ARCHIVE_MEMBERS = tuple(f"{PY_DIR}/{n}" for n in (*TRAIN_BATCHES, TEST_BATCH, "batches.meta", "readme.html"))
+# A full copy has exactly these class counts; a smaller one (a test fixture, a subset) is not checked.
+FULL_COUNTS = {"train": (50_000, 5_000), "test": (10_000, 1_000)}
+PIXELS = 3 * 32 * 32
+RECORD = 1 + PIXELS  # binary layout: label byte, then R, G, B planes
+CACHE_VERSION = 1
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """The folder to use: the argument, else $CIFARBENCH_DATA, else ./data."""
+    if data_dir:
+        return Path(data_dir).expanduser()
+    env = os.environ.get("CIFARBENCH_DATA")
+    return Path(env).expanduser() if env else Path("data")
+
+
+def default_cache_dir() -> Path:
+    """Where decoded arrays are cached: $CIFARBENCH_CACHE, else ~/.cache/cifarbench."""
+    env = os.environ.get("CIFARBENCH_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "cifarbench"
+
+
+@dataclass(frozen=True)
+class _Layout:
+    kind: str  # "python" or "binary"
+    folder: Path
+    files: dict[str, Path]  # batch name -> file
+
+
+def _find_layout(root: Path) -> _Layout | None:
+    candidates = [("python", root / PY_DIR, ""), ("binary", root / BIN_DIR, ".bin")]
+    if root.name in (PY_DIR, BIN_DIR):
+        candidates.insert(0, ("python" if root.name == PY_DIR else "binary", root, "" if root.name == PY_DIR else ".bin"))
+    for kind, folder, suffix in candidates:
+        if (folder / (TEST_BATCH + suffix)).is_file():
+            files = {name: folder / (name + suffix) for name in (*TRAIN_BATCHES, TEST_BATCH)}
+            return _Layout(kind, folder, files)
+    return None
+
+
+def ensure_cifar10(data_dir: str | os.PathLike | None = None, *, download: bool = True, verify: bool = True,
+                   url: str = URL, cafile: str | None = None, progress: bool | None = None) -> Path:
+    """Make sure the batches exist under the resolved folder (extracting or downloading the archive)."""
+    from cifarbench.data.download import download as fetch, safe_extract_tar
+
+    root = resolve_data_dir(data_dir)
+    if _find_layout(root):
+        return root
+    archive = root / ARCHIVE
+    if not archive.is_file():
+        if not download:
+            raise DataError(_missing_message(root))
+        try:
+            fetch(url, archive, ARCHIVE_MD5, cafile=cafile, progress=progress)
+        except DataError as exc:
+            raise DataError(f"{exc}. {_missing_message(root)}") from None
+    elif verify:
+        actual = _md5(archive)
+        if actual != ARCHIVE_MD5:
+            raise DataError(f"{archive}: md5 {actual} is not the official {ARCHIVE_MD5} "
+                            "(pass --no-verify to use this copy anyway)")
+    wanted = [m for m in ARCHIVE_MEMBERS if not m.endswith("readme.html")]
+    written = safe_extract_tar(archive, root, ARCHIVE_MEMBERS)
+    missing = sorted(set(wanted) - {p.relative_to(root).as_posix() for p in written})
+    if missing:
+        raise DataError(f"{archive}: archive lacks {', '.join(missing)}")
+    return root
+
+
+def _missing_message(root: Path) -> str:
+    return (f"CIFAR-10 not found in {root.resolve()} (looked for {PY_DIR}/, {BIN_DIR}/ or {ARCHIVE}); "
+            "run `cifarbench download --data-dir DIR` where the internet is reachable, or point "
+            "--data-dir / $CIFARBENCH_DATA at a folder holding a copy")
+
+
+def load_cifar10(data_dir: str | os.PathLike | None = None, *, verify: bool = True, download: bool = True,
+                 cache_dir: str | os.PathLike | None = None, progress: bool | None = None) -> ImageDataset:
+    """Load CIFAR-10 as uint8 arrays, verifying every batch file against the official md5 unless told not to."""
+    root = ensure_cifar10(data_dir, download=download, verify=verify, progress=progress)
+    layout = _find_layout(root)
+    assert layout is not None
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    meta_file = layout.folder / "batches.meta"
+    key = _cache_key(layout, meta_file)
+    cached = _read_cache(cache, key)
+    if cached is None:
+        cached = _decode(layout, meta_file)
+        _write_cache(cache, key, cached)
+    train, test, md5s, sha256 = cached
+    official = _check_md5(layout, md5s, strict=verify)
+    return ImageDataset("cifar10", CLASSES, train, test, sha256, official, str(layout.folder.resolve()), layout.kind)
+
+
+def _check_md5(layout: _Layout, md5s: dict[str, str], *, strict: bool) -> bool:
+    """True when every file matches the official md5; with `strict`, a mismatch is an error."""
+    if layout.kind == "binary":
+        if strict:
+            raise DataError(f"{layout.folder}: no official per-file md5s exist for the binary layout, so it "
+                            "cannot be verified (use the python layout, or pass --no-verify to accept it)")
+        return False
+    for name, actual in md5s.items():
+        expected = OFFICIAL_MD5[name]
+        if actual != expected:
+            if strict:
+                raise DataError(f"{layout.folder / name}: md5 {actual} does not match the official {expected}; "
+                                "not the official CIFAR-10 file (pass --no-verify to use this copy anyway)")
+            return False
+    return True
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _decode(layout: _Layout, meta_file: Path) -> tuple[Split, Split, dict[str, str], str]:
+    md5s: dict[str, str] = {}
+    parts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name, path in layout.files.items():
+        try:
+            payload = path.read_bytes()
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        md5s[name] = hashlib.md5(payload).hexdigest()
+        parse = _parse_python if layout.kind == "python" else _parse_binary
+        parts[name] = parse(payload, str(path))
+    if layout.kind == "python" and meta_file.is_file():
+        md5s["batches.meta"] = _md5(meta_file)
+    train = Split(np.concatenate([parts[n][0] for n in TRAIN_BATCHES]),
+                  np.concatenate([parts[n][1] for n in TRAIN_BATCHES]))
+    test = Split(*parts[TEST_BATCH])
+    _check_counts("train", train, layout.folder)
+    _check_counts("test", test, layout.folder / TEST_BATCH)
+    return train, test, md5s, fingerprint(train, test)
+
+
+def _parse_python(payload: bytes, source: str) -> tuple[np.ndarray, np.ndarray]:
+    batch = safe_load_pickle(payload, source)
+    if not isinstance(batch, dict):
+        raise DataError(f"{source}: not a CIFAR batch (a pickle of {type(batch).__name__}, expected a dict)")
+    batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    if "data" not in batch or "labels" not in batch:
+        raise DataError(f"{source}: not a CIFAR batch (keys {sorted(map(str, batch))}, expected data and labels)")
+    data = batch["data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != PIXELS:
+        desc = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DataError(f"{source}: data is {desc}, expected N x {PIXELS} uint8")
+    try:
+        labels = np.asarray(batch["labels"], dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        raise DataError(f"{source}: labels are not a list of integers") from None
+    return _checked(data, labels, source)
+
+
+def _parse_binary(payload: bytes, source: str) -> tuple[np.ndarray, np.ndarray]:
+    if not payload or len(payload) % RECORD:
+        raise DataError(f"{source}: {len(payload)} bytes is not a whole number of {RECORD}-byte records "
+                        "(truncated or not a CIFAR-10 binary batch)")
+    records = np.frombuffer(payload, dtype=np.uint8).reshape(-1, RECORD)
+    return _checked(records[:, 1:], records[:, 0].astype(np.int64), source)
+
+
+def _checked(data: np.ndarray, labels: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:
+    if labels.ndim != 1 or len(labels) != len(data):
+        raise DataError(f"{source}: {labels.size} labels for {len(data)} images")
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(CLASSES)):
+        bad = int(labels[(labels < 0) | (labels >= len(CLASSES))][0])
+        raise DataError(f"{source}: label {bad} is out of range 0-{len(CLASSES) - 1}")
+    return np.ascontiguousarray(data).reshape(-1, 3, 32, 32), labels
+
+
+def _check_counts(split: str, data: Split, source: Path) -> None:
+    total, per_class = FULL_COUNTS[split]
+    if len(data) == total:
+        counts = data.class_counts(len(CLASSES))
+        if any(c != per_class for c in counts):
+            raise DataError(f"{source}: {split} split has class counts {counts}, expected {per_class} of each")
+
+
+def _cache_key(layout: _Layout, meta_file: Path) -> str:
+    files = [*layout.files.values(), *([meta_file] if meta_file.is_file() else [])]
+    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return hashlib.sha256(json.dumps([CACHE_VERSION, layout.kind, stats]).encode()).hexdigest()[:24]
+
+
+def _read_cache(cache: Path, key: str) -> tuple[Split, Split, dict[str, str], str] | None:
+    path = cache / f"cifar10-{key}.npz"
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            return (Split(z["train_x"], z["train_y"]), Split(z["test_x"], z["test_y"]), meta["md5"], meta["sha256"])
+    except (OSError, ValueError, KeyError):
+        return None  # a damaged cache is just a miss
+
+
+def _write_cache(cache: Path, key: str, decoded: tuple[Split, Split, dict[str, str], str]) -> None:
+    train, test, md5s, sha256 = decoded
+    meta = np.frombuffer(json.dumps({"md5": md5s, "sha256": sha256}).encode(), dtype=np.uint8)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, train_x=train.images, train_y=train.labels, test_x=test.images, test_y=test.labels, meta=meta)
+        os.replace(tmp, cache / f"cifar10-{key}.npz")
+    except OSError:
+        pass  # caching is an optimisation; an unwritable cache must not stop a run

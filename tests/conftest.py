@@ -1,0 +1,100 @@
+"""Fixtures: tiny CIFAR-format data sets written in the official layouts, and an isolated environment."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cifarbench.data import cifar10
+
+N_PER_BATCH = 20  # 2 of each class per batch: small enough to train in milliseconds
+
+
+def make_batch(rng: np.random.Generator, n: int = N_PER_BATCH) -> tuple[np.ndarray, np.ndarray]:
+    """Noisy images in which class k has a bright band at rows 3k..3k+2, so a model can learn them."""
+    labels = np.arange(n) % 10
+    rng.shuffle(labels)
+    images = rng.integers(60, 140, size=(n, 3, 32, 32))
+    for i, k in enumerate(labels):
+        images[i, :, 3 * k:3 * k + 3, :] += 110
+    return images.astype(np.uint8).reshape(n, 3072), labels
+
+
+def write_python_layout(root: Path, *, key_type: type = bytes, seed: int = 0, n: int = N_PER_BATCH) -> Path:
+    """cifar-10-batches-py/ with py2-style bytes keys (like the official files) or str keys."""
+    folder = root / cifar10.PY_DIR
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    k = (lambda s: s.encode()) if key_type is bytes else (lambda s: s)
+    for name in (*cifar10.TRAIN_BATCHES, cifar10.TEST_BATCH):
+        data, labels = make_batch(rng, n)
+        batch = {k("batch_label"): k(name), k("labels"): labels.tolist(), k("data"): data,
+                 k("filenames"): [k(f"{name}_{i}.png") for i in range(n)]}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2 if key_type is bytes else 4))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": list(cifar10.CLASSES)}, protocol=2))
+    return root
+
+
+def write_binary_layout(root: Path, *, seed: int = 0, n: int = N_PER_BATCH) -> Path:
+    folder = root / cifar10.BIN_DIR
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for name in (*cifar10.TRAIN_BATCHES, cifar10.TEST_BATCH):
+        data, labels = make_batch(rng, n)
+        np.concatenate([labels[:, None].astype(np.uint8), data], axis=1).tofile(folder / f"{name}.bin")
+    (folder / "batches.meta.txt").write_text("".join(c + "\n" for c in cifar10.CLASSES))
+    return root
+
+
+def md5_of(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def make_archive(data_root: Path, archive: Path) -> Path:
+    """A cifar-10-python.tar.gz laid out like the official one, from a python-layout folder."""
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(data_root / cifar10.PY_DIR, arcname=cifar10.PY_DIR)
+    return archive
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test gets its own cache and run store, and never sees the developer's data folder."""
+    monkeypatch.setenv("CIFARBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CIFARBENCH_HOME", str(tmp_path / "runs"))
+    monkeypatch.delenv("CIFARBENCH_DATA", raising=False)
+
+
+@pytest.fixture(scope="session")
+def real_data_dir() -> Path:
+    """The real CIFAR-10 copy named by $CIFARBENCH_DATA (read before `isolated` hides it)."""
+    import os
+
+    value = os.environ.get("CIFARBENCH_DATA")
+    if not value:
+        pytest.skip("CIFARBENCH_DATA is not set: real-data tests are skipped")
+    return Path(value)
+
+
+@pytest.fixture
+def tiny_py(tmp_path: Path) -> Path:
+    return write_python_layout(tmp_path / "tiny-py")
+
+
+@pytest.fixture
+def tiny_bin(tmp_path: Path) -> Path:
+    return write_binary_layout(tmp_path / "tiny-bin")
+
+
+@pytest.fixture
+def official_tiny(tiny_py: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The tiny python layout, with the 'official' md5 table pointed at its files."""
+    folder = tiny_py / cifar10.PY_DIR
+    table = {name: md5_of(folder / name) for name in (*cifar10.TRAIN_BATCHES, cifar10.TEST_BATCH, "batches.meta")}
+    monkeypatch.setattr(cifar10, "OFFICIAL_MD5", table)
+    return tiny_py

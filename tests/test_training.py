@@ -1,0 +1,116 @@
+"""The training loop and the run API on tiny synthetic data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifarbench.api import evaluate_checkpoint, train_run
+from cifarbench.config import TrainConfig
+from cifarbench.data.cifar10 import load_cifar10
+from cifarbench.device import resolve_device
+from cifarbench.errors import CifarbenchError
+from cifarbench.runs.store import RunStore
+from cifarbench.training.loop import train
+from cifarbench.training.recipes import make_config
+
+
+def tiny_config(model: str, data_dir: Path, **kw) -> TrainConfig:
+    return make_config(model, "seed", data_dir=str(data_dir), verify=False, download=False, batch_size=10,
+                       device="cpu", **kw)
+
+
+def test_seed_recipe_is_the_notebooks() -> None:
+    fnn, cnn = make_config("fnn"), make_config("cnn")
+    assert (fnn.epochs, cnn.epochs) == (5, 10)
+    for c in (fnn, cnn):
+        assert c.batch_size == 100 and c.precision == "fp32"
+        assert (c.optimizer.lr, c.optimizer.momentum, c.optimizer.weight_decay) == (0.01, 0.0, 0.0)
+        assert c.data.mean == (0.5, 0.5, 0.5) and c.data.std == (0.5, 0.5, 0.5)
+
+
+def test_overrides_and_validation() -> None:
+    c = make_config("cnn", epochs=3, seed=7, verify=False, precision=None)
+    assert (c.epochs, c.seed, c.data.verify, c.precision) == (3, 7, False, "fp32")
+    with pytest.raises(CifarbenchError, match="recipe"):
+        make_config("cnn", "nope")
+    with pytest.raises(CifarbenchError, match="precision"):
+        make_config("cnn", precision="fp8")
+    with pytest.raises(CifarbenchError, match="epochs"):
+        make_config("cnn", epochs=0)
+    assert TrainConfig.from_dict(c.to_dict()) == c
+
+
+def test_training_learns_the_synthetic_classes(tiny_py: Path) -> None:
+    config = tiny_config("fnn", tiny_py, epochs=15)
+    config.optimizer.lr = 0.05
+    dataset = load_cifar10(tiny_py, verify=False, download=False)
+    result = train(config, dataset, torch.device("cpu"), progress=False)
+    assert [h.epoch for h in result.history] == list(range(1, 16))
+    assert result.history[-1].train_loss < result.history[0].train_loss
+    assert result.final.accuracy >= 0.5  # chance is 0.1; the classes differ by mean colour
+    assert result.final.n == len(dataset.test)
+    assert sum(map(sum, result.final.confusion)) == len(dataset.test)
+    assert all(b.seconds >= a.seconds for a, b in zip(result.history, result.history[1:]))
+
+
+@pytest.mark.parametrize("model", ["fnn", "cnn"])
+def test_same_seed_same_weights_other_seed_other_weights(tiny_py: Path, model: str) -> None:
+    dataset = load_cifar10(tiny_py, verify=False, download=False)
+    runs = [train(tiny_config(model, tiny_py, epochs=2, seed=s), dataset, torch.device("cpu"), progress=False)
+            for s in (1, 1, 2)]
+    a, b, c = (r.model.state_dict() for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_bf16_precision_trains(tiny_py: Path) -> None:
+    dataset = load_cifar10(tiny_py, verify=False, download=False)
+    result = train(tiny_config("cnn", tiny_py, epochs=2, precision="bf16"), dataset, torch.device("cpu"),
+                   progress=False)
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+    assert 0.0 <= result.final.accuracy <= 1.0
+
+
+def test_train_run_writes_folder_and_history(tiny_py: Path, tmp_path: Path) -> None:
+    seen = []
+    summary = train_run(tiny_config("cnn", tiny_py, epochs=2), runs_dir=tmp_path / "r", on_epoch=seen.append,
+                        progress=False)
+    run_dir = Path(summary["run_dir"])
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "config.json", "metrics.json"]
+    assert json.loads((run_dir / "metrics.json").read_text())["test_accuracy"] == summary["test_accuracy"]
+    assert [m.epoch for m in seen] == [1, 2]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["config"]["data"]["verify"] is False and config["dataset"]["verified"] is False
+    assert config["torch_version"] == torch.__version__ and config["code_version"]
+    with RunStore(tmp_path / "r") as store:
+        run = store.get_run(summary["run_id"])
+    assert run["status"] == "completed" and len(run["history"]) == 2
+    assert run["test_accuracy"] == summary["test_accuracy"] and run["dataset"]["sha256"] == summary["dataset"]["sha256"]
+    again = evaluate_checkpoint(summary["run_id"], runs_dir=tmp_path / "r")
+    assert again["test_accuracy"] == summary["test_accuracy"] and again["dataset_matches_training"]
+    assert again["confusion"] == summary["confusion"]
+
+
+def test_failed_run_is_recorded_as_failed(tiny_py: Path, tmp_path: Path) -> None:
+    def explode(_metrics) -> None:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        train_run(tiny_config("fnn", tiny_py, epochs=3), runs_dir=tmp_path, on_epoch=explode, progress=False)
+    with RunStore(tmp_path) as store:
+        (run,) = store.list_runs()
+    assert run["status"] == "failed" and "boom" in run["error"]
+
+
+def test_devices() -> None:
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(CifarbenchError, match="no CUDA GPU"):
+            resolve_device("cuda")
+    with pytest.raises(CifarbenchError, match="unknown device"):
+        resolve_device("tpu")
