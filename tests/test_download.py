@@ -7,9 +7,6 @@ import http.server
 import io
 import json
 import os
-import shutil
-import ssl
-import subprocess
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -19,6 +16,7 @@ import pytest
 
 from cifarbench.data.download import download, safe_extract_tar
 from cifarbench.errors import DataError, DownloadError
+from https_server import cert, serve  # noqa: F401  (cert is a fixture)
 
 GOOD = os.urandom(3 * 2**20 + 123)  # spans several 1 MiB chunks
 GOOD_MD5 = hashlib.md5(GOOD).hexdigest()
@@ -59,44 +57,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(500, "boom")
 
 
-class _QuietServer(http.server.ThreadingHTTPServer):
-    def handle_error(self, request: object, client_address: object) -> None:
-        pass  # clients that give up mid-response (timeouts, failed handshakes) are expected here
-
-
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not on PATH")
-    folder = tmp_path_factory.mktemp("cert")
-    cert, key = folder / "c.pem", folder / "k.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1", "-days", "1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True, timeout=60,
-    )
-    return cert, key
-
-
 @pytest.fixture
 def server(cert: tuple[Path, Path]) -> Iterator[tuple[str, list[str]]]:
     requests: list[str] = []
     release = threading.Event()
     handler = type("Handler", (_Handler,), {"requests": requests, "release": release})
-    httpd = _QuietServer(("127.0.0.1", 0), handler)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(str(cert[0]), str(cert[1]))
-    # Handshake in the handler thread, so one bad client cannot stall the accept loop.
-    httpd.socket = context.wrap_socket(httpd.socket, server_side=True, do_handshake_on_connect=False)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"https://127.0.0.1:{httpd.server_address[1]}", requests
-    finally:
-        release.set()
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(5)
+    with serve(handler, cert) as url:
+        try:
+            yield url, requests
+        finally:
+            release.set()
+
+
+@pytest.fixture(autouse=True)
+def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Transient failures are retried with backoff; keep the waits tiny here."""
+    monkeypatch.setattr("cifarbench.data.download.BACKOFF_S", 0.01)
 
 
 def fetch(server: tuple[str, list[str]], cert: tuple[Path, Path], path: str, dest: Path,

@@ -28,8 +28,18 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="override the recipe's number of epochs")
     p.add_argument("--batch-size", type=int, help="override the recipe's batch size")
     p.add_argument("--lr", type=float, help="override the recipe's learning rate")
-    p.add_argument("--precision", choices=["fp32", "bf16"], help="override the recipe's precision")
+    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], help="override the recipe's precision")
+    p.add_argument("--budget", type=float, metavar="SECONDS",
+                   help="fit training plus the final evaluation into this many wall-clock seconds")
+    p.add_argument("--tta", type=int, choices=[0, 1, 2], help="test-time augmentation: 0 none, 1 mirror, 2 + translate")
+    p.add_argument("--widths", help="speedrun block widths, e.g. 64,256,256")
+    p.add_argument("--val-split", type=int, metavar="N",
+                   help="hold out N training images for validation (tune on these, never on the test set)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | mps (default: auto)")
+    p.add_argument("--dataset", choices=["cifar10", "mnist", "fashion-mnist"],
+                   help="data set to train and test on (default: cifar10)")
+    p.add_argument("--tensorboard", metavar="DIR", help="also log every epoch to TensorBoard in DIR (needs tensorboard)")
     p.add_argument("--runs-dir", help="run history folder (default: $CIFARBENCH_HOME, then ./runs)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     _data_flags(p)
@@ -41,13 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("download", help="fetch and verify the official CIFAR-10 archive")
     p.add_argument("--data-dir", help="destination folder (default: $CIFARBENCH_DATA, then ./data)")
-    p.add_argument("--url", help="mirror URL (https only; still verified against the official md5)")
+    p.add_argument("--url", help="mirror URL (https only; still verified against the official md5; default: $CIFARBENCH_MIRROR, then the official URL)")
 
     p = sub.add_parser("explore", help="per-class image grids and class counts")
     p.add_argument("--per-class", type=int, default=10, help="images per class (default 10)")
     p.add_argument("--out", default="grid.png", help="PNG to write (default grid.png)")
     p.add_argument("--split", choices=["train", "test"], default="train")
     p.add_argument("--seed", type=int, default=0, help="which random examples to show")
+    p.add_argument("--dataset", choices=["cifar10", "mnist", "fashion-mnist"], default="cifar10")
     p.add_argument("--json", action="store_true")
     _data_flags(p)
 
@@ -69,13 +80,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="+")
     p.add_argument("--seeds", type=int, default=1, help="seeds per model (0..N-1); mean ± std over them")
     p.add_argument("--plot", help="learning-curve PNG (default: RUNS_DIR/compare-TIMESTAMP.png)")
+    p.add_argument("--target", type=float, metavar="FRACTION",
+                   help="also report the epoch and training second each seed first reached this test accuracy (e.g. 0.9)")
+    p.add_argument("--report", metavar="HTML", help="also write a self-contained HTML report there")
     _run_flags(p)
 
-    p = sub.add_parser("runs", help="list the run history")
+    p = sub.add_parser("runs", help="the run history: list (the default), show, compare, rm")
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--runs-dir")
     p.add_argument("--json", action="store_true")
+    _runs_actions(p)
+
+    p = sub.add_parser("report", help="one self-contained HTML report of stored runs")
+    p.add_argument("run_ids", nargs="+", metavar="RUN_ID")
+    p.add_argument("--out", default="report.html", help="HTML file to write (default report.html)")
+    p.add_argument("--target", type=float, metavar="FRACTION", help="time-to-accuracy target, e.g. 0.9")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--runs-dir")
+    p.add_argument("--json", action="store_true")
+    _data_flags(p)
+
+    p = sub.add_parser("predict", help="classify PNG/JPEG files with a trained model")
+    p.add_argument("ref", metavar="CHECKPOINT_OR_RUN")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--top", type=int, default=3, help="classes to show per image (default 3)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--runs-dir")
+    p.add_argument("--json", action="store_true")
     return parser
+
+
+def _runs_actions(runs: argparse.ArgumentParser) -> None:
+    """`runs [list|show|compare|rm]`: no action lists, so `cifarbench runs --json` keeps working."""
+    actions = runs.add_subparsers(dest="runs_action", parser_class=_Parser, metavar="{list,show,compare,rm}")
+
+    def common(q: argparse.ArgumentParser) -> None:
+        # SUPPRESS: a flag given before the action (`runs --json show ID`) must not be reset by the action's default.
+        q.add_argument("--runs-dir", default=argparse.SUPPRESS)
+        q.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+
+    q = actions.add_parser("list", help="runs, newest first (the default)")
+    q.add_argument("--limit", type=int, default=argparse.SUPPRESS)
+    common(q)
+    q = actions.add_parser("show", help="one run: config, data set, per-epoch metrics")
+    q.add_argument("run_id", metavar="RUN_ID")
+    common(q)
+    q = actions.add_parser("compare", help="table of stored runs (no retraining)")
+    q.add_argument("run_ids", nargs="+", metavar="RUN_ID")
+    q.add_argument("--target", type=float, metavar="FRACTION", help="time-to-accuracy target, e.g. 0.9")
+    common(q)
+    q = actions.add_parser("rm", help="delete runs: their history rows and run folders")
+    q.add_argument("run_ids", nargs="+", metavar="RUN_ID")
+    common(q)
 
 
 def _print_json(obj: Any) -> None:
@@ -85,13 +141,20 @@ def _print_json(obj: Any) -> None:
 
 def _note_unverified(dataset: dict) -> None:
     if not dataset.get("verified"):
-        print(f"note: the data in {dataset['source']} does not match the official CIFAR-10 checksums; accepted "
+        print(f"note: the data in {dataset['source']} does not match the official {dataset.get('name', 'cifar10')} checksums; accepted "
               "because of --no-verify and recorded as unverified", file=sys.stderr)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    widths = None
+    if args.widths:
+        try:
+            widths = {"widths": [int(w) for w in args.widths.split(",")]}
+        except ValueError:
+            raise CifarbenchError(f"--widths {args.widths!r}: expected comma-separated integers such as 64,256,256") from None
     return {"epochs": args.epochs, "batch_size": args.batch_size, "precision": args.precision, "device": args.device,
-            "data_dir": args.data_dir, "verify": args.verify, "download": args.download}
+            "data_dir": args.data_dir, "verify": args.verify, "download": args.download, "budget_seconds": args.budget,
+            "tta": args.tta, "val_split": args.val_split, "compile": args.compile, "model_kwargs": widths}
 
 
 def _config(args: argparse.Namespace, model: str, seed: int):
@@ -100,6 +163,8 @@ def _config(args: argparse.Namespace, model: str, seed: int):
     from cifarbench.training.recipes import make_config
 
     config = make_config(model, args.recipe, seed=seed, **_overrides(args))
+    if args.dataset:
+        config = replace(config, data=replace(config.data, dataset=args.dataset))
     return replace(config, optimizer=replace(config.optimizer, lr=args.lr)) if args.lr else config
 
 
@@ -107,8 +172,14 @@ def _epoch_printer(args: argparse.Namespace):
     out = sys.stderr if args.json else sys.stdout
 
     def show(config, m) -> None:
-        print(f"{config.model} seed {config.seed} epoch {m.epoch:>3}/{config.epochs}  train loss {m.train_loss:.4f}  test loss {m.test_loss:.4f}  "
-              f"test acc {100 * m.test_accuracy:6.2f}%  {m.seconds:7.1f} s", file=out, flush=True)
+        total = "" if config.budget_seconds else f"/{config.epochs}"
+        parts = [f"{config.model} seed {config.seed} epoch {m.epoch:>3}{total}", f"train loss {m.train_loss:.4f}"]
+        if m.val_accuracy is not None:
+            parts.append(f"val acc {100 * m.val_accuracy:6.2f}%")
+        if m.test_accuracy is not None:
+            parts += [f"test loss {m.test_loss:.4f}", f"test acc {100 * m.test_accuracy:6.2f}%"]
+        parts.append(f"{m.seconds:7.1f} s")
+        print("  ".join(parts), file=out, flush=True)
 
     return show
 
@@ -116,7 +187,7 @@ def _epoch_printer(args: argparse.Namespace):
 def cmd_download(args: argparse.Namespace) -> None:
     from cifarbench.data import cifar10
 
-    root = cifar10.ensure_cifar10(args.data_dir, download=True, url=args.url or cifar10.URL)
+    root = cifar10.ensure_cifar10(args.data_dir, download=True, url=args.url)  # None: $CIFARBENCH_MIRROR, else official
     print(f"CIFAR-10 is in {root.resolve()}")
 
 
@@ -128,7 +199,8 @@ def cmd_explore(args: argparse.Namespace) -> None:
 
     if args.per_class < 1:
         raise CifarbenchError("--per-class must be at least 1")
-    ds = load_dataset(DataConfig(data_dir=args.data_dir, verify=args.verify is not False, download=args.download is not False))
+    ds = load_dataset(DataConfig(dataset=args.dataset, data_dir=args.data_dir, verify=args.verify is not False,
+                                 download=args.download is not False))
     split = ds.train if args.split == "train" else ds.test
     path = plot_class_grid(split.images, split.labels, ds.classes, args.out, per_class=args.per_class, seed=args.seed)
     counts = {"train": ds.train.class_counts(len(ds.classes)), "test": ds.test.class_counts(len(ds.classes))}
@@ -157,7 +229,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from cifarbench.api import train_run
 
     config = _config(args, args.model, args.seed)
-    show = _epoch_printer(args)
+    show = _with_tensorboard(args, _epoch_printer(args))
     result = train_run(config, runs_dir=args.runs_dir, on_epoch=lambda m: show(config, m))
     if args.json:
         _print_json(result)
@@ -189,16 +261,23 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from cifarbench.reporting.tables import comparison_table
 
     report = compare(args.models, lambda m, s: _config(args, m, s), seeds=args.seeds, runs_dir=args.runs_dir,
-                     plot=args.plot, on_epoch=_epoch_printer(args))
+                     plot=args.plot, on_epoch=_with_tensorboard(args, _epoch_printer(args)), target=args.target,
+                     report=args.report)
     if args.json:
         _print_json(report)
         return
     _note_unverified(report["dataset"])
     print(comparison_table(report["results"]))
     print(f"\nlearning curves: {report['plot']}")
+    if report.get("report"):
+        print(f"report: {report['report']}")
 
 
 def cmd_runs(args: argparse.Namespace) -> None:
+    action = getattr(args, "runs_action", None) or "list"
+    if action != "list":
+        {"show": _runs_show, "compare": _runs_compare, "rm": _runs_rm}[action](args)
+        return
     from cifarbench.reporting.tables import runs_table
     from cifarbench.runs.store import RunStore
 
@@ -212,8 +291,97 @@ def cmd_runs(args: argparse.Namespace) -> None:
         print(f"no runs yet in {store.path}")
 
 
+def _runs_show(args: argparse.Namespace) -> None:
+    from cifarbench.reporting.tables import history_table
+    from cifarbench.runs.store import RunStore
+
+    with RunStore(args.runs_dir) as store:
+        run = store.get_run(args.run_id)
+    if args.json:
+        _print_json(run)
+        return
+    acc = "-" if run["test_accuracy"] is None else f"{100 * run['test_accuracy']:.2f}%"
+    print(f"run {run['id']}: {run['status']}, {run['model']} / {run['recipe']} / seed {run['seed']}, test accuracy "
+          f"{acc}, on {run['device']}, code {run['code_version']}, torch {run['torch_version']}")
+    print(f"folder: {run['run_dir']}")
+    if run.get("error"):
+        print(f"error: {run['error']}")
+    data = run["dataset"] or {}
+    print(f"dataset: {data.get('name')} sha256 {data.get('sha256')} ({'official' if data.get('verified') else 'unverified'}"
+          f" copy in {data.get('source')}, {data.get('train_size')} train / {data.get('test_size')} test)")
+    print(f"config: {json.dumps(run['config'], indent=2)}\n")
+    print(history_table(run["history"]) if run["history"] else "no finished epochs")
+
+
+def _runs_compare(args: argparse.Namespace) -> None:
+    from cifarbench.api import compare_runs
+    from cifarbench.reporting.tables import comparison_table, format_table, percent
+
+    result = compare_runs(args.run_ids, runs_dir=args.runs_dir, target=args.target)
+    if args.json:
+        _print_json(result)
+        return
+    print(comparison_table(result["results"]) + "\n")
+    ttt = lambda t: "not reached" if t is None else f"epoch {t['epoch']}, {t['seconds']:.1f} s"  # noqa: E731
+    rows = [(r["run_id"], r["model"], r["recipe"], r["seed"], r["status"], percent(r["test_accuracy"]),
+             "-" if r["train_seconds"] is None else f"{r['train_seconds']:.1f}",
+             *((ttt(r["time_to_target"]),) if args.target is not None else ())) for r in result["runs"]]
+    print(format_table(["run", "model", "recipe", "seed", "status", "test acc", "train s",
+                        *((f"time to {100 * args.target:g}%",) if args.target is not None else ())], rows))
+
+
+def _runs_rm(args: argparse.Namespace) -> None:
+    from cifarbench.api import delete_run
+
+    removed = []
+    for ref in args.run_ids:
+        result = delete_run(ref, runs_dir=args.runs_dir)
+        removed.append(result)
+        if not args.json:
+            print(f"removed run {result['run_id']} (folder {result['run_dir']}: {result['folder']})")
+    if args.json:
+        _print_json({"removed": removed})
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from cifarbench.api import report_runs
+
+    result = report_runs(args.run_ids, args.out, runs_dir=args.runs_dir, target=args.target, data_dir=args.data_dir,
+                         verify=args.verify, download=args.download, device=args.device)
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"wrote {result['report']} ({len(result['runs'])} runs)")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from cifarbench.api import predict_images
+
+    result = predict_images(args.ref, args.images, top=args.top, runs_dir=args.runs_dir, device=args.device)
+    if args.json:
+        _print_json(result)
+        return
+    for p in result["predictions"]:
+        print(f"{p['image']}: " + ", ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in p["top"]))
+
+
+def _with_tensorboard(args: argparse.Namespace, show):
+    """The epoch printer, plus TensorBoard logging when --tensorboard DIR was given."""
+    if not getattr(args, "tensorboard", None):
+        return show
+    from cifarbench.reporting.tensorboard import TensorBoardLogger
+
+    log = TensorBoardLogger(args.tensorboard)
+
+    def both(config, metrics) -> None:
+        show(config, metrics)
+        log(config, metrics)
+
+    return both
+
+
 COMMANDS = {"download": cmd_download, "explore": cmd_explore, "models": cmd_models, "train": cmd_train,
-            "eval": cmd_eval, "compare": cmd_compare, "runs": cmd_runs}
+            "eval": cmd_eval, "compare": cmd_compare, "runs": cmd_runs, "report": cmd_report, "predict": cmd_predict}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

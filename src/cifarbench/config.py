@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from cifarbench.errors import CifarbenchError
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "auto")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -43,12 +43,58 @@ class OptimizerConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     nesterov: bool = False
+    bias_lr_scale: float = 1.0
+    """BatchNorm biases train with lr x this (and weight decay / this, so their decay stays the same)."""
 
     def __post_init__(self) -> None:
         if self.name != "sgd":
             raise CifarbenchError(f"optimizer {self.name!r} is not supported (choose: sgd)")
         if self.lr <= 0 or self.momentum < 0 or self.weight_decay < 0:
             raise CifarbenchError("optimizer: lr must be > 0, momentum and weight decay >= 0")
+
+
+@dataclass
+class AugmentConfig:
+    flip: bool = False
+    """Random horizontal flips."""
+    alternate_flip: bool = True
+    """With flip: each image is flipped at random once, then every other epoch all are mirrored, so each image is
+    seen both ways in consecutive epochs (more diverse than an independent coin per epoch)."""
+    translate: int = 0
+    """Random translation of up to this many pixels (reflect padding), drawn per image and epoch."""
+
+    def __post_init__(self) -> None:
+        if self.translate < 0:
+            raise CifarbenchError("augment: translate must be >= 0 pixels")
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "constant"
+    """constant, or triangle: linear from `start` up to 1 at `peak`, then linear down to `end` (x the base lr)."""
+    start: float = 0.2
+    peak: float = 0.23
+    """Fraction of training at which the learning rate peaks."""
+    end: float = 0.07
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("constant", "triangle"):
+            raise CifarbenchError(f"schedule {self.kind!r} is not supported (choose: constant, triangle)")
+        if not 0 <= self.peak <= 1:
+            raise CifarbenchError("schedule: peak must be a fraction of training in [0, 1]")
+
+
+@dataclass
+class LookaheadConfig:
+    enabled: bool = False
+    """Keep an exponential moving average of the weights and copy it back into the model (lookahead)."""
+    start: float = 0.3
+    """Fraction of training after which averaging starts."""
+    every: int = 5
+    """Steps between averaging updates."""
+    decay_base: float = 0.95
+    """Per-step decay; warmed up as decay_base**every * progress**decay_pow, so it averages strongly at the end."""
+    decay_pow: float = 3.0
 
 
 @dataclass
@@ -66,13 +112,37 @@ class TrainConfig:
     device: str = "auto"
     """auto picks cuda, then mps, then cpu."""
     precision: str = "fp32"
-    """fp32, or bf16 autocast (about 3x faster for conv nets on CPUs with AVX-512 bf16, slightly different numbers)."""
+    """fp32, bf16 autocast (about 3x faster for conv nets on CPUs with AVX-512 bf16, slightly different
+    numbers), or auto: bf16 on CPU and CUDA (no loss scaling needed, unlike fp16), fp32 elsewhere."""
     channels_last: bool = True
     """NHWC memory layout: same arithmetic, faster convolutions on CPU and GPU."""
     eval_batch_size: int = 1000
     """Examples per evaluation forward pass; does not change results."""
+    model_kwargs: dict = field(default_factory=dict)
+    """Extra arguments of the model factory, e.g. {"widths": [64, 256, 256]} for speedrun."""
+    label_smoothing: float = 0.0
+    drop_last: bool = False
+    """Skip the last partial batch of an epoch (keeps BatchNorm statistics and step sizes uniform)."""
+    whiten: bool = False
+    """Initialise a model's patch-whitening layer from training-set patch covariance (models that have one)."""
+    whiten_bias_fraction: float = 0.3
+    """The whitening layer's bias trains for this fraction of training, then freezes."""
+    tta: int = 0
+    """Test-time augmentation of the final evaluation: 0 none, 1 mirror, 2 mirror + 1-pixel translations."""
+    budget_seconds: float | None = None
+    """Wall-clock budget for training plus the final evaluation; the schedule length is fitted to it."""
+    eval_every_epoch: bool = True
+    """Evaluate after every epoch (learning curves). Budgeted runs turn it off to spend the time on training."""
+    val_split: int = 0
+    """Hold out this many training examples (the last ones of a fixed shuffle) for validation; per-epoch
+    metrics are then measured on them. Anything tuned should look at these, never at the test set."""
+    compile: bool = False
+    """torch.compile the model (faster steady state on GPU, a compile cost up front)."""
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    lookahead: LookaheadConfig = field(default_factory=LookaheadConfig)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
@@ -81,6 +151,12 @@ class TrainConfig:
             raise CifarbenchError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
         if self.device.split(":")[0] not in DEVICES:
             raise CifarbenchError(f"unknown device {self.device!r}; choose one of: {', '.join(DEVICES)}")
+        if self.tta not in (0, 1, 2):
+            raise CifarbenchError("tta must be 0 (none), 1 (mirror) or 2 (mirror + translate)")
+        if self.budget_seconds is not None and self.budget_seconds <= 0:
+            raise CifarbenchError("the budget must be a positive number of seconds")
+        if not 0 <= self.label_smoothing < 1 or self.val_split < 0:
+            raise CifarbenchError("label smoothing must be in [0, 1) and the validation split >= 0")
 
     def to_dict(self) -> dict:
         """Plain nested dict (JSON- and weights_only-safe)."""
@@ -89,8 +165,10 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         """Inverse of `to_dict`; unknown keys are ignored so older runs still load."""
-        known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in known and k not in ("data", "optimizer")}
-        data = {k: v for k, v in d.get("data", {}).items() if k in {f.name for f in fields(DataConfig)}}
-        opt = {k: v for k, v in d.get("optimizer", {}).items() if k in {f.name for f in fields(OptimizerConfig)}}
-        return cls(**kwargs, data=DataConfig(**data), optimizer=OptimizerConfig(**opt))
+        nested = {"data": DataConfig, "optimizer": OptimizerConfig, "augment": AugmentConfig,
+                  "schedule": ScheduleConfig, "lookahead": LookaheadConfig}
+        kwargs = {k: v for k, v in d.items() if k in {f.name for f in fields(cls)} and k not in nested}
+        for name, kind in nested.items():
+            known = {f.name for f in fields(kind)}
+            kwargs[name] = kind(**{k: v for k, v in d.get(name, {}).items() if k in known})
+        return cls(**kwargs)

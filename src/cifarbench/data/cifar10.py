@@ -79,29 +79,45 @@ def _find_layout(root: Path) -> _Layout | None:
     return None
 
 
+def default_url() -> str:
+    """$CIFARBENCH_MIRROR when set (an https mirror; still verified against the official md5), else the official URL."""
+    return os.environ.get("CIFARBENCH_MIRROR", "").strip() or URL
+
+
 def ensure_cifar10(data_dir: str | os.PathLike | None = None, *, download: bool = True, verify: bool = True,
-                   url: str = URL, cafile: str | None = None, progress: bool | None = None) -> Path:
-    """Make sure the batches exist under the resolved folder (extracting or downloading the archive)."""
-    from cifarbench.data.download import download as fetch, safe_extract_tar
+                   url: str | None = None, cafile: str | None = None, progress: bool | None = None) -> Path:
+    """Make sure the batches exist under the resolved folder (extracting or downloading the archive).
+
+    `url` defaults to `default_url()`. Under torchrun only rank 0 downloads and extracts; the other ranks
+    wait (bounded) for the extracted files to appear.
+    """
+    from cifarbench.data import download as dl
 
     root = resolve_data_dir(data_dir)
-    if _find_layout(root):
+    layout = _find_layout(root)
+    if layout and (dl.is_download_rank() or all(p.is_file() for p in layout.files.values())):
         return root
     archive = root / ARCHIVE
+    if not archive.is_file() and not download:
+        raise DataError(_missing_message(root))
+    if not dl.is_download_rank():
+        # Extraction renames each file into place, so a file that exists is complete.
+        wanted = [root / m for m in ARCHIVE_MEMBERS if not m.endswith("readme.html")]
+        dl.wait_for_files(wanted, timeout=dl.RANK_WAIT_S, what=f"CIFAR-10 in {root}")
+        return root
     if not archive.is_file():
-        if not download:
-            raise DataError(_missing_message(root))
+        source = "" if url or not os.environ.get("CIFARBENCH_MIRROR", "").strip() else " (from $CIFARBENCH_MIRROR)"
         try:
-            fetch(url, archive, ARCHIVE_MD5, cafile=cafile, progress=progress)
-        except DataError as exc:
-            raise DataError(f"{exc}. {_missing_message(root)}") from None
+            dl.download(url or default_url(), archive, ARCHIVE_MD5, cafile=cafile, progress=progress)
+        except DataError as exc:  # keeps its class: a DownloadError stays one
+            raise type(exc)(f"{exc}{source}. {_missing_message(root)}") from None
     elif verify:
         actual = _md5(archive)
         if actual != ARCHIVE_MD5:
             raise DataError(f"{archive}: md5 {actual} is not the official {ARCHIVE_MD5} "
                             "(pass --no-verify to use this copy anyway)")
     wanted = [m for m in ARCHIVE_MEMBERS if not m.endswith("readme.html")]
-    written = safe_extract_tar(archive, root, ARCHIVE_MEMBERS)
+    written = dl.safe_extract_tar(archive, root, ARCHIVE_MEMBERS)
     missing = sorted(set(wanted) - {p.relative_to(root).as_posix() for p in written})
     if missing:
         raise DataError(f"{archive}: archive lacks {', '.join(missing)}")

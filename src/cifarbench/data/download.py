@@ -1,7 +1,8 @@
-"""Verified https downloads and a restrictive tar extractor."""
+"""Verified https downloads (retried, resumable), the download-rank helper, and a restrictive tar extractor."""
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import http.client
@@ -12,6 +13,7 @@ import ssl
 import sys
 import tarfile
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -26,6 +28,14 @@ from cifarbench.errors import DataError, DownloadError
 _CHUNK = 2**20
 _NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, OSError, ValueError)
 _ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError, OSError)
+
+# Retries: ATTEMPTS tries in all, sleeping BACKOFF_S, 2*BACKOFF_S, ... between them. Read at call time, so
+# tests can shrink the backoff (monkeypatch) without threading a parameter through every caller.
+ATTEMPTS = 3
+BACKOFF_S = 1.0
+# How long a non-zero rank of a torchrun job waits for rank 0 to download and extract the data.
+RANK_WAIT_S = 1800.0
+_sleep = time.sleep  # a seam for tests that record the backoff
 
 
 def _one_line(text: str) -> str:
@@ -48,6 +58,11 @@ class _HttpsOnlyRedirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
+class _Transient(Exception):
+    """A failure worth another attempt that the network stack does not report itself (a short read, a
+    resume the server answered with the wrong range)."""
+
+
 def _content_length(resp: http.client.HTTPResponse) -> int | None:
     try:
         return int(resp.headers["Content-Length"])
@@ -55,51 +70,193 @@ def _content_length(resp: http.client.HTTPResponse) -> int | None:
         return None
 
 
-def _fetch(url: str, part: Path, cafile: str | None, progress: bool, timeout: float) -> str:
-    opener = urllib.request.build_opener(
-        urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=cafile)),
-        _HttpsOnlyRedirects(),
-    )
+def _range_start(resp: http.client.HTTPResponse) -> int | None:
+    # "Content-Range: bytes START-END/TOTAL"
+    value = (resp.headers.get("Content-Range") or "").strip()
+    unit, _, spec = value.partition(" ")
+    if unit.lower() != "bytes":
+        return None
+    try:
+        return int(spec.split("-", 1)[0])
+    except ValueError:
+        return None
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Worth retrying: connection errors, timeouts, HTTP 5xx, short reads. Final: 4xx, an untrusted
+    certificate, a refused redirect, a bad URL, a local disk error (those are DataError, not network)."""
+    if isinstance(exc, _Transient):
+        return True
+    if isinstance(exc, urllib.error.HTTPError):
+        return exc.code >= 500
+    if isinstance(exc, urllib.error.URLError):
+        reason = exc.reason
+        return isinstance(reason, OSError) and not isinstance(reason, ssl.SSLCertVerificationError)
+    if isinstance(exc, ssl.SSLCertVerificationError | http.client.InvalidURL):
+        return False
+    return isinstance(exc, http.client.HTTPException | OSError)
+
+
+def _md5_of_file(path: Path) -> "hashlib._Hash":
     digest = hashlib.md5(usedforsecurity=False)
-    received = 0
-    with opener.open(url, timeout=timeout) as resp, open(part, "wb") as out:
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest
+
+
+def _local(action: str, path: Path, exc: OSError) -> DataError:
+    hint = "; free some space there" if exc.errno == errno.ENOSPC else ""
+    return DataError(f"cannot {action} {path}: {exc.strerror or exc}{hint}")
+
+
+def _attempt(opener: urllib.request.OpenerDirector, url: str, part: Path, progress: bool,
+             timeout: float) -> tuple[str, bool]:
+    """One request into `part`, resuming what it already holds when the server allows; return the md5 of
+    the whole file and whether it was resumed. Raises network errors, _Transient or DataError."""
+    offset = part.stat().st_size if part.is_file() else 0
+    request = urllib.request.Request(url)
+    if offset:
+        request.add_header("Range", f"bytes={offset}-")
+    with opener.open(request, timeout=timeout) as resp:
+        if offset and resp.status == 206:
+            if _range_start(resp) != offset:
+                part.unlink(missing_ok=True)
+                raise _Transient(f"server answered a resume from byte {offset} with {resp.headers.get('Content-Range')!r}")
+        elif resp.status != 200:
+            raise _Transient(f"unexpected HTTP status {resp.status}")
+        else:
+            offset = 0  # no Range asked, or the server ignored it (200): start over from zero
         length = _content_length(resp)
-        with tqdm(total=length, unit="B", unit_scale=True, desc=part.name[: -len(".part")],
-                  file=sys.stderr, disable=not progress) as bar:
-            while chunk := resp.read(_CHUNK):
-                out.write(chunk)
+        try:
+            digest = _md5_of_file(part) if offset else hashlib.md5(usedforsecurity=False)
+            out = open(part, "ab" if offset else "wb")
+        except OSError as exc:
+            raise _local("write", part, exc) from exc
+        received = 0
+        with out, tqdm(total=None if length is None else offset + length, initial=offset, unit="B",
+                       unit_scale=True, desc=part.name[: -len(".part")], file=sys.stderr,
+                       disable=not progress) as bar:
+            # read1: whatever has arrived, so bytes received before a stall are kept for the resume.
+            while chunk := resp.read1(_CHUNK):
+                try:
+                    out.write(chunk)
+                except OSError as exc:
+                    raise _local("write", part, exc) from exc
                 digest.update(chunk)
                 received += len(chunk)
                 bar.update(len(chunk))
-        # http.client returns EOF quietly when the peer closes early, so count bytes ourselves.
+            try:
+                out.flush()
+                os.fsync(out.fileno())
+            except OSError as exc:
+                raise _local("write", part, exc) from exc
+        # http.client returns EOF quietly when the peer closes early, so count bytes ourselves. What did
+        # arrive stays in `part`, and the next attempt asks only for the rest.
         if length is not None and received < length:
-            raise DownloadError(f"download of {url} failed: short read ({received} of {length} bytes)")
-        out.flush()
-        os.fsync(out.fileno())
-    return digest.hexdigest()
+            raise _Transient(f"short read ({offset + received} of {offset + length} bytes)")
+    return digest.hexdigest(), offset > 0
 
 
-def download(url: str, dest: Path, md5: str, *, cafile: str | None = None,
-             progress: bool | None = None, timeout: float = 60.0) -> Path:
-    """Fetch an https URL into dest atomically, verifying its md5; return dest."""
+def _fsync_dir(folder: Path) -> None:
+    # Make a rename durable; not every filesystem lets a directory be opened or synced.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def download(url: str, dest: Path, md5: str, *, cafile: str | None = None, progress: bool | None = None,
+             timeout: float = 60.0, attempts: int | None = None, backoff: float | None = None) -> Path:
+    """Fetch an https URL into dest atomically, verifying the md5 of the whole file; return dest.
+
+    Connection errors, timeouts, HTTP 5xx and short reads are retried (`attempts` tries in all, with
+    exponential backoff from `backoff` seconds); what arrived stays in `<dest>.part` and the next try asks
+    for the rest with `Range: bytes=N-` (a server answering 200 instead of 206 sends it all again). An md5
+    mismatch of a complete fresh download and HTTP 4xx are final. dest appears only once verified.
+
+    The `.part` is removed whenever this call fails, so a failure leaves nothing behind; only a process
+    killed mid-download leaves one, and the next call resumes from it (and, if the resumed whole does not
+    match the md5, starts over from zero once, because the prefix may have been another file's).
+    """
     dest = Path(dest)
     if urllib.parse.urlsplit(url).scheme.lower() != "https":
         raise DownloadError(f"refusing to download {url}: only https URLs are allowed")
+    attempts = max(1, ATTEMPTS if attempts is None else attempts)
+    backoff = BACKOFF_S if backoff is None else backoff
     if progress is None:
         progress = sys.stderr.isatty()
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
+    opener = urllib.request.build_opener(
+        urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=cafile)),
+        _HttpsOnlyRedirects(),
+    )
+    tries = 0
     try:
-        actual = _fetch(url, part, cafile, progress, timeout)
-        if actual != md5.lower():
+        while True:  # bounded: every pass increments `tries`, and tries == attempts ends the loop
+            tries += 1
+            try:
+                actual, resumed = _attempt(opener, url, part, progress, timeout)
+            except Exception as exc:
+                if isinstance(exc, urllib.error.HTTPError) and exc.code == 416 and part.exists():
+                    part.unlink()  # the kept prefix is longer than the file: not this file's
+                    exc = _Transient("HTTP 416 for a resume")
+                    if tries >= attempts:
+                        raise exc from None
+                elif tries >= attempts or not _is_transient(exc):
+                    raise
+                _sleep(backoff * 2 ** (tries - 1))
+                continue
+            if actual == md5.lower():
+                os.replace(part, dest)
+                _fsync_dir(dest.parent)
+                return dest
+            if resumed and tries < attempts:
+                part.unlink()
+                _sleep(backoff * 2 ** (tries - 1))
+                continue
             raise DownloadError(f"download of {url} failed: md5 mismatch (expected {md5}, got {actual})")
-        os.replace(part, dest)
     except BaseException as exc:
         part.unlink(missing_ok=True)
-        if isinstance(exc, _NETWORK_ERRORS):
-            raise DownloadError(f"download of {url} failed: {_reason(exc)}") from exc
+        if isinstance(exc, (_Transient, *_NETWORK_ERRORS)) and not isinstance(exc, DataError):
+            after = f" after {tries} attempts" if tries > 1 else ""
+            raise DownloadError(f"download of {url} failed{after}: {_reason(exc)}") from exc
         raise
-    return dest
+
+
+def is_download_rank() -> bool:
+    """False only for a non-zero rank of a multi-process job (torchrun sets WORLD_SIZE > 1 and RANK):
+    rank 0 downloads, the other ranks wait for its files instead of racing it for the same paths."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ["RANK"])
+    except (KeyError, ValueError):
+        return True
+    return world <= 1 or rank == 0
+
+
+def wait_for_files(paths: Collection[Path], *, timeout: float, poll: float = 0.25, what: str = "the files") -> None:
+    """Poll until every path is a file (each appears by an atomic rename, so present means complete).
+
+    Bounded by `timeout`; if rank 0 fails, torchrun stops the other ranks long before that.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        missing = [p for p in paths if not Path(p).is_file()]
+        if not missing:
+            return
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DataError(f"rank {os.environ.get('RANK')} waited {timeout:g} s for rank 0 to provide {what}, "
+                            f"but {missing[0]} is still missing (see rank 0's error)")
+        _sleep(min(poll, left))
 
 
 def _member_name(member: tarfile.TarInfo) -> str:

@@ -36,11 +36,18 @@ class DeviceSplit:
         x = torch.addcmul(self.shift, images.float(), self.scale)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def batches(self, batch_size: int, *, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Normalised (x, y) batches; shuffled with `generator` when given, in order otherwise."""
+    def batch_indices(self, batch_size: int, *, generator: torch.Generator | None = None,
+                      drop_last: bool = False) -> Iterator[torch.Tensor | slice]:
+        """Indices of each batch: a shuffled order when `generator` is given, in order otherwise."""
         n = len(self)
         # The permutation is drawn on the CPU so that a seed gives the same order on every device.
         order = torch.randperm(n, generator=generator).to(self.device) if generator is not None else None
-        for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size] if order is not None else slice(start, start + batch_size)
+        stop = n - n % batch_size if drop_last and n >= batch_size else n
+        for start in range(0, stop, batch_size):
+            yield order[start:start + batch_size] if order is not None else slice(start, start + batch_size)
+
+    def batches(self, batch_size: int, *, generator: torch.Generator | None = None,
+                drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Normalised (x, y) batches, in the order of `batch_indices`."""
+        for idx in self.batch_indices(batch_size, generator=generator, drop_last=drop_last):
             yield self.normalise(self.images[idx]), self.labels[idx]

@@ -26,17 +26,34 @@ class EvalResult:
         return asdict(self)
 
 
+TTA_VIEWS = {0: 1, 1: 2, 2: 6}  # forward passes per image at each test-time augmentation level
+
+
+def predict_logits(model: nn.Module, x: torch.Tensor, tta: int = 0) -> torch.Tensor:
+    """Logits for a batch; with TTA, the average over mirrored (1) and also 1-pixel translated (2) views."""
+    if tta == 0:
+        return model(x)
+    logits = 0.5 * (model(x) + model(x.flip(-1)))
+    if tta == 1:
+        return logits
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    h, w = x.shape[-2:]
+    shifted = [padded[..., :h, :w], padded[..., 2:h + 2, 2:w + 2]]  # up-left and down-right
+    translated = sum(0.5 * (model(v) + model(v.flip(-1))) for v in shifted) / len(shifted)
+    return 0.5 * logits + 0.5 * translated
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: DeviceSplit, *, num_classes: int, batch_size: int = 1000,
-             autocast_dtype: torch.dtype | None = None) -> EvalResult:
-    """Evaluate `model` on every example of `data` exactly once."""
+             autocast_dtype: torch.dtype | None = None, tta: int = 0) -> EvalResult:
+    """Evaluate `model` on every example of `data` exactly once (with `tta` views of each)."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=data.device)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=data.device)
     for x, y in data.batches(batch_size):
         with torch.autocast(data.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            logits = model(x)
+            logits = predict_logits(model, x, tta)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
     model.train(was_training)

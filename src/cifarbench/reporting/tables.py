@@ -19,11 +19,61 @@ def percent(x: float | None, std: float | None = None) -> str:
     return f"{100 * x:.2f}%" + (f" ± {100 * std:.2f}" if std is not None else "")
 
 
+def flops(n: int | None) -> str:
+    """A FLOP count with an SI prefix (M, G)."""
+    if n is None:
+        return "-"
+    for scale, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.2f} {prefix}"
+    return str(n)
+
+
+def time_to_target_cell(ttt: dict[str, Any] | None) -> str:
+    """'epoch 3, 12.4 s (2/3 seeds)': the means over the seeds that reached the target, or 'not reached'."""
+    if not ttt:
+        return "-"
+    if not ttt["reached"]:
+        return f"not reached (0/{ttt['seeds']} seeds)" if ttt["seeds"] > 1 else "not reached"
+    seeds = f" ({ttt['reached']}/{ttt['seeds']} seeds)" if ttt["seeds"] > 1 else ""
+    return f"epoch {ttt['epoch_mean']:.3g}, {ttt['seconds_mean']:.1f} s{seeds}"
+
+
+def comparison_headers(results: Sequence[dict[str, Any]]) -> list[str]:
+    """Column names of `comparison_rows` (the time-to-target column only when a target was given)."""
+    headers = ["model", "recipe", "seeds", "test accuracy (mean ± std)", "params", "FLOPs/image", "train s"]
+    target = next((r["time_to_target"]["target"] for r in results if r.get("time_to_target")), None)
+    return headers + ([f"time to {100 * target:g}% (mean)"] if target is not None else [])
+
+
+def comparison_rows(results: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """One row per model of the comparison, as strings (shared by the terminal table and the HTML report)."""
+    with_target = any(r.get("time_to_target") for r in results)
+    rows = []
+    for r in results:
+        std = r.get("train_seconds_std")
+        secs = f"{r['train_seconds_mean']:.1f}" + (f" ± {std:.1f}" if std and len(r["seeds"]) > 1 else "")
+        row = [r["model"], r["recipe"], str(len(r["seeds"])), percent(r["test_accuracy_mean"], r["test_accuracy_std"]),
+               f"{r['params']:,}", flops(r.get("flops_per_image")), secs]
+        rows.append(row + ([time_to_target_cell(r.get("time_to_target"))] if with_target else []))
+    return rows
+
+
 def comparison_table(results: Sequence[dict[str, Any]]) -> str:
-    """The compare command's table: accuracy mean ± std over seeds, parameters, training seconds."""
-    rows = [(r["model"], r["recipe"], len(r["seeds"]), percent(r["test_accuracy_mean"], r["test_accuracy_std"]),
-             f"{r['params']:,}", f"{r['train_seconds_mean']:.1f}") for r in results]
-    return format_table(["model", "recipe", "seeds", "test accuracy (mean ± std)", "params", "train s"], rows)
+    """The compare command's table: accuracy mean ± std over seeds, parameters, FLOPs per image, training
+    seconds and, with a target, the time to reach it."""
+    return format_table(comparison_headers(results), comparison_rows(results))
+
+
+def history_table(history: Sequence[dict[str, Any]]) -> str:
+    """One line per epoch of a run (evaluations that did not happen show as '-')."""
+    val = any(h.get("val_accuracy") is not None for h in history)
+    num = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
+    rows = [(h["epoch"], num(h.get("train_loss"), ".4f"), num(h.get("test_loss"), ".4f"), percent(h.get("test_accuracy")),
+             *((percent(h.get("val_accuracy")),) if val else ()), num(h.get("seconds"), ".1f"),
+             num(h.get("eval_seconds"), ".1f")) for h in history]
+    return format_table(["epoch", "train loss", "test loss", "test acc", *(("val acc",) if val else ()),
+                         "train s (cumulative)", "eval s"], rows)
 
 
 def runs_table(runs: Sequence[dict[str, Any]]) -> str:

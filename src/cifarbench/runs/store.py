@@ -13,12 +13,11 @@ import sqlite3
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from cifarbench.errors import CifarbenchError
 
-SCHEMA_VERSION = 1
-_SCHEMA = """
+_SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS runs (
     id TEXT PRIMARY KEY,
     created_at REAL NOT NULL,
@@ -53,6 +52,19 @@ CREATE TABLE IF NOT EXISTS epochs (
     PRIMARY KEY (run_id, epoch)
 );
 """
+
+
+def _to_v1(db: sqlite3.Connection) -> None:
+    """Version 1: the runs and epochs tables."""
+    for statement in _SCHEMA_V1.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
+# MIGRATIONS[n] turns a version n-1 database into version n (PRAGMA user_version); a new version appends
+# one step (ALTER TABLE ..., a data fix-up) and never edits an old one. Version 0 is a new, empty file.
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _to_v1}
+SCHEMA_VERSION = max(MIGRATIONS)  # what this cifarbench writes
 _EPOCH_FIELDS = ("epoch", "train_loss", "test_loss", "test_accuracy", "seconds", "eval_seconds")
 
 
@@ -70,18 +82,25 @@ class RunStore:
     def __init__(self, runs_dir: str | os.PathLike | None = None):
         self.dir = resolve_runs_dir(runs_dir)
         self.path = self.dir / "cifarbench.db"
+        db: sqlite3.Connection | None = None
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            self._db = db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA busy_timeout = 60000")
+            # A newer schema is refused before anything (even the journal mode) is written to the file.
+            self._check_version(self._db.execute("PRAGMA user_version").fetchone()[0], max(MIGRATIONS))
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA foreign_keys = ON")
             self._migrate()
-        except sqlite3.DatabaseError as exc:
-            raise CifarbenchError(f"run store {self.path} cannot be opened: {exc}") from None
-        except OSError as exc:
-            raise CifarbenchError(f"run store folder {self.dir} cannot be created: {exc.strerror or exc}") from None
+        except BaseException as exc:
+            if db is not None:
+                db.close()
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise CifarbenchError(f"run store {self.path} cannot be opened: {exc}") from None
+            if isinstance(exc, OSError):
+                raise CifarbenchError(f"run store folder {self.dir} cannot be created: {exc.strerror or exc}") from None
+            raise
         self._mark_dead_runs()
 
     def close(self) -> None:
@@ -104,17 +123,28 @@ class RunStore:
         self._db.execute("COMMIT")
 
     def _migrate(self) -> None:
+        target = max(MIGRATIONS)
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
+        self._check_version(version, target)
+        if version == target:
+            return
+        # All steps in one write transaction: another process opening the same file waits on the lock and
+        # then sees the new version, and a step that fails leaves the file at its old version.
+        with self._write() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            self._check_version(version, target)
+            for step in range(version + 1, target + 1):
+                try:
+                    MIGRATIONS[step](db)
+                except (KeyError, sqlite3.Error) as exc:
+                    raise CifarbenchError(f"run store {self.path}: cannot migrate schema {step - 1} to {step}: "
+                                          f"{exc}; the file is unchanged") from None
+            db.execute(f"PRAGMA user_version = {target}")
+
+    def _check_version(self, version: int, target: int) -> None:
+        if version > target:
             raise CifarbenchError(f"run store {self.path} has schema {version}, newer than this cifarbench "
-                                  f"({SCHEMA_VERSION}); upgrade cifarbench")
-        if version < SCHEMA_VERSION:
-            with self._write() as db:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                # Later schema versions add their ALTER TABLE steps here, keyed on `version`.
-                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                                  f"({target}); upgrade cifarbench, or use another --runs-dir")
 
     def _mark_dead_runs(self) -> None:
         """A run left 'running' by a process that no longer exists on this host crashed."""
@@ -172,6 +202,12 @@ class RunStore:
             run["history"] = [dict(r) for r in self._db.execute(
                 f"SELECT {', '.join(_EPOCH_FIELDS)} FROM epochs WHERE run_id = ? ORDER BY epoch", (run["id"],))]
         return run
+
+    def delete_run(self, run_id: str) -> bool:
+        """Remove a run's row and its epochs (exact id); False when there was no such run."""
+        with self._write() as db:
+            db.execute("DELETE FROM epochs WHERE run_id = ?", (run_id,))
+            return db.execute("DELETE FROM runs WHERE id = ?", (run_id,)).rowcount > 0
 
 
 def _alive(pid: int) -> bool:

@@ -1,8 +1,16 @@
-"""Checkpoints: plain tensors and values only, written atomically, read with weights_only=True."""
+"""Checkpoints: plain tensors and values only, written atomically, read with weights_only=True.
+
+A save writes `.NAME.PID.RANDOM.tmp` beside the checkpoint, fsyncs it and renames it over NAME, so NAME is
+always a whole checkpoint (the previous one or the new one). A writer killed mid-save leaves its temp file;
+the next save of the same checkpoint removes the temps of writers that no longer exist. Loading never
+deletes anything: a reader (`cifarbench eval` of a run still training) may run beside a live writer.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -14,11 +22,78 @@ from cifarbench.errors import CifarbenchError
 FORMAT = "cifarbench-checkpoint-v1"
 
 
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def _writer_pid(temp: Path, path: Path) -> int | None:
+    match = re.fullmatch(re.escape(_temp_prefix(path)) + r"(\d+)\..+\.tmp", temp.name)
+    return int(match.group(1)) if match else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Delete the temp files that killed writers of `path` left behind; return them.
+
+    Only temps named with a pid that is no longer running (on this host) are removed, never a live
+    writer's; a temp of the old unnamed-pid form is left alone.
+    """
+    path = Path(path)
+    removed = []
+    for temp in path.parent.glob(f"{_temp_prefix(path)}*.tmp"):
+        pid = _writer_pid(temp, path)
+        if pid is None or pid == os.getpid() or _alive(pid):
+            continue
+        try:
+            temp.unlink()
+            removed.append(temp)
+        except OSError:
+            pass  # gone already, or not ours to remove: the save itself does not depend on it
+    return removed
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    # torch.save reports a failed write of the file object as a RuntimeError whose context is the OSError.
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError):
+            return exc
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+        seen += 1
+    return None
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write `payload` to `path` atomically: a temp file in the same folder, fsync, then rename over."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_temp_prefix(path)}{os.getpid()}.", suffix=".tmp")
+    except OSError as exc:
+        raise _write_error(path, exc) from None
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save({"format": FORMAT, **payload}, f)
@@ -27,11 +102,24 @@ def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise CifarbenchError(f"cannot write checkpoint {path}: {exc.strerror or exc}; "
-                                  "the previous checkpoint, if any, is unchanged") from None
+        cause = _os_error(exc)
+        if cause is not None:
+            raise _write_error(path, cause) from None
         raise
+    _fsync_dir(path.parent)
     return path
+
+
+def _write_error(path: Path, exc: OSError) -> CifarbenchError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        why = "the disk is full" if exc.errno == errno.ENOSPC else "the disk quota is exceeded"
+        todo = (f"free space on the disk holding {path.parent}, or point --runs-dir / $CIFARBENCH_HOME at "
+                "another disk, then train again")
+    else:
+        why = exc.strerror or str(exc) or type(exc).__name__
+        todo = f"check that {path.parent} is writable"
+    return CifarbenchError(f"cannot write checkpoint {path}: {why} ({errno.errorcode.get(exc.errno or 0, 'OSError')}); "
+                           f"{todo}; the previous checkpoint, if any, is unchanged")
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

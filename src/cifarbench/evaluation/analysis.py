@@ -1,0 +1,141 @@
+"""Evidence for a comparison: cost per image, time to a target accuracy, per-example predictions, mistakes."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from cifarbench.data.loader import DeviceSplit
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    params: int
+    """Trainable parameters."""
+    macs_per_image: int
+    """Multiply-accumulates of every Conv2d and Linear layer for one image (bias adds, activations and pooling
+    are not counted: they are a rounding error next to the matrix products)."""
+
+    @property
+    def flops_per_image(self) -> int:
+        """The usual convention: one multiply-accumulate is two floating-point operations."""
+        return 2 * self.macs_per_image
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "flops_per_image": self.flops_per_image}
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, in_shape: Sequence[int]) -> int:
+    """Multiply-accumulates of the Conv2d and Linear layers in one forward pass of a single 1×C×H×W image."""
+    total = 0
+
+    def conv(module: nn.Conv2d, inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        kh, kw = module.kernel_size
+        # Every output element is a dot product over (in_channels / groups) × kh × kw inputs.
+        total += output.numel() * (module.in_channels // module.groups) * kh * kw
+
+    def linear(module: nn.Linear, inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        total += output.numel() * module.in_features
+
+    hooks = []
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            hooks.append(module.register_forward_hook(conv))
+        elif isinstance(module, nn.Linear):
+            hooks.append(module.register_forward_hook(linear))
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        model(torch.zeros(1, *in_shape, device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return total
+
+
+def model_cost(name: str, in_shape: Sequence[int], num_classes: int = 10,
+               model_kwargs: Mapping[str, Any] | None = None) -> ModelCost:
+    """Parameters and MACs of a freshly built registered model (the weights do not change either)."""
+    from cifarbench.models import count_parameters, create_model
+
+    model = create_model(name, num_classes=num_classes, in_shape=tuple(in_shape), **(model_kwargs or {}))
+    return ModelCost(params=count_parameters(model), macs_per_image=count_macs(model, in_shape))
+
+
+def time_to_target(history: Sequence[Mapping[str, Any]], target: float) -> dict[str, float] | None:
+    """The first epoch whose test accuracy reached `target`, with the cumulative training seconds at its end.
+
+    Accuracy is only measured at epoch ends, so that is the resolution: None when no epoch reached it.
+    Epochs that were not evaluated (accuracy None, as in budgeted runs) are skipped.
+    """
+    for entry in history:
+        if entry.get("test_accuracy") is not None and entry["test_accuracy"] >= target:
+            return {"epoch": int(entry["epoch"]), "seconds": float(entry["seconds"])}
+    return None
+
+
+def summarise_time_to_target(runs: Sequence[Mapping[str, Any]], target: float) -> dict[str, Any]:
+    """Time to `target` for each run (seed) of one model, and the means over the runs that reached it."""
+    per_seed = []
+    for run in runs:
+        hit = time_to_target(run["history"], target)
+        per_seed.append({"seed": run["seed"], "run_id": run["run_id"], "reached": hit is not None,
+                         "epoch": hit["epoch"] if hit else None, "seconds": hit["seconds"] if hit else None})
+    reached = [s for s in per_seed if s["reached"]]
+    return {"target": target, "per_seed": per_seed, "reached": len(reached), "seeds": len(per_seed),
+            "epoch_mean": statistics.fmean(s["epoch"] for s in reached) if reached else None,
+            "seconds_mean": statistics.fmean(s["seconds"] for s in reached) if reached else None}
+
+
+@torch.no_grad()
+def predict_probabilities(model: nn.Module, data: DeviceSplit, *, batch_size: int = 1000,
+                          autocast_dtype: torch.dtype | None = None, tta: int = 0) -> torch.Tensor:
+    """Softmax probabilities (N, classes) for every example of `data`, in order, on the CPU.
+
+    `tta` is the test-time augmentation level of `evaluate`, so the predictions are the ones it scores.
+    """
+    from cifarbench.evaluation.metrics import predict_logits
+
+    was_training = model.training
+    model.eval()
+    chunks = []
+    for x, _ in data.batches(batch_size):
+        with torch.autocast(data.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            logits = predict_logits(model, x, tta)
+        chunks.append(torch.softmax(logits.float(), dim=1))
+    model.train(was_training)
+    return torch.cat(chunks).cpu() if chunks else torch.zeros(0, 0)
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """confusion[true][predicted] counts."""
+    flat = np.asarray(labels, dtype=np.int64) * num_classes + np.asarray(predictions, dtype=np.int64)
+    return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def per_class_accuracy(confusion: np.ndarray) -> list[float]:
+    """Recall of each class: the diagonal over the row sums (0 for a class with no examples)."""
+    confusion = np.asarray(confusion)
+    return (np.diag(confusion) / np.maximum(confusion.sum(1), 1)).tolist()
+
+
+def confident_mistakes(probabilities: np.ndarray, labels: np.ndarray, k: int = 16) -> list[dict[str, Any]]:
+    """The `k` wrong predictions made with the highest probability, most confident first."""
+    probabilities = np.asarray(probabilities)
+    predicted = probabilities.argmax(1)
+    wrong = np.flatnonzero(predicted != labels)
+    confidence = probabilities[wrong, predicted[wrong]]
+    order = wrong[np.argsort(-confidence, kind="stable")][:k]
+    return [{"index": int(i), "true": int(labels[i]), "predicted": int(predicted[i]),
+             "confidence": float(probabilities[i, predicted[i]])} for i in order]

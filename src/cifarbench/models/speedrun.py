@@ -1,0 +1,111 @@
+"""An airbench-class network for reaching high accuracy fast, and the notebook CNN with BatchNorm.
+
+The speedrun net: a frozen 2x2 patch-whitening conv (initialised from the training data), then three blocks
+of conv-pool-BatchNorm-GELU-conv-BatchNorm-GELU, a global max-pool and a linear head scaled down by 1/9.
+Its ingredients follow Keller Jordan's airbench94 (facts from its public write-up; our own code).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cifarbench.models.registry import register_model
+
+
+class BiasOnlyBatchNorm(nn.BatchNorm2d):
+    """BatchNorm with a fixed scale of 1 (only the bias trains) and fast-moving running statistics."""
+
+    def __init__(self, channels: int, momentum: float = 0.4):
+        # eps tiny on purpose: with the scale frozen at 1, a large eps would shrink small-variance channels.
+        super().__init__(channels, eps=1e-12, momentum=momentum)
+        self.weight.requires_grad_(False)
+
+
+class DiracConv(nn.Conv2d):
+    """3x3 'same' conv without bias, initialised to pass its input through (an implicit residual)."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__(c_in, c_out, kernel_size=3, padding=1, bias=False)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        w = self.weight.data
+        nn.init.dirac_(w[: min(w.size(0), w.size(1))])
+
+
+class ConvBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv1, self.norm1 = DiracConv(c_in, c_out), BiasOnlyBatchNorm(c_out)
+        self.conv2, self.norm2 = DiracConv(c_out, c_out), BiasOnlyBatchNorm(c_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.norm1(F.max_pool2d(self.conv1(x), 2)))
+        return F.gelu(self.norm2(self.conv2(x)))
+
+
+class SpeedrunNet(nn.Module):
+    def __init__(self, num_classes: int = 10, in_shape: tuple[int, int, int] = (3, 32, 32),
+                 widths: Sequence[int] = (64, 256, 256), whiten_kernel: int = 2, scale: float = 1 / 9):
+        super().__init__()
+        c = in_shape[0]
+        # Both signs of every whitening filter: GELU after it would otherwise discard half of each direction.
+        self.whiten = nn.Conv2d(c, 2 * c * whiten_kernel**2, kernel_size=whiten_kernel, bias=True)
+        self.whiten.weight.requires_grad_(False)
+        nn.init.zeros_(self.whiten.bias)
+        chans = [self.whiten.out_channels, *widths]
+        self.blocks = nn.Sequential(*(ConvBlock(a, b) for a, b in zip(chans, chans[1:])))
+        self.head = nn.Linear(chans[-1], num_classes, bias=False)
+        self.scale = scale
+
+    @torch.no_grad()
+    def init_whitening(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """Set the whitening filters to the eigenvectors of the patch covariance of `images` (normalised
+        float N×C×H×W), scaled by 1/sqrt(eigenvalue), so the layer's outputs are decorrelated with unit variance."""
+        k = self.whiten.kernel_size
+        c = images.size(1)
+        patches = images.float().unfold(2, k[0], 1).unfold(3, k[1], 1)  # N, C, H', W', kh, kw
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k[0] * k[1]).double()
+        cov = patches.T @ patches / len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(cov)
+        filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).reshape(-1, c, *k)
+        self.whiten.weight.copy_(torch.cat([filters, -filters]).to(self.whiten.weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(F.gelu(self.whiten(x)))
+        return self.head(x.amax(dim=(2, 3))) * self.scale
+
+
+class CNNBN(nn.Module):
+    """The notebook's CNN with BatchNorm after each convolution (the first step a student would take)."""
+
+    def __init__(self, num_classes: int = 10, in_shape: tuple[int, int, int] = (3, 32, 32)):
+        super().__init__()
+        c, h, w = in_shape
+        self.conv1, self.bn1 = nn.Conv2d(c, 32, 3, bias=False), nn.BatchNorm2d(32)
+        self.conv2, self.bn2 = nn.Conv2d(32, 64, 3, bias=False), nn.BatchNorm2d(64)
+        fh, fw = ((h - 2) // 2 - 2) // 2, ((w - 2) // 2 - 2) // 2
+        self.fc1 = nn.Linear(64 * fh * fw, 128)
+        self.fc2 = nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
+        return self.fc2(F.relu(self.fc1(x.reshape(x.size(0), -1))))
+
+
+@register_model("speedrun", default_recipe="fast")
+def speedrun(num_classes: int = 10, in_shape: tuple[int, int, int] = (3, 32, 32),
+             widths: Sequence[int] = (64, 256, 256)) -> nn.Module:
+    """airbench-class net: frozen patch whitening, 3 conv-pool-BN-GELU blocks (widths configurable), max-pool head."""
+    return SpeedrunNet(num_classes, in_shape, widths=tuple(widths))
+
+
+@register_model("cnn-bn", default_recipe="fast")
+def cnn_bn(num_classes: int = 10, in_shape: tuple[int, int, int] = (3, 32, 32)) -> nn.Module:
+    """The notebook's CNN plus BatchNorm after each conv; trained with augmentation by the fast recipe."""
+    return CNNBN(num_classes, in_shape)

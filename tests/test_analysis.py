@@ -1,0 +1,99 @@
+"""Evidence for a comparison: MAC counts, time to a target, mistakes, and the comparison table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from torch import nn
+
+from cifarbench.data import fit_normalisation
+from cifarbench.config import DataConfig
+from cifarbench.errors import CifarbenchError
+from cifarbench.evaluation.analysis import (confident_mistakes, confusion_matrix, count_macs, model_cost,
+                                            per_class_accuracy, summarise_time_to_target, time_to_target)
+from cifarbench.reporting.tables import comparison_table, history_table, time_to_target_cell
+
+
+def test_macs_of_the_notebook_models_by_hand() -> None:
+    # FNN: 3072*128 + 128*10. CNN: conv1 30*30*32 outputs of 3*3*3, conv2 13*13*64 of 32*3*3, fc 2304*128, 128*10.
+    assert model_cost("fnn", (3, 32, 32)).macs_per_image == 3072 * 128 + 128 * 10
+    cnn = model_cost("cnn", (3, 32, 32))
+    assert cnn.macs_per_image == 30 * 30 * 32 * 27 + 13 * 13 * 64 * 288 + 2304 * 128 + 128 * 10 == 4_188_800
+    assert cnn.flops_per_image == 2 * cnn.macs_per_image and cnn.params == 315_722
+    # 1x28x28 (MNIST): 26*26*32*9 + 11*11*64*288 + (64*5*5)*128 + 1280
+    assert model_cost("cnn", (1, 28, 28)).macs_per_image == 26 * 26 * 32 * 9 + 11 * 11 * 64 * 288 + 1600 * 128 + 1280
+
+
+def test_macs_count_grouped_convolutions_and_leave_the_model_unhooked() -> None:
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, groups=2), nn.Flatten(), nn.Linear(8 * 5 * 5, 3))
+    assert count_macs(model, (4, 5, 5)) == 5 * 5 * 8 * (2 * 9) + 200 * 3
+    assert all(not m._forward_hooks for m in model.modules()) and model.training
+
+
+HISTORY = [{"epoch": 1, "test_accuracy": 0.5, "seconds": 2.0}, {"epoch": 2, "test_accuracy": None, "seconds": 4.0},
+           {"epoch": 3, "test_accuracy": 0.91, "seconds": 6.5}, {"epoch": 4, "test_accuracy": 0.89, "seconds": 8.0}]
+
+
+def test_time_to_target_is_the_first_evaluated_epoch_at_or_over_it() -> None:
+    assert time_to_target(HISTORY, 0.9) == {"epoch": 3, "seconds": 6.5}
+    assert time_to_target(HISTORY, 0.5) == {"epoch": 1, "seconds": 2.0}  # reaching it exactly counts
+    assert time_to_target(HISTORY, 0.95) is None
+    assert time_to_target([], 0.1) is None
+
+
+def test_time_to_target_over_seeds_averages_the_seeds_that_reached_it() -> None:
+    faster = [{"epoch": 1, "test_accuracy": 0.6, "seconds": 1.0}, {"epoch": 2, "test_accuracy": 0.92, "seconds": 2.5}]
+    never = [{"epoch": 1, "test_accuracy": 0.2, "seconds": 1.0}]
+    runs = [{"seed": 0, "run_id": "a", "history": HISTORY}, {"seed": 1, "run_id": "b", "history": faster},
+            {"seed": 2, "run_id": "c", "history": never}]
+    s = summarise_time_to_target(runs, 0.9)
+    assert (s["reached"], s["seeds"], s["epoch_mean"], s["seconds_mean"]) == (2, 3, 2.5, 4.5)
+    assert [p["reached"] for p in s["per_seed"]] == [True, True, False] and s["per_seed"][2]["epoch"] is None
+    assert time_to_target_cell(s) == "epoch 2.5, 4.5 s (2/3 seeds)"
+    none = summarise_time_to_target(runs[2:], 0.9)
+    assert none["epoch_mean"] is None and time_to_target_cell(none) == "not reached"
+
+
+def test_confusion_per_class_and_confident_mistakes() -> None:
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6], [0.99, 0.01]])
+    labels = np.array([0, 0, 0, 1])
+    matrix = confusion_matrix(labels, probs.argmax(1), 2)
+    assert matrix.tolist() == [[1, 2], [1, 0]]
+    assert per_class_accuracy(matrix) == [1 / 3, 0.0]
+    wrong = confident_mistakes(probs, labels, k=2)
+    assert [(m["index"], m["true"], m["predicted"]) for m in wrong] == [(3, 1, 0), (1, 0, 1)]
+    assert wrong[0]["confidence"] == pytest.approx(0.99)
+
+
+def result(model: str, **extra) -> dict:
+    return {"model": model, "recipe": "seed", "seeds": [0, 1], "test_accuracy_mean": 0.5512, "test_accuracy_std": 0.0042,
+            "train_seconds_mean": 73.94, "train_seconds_std": 1.26, "params": 315_722, "flops_per_image": 8_377_600,
+            **extra}
+
+
+def test_comparison_table_is_markdown_with_time_to_target_only_when_asked() -> None:
+    plain = comparison_table([result("cnn", time_to_target=None)]).splitlines()
+    assert plain[0].startswith("| model") and "time to" not in plain[0] and set(plain[1]) <= {"|", "-"}
+    assert "| cnn" in plain[2] and "55.12% ± 0.42" in plain[2] and "8.38 M" in plain[2] and "73.9 ± 1.3" in plain[2]
+    ttt = {"target": 0.5, "reached": 1, "seeds": 2, "epoch_mean": 4, "seconds_mean": 30.25}
+    lines = comparison_table([result("cnn", time_to_target=ttt), result("fnn", time_to_target={**ttt, "reached": 0})])
+    header, _, cnn, fnn = lines.splitlines()
+    assert "time to 50% (mean)" in header
+    assert "epoch 4, 30.2 s (1/2 seeds)" in cnn and "not reached (0/2 seeds)" in fnn
+    assert len({len(line) for line in lines.splitlines()}) == 1  # columns line up
+
+
+def test_history_table_shows_unevaluated_epochs_as_dashes() -> None:
+    table = history_table([{**h, "train_loss": 1.0, "test_loss": None if h["test_accuracy"] is None else 0.5,
+                            "eval_seconds": 0.1} for h in HISTORY])
+    assert "| 2 " in table and "| -  " in table and "91.00%" in table
+
+
+def test_normalisation_carries_a_uniform_mean_to_any_channel_count() -> None:
+    notebook = DataConfig(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), dataset="mnist")
+    assert fit_normalisation(notebook, 1).mean == (0.5,) and fit_normalisation(notebook, 1).std == (0.5,)
+    assert fit_normalisation(notebook, 3) is notebook
+    assert fit_normalisation(DataConfig(mean=(0.5,), std=(0.25,)), 3).std == (0.25,) * 3
+    cifar_stats = DataConfig(mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26), dataset="mnist")
+    with pytest.raises(CifarbenchError, match="mnist images have 1"):
+        fit_normalisation(cifar_stats, 1)

@@ -1,0 +1,169 @@
+"""The fast recipe's ingredients: whitening, augmentation, schedule, lookahead, TTA, budgets, validation split."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifarbench.config import AugmentConfig, LookaheadConfig, ScheduleConfig
+from cifarbench.data.augment import Augmenter, translate
+from cifarbench.data.cifar10 import load_cifar10
+from cifarbench.evaluation.metrics import predict_logits
+from cifarbench.models import create_model
+from cifarbench.training.budget import StepPlan
+from cifarbench.training.lookahead import Lookahead
+from cifarbench.training.loop import autocast_dtype, make_optimizer, split_validation, train
+from cifarbench.training.recipes import make_config
+from cifarbench.training.schedules import lr_factor
+
+SMALL = {"widths": [8, 16, 16]}
+
+
+def test_whitening_layer_decorrelates_patches() -> None:
+    torch.manual_seed(0)
+    # Strongly correlated "images": smooth noise, so raw 2x2 patches are far from white.
+    images = torch.nn.functional.avg_pool2d(torch.randn(400, 3, 35, 35), 4, stride=1)
+    model = create_model("speedrun", widths=[8, 8, 8])
+    model.init_whitening(images, eps=0.0)
+    out = model.whiten(images) - model.whiten.bias.view(1, -1, 1, 1)
+    half = out[:, :12].permute(0, 2, 3, 1).reshape(-1, 12)  # the other 12 channels are the negatives
+    cov = half.T @ half / len(half)
+    raw = images.unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12)
+    raw_cov = raw.T @ raw / len(raw)
+    std = raw_cov.diag().sqrt()
+    raw_corr = raw_cov / std[:, None] / std[None, :]
+    assert (raw_corr - torch.eye(12)).abs().max() > 0.5  # the input was strongly correlated
+    torch.testing.assert_close(cov, torch.eye(12), atol=2e-3, rtol=0)
+    assert not model.whiten.weight.requires_grad
+
+
+def test_translate_shifts_each_image_by_its_own_offset() -> None:
+    x = torch.arange(2 * 1 * 6 * 6, dtype=torch.float32).view(2, 1, 6, 6)
+    shifts = torch.tensor([[0, 0], [1, -2]])
+    out = translate(x, shifts, 2)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out[0], x[0])
+    # Output pixel (i, j) of image 1 is input pixel (i + 1, j - 2), where that lies inside the image.
+    torch.testing.assert_close(out[1, 0, :5, 2:], x[1, 0, 1:, :4])
+
+
+def test_augmenter_ranges_flips_and_determinism() -> None:
+    x = torch.rand(64, 3, 8, 8) * 2 - 1
+    index = torch.arange(64)
+    aug = Augmenter(AugmentConfig(flip=True, alternate_flip=True, translate=2), 64, seed=3, device=torch.device("cpu"))
+    aug.start_epoch(1)
+    a = aug(x, index)
+    assert a.shape == x.shape and a.min() >= x.min() and a.max() <= x.max()  # reflect padding adds no new values
+    assert aug.shifts.abs().max() <= 2
+    flips1 = aug.flips.clone()
+    aug.start_epoch(2)
+    assert torch.equal(aug.flips, ~flips1)  # alternating: every image's orientation swaps each epoch
+    again = Augmenter(AugmentConfig(flip=True, translate=2), 64, seed=3, device=torch.device("cpu"))
+    again.start_epoch(1)
+    assert torch.equal(again(x, index), a)  # a function of (seed, epoch) only
+    plain = Augmenter(AugmentConfig(), 64, seed=3, device=torch.device("cpu"))
+    assert not plain.active
+
+
+def test_triangle_schedule() -> None:
+    s = ScheduleConfig(kind="triangle", start=0.2, peak=0.25, end=0.1)
+    assert lr_factor(s, 0.0) == pytest.approx(0.2)
+    assert lr_factor(s, 0.25) == pytest.approx(1.0)
+    assert lr_factor(s, 1.0) == pytest.approx(0.1)
+    assert lr_factor(s, 0.125) == pytest.approx(0.6)
+    assert lr_factor(ScheduleConfig(), 0.7) == 1.0
+
+
+def test_lookahead_pulls_weights_to_the_average() -> None:
+    model = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    la = Lookahead(model, LookaheadConfig(enabled=True))
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    la.update(model, decay=0.75)
+    torch.testing.assert_close(model.weight, torch.full((1, 2), 0.25))
+    assert la.decay(0.0) == 0.0 and la.decay(1.0) == pytest.approx(0.95 ** 5)
+
+
+def test_bias_lr_scale_groups_batchnorm_biases() -> None:
+    config = make_config("speedrun", model_kwargs=SMALL)
+    opt = make_optimizer(create_model("speedrun", **SMALL), config)
+    other, norm = opt.param_groups
+    assert norm["lr"] == pytest.approx(other["lr"] * 64) and norm["weight_decay"] == pytest.approx(other["weight_decay"] / 64)
+    assert all(p.requires_grad for g in opt.param_groups for p in g["params"])
+
+
+def test_tta_averages_mirrored_views() -> None:
+    torch.manual_seed(0)
+    model = create_model("cnn").eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(predict_logits(model, x, 1), 0.5 * (model(x) + model(x.flip(-1))))
+        assert predict_logits(model, x, 2).shape == (3, 10)
+
+
+def test_precision_auto_picks_bf16_on_cpu_and_cuda_without_a_gpu() -> None:
+    config = make_config("speedrun")
+    assert config.precision == "auto"
+    assert autocast_dtype(config, torch.device("cpu")) == torch.bfloat16
+    assert autocast_dtype(config, torch.device("cuda")) == torch.bfloat16  # the dtype choice, no GPU needed
+    assert autocast_dtype(config, torch.device("mps")) is None
+    assert autocast_dtype(replace(config, precision="fp32"), torch.device("cuda")) is None
+
+
+def test_fast_recipe_ingredients_are_switches() -> None:
+    c = make_config("speedrun")
+    assert (c.batch_size, c.label_smoothing, c.tta, c.whiten, c.lookahead.enabled) == (1024, 0.2, 2, True, True)
+    assert c.augment.flip and c.augment.translate == 2 and c.schedule.kind == "triangle"
+    assert make_config("cnn-bn").recipe == "fast" and make_config("resnet18").recipe == "fast"
+    budgeted = make_config("speedrun", budget_seconds=30)
+    assert budgeted.budget_seconds == 30 and not budgeted.eval_every_epoch
+
+
+@pytest.mark.parametrize("model", ["speedrun", "cnn-bn"])
+def test_fast_recipe_trains_on_tiny_data(tiny_py: Path, model: str) -> None:
+    dataset = load_cifar10(tiny_py, verify=False, download=False)
+    kwargs = {"model_kwargs": SMALL} if model == "speedrun" else {}
+    config = make_config(model, data_dir=str(tiny_py), verify=False, epochs=3, batch_size=32, device="cpu", **kwargs)
+    result = train(config, dataset, torch.device("cpu"), progress=False)
+    assert len(result.history) == 3 and result.final is not None and result.final.n == len(dataset.test)
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+
+
+def test_budget_is_respected_on_tiny_data(tiny_py: Path) -> None:
+    dataset = load_cifar10(tiny_py, verify=False, download=False)
+    budget = 6.0
+    config = make_config("speedrun", data_dir=str(tiny_py), verify=False, batch_size=16, device="cpu",
+                         budget_seconds=budget, model_kwargs=SMALL)
+    start = time.perf_counter()
+    result = train(config, dataset, torch.device("cpu"), progress=False)
+    spent = time.perf_counter() - start
+    # A little slack for interpreter noise; the plan keeps 3% back and stops on the spot when time runs out.
+    assert spent <= budget + 0.5 and result.wall_seconds <= budget + 0.5
+    assert result.steps > 10 and len(result.history) > 1  # it trained for (most of) the budget, not one step
+    assert spent >= budget * 0.5
+    assert [h.test_accuracy is None for h in result.history[:-1]] == [True] * (len(result.history) - 1)
+    assert result.history[-1].test_accuracy == result.final.accuracy
+
+
+def test_step_plan_fits_steps_into_time_left() -> None:
+    plan = StepPlan(10**9, budget=10.0, started=time.perf_counter() - 2.0, eval_seconds=lambda: 1.0)
+    assert plan.progress(5) < 1e-6  # uncalibrated: the schedule stays at its start
+    plan.calibrate(step=20, step_seconds=0.1)
+    # 10 s * 0.97 - 2 s spent - 1 s evaluation = 6.7 s left -> 67 more steps (66 once a few ms have passed)
+    assert 20 + 66 <= plan.total_steps <= 20 + 67
+
+
+def test_validation_split_is_fixed_disjoint_and_used(tiny_py: Path) -> None:
+    dataset = load_cifar10(tiny_py, verify=False, download=False)
+    kept, held = split_validation(dataset.train, 30)
+    assert len(kept) == len(dataset.train) - 30 and len(held) == 30
+    again = split_validation(dataset.train, 30)[1]
+    assert torch.equal(torch.from_numpy(held.images), torch.from_numpy(again.images))
+    config = make_config("fnn", data_dir=str(tiny_py), verify=False, epochs=2, batch_size=10, val_split=30, device="cpu")
+    result = train(config, dataset, torch.device("cpu"), progress=False)
+    assert all(h.val_accuracy is not None for h in result.history)
