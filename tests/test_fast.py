@@ -116,12 +116,22 @@ def test_precision_auto_picks_bf16_on_cpu_and_cuda_without_a_gpu() -> None:
 
 
 def test_fast_recipe_ingredients_are_switches() -> None:
-    c = make_config("speedrun")
+    c = make_config("speedrun", epochs=10)  # a fixed schedule: airbench's settings
     assert (c.batch_size, c.label_smoothing, c.tta, c.whiten, c.lookahead.enabled) == (1024, 0.2, 2, True, True)
+    assert c.model_kwargs == {"widths": [64, 256, 256]} and c.optimizer.lr == pytest.approx(1.5)
     assert c.augment.flip and c.augment.translate == 2 and c.schedule.kind == "triangle"
     assert make_config("cnn-bn").recipe == "fast" and make_config("resnet18").recipe == "fast"
     budgeted = make_config("speedrun", budget_seconds=30)
     assert budgeted.budget_seconds == 30 and not budgeted.eval_every_epoch
+
+
+def test_fast_recipe_on_cpu_is_budgeted_and_scales_lr_with_batch() -> None:
+    c = make_config("speedrun", device="cpu")
+    assert c.budget_seconds == 120 and c.model_kwargs == {"widths": [32, 64, 256]} and c.batch_size == 256
+    assert c.optimizer.lr == pytest.approx(1.5 * 256 / 1024)  # per-example rate kept
+    assert make_config("speedrun", device="cpu", budget_seconds=1000).model_kwargs == {"widths": [64, 256, 256]}
+    assert make_config("speedrun", device="cpu", batch_size=512, epochs=2).optimizer.lr == pytest.approx(0.75)
+    assert make_config("cnn", batch_size=512).optimizer.lr == 0.01  # the seed recipe is the notebook's, as given
 
 
 @pytest.mark.parametrize("model", ["speedrun", "cnn-bn"])

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from cifarbench.config import TrainConfig
+from cifarbench.config import DataConfig, TrainConfig
 from cifarbench.data import ImageDataset, fit_normalisation, load_dataset
 from cifarbench.data.loader import DeviceSplit
 from cifarbench.device import describe_device, resolve_device
@@ -27,6 +27,7 @@ from cifarbench.models import count_parameters, create_model
 from cifarbench.provenance import environment
 from cifarbench.runs.store import RunStore, resolve_runs_dir
 from cifarbench.training.checkpoint import load_checkpoint, save_checkpoint
+from cifarbench.training import distributed as ddp
 from cifarbench.training.loop import EpochMetrics, TrainResult, autocast_dtype, train
 
 CHECKPOINT = "checkpoint.pt"
@@ -47,30 +48,76 @@ def new_run_id(config: TrainConfig) -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{config.model}-s{config.seed}-{secrets.token_hex(2)}"
 
 
-def train_run(config: TrainConfig, *, runs_dir: str | os.PathLike | None = None, dataset: ImageDataset | None = None,
-              progress: bool | None = None, on_epoch: Callable[[EpochMetrics], None] | None = None) -> dict[str, Any]:
-    """Train one run end to end: its folder (config, checkpoint, metrics) and its row in the run history."""
-    device = resolve_device(config.device)
+def train_run(config: TrainConfig | None = None, *, runs_dir: str | os.PathLike | None = None,
+              dataset: ImageDataset | None = None, progress: bool | None = None,
+              on_epoch: Callable[[EpochMetrics], None] | None = None, resume: str | None = None,
+              data: DataConfig | None = None) -> dict[str, Any]:
+    """Train one run end to end: its folder (config, checkpoint, metrics) and its row in the run history.
+
+    With `resume` (a run id, run folder or checkpoint), continue that run from its last checkpoint under its
+    own config and id instead (`data` may say where its data is now): the result is the same, bit for bit on
+    CPU, as if it had never stopped.
+    """
+    state = None
+    if resume is not None:
+        ckpt_path = resolve_checkpoint(resume, runs_dir)
+        state = load_checkpoint(ckpt_path)
+        if "position" not in state:
+            raise CifarbenchError(f"{ckpt_path}: this checkpoint has no training state to resume from")
+        position = state["position"]
+        if position["step"] >= position["total_steps"] and not position["in_epoch"]:
+            raise CifarbenchError(f"run {state['run_id']} already finished; nothing to resume")
+        config = TrainConfig.from_dict(state["config"])
+        if data is not None:
+            config = replace(config, data=data)
+    if config is None:
+        raise CifarbenchError("train_run needs a config or a run to resume")
+    world, device = ddp.setup(resolve_device(config.device))
+    finished = False
+    try:
+        summary = _train_run(config, world, device, state, runs_dir=runs_dir, dataset=dataset, progress=progress,
+                             on_epoch=on_epoch, ckpt_path=ckpt_path if state is not None else None)
+        finished = True
+        return summary
+    finally:
+        ddp.teardown(world, finished=finished)
+
+
+def _train_run(config: TrainConfig, world: ddp.DistEnv, device: torch.device, state: dict | None, *,
+               runs_dir: str | os.PathLike | None, dataset: ImageDataset | None, progress: bool | None,
+               on_epoch: Callable[[EpochMetrics], None] | None, ckpt_path: Path | None) -> dict[str, Any]:
+    if world.enabled and not world.is_main:
+        # Under torchrun only rank 0 downloads; the others wait for its files (see data.download).
+        dataset = dataset or load_dataset(config.data, progress=False)
+        config = replace(config, data=fit_normalisation(config.data, dataset.image_shape[0]))
+        result = train(config, dataset, device, progress=False, resume=state, world=world)
+        return {"rank": world.rank, "test_accuracy": result.final.accuracy if result.final else None}
     dataset = dataset or load_dataset(config.data, progress=progress)
     config = replace(config, data=fit_normalisation(config.data, dataset.image_shape[0]))  # e.g. 0.5/0.5 on MNIST
     env = environment()
     store = RunStore(runs_dir)
-    run_id = new_run_id(config)
-    run_dir = store.dir / run_id
     params = count_parameters(create_model(config.model, num_classes=len(dataset.classes), in_shape=dataset.image_shape,
                                            **config.model_kwargs))
-    write_json(run_dir / "config.json", {"run_id": run_id, "config": config.to_dict(), "dataset": dataset.info(),
-                                         "device": describe_device(device), **env})
-    store.start_run(run_id, config=config.to_dict(), dataset=dataset.info(), device=describe_device(device),
-                    params=params, run_dir=str(run_dir.resolve()), code_version=env["code_version"],
-                    torch_version=env["torch_version"])
+    if state is not None:
+        run_id = state["run_id"]
+        run_dir = ckpt_path.parent
+        if state["dataset"]["sha256"] != dataset.sha256:
+            raise CifarbenchError(f"run {run_id} was trained on data with fingerprint {state['dataset']['sha256'][:12]}"
+                                  f"..., not this copy ({dataset.sha256[:12]}...); point --data-dir at the same data")
+        store.reopen_run(run_id)
+    else:
+        run_id = new_run_id(config)
+        run_dir = store.dir / run_id
+        write_json(run_dir / "config.json", {"run_id": run_id, "config": config.to_dict(), "dataset": dataset.info(),
+                                             "device": describe_device(device), **env})
+        store.start_run(run_id, config=config.to_dict(), dataset=dataset.info(), device=describe_device(device),
+                        params=params, run_dir=str(run_dir.resolve()), code_version=env["code_version"],
+                        torch_version=env["torch_version"])
 
     def checkpoint(result: TrainResult) -> None:
         save_checkpoint({"run_id": run_id, "model": config.model, "classes": list(dataset.classes),
                          "in_shape": list(dataset.image_shape), "config": config.to_dict(), "dataset": dataset.info(),
-                         "epoch": len(result.history), "history": [h.to_dict() for h in result.history],
-                         "state_dict": result.model.state_dict(), "optimizer": result.optimizer.state_dict(), **env},
-                        run_dir / CHECKPOINT)
+                         "epoch": len(result.history), **result.state(), **env}, run_dir / CHECKPOINT)
 
     def after_epoch(metrics: EpochMetrics, result: TrainResult) -> None:
         store.add_epoch(run_id, metrics.to_dict())
@@ -79,9 +126,11 @@ def train_run(config: TrainConfig, *, runs_dir: str | os.PathLike | None = None,
             on_epoch(metrics)
 
     try:
-        result = train(config, dataset, device, on_epoch=after_epoch, progress=progress)
+        result = train(config, dataset, device, on_epoch=after_epoch, on_interrupt=checkpoint, progress=progress,
+                       resume=state, world=world)
     except KeyboardInterrupt:
-        store.finish_run(run_id, "interrupted", error="interrupted by the user")
+        store.finish_run(run_id, "interrupted", error="interrupted by the user; `cifarbench train --resume "
+                         f"{run_id}` continues it")
         raise
     except BaseException as exc:
         store.finish_run(run_id, "failed", error=f"{type(exc).__name__}: {exc}"[:500])
@@ -92,6 +141,7 @@ def train_run(config: TrainConfig, *, runs_dir: str | os.PathLike | None = None,
         "epochs": config.epochs, "test_accuracy": result.final.accuracy, "test_loss": result.final.loss,
         "train_seconds": result.train_seconds, "wall_seconds": result.wall_seconds, "steps": result.steps,
         "tta": config.tta, "budget_seconds": config.budget_seconds, "device": describe_device(device), "params": params,
+        "world_size": world.world_size,
         "dataset": dataset.info(), "history": [h.to_dict() for h in result.history],
         "per_class_accuracy": result.final.per_class_accuracy, "confusion": result.final.confusion,
         "config": config.to_dict(), "run_dir": str(run_dir), **env,
@@ -101,6 +151,11 @@ def train_run(config: TrainConfig, *, runs_dir: str | os.PathLike | None = None,
                      train_seconds=result.train_seconds)
     store.close()
     return summary
+
+
+def run_config(ref: str, runs_dir: str | os.PathLike | None = None) -> TrainConfig:
+    """The config a saved run (id, folder or checkpoint) was trained with."""
+    return TrainConfig.from_dict(load_checkpoint(resolve_checkpoint(ref, runs_dir))["config"])
 
 
 def resolve_checkpoint(ref: str, runs_dir: str | os.PathLike | None = None) -> Path:
@@ -123,10 +178,11 @@ def evaluate_checkpoint(ref: str, *, runs_dir: str | os.PathLike | None = None, 
     path, ckpt, config, model, dev = loaded.path, loaded.checkpoint, loaded.config, loaded.model, loaded.device
     dataset = loaded.test_dataset(data_dir=data_dir, verify=verify, dataset=dataset, progress=progress)
     test = DeviceSplit(dataset.test, dev, config.data.mean, config.data.std, config.channels_last)
+    # The same test-time augmentation as the run's final evaluation, so the figures agree.
     result = evaluate(model, test, num_classes=len(dataset.classes), batch_size=config.eval_batch_size,
-                      autocast_dtype=autocast_dtype(config, dev))
+                      autocast_dtype=autocast_dtype(config, dev), tta=config.tta)
     return {"checkpoint": str(path), "run_id": ckpt.get("run_id"), "model": ckpt["model"], "classes": ckpt["classes"],
-            "test_accuracy": result.accuracy, "test_loss": result.loss, "per_class_accuracy": result.per_class_accuracy,
+            "tta": config.tta, "test_accuracy": result.accuracy, "test_loss": result.loss, "per_class_accuracy": result.per_class_accuracy,
             "confusion": result.confusion, "n": result.n, "device": describe_device(dev), "dataset": dataset.info(),
             "dataset_matches_training": dataset.sha256 == ckpt["dataset"]["sha256"]}
 
@@ -155,8 +211,11 @@ def compare(models: Sequence[str], make: Callable[[str, int], TrainConfig], *, s
             runs_dir: str | os.PathLike | None = None, plot: str | os.PathLike | None = None,
             progress: bool | None = None, on_run: Callable[[dict[str, Any]], None] | None = None,
             on_epoch: Callable[[TrainConfig, EpochMetrics], None] | None = None, target: float | None = None,
-            report: str | os.PathLike | None = None) -> dict[str, Any]:
+            report: str | os.PathLike | None = None, jobs: int = 1) -> dict[str, Any]:
     """Train every model for `seeds` seeds (0..seeds-1) on the same data, then tabulate and plot them.
+
+    With `jobs` > 1 the runs go to that many worker processes, each with its share of the CPU threads (or its
+    own GPU); a run that fails is reported under `failures` and the others' results are kept.
 
     `make(model, seed)` builds each run's config, so the caller decides recipe and overrides. Each model's
     row has accuracy mean ± std, parameters, MACs/FLOPs per image, training seconds and, with `target` (a
@@ -166,30 +225,87 @@ def compare(models: Sequence[str], make: Callable[[str, int], TrainConfig], *, s
     from cifarbench.evaluation.analysis import model_cost
     from cifarbench.reporting.plots import plot_learning_curves
 
-    if seeds < 1:
-        raise CifarbenchError("--seeds must be at least 1")
+    if seeds < 1 or jobs < 1:
+        raise CifarbenchError("--seeds and --jobs must be at least 1")
     _check_target(target)
     configs = {m: [make(m, s) for s in range(seeds)] for m in models}  # fail fast on a bad model or flag
     first = next(iter(configs.values()))[0]
-    dataset = load_dataset(first.data, progress=progress)
+    dataset = load_dataset(first.data, progress=progress)  # also fills the cache the workers read from
     runs: dict[str, list[dict[str, Any]]] = {}
-    for model, model_configs in configs.items():
-        for config in model_configs:
-            run = train_run(config, runs_dir=runs_dir, dataset=dataset, progress=progress,
-                            on_epoch=(lambda m, c=config: on_epoch(c, m)) if on_epoch else None)
-            runs.setdefault(model, []).append(run)
-            if on_run:
-                on_run(run)
+    failures: list[dict[str, Any]] = []
+    if jobs == 1:
+        for model, model_configs in configs.items():
+            for config in model_configs:
+                run = train_run(config, runs_dir=runs_dir, dataset=dataset, progress=progress,
+                                on_epoch=(lambda m, c=config: on_epoch(c, m)) if on_epoch else None)
+                runs.setdefault(model, []).append(run)
+                if on_run:
+                    on_run(run)
+    else:
+        done = _run_parallel([c for cs in configs.values() for c in cs], jobs, runs_dir, on_run)
+        for config, run, error in done:
+            if error is None:
+                runs.setdefault(config.model, []).append(run)
+            else:
+                failures.append({"model": config.model, "seed": config.seed, "error": error})
+        for rs in runs.values():
+            rs.sort(key=lambda r: r["seed"])
+        if not runs:
+            raise CifarbenchError(f"every run failed; the first: {failures[0]['error']}")
+        configs = {m: cs for m, cs in configs.items() if m in runs}
     plot_path = Path(plot) if plot else resolve_runs_dir(runs_dir) / f"compare-{time.strftime('%Y%m%d-%H%M%S')}.png"
     plot_learning_curves({m: [r["history"] for r in rs] for m, rs in runs.items()}, plot_path, target=target)
     results = [aggregate(rs, target=target, label=m,
                          cost=model_cost(m, dataset.image_shape, len(dataset.classes), configs[m][0].model_kwargs))
                for m, rs in runs.items()]
-    out = {"results": results, "plot": str(plot_path), "target": target, "dataset": dataset.info(), **environment()}
+    out = {"results": results, "plot": str(plot_path), "target": target, "dataset": dataset.info(),
+           "failures": failures, "jobs": jobs, **environment()}
     if report:
         every = [r for rs in runs.values() for r in rs]
         out["report"] = str(build_report(every, results, report, target=target, dataset=dataset, device=first.device))
     return out
+
+
+def _worker_init(threads: int, gpus: int) -> None:
+    """Pin a compare worker to its share of the CPU threads, or to one GPU (by worker number)."""
+    import multiprocessing
+
+    torch.set_num_threads(threads)
+    if gpus:
+        torch.cuda.set_device((multiprocessing.current_process()._identity[0] - 1) % gpus)
+
+
+def _worker_run(config: TrainConfig, runs_dir: str | os.PathLike | None) -> dict[str, Any]:
+    if config.device.startswith("cuda") and torch.cuda.device_count() > 1:
+        config = replace(config, device=f"cuda:{torch.cuda.current_device()}")
+    return train_run(config, runs_dir=runs_dir, progress=False)
+
+
+def _run_parallel(configs: Sequence[TrainConfig], jobs: int, runs_dir: str | os.PathLike | None,
+                  on_run: Callable[[dict[str, Any]], None] | None) -> list[tuple[TrainConfig, Any, str | None]]:
+    """Each config in a worker process; (config, result or None, error or None) in completion order."""
+    import concurrent.futures as cf
+    import multiprocessing
+
+    gpus = torch.cuda.device_count() if any(c.device in ("auto", "cuda") for c in configs) else 0
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    # spawn: a fork of a process that already ran torch (threads, maybe CUDA) is not safe.
+    pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                  initializer=_worker_init, initargs=(threads, gpus))
+    done = []
+    with pool:
+        futures = {pool.submit(_worker_run, c, runs_dir): c for c in configs}
+        for future in cf.as_completed(futures):
+            config = futures[future]
+            try:
+                run = future.result()
+            except Exception as exc:  # a failed run (or a crashed worker) is reported; the rest go on
+                done.append((config, None, f"{type(exc).__name__}: {exc}"))
+                continue
+            done.append((config, run, None))
+            if on_run:
+                on_run(run)
+    return done
 
 
 # --- Trained models: load once, then evaluate, predict the test set or classify image files -------------------

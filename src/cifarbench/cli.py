@@ -36,6 +36,8 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-split", type=int, metavar="N",
                    help="hold out N training images for validation (tune on these, never on the test set)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--sync-bn", action="store_true", default=None,
+                   help="under torchrun on GPUs: BatchNorm statistics over the global batch")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | mps (default: auto)")
     p.add_argument("--dataset", choices=["cifar10", "mnist", "fashion-mnist"],
                    help="data set to train and test on (default: cifar10)")
@@ -65,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list registered models and recipes")
 
     p = sub.add_parser("train", help="train one model and record the run")
-    p.add_argument("model")
+    p.add_argument("model", nargs="?", help="registered model (omit with --resume)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted or crashed run from its last checkpoint")
     _run_flags(p)
 
     p = sub.add_parser("eval", help="evaluate a run or checkpoint on the whole test set")
@@ -79,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="train several models over seeds and compare them (the main job)")
     p.add_argument("models", nargs="+")
     p.add_argument("--seeds", type=int, default=1, help="seeds per model (0..N-1); mean ± std over them")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs in parallel worker processes, each with its share of the cores or its own GPU")
     p.add_argument("--plot", help="learning-curve PNG (default: RUNS_DIR/compare-TIMESTAMP.png)")
     p.add_argument("--target", type=float, metavar="FRACTION",
                    help="also report the epoch and training second each seed first reached this test accuracy (e.g. 0.9)")
@@ -154,7 +159,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             raise CifarbenchError(f"--widths {args.widths!r}: expected comma-separated integers such as 64,256,256") from None
     return {"epochs": args.epochs, "batch_size": args.batch_size, "precision": args.precision, "device": args.device,
             "data_dir": args.data_dir, "verify": args.verify, "download": args.download, "budget_seconds": args.budget,
-            "tta": args.tta, "val_split": args.val_split, "compile": args.compile, "model_kwargs": widths}
+            "tta": args.tta, "val_split": args.val_split, "compile": args.compile, "sync_bn": args.sync_bn,
+            "model_kwargs": widths,
+            "dataset": args.dataset}
 
 
 def _config(args: argparse.Namespace, model: str, seed: int):
@@ -163,8 +170,6 @@ def _config(args: argparse.Namespace, model: str, seed: int):
     from cifarbench.training.recipes import make_config
 
     config = make_config(model, args.recipe, seed=seed, **_overrides(args))
-    if args.dataset:
-        config = replace(config, data=replace(config.data, dataset=args.dataset))
     return replace(config, optimizer=replace(config.optimizer, lr=args.lr)) if args.lr else config
 
 
@@ -180,6 +185,17 @@ def _epoch_printer(args: argparse.Namespace):
             parts += [f"test loss {m.test_loss:.4f}", f"test acc {100 * m.test_accuracy:6.2f}%"]
         parts.append(f"{m.seconds:7.1f} s")
         print("  ".join(parts), file=out, flush=True)
+
+    return show
+
+
+def _run_printer(args: argparse.Namespace):
+    """One line per finished run (parallel workers cannot stream their epochs here)."""
+    out = sys.stderr if args.json else sys.stdout
+
+    def show(run: dict) -> None:
+        print(f"{run['model']} seed {run['seed']}: test acc {100 * run['test_accuracy']:.2f}%  "
+              f"{run['train_seconds']:.1f} s training", file=out, flush=True)
 
     return show
 
@@ -228,9 +244,26 @@ def cmd_models(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from cifarbench.api import train_run
 
-    config = _config(args, args.model, args.seed)
-    show = _with_tensorboard(args, _epoch_printer(args))
-    result = train_run(config, runs_dir=args.runs_dir, on_epoch=lambda m: show(config, m))
+    if args.resume:
+        from dataclasses import replace
+
+        from cifarbench.api import run_config
+
+        config = run_config(args.resume, args.runs_dir)
+        if args.model and args.model != config.model:
+            raise CifarbenchError(f"run {args.resume} trains {config.model!r}, not {args.model!r}")
+        data = replace(config.data, **{k: v for k, v in (("data_dir", args.data_dir), ("verify", args.verify),
+                                                         ("download", args.download)) if v is not None})
+        show = _with_tensorboard(args, _epoch_printer(args))
+        result = train_run(runs_dir=args.runs_dir, on_epoch=lambda m: show(config, m), resume=args.resume, data=data)
+    else:
+        if not args.model:
+            raise CifarbenchError("name a model to train (`cifarbench models` lists them), or --resume RUN_ID")
+        config = _config(args, args.model, args.seed)
+        show = _with_tensorboard(args, _epoch_printer(args))
+        result = train_run(config, runs_dir=args.runs_dir, on_epoch=lambda m: show(config, m))
+    if "run_id" not in result:
+        return  # a non-zero torchrun rank: rank 0 reports for everyone
     if args.json:
         _print_json(result)
         return
@@ -262,7 +295,10 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
     report = compare(args.models, lambda m, s: _config(args, m, s), seeds=args.seeds, runs_dir=args.runs_dir,
                      plot=args.plot, on_epoch=_with_tensorboard(args, _epoch_printer(args)), target=args.target,
-                     report=args.report)
+                     report=args.report, jobs=args.jobs, on_run=_run_printer(args) if args.jobs > 1 else None)
+    for failure in report["failures"]:
+        print(f"cifarbench: warning: {failure['model']} seed {failure['seed']} failed: {failure['error']}",
+              file=sys.stderr)
     if args.json:
         _print_json(report)
         return

@@ -138,6 +138,8 @@ class TrainConfig:
     metrics are then measured on them. Anything tuned should look at these, never at the test set."""
     compile: bool = False
     """torch.compile the model (faster steady state on GPU, a compile cost up front)."""
+    sync_bn: bool = False
+    """Under torchrun on GPUs: BatchNorm statistics over the global batch instead of each rank's slice."""
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)

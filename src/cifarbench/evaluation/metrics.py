@@ -26,6 +26,11 @@ class EvalResult:
         return asdict(self)
 
 
+def sum_dtype(device: torch.device) -> torch.dtype:
+    """float64 for running sums over many batches; MPS has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 TTA_VIEWS = {0: 1, 1: 2, 2: 6}  # forward passes per image at each test-time augmentation level
 
 
@@ -49,7 +54,7 @@ def evaluate(model: nn.Module, data: DeviceSplit, *, num_classes: int, batch_siz
     """Evaluate `model` on every example of `data` exactly once (with `tta` views of each)."""
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=data.device)
+    loss_sum = torch.zeros((), dtype=sum_dtype(data.device), device=data.device)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=data.device)
     for x, y in data.batches(batch_size):
         with torch.autocast(data.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):

@@ -167,6 +167,14 @@ class RunStore:
                  params, json.dumps(config), json.dumps(dataset), code_version, torch_version, run_dir,
                  socket.gethostname(), os.getpid()))
 
+    def reopen_run(self, run_id: str) -> None:
+        """Mark a stopped run as running again (it is being resumed by this process)."""
+        with self._write() as db:
+            cur = db.execute("UPDATE runs SET status = 'running', finished_at = NULL, error = NULL, host = ?, pid = ?"
+                             " WHERE id = ? AND status != 'running'", (socket.gethostname(), os.getpid(), run_id))
+        if cur.rowcount != 1:
+            raise CifarbenchError(f"run {run_id!r} is not in {self.path} or is still running")
+
     def add_epoch(self, run_id: str, metrics: dict) -> None:
         with self._write() as db:
             db.execute(f"INSERT OR REPLACE INTO epochs (run_id, {', '.join(_EPOCH_FIELDS)}) VALUES (?, ?, ?, ?, ?, ?, ?)",

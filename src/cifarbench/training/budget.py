@@ -16,7 +16,7 @@ class StepPlan:
 
     def __init__(self, total_steps: int, budget: float | None = None, started: float | None = None,
                  eval_seconds: Callable[[], float] | None = None, sync: Callable[[], None] = lambda: None,
-                 guard_every_step: bool = False):
+                 guard_every_step: bool = False, agree: Callable[[int], int] = lambda steps: steps):
         self.budget = budget
         self.started = time.perf_counter() if started is None else started
         self.eval_seconds = eval_seconds or (lambda: 0.0)
@@ -24,6 +24,7 @@ class StepPlan:
         # On a synchronous device (CPU) the clock is exact after every step, so the run can also stop on the
         # spot when time runs out (a slow shared machine); on a GPU that would cost a sync per step.
         self.guard_every_step = guard_every_step
+        self.agree = agree  # under torchrun: every rank adopts rank 0's step count
         self.max_steps = total_steps
         # Until calibrated a budgeted run plans "very long", so the schedule stays at its starting value.
         self.total_steps = total_steps if budget is None else 10**9
@@ -64,7 +65,7 @@ class StepPlan:
         if step_seconds:
             self._step_seconds = step_seconds
         fits = max(0, math.floor(self._time_left() / self._step_seconds))
-        self.total_steps = min(self.max_steps, step + fits)
+        self.total_steps = self.agree(min(self.max_steps, step + fits))
 
     def _time_left(self) -> float:
         """Seconds left for training steps: the budget less the margin, time spent, and the final evaluation."""

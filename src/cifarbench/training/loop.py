@@ -20,8 +20,9 @@ from cifarbench.config import TrainConfig
 from cifarbench.data.augment import Augmenter
 from cifarbench.data.dataset import ImageDataset, Split
 from cifarbench.data.loader import DeviceSplit
-from cifarbench.evaluation.metrics import TTA_VIEWS, EvalResult, evaluate, predict_logits
+from cifarbench.evaluation.metrics import TTA_VIEWS, EvalResult, evaluate, predict_logits, sum_dtype
 from cifarbench.models import create_model
+from cifarbench.training import distributed as ddp
 from cifarbench.training.budget import StepPlan
 from cifarbench.training.lookahead import Lookahead
 from cifarbench.training.schedules import lr_factor
@@ -47,18 +48,97 @@ class EpochMetrics:
 
 
 @dataclass
+class LoopPosition:
+    """Where the loop is, in plain values: enough, with the weights, optimiser and RNG states, to resume a run
+    bitwise (the data order and augmentation of an epoch depend only on the seed and the epoch)."""
+
+    epoch: int = 0
+    batch: int = 0
+    """Batches of `epoch` done; the epoch is finished when `in_epoch` is False."""
+    in_epoch: bool = False
+    step: int = 0
+    total_steps: int = 0
+    elapsed: float = 0.0
+    loss_sum: float = 0.0
+    seen: int = 0
+
+
+@dataclass
 class TrainResult:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     history: list[EpochMetrics] = field(default_factory=list)
     final: EvalResult | None = None
-    steps: int = 0
+    position: LoopPosition = field(default_factory=LoopPosition)
+    lookahead: Lookahead | None = None
     wall_seconds: float = 0.0
     """Everything from model creation to the end of the final evaluation (what a budget limits)."""
 
     @property
+    def steps(self) -> int:
+        return self.position.step
+
+    @property
     def train_seconds(self) -> float:
         return self.history[-1].seconds if self.history else 0.0
+
+    def state(self) -> dict:
+        """Everything a resume needs, as tensors and plain values (loads with weights_only=True)."""
+        return {"state_dict": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "lookahead": self.lookahead.average if self.lookahead else None,
+                "position": asdict(self.position), "history": [h.to_dict() for h in self.history],
+                "rng": rng_states()}
+
+
+def rng_states() -> dict:
+    """Python, numpy and torch (CPU and CUDA) generator states, as weights_only-loadable values."""
+    import random
+
+    np_state = np.random.get_state()
+    return {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states: dict) -> None:
+    import random
+
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = states["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class _StopAtStepBoundary:
+    """While training, Ctrl-C asks the loop to stop after the current step (so the saved state is consistent);
+    a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "_StopAtStepBoundary":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -108,6 +188,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _rank_part(split: Split | None, world: ddp.DistEnv) -> Split | None:
+    """This rank's contiguous share of an evaluation split (all of it in a single process)."""
+    if split is None or not world.enabled:
+        return split
+    part = np.array_split(np.arange(len(split)), world.world_size)[world.rank]
+    return Split(split.images[part], split.labels[part])
+
+
+def _merge_ranks(ev: EvalResult, world: ddp.DistEnv, device: torch.device) -> EvalResult:
+    """Combine the ranks' evaluations of their shares into the whole split's."""
+    if not world.enabled:
+        return ev
+    confusion = ddp.all_sum(torch.tensor(ev.confusion, dtype=torch.int64, device=device), world).cpu()
+    loss_sum = ddp.all_sum(torch.tensor([ev.loss * ev.n], dtype=sum_dtype(device), device=device), world).item()
+    n = int(confusion.sum())
+    per_class = (confusion.diag().double() / confusion.sum(1).clamp(min=1).double()).tolist()
+    return EvalResult(float(confusion.diag().sum()) / max(n, 1), loss_sum / max(n, 1), per_class, confusion.tolist(), n)
+
+
 def build_model(config: TrainConfig, dataset: ImageDataset, device: torch.device,
                 whiten_images: torch.Tensor | None = None) -> nn.Module:
     """Create the model, initialise its whitening layer from training images if asked, set its layout."""
@@ -122,8 +221,16 @@ def build_model(config: TrainConfig, dataset: ImageDataset, device: torch.device
 
 def train(config: TrainConfig, dataset: ImageDataset, device: torch.device, *,
           on_epoch: Callable[[EpochMetrics, TrainResult], None] | None = None,
-          progress: bool | None = None) -> TrainResult:
-    """Train `config.model` on the training set; evaluate after every epoch (if configured) and at the end."""
+          on_interrupt: Callable[[TrainResult], None] | None = None,
+          progress: bool | None = None, resume: dict | None = None,
+          world: ddp.DistEnv = ddp.SINGLE) -> TrainResult:
+    """Train `config.model` on the training set; evaluate after every epoch (if configured) and at the end.
+
+    `resume` is a `TrainResult.state()` saved earlier: training continues from that exact point. On Ctrl-C the
+    loop stops after the current step, calls `on_interrupt` (to save the state) and raises KeyboardInterrupt.
+    Under torchrun (`world`), each rank trains on its slice of every global batch and evaluates its slice of
+    the test set; the sums are combined so every example counts exactly once.
+    """
     from tqdm.auto import tqdm  # imported here: a library import should not pay for the progress bar
 
     started = time.perf_counter()
@@ -131,11 +238,19 @@ def train(config: TrainConfig, dataset: ImageDataset, device: torch.device, *,
     train_split, val_split = split_validation(dataset.train, config.val_split)
     mean, std, cl = config.data.mean, config.data.std, config.channels_last
     train_data = DeviceSplit(train_split, device, mean, std, cl)
-    test_data = DeviceSplit(dataset.test, device, mean, std, cl)
-    val_data = DeviceSplit(val_split, device, mean, std, cl) if val_split is not None else None
+    test_data = DeviceSplit(_rank_part(dataset.test, world), device, mean, std, cl)
+    val_data = DeviceSplit(_rank_part(val_split, world), device, mean, std, cl) if val_split is not None else None
     whiten_images = train_data.normalise(train_data.images[:5000]) if config.whiten else None
     model = build_model(config, dataset, device, whiten_images)
-    forward = torch.compile(model) if config.compile else model
+    forward: nn.Module = model
+    if world.enabled:
+        if config.sync_bn:
+            if device.type != "cuda":
+                from cifarbench.errors import CifarbenchError
+                raise CifarbenchError("--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU implementation)")
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        forward = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    forward = torch.compile(forward) if config.compile else forward
     optimizer = make_optimizer(model, config)
     augment = Augmenter(config.augment, len(train_data), config.seed, device)
     amp = autocast_dtype(config, device)
@@ -143,8 +258,9 @@ def train(config: TrainConfig, dataset: ImageDataset, device: torch.device, *,
     whiten_bias = getattr(getattr(model, "whiten", None), "bias", None)
 
     def run_eval(data: DeviceSplit, tta: int = 0) -> EvalResult:
-        return evaluate(forward, data, num_classes=classes, batch_size=config.eval_batch_size, autocast_dtype=amp,
-                        tta=tta)
+        # The plain model, not the DDP wrapper: evaluation needs no gradient sync, and ranks see different data.
+        ev = evaluate(model, data, num_classes=classes, batch_size=config.eval_batch_size, autocast_dtype=amp, tta=tta)
+        return _merge_ranks(ev, world, device)
 
     def final_eval_estimate() -> float:
         """Seconds the final evaluation will take: one timed batch, scaled."""
@@ -152,79 +268,110 @@ def train(config: TrainConfig, dataset: ImageDataset, device: torch.device, *,
         _sync(device)
         t = time.perf_counter()
         with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            was = forward.training
-            forward.eval()
-            predict_logits(forward, x, 0)
-            forward.train(was)
+            model.eval()  # the plain model: no DDP collectives in a measurement
+            predict_logits(model, x, 0)
+            model.train()
         _sync(device)
         return (time.perf_counter() - t) * math.ceil(len(test_data) / len(x)) * TTA_VIEWS[config.tta]
 
     steps_per_epoch = (len(train_data) // config.batch_size if config.drop_last and len(train_data) >= config.batch_size
                        else math.ceil(len(train_data) / config.batch_size))
     plan = StepPlan(10**9 if config.budget_seconds else config.epochs * steps_per_epoch, config.budget_seconds,
-                    started, final_eval_estimate, lambda: _sync(device), guard_every_step=device.type == "cpu")
+                    started, final_eval_estimate, lambda: _sync(device),
+                    # Ranks must agree on the step count: rank 0's plan rules, and no rank stops on its own.
+                    guard_every_step=device.type == "cpu" and not world.enabled,
+                    agree=lambda steps: ddp.broadcast_int(steps, world, device))
     result = TrainResult(model, optimizer)
-    lookahead: Lookahead | None = None
-    step, epoch, elapsed = 0, 0, 0.0
-    while step < plan.total_steps:
-        epoch += 1
-        model.train()
-        augment.start_epoch(epoch)
-        _sync(device)
-        epoch_start, epoch_first_step = time.perf_counter(), step
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        seen = 0
-        batches = train_data.batch_indices(config.batch_size, generator=epoch_generator(config.seed, epoch),
-                                           drop_last=config.drop_last)
-        bar = tqdm(batches, total=steps_per_epoch, desc=f"{config.model} epoch {epoch}", leave=False,
-                   disable=None if progress is None else not progress, unit="batch")
-        for idx in bar:
-            if step >= plan.total_steps:
-                break
-            progress_now = plan.progress(step)
-            for g in optimizer.param_groups:
-                g["lr"] = g["base_lr"] * lr_factor(config.schedule, progress_now)
-            if whiten_bias is not None:
-                whiten_bias.requires_grad_(progress_now < config.whiten_bias_fraction)
-            x = augment(train_data.normalise(train_data.images[idx]), idx) if augment.active else \
-                train_data.normalise(train_data.images[idx])
-            y = train_data.labels[idx]
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                loss = F.cross_entropy(forward(x), y, label_smoothing=config.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            loss_sum += loss.detach().double() * len(y)
-            seen += len(y)
-            if config.lookahead.enabled and progress_now >= config.lookahead.start and step % config.lookahead.every == 0:
-                if lookahead is None:
-                    lookahead = Lookahead(model, config.lookahead)
-                else:
-                    lookahead.update(model, lookahead.decay(plan.progress(step)))
-            plan.after_step(step)
-        bar.close()
-        if lookahead is not None:
-            lookahead.update(model, 1.0)  # end every epoch on the averaged weights
-        _sync(device)
-        epoch_seconds = time.perf_counter() - epoch_start
-        elapsed += epoch_seconds
-        if step < plan.total_steps and step > epoch_first_step:
-            plan.replan(step, epoch_seconds / (step - epoch_first_step))  # the measured rate of a whole epoch
-        last = step >= plan.total_steps
-        eval_start = time.perf_counter()
-        val = run_eval(val_data) if val_data is not None else None
-        # The final evaluation uses the configured test-time augmentation; per-epoch ones are plain.
-        test = run_eval(test_data, config.tta) if last else (run_eval(test_data) if config.eval_every_epoch else None)
-        metrics = EpochMetrics(epoch, float(loss_sum) / max(seen, 1),
-                               test.loss if test else None, test.accuracy if test else None,
-                               elapsed, time.perf_counter() - eval_start,
-                               val.loss if val else None, val.accuracy if val else None)
-        result.history.append(metrics)
-        result.steps = step
-        if test is not None:
-            result.final = test
-        result.wall_seconds = time.perf_counter() - started
-        if on_epoch:
-            on_epoch(metrics, result)
+    pos = result.position
+    pos.total_steps = plan.total_steps
+    if resume is not None:
+        model.load_state_dict(resume["state_dict"])
+        optimizer.load_state_dict(resume["optimizer"])
+        for g in optimizer.param_groups:  # base rates are the config's, not the schedule's last value
+            g["lr"] = g["base_lr"]
+        if resume["lookahead"] is not None:
+            result.lookahead = Lookahead(model, config.lookahead)
+            for name, avg in resume["lookahead"].items():
+                result.lookahead.average[name].copy_(avg)
+        result.position = pos = LoopPosition(**resume["position"])
+        result.history = [EpochMetrics(**h) for h in resume["history"]]
+        plan = StepPlan(pos.total_steps)  # a resumed run keeps the schedule it had planned
+        set_rng_states(resume["rng"])
+    with _StopAtStepBoundary() as stop:
+        while pos.step < plan.total_steps:
+            if not pos.in_epoch:
+                pos.epoch, pos.batch, pos.in_epoch, pos.loss_sum, pos.seen = pos.epoch + 1, 0, True, 0.0, 0
+            model.train()
+            augment.start_epoch(pos.epoch)
+            _sync(device)
+            epoch_start, epoch_first_step = time.perf_counter(), pos.step
+            loss_sum = torch.tensor(pos.loss_sum, dtype=sum_dtype(device), device=device)
+            batches = train_data.batch_indices(config.batch_size, generator=epoch_generator(config.seed, pos.epoch),
+                                               drop_last=config.drop_last)
+            show = world.is_main and (progress is None or progress)
+            bar = tqdm(batches, total=steps_per_epoch, initial=pos.batch, desc=f"{config.model} epoch {pos.epoch}",
+                       leave=False, disable=None if show else True, unit="batch")
+            for i, idx in enumerate(bar):
+                if i < pos.batch:
+                    continue  # done before the interruption this run resumes from
+                if pos.step >= plan.total_steps:
+                    break
+                progress_now = plan.progress(pos.step)
+                for g in optimizer.param_groups:
+                    g["lr"] = g["base_lr"] * lr_factor(config.schedule, progress_now)
+                if whiten_bias is not None:
+                    whiten_bias.requires_grad_(progress_now < config.whiten_bias_fraction)
+                idx = ddp.shard(idx, world, len(train_data))
+                x = train_data.normalise(train_data.images[idx])
+                x = augment(x, idx) if augment.active else x
+                y = train_data.labels[idx]
+                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    loss = F.cross_entropy(forward(x), y, label_smoothing=config.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.detach().to(loss_sum.dtype) * len(y)
+                pos.step, pos.batch, pos.seen = pos.step + 1, i + 1, pos.seen + len(y)
+                la = config.lookahead
+                if la.enabled and progress_now >= la.start and pos.step % la.every == 0:
+                    if result.lookahead is None:
+                        result.lookahead = Lookahead(model, la)
+                    else:
+                        result.lookahead.update(model, result.lookahead.decay(plan.progress(pos.step)))
+                plan.after_step(pos.step)
+                pos.total_steps = plan.total_steps
+                if stop.requested:
+                    bar.close()
+                    pos.loss_sum = float(loss_sum)
+                    pos.elapsed += time.perf_counter() - epoch_start
+                    if on_interrupt:
+                        on_interrupt(result)
+                    raise KeyboardInterrupt
+            bar.close()
+            if result.lookahead is not None:
+                result.lookahead.update(model, 1.0)  # end every epoch on the averaged weights
+            _sync(device)
+            epoch_seconds = time.perf_counter() - epoch_start
+            pos.elapsed += epoch_seconds
+            if pos.step < plan.total_steps and pos.step > epoch_first_step:
+                plan.replan(pos.step, epoch_seconds / (pos.step - epoch_first_step))  # a whole epoch's rate
+            pos.total_steps = plan.total_steps
+            seen = ddp.all_sum(torch.tensor([pos.seen], dtype=torch.int64, device=device), world)
+            pos.in_epoch, pos.loss_sum = False, float(ddp.all_sum(loss_sum, world))
+            pos.seen = int(seen.item())
+            last = pos.step >= plan.total_steps
+            eval_start = time.perf_counter()
+            val = run_eval(val_data) if val_data is not None else None
+            # The final evaluation uses the configured test-time augmentation; per-epoch ones are plain.
+            test = run_eval(test_data, config.tta) if last else (run_eval(test_data) if config.eval_every_epoch else None)
+            metrics = EpochMetrics(pos.epoch, pos.loss_sum / max(pos.seen, 1),
+                                   test.loss if test else None, test.accuracy if test else None,
+                                   pos.elapsed, time.perf_counter() - eval_start,
+                                   val.loss if val else None, val.accuracy if val else None)
+            result.history.append(metrics)
+            if test is not None:
+                result.final = test
+            result.wall_seconds = time.perf_counter() - started
+            if on_epoch:
+                on_epoch(metrics, result)
     return result

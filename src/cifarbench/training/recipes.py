@@ -68,16 +68,18 @@ def fast_recipe(model: str) -> TrainConfig:
 
 
 CPU_BUDGET_SECONDS = 120.0
-# Widths that gave the best accuracy for a CPU budget on our 2-core machine (benchmarks/cpu_budget.py): a
-# narrower net that sees more epochs beats a wider one that sees fewer, until the budget allows both.
-CPU_SPEEDRUN_WIDTHS = ((150.0, (32, 64, 128)), (450.0, (64, 128, 128)), (float("inf"), (64, 256, 256)))
+# Speedrun widths and batch size for a CPU budget. At 120 s they were chosen on a 5,000-image validation split
+# (benchmarks/tune_budget.py; never the test set) on our 2-core machine: a narrow first block (it runs at full
+# resolution, so it costs most) with a wide last block, and small batches (more steps in few epochs) won.
+# Larger budgets move toward airbench's widths and batch; those steps are not tuned.
+CPU_SPEEDRUN = ((150.0, (32, 64, 256), 256), (450.0, (64, 128, 256), 512), (float("inf"), (64, 256, 256), 1024))
 
 
-def cpu_speedrun_widths(budget: float | None) -> tuple[int, int, int]:
-    """The speedrun widths for a CPU run of `budget` seconds (None: a fixed-epoch run, airbench's widths)."""
+def cpu_speedrun_settings(budget: float | None) -> tuple[tuple[int, int, int], int]:
+    """(widths, batch size) of speedrun for a CPU run of `budget` seconds (None: airbench's, fixed epochs)."""
     if budget is None:
-        return CPU_SPEEDRUN_WIDTHS[-1][1]
-    return next(widths for limit, widths in CPU_SPEEDRUN_WIDTHS if budget <= limit)
+        return CPU_SPEEDRUN[-1][1:]
+    return next((widths, batch) for limit, widths, batch in CPU_SPEEDRUN if budget <= limit)
 
 
 def _on_cpu(device: str) -> bool:
@@ -89,7 +91,7 @@ def _on_cpu(device: str) -> bool:
 def make_config(model: str, recipe: str | None = None, **overrides) -> TrainConfig:
     """The recipe's config for `model` (the model's default recipe when None), with `overrides` applied.
 
-    `overrides` may name TrainConfig fields, and `data_dir`, `verify`, `download` for the data config.
+    `overrides` may name TrainConfig fields, and `dataset`, `data_dir`, `verify`, `download` for the data config.
     None values are ignored, so CLI flags that were not given leave the recipe alone.
     """
     spec = get_model_spec(model)
@@ -104,10 +106,15 @@ def make_config(model: str, recipe: str | None = None, **overrides) -> TrainConf
             # "the best model in CPU_BUDGET_SECONDS" unless the user asks for epochs or another budget.
             given["budget_seconds"] = CPU_BUDGET_SECONDS
         if model == "speedrun" and "model_kwargs" not in given:
-            given["model_kwargs"] = {"widths": list(cpu_speedrun_widths(given.get("budget_seconds")))}
+            widths, batch = cpu_speedrun_settings(given.get("budget_seconds"))
+            given["model_kwargs"] = {"widths": list(widths)}
+            given.setdefault("batch_size", batch)
+    if name == "fast" and given.get("batch_size", config.batch_size) != config.batch_size and "optimizer" not in given:
+        # The fast recipe's rates are per example (airbench's convention): the step's rate scales with the batch.
+        given["optimizer"] = replace(config.optimizer, lr=config.optimizer.lr * given["batch_size"] / config.batch_size)
     if given.get("budget_seconds"):
         # A budgeted run spends its time on training: one evaluation, at the end, unless asked otherwise.
         given.setdefault("eval_every_epoch", False)
-    data_keys = {"data_dir", "verify", "download"}
+    data_keys = {"dataset", "data_dir", "verify", "download"}
     data = replace(config.data, **{k: given.pop(k) for k in list(given) if k in data_keys})
     return replace(config, data=data, **given)

@@ -1,0 +1,95 @@
+"""torchrun / DistributedDataParallel support: the process group comes from the environment torchrun sets.
+
+One process per device (GPU) or per share of the CPU cores. Every rank draws the same permutation of the
+training set from (seed, epoch) and takes its slice of each global batch; DDP averages the gradients, so a
+step on W ranks with B/W examples each is the same step as one process with the global batch B. Rank 0
+alone prints, writes checkpoints and writes the run store.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from cifarbench.errors import CifarbenchError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+SINGLE = DistEnv()
+
+
+def env_world() -> DistEnv:
+    """The ranks torchrun announced in the environment (a single process when there are none)."""
+    try:
+        return DistEnv(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                       int(os.environ.get("LOCAL_RANK", 0)))
+    except ValueError:
+        raise CifarbenchError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (as torchrun sets them)") from None
+
+
+def setup(device: torch.device) -> tuple[DistEnv, torch.device]:
+    """Join the process group (nccl on CUDA, gloo on CPU) when launched by torchrun; pick this rank's device."""
+    world = env_world()
+    if not world.enabled:
+        return SINGLE, device
+    if device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    else:
+        # Share the cores: W processes with all threads each would fight over them.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world.world_size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return world, device
+
+
+def teardown(world: DistEnv, *, finished: bool = True) -> None:
+    """Leave the process group. After a normal finish, wait for every rank first: a rank that tears its
+    communication threads down while another is still saving can abort ("terminate called ...")."""
+    if world.enabled and dist.is_initialized():
+        if finished:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def shard(index: torch.Tensor | slice, world: DistEnv, length: int) -> torch.Tensor | slice:
+    """This rank's contiguous part of a global batch (sizes differ by at most one when it does not divide)."""
+    if not world.enabled:
+        return index
+    if isinstance(index, slice):
+        index = torch.arange(*index.indices(length))
+    return index.tensor_split(world.world_size)[world.rank]
+
+
+def all_sum(tensor: torch.Tensor, world: DistEnv) -> torch.Tensor:
+    """Sum `tensor` over ranks, in place."""
+    if world.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_int(value: int, world: DistEnv, device: torch.device) -> int:
+    """Rank 0's `value` on every rank (decisions such as a budget's step count must agree)."""
+    if not world.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(t, src=0)
+    return int(t.item())
