@@ -17,7 +17,7 @@ from dataclasses import replace
 
 ABLATIONS = {
     "full recipe": {},
-    "no whitening init": {"whiten": False},
+    "no whitening init (patch layer left at its random init, frozen)": {"whiten": False},
     "no lookahead": {"lookahead.enabled": False},
     "no label smoothing": {"label_smoothing": 0.0},
     "no TTA": {"tta": 0},

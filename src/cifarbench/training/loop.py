@@ -265,13 +265,14 @@ def train(config: TrainConfig, dataset: ImageDataset, device: torch.device, *,
     def final_eval_estimate() -> float:
         """Seconds the final evaluation will take: one timed batch, scaled."""
         x = test_data.normalise(test_data.images[:config.eval_batch_size])
-        _sync(device)
-        t = time.perf_counter()
+        model.eval()  # the plain model: no DDP collectives in a measurement
         with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            model.eval()  # the plain model: no DDP collectives in a measurement
+            predict_logits(model, x, 0)  # the first call at a new shape also builds its kernels: not timed
+            _sync(device)
+            t = time.perf_counter()
             predict_logits(model, x, 0)
-            model.train()
-        _sync(device)
+            _sync(device)
+        model.train()
         return (time.perf_counter() - t) * math.ceil(len(test_data) / len(x)) * TTA_VIEWS[config.tta]
 
     steps_per_epoch = (len(train_data) // config.batch_size if config.drop_last and len(train_data) >= config.batch_size
