@@ -82,6 +82,20 @@ class RunStore:
     def __init__(self, runs_dir: str | os.PathLike | None = None):
         self.dir = resolve_runs_dir(runs_dir)
         self.path = self.dir / "cifarbench.db"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self._open()
+                break
+            except sqlite3.OperationalError as exc:
+                # Switching a new file to WAL (or migrating it) while another process does the same can answer
+                # "locked" at once, without waiting in the busy handler: wait and try again.
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise CifarbenchError(f"run store {self.path} cannot be opened: {exc}") from None
+                time.sleep(0.05)
+        self._mark_dead_runs()
+
+    def _open(self) -> None:
         db: sqlite3.Connection | None = None
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -96,12 +110,13 @@ class RunStore:
         except BaseException as exc:
             if db is not None:
                 db.close()
+            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                raise
             if isinstance(exc, sqlite3.DatabaseError):
                 raise CifarbenchError(f"run store {self.path} cannot be opened: {exc}") from None
             if isinstance(exc, OSError):
                 raise CifarbenchError(f"run store folder {self.dir} cannot be created: {exc.strerror or exc}") from None
             raise
-        self._mark_dead_runs()
 
     def close(self) -> None:
         self._db.close()
