@@ -24,6 +24,7 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from cifarbench.errors import DataError, DownloadError
+from cifarbench.fsutil import fsync_dir
 
 _CHUNK = 2**20
 _NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, OSError, ValueError)
@@ -158,20 +159,6 @@ def _attempt(opener: urllib.request.OpenerDirector, url: str, part: Path, progre
     return digest.hexdigest(), offset > 0
 
 
-def _fsync_dir(folder: Path) -> None:
-    # Make a rename durable; not every filesystem lets a directory be opened or synced.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def download(url: str, dest: Path, md5: str, *, cafile: str | None = None, progress: bool | None = None,
              timeout: float = 60.0, attempts: int | None = None, backoff: float | None = None) -> Path:
     """Fetch an https URL into dest atomically, verifying the md5 of the whole file; return dest.
@@ -216,7 +203,7 @@ def download(url: str, dest: Path, md5: str, *, cafile: str | None = None, progr
                 continue
             if actual == md5.lower():
                 os.replace(part, dest)
-                _fsync_dir(dest.parent)
+                fsync_dir(dest.parent)
                 return dest
             if resumed and tries < attempts:
                 part.unlink()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from cifarbench.errors import CifarbenchError
+from cifarbench.fsutil import pid_alive
 
 _SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -165,7 +166,7 @@ class RunStore:
         """A run left 'running' by a process that no longer exists on this host crashed."""
         host = socket.gethostname()
         rows = self._db.execute("SELECT id, pid FROM runs WHERE status = 'running' AND host = ?", (host,)).fetchall()
-        dead = [r["id"] for r in rows if r["pid"] and not _alive(r["pid"])]
+        dead = [r["id"] for r in rows if r["pid"] and not pid_alive(r["pid"])]
         if dead:
             with self._write() as db:
                 db.executemany("UPDATE runs SET status = 'crashed', finished_at = ? WHERE id = ? AND status = 'running'",
@@ -231,13 +232,3 @@ class RunStore:
         with self._write() as db:
             db.execute("DELETE FROM epochs WHERE run_id = ?", (run_id,))
             return db.execute("DELETE FROM runs WHERE id = ?", (run_id,)).rowcount > 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from cifarbench.errors import CifarbenchError
+from cifarbench.fsutil import fsync_dir, pid_alive
 
 FORMAT = "cifarbench-checkpoint-v1"
 
@@ -31,16 +32,6 @@ def _writer_pid(temp: Path, path: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     """Delete the temp files that killed writers of `path` left behind; return them.
 
@@ -51,7 +42,7 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     removed = []
     for temp in path.parent.glob(f"{_temp_prefix(path)}*.tmp"):
         pid = _writer_pid(temp, path)
-        if pid is None or pid == os.getpid() or _alive(pid):
+        if pid is None or pid == os.getpid() or pid_alive(pid):
             continue
         try:
             temp.unlink()
@@ -70,19 +61,6 @@ def _os_error(exc: BaseException) -> OSError | None:
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
         seen += 1
     return None
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -106,7 +84,7 @@ def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
         if cause is not None:
             raise _write_error(path, cause) from None
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
