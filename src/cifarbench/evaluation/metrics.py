@@ -25,6 +25,15 @@ class EvalResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_counts(cls, confusion: torch.Tensor, loss_sum: float) -> "EvalResult":
+        """The metrics of a (classes x classes) confusion matrix and the summed loss over its examples."""
+        matrix = confusion.cpu()
+        n = int(matrix.sum())
+        per_class = (matrix.diag().double() / matrix.sum(1).clamp(min=1).double()).tolist()
+        return cls(accuracy=float(matrix.diag().sum()) / max(n, 1), loss=loss_sum / max(n, 1),
+                   per_class_accuracy=per_class, confusion=matrix.tolist(), n=n)
+
 
 def sum_dtype(device: torch.device) -> torch.dtype:
     """float64 for running sums over many batches; MPS has no float64."""
@@ -63,8 +72,4 @@ def evaluate(model: nn.Module, data: DeviceSplit, *, num_classes: int, batch_siz
         confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
     model.train(was_training)
     # One transfer at the end: each .item() inside the loop would be a device sync.
-    matrix = confusion.view(num_classes, num_classes).cpu()
-    n = int(matrix.sum())
-    per_class = (matrix.diag().double() / matrix.sum(1).clamp(min=1).double()).tolist()
-    return EvalResult(accuracy=float(matrix.diag().sum()) / max(n, 1), loss=float(loss_sum) / max(n, 1),
-                      per_class_accuracy=per_class, confusion=matrix.tolist(), n=n)
+    return EvalResult.from_counts(confusion.view(num_classes, num_classes), float(loss_sum))

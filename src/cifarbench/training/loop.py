@@ -200,11 +200,9 @@ def _merge_ranks(ev: EvalResult, world: ddp.DistEnv, device: torch.device) -> Ev
     """Combine the ranks' evaluations of their shares into the whole split's."""
     if not world.enabled:
         return ev
-    confusion = ddp.all_sum(torch.tensor(ev.confusion, dtype=torch.int64, device=device), world).cpu()
+    confusion = ddp.all_sum(torch.tensor(ev.confusion, dtype=torch.int64, device=device), world)
     loss_sum = ddp.all_sum(torch.tensor([ev.loss * ev.n], dtype=sum_dtype(device), device=device), world).item()
-    n = int(confusion.sum())
-    per_class = (confusion.diag().double() / confusion.sum(1).clamp(min=1).double()).tolist()
-    return EvalResult(float(confusion.diag().sum()) / max(n, 1), loss_sum / max(n, 1), per_class, confusion.tolist(), n)
+    return EvalResult.from_counts(confusion, loss_sum)
 
 
 def build_model(config: TrainConfig, dataset: ImageDataset, device: torch.device,
