@@ -152,8 +152,9 @@ def test_budget_is_respected_on_tiny_data(tiny_py: Path) -> None:
     start = time.perf_counter()
     result = train(config, dataset, torch.device("cpu"), progress=False)
     spent = time.perf_counter() - start
-    # A little slack for interpreter noise; the plan keeps 3% back and stops on the spot when time runs out.
-    assert spent <= budget + 0.5 and result.wall_seconds <= budget + 0.5
+    # Slack for a loaded machine (CI shares its 2 cores); the plan keeps 3% back and stops on the spot when
+    # time runs out, so overshooting by more than a second means the budget logic is wrong, not the machine slow.
+    assert spent <= budget + 1.0 and result.wall_seconds <= budget + 1.0
     assert result.steps > 10 and len(result.history) > 1  # it trained for (most of) the budget, not one step
     assert spent >= budget * 0.5
     assert [h.test_accuracy is None for h in result.history[:-1]] == [True] * (len(result.history) - 1)

@@ -22,19 +22,27 @@ from cifarbench.runs.store import RunStore
 CONFIG = {"model": "fnn", "recipe": "seed", "seed": 0, "epochs": 2}
 
 # A writer process: waits for the go file (so all start together), then records COUNT runs, printing each
-# id only after its transaction has committed.
+# id only after its transaction has committed. With PARTY > 0 it also waits, after its first commit, until
+# PARTY writers have committed one: on a fast disk a writer can otherwise finish all its rows before the next
+# one wakes up, and the "concurrent" test would test nothing.
 WRITER = r"""
 import sys, time
 from pathlib import Path
 from cifarbench.runs.store import RunStore
 
-runs, prefix, count, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
+runs, prefix, count, go, party = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]), int(sys.argv[5])
+
+
+def wait_for(done, what):
+    deadline = time.monotonic() + 60
+    while not done():
+        if time.monotonic() > deadline:
+            sys.exit(what + " never happened")
+        time.sleep(0.002)
+
+
 print("ready", flush=True)  # imports done: the parent releases everyone at once only after all are here
-deadline = time.monotonic() + 60
-while not go.exists():
-    if time.monotonic() > deadline:
-        sys.exit("the go file never appeared")
-    time.sleep(0.005)
+wait_for(go.exists, "the go file")
 config = {"model": "fnn", "recipe": "seed", "seed": 0, "epochs": 2}
 with RunStore(runs) as store:
     for i in range(count):
@@ -42,11 +50,14 @@ with RunStore(runs) as store:
         store.start_run(run_id, config=config, dataset={"sha256": "ab"}, device="cpu", params=10,
                         run_dir="/x", code_version="v", torch_version="t")
         print(run_id, flush=True)
+        if i == 0 and party:
+            Path(f"{go}.{prefix}").touch()
+            wait_for(lambda: len(list(go.parent.glob(go.name + ".*"))) >= party, "the first commit of all writers")
 """
 
 
-def writer(runs: Path, prefix: str, count: int, go: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-c", WRITER, str(runs), prefix, str(count), str(go)],
+def writer(runs: Path, prefix: str, count: int, go: Path, party: int = 0) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-c", WRITER, str(runs), prefix, str(count), str(go), str(party)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=runs.parent)
 
 
@@ -69,7 +80,7 @@ def ids(db_file: Path) -> list[str]:
 @pytest.mark.slow  # 1-6 s here, depending on the disk and the load
 def test_eight_processes_writing_at_once_lose_nothing(tmp_path: Path) -> None:
     runs, go = tmp_path / "runs", tmp_path / "go"
-    procs = [writer(runs, f"p{w}", 200, go) for w in range(8)]  # all open a store that does not exist yet
+    procs = [writer(runs, f"p{w}", 200, go, party=8) for w in range(8)]  # all open a store that does not exist yet
     for p in procs:
         assert p.stdout.readline().strip() == "ready"
     go.touch()
@@ -94,7 +105,7 @@ def test_eight_processes_writing_at_once_lose_nothing(tmp_path: Path) -> None:
     spans = db.execute("SELECT substr(id, 1, 2), MIN(created_at), MAX(created_at) FROM runs GROUP BY 1").fetchall()
     db.close()
     overlapping = sum(1 for a in spans for b in spans if a < b and a[1] < b[2] and b[1] < a[2])
-    assert overlapping > 0  # the writers really did contend for the lock
+    assert overlapping == 28  # every pair of the 8 writers was writing at the same time (the barrier's doing)
 
 
 def test_sigkilled_writers_never_lose_a_committed_run(tmp_path: Path) -> None:
