@@ -11,7 +11,7 @@ import secrets
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -267,18 +267,33 @@ def compare(models: Sequence[str], make: Callable[[str, int], TrainConfig], *, s
 
 
 def _worker_init(threads: int, gpus: int) -> None:
-    """Pin a compare worker to its share of the CPU threads, or to one GPU (by worker number)."""
+    """Pin a compare worker to its share of the CPU threads, or to one GPU (by worker number).
+
+    On the CPU each worker also gets its own cores (worker k: cores k*threads ...): two single-threaded
+    workers that the scheduler moves between cores keep evicting each other's caches.
+    """
     import multiprocessing
 
+    worker = multiprocessing.current_process()._identity[0] - 1
     torch.set_num_threads(threads)
     if gpus:
-        torch.cuda.set_device((multiprocessing.current_process()._identity[0] - 1) % gpus)
+        torch.cuda.set_device(worker % gpus)
+    elif hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) >= threads * (worker + 1):
+            os.sched_setaffinity(0, cores[worker * threads:(worker + 1) * threads])
+
+
+_worker_datasets: dict[str, ImageDataset] = {}  # a worker loads each data set once, not once per run
 
 
 def _worker_run(config: TrainConfig, runs_dir: str | os.PathLike | None) -> dict[str, Any]:
     if config.device.startswith("cuda") and torch.cuda.device_count() > 1:
         config = replace(config, device=f"cuda:{torch.cuda.current_device()}")
-    return train_run(config, runs_dir=runs_dir, progress=False)
+    key = json.dumps(asdict(config.data), sort_keys=True)
+    if key not in _worker_datasets:
+        _worker_datasets[key] = load_dataset(config.data, progress=False)
+    return train_run(config, runs_dir=runs_dir, dataset=_worker_datasets[key], progress=False)
 
 
 def _run_parallel(configs: Sequence[TrainConfig], jobs: int, runs_dir: str | os.PathLike | None,

@@ -35,3 +35,36 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cpu":
         return f"cpu:{torch.get_num_threads()} threads"
     return device.type
+
+
+_allocator_tuned = False
+
+
+def keep_cpu_memory() -> bool:
+    """Tell glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel.
+
+    By default every tensor over 128 KiB is its own mmap, and the kernel zero-fills its pages again on each
+    step: measured here, the notebook CNN's fp32 training steps ran 1.7x faster with this set (the first epoch
+    of a run most of all; glibc's own adaptive threshold catches up later). The cost is that the process keeps
+    its peak memory. Process-wide and done once; True if it took effect (glibc only, a no-op elsewhere).
+    """
+    global _allocator_tuned
+    if _allocator_tuned:
+        return True
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and other libcs have no mallopt
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    # Both are needed: alone, the fixed mmap threshold (32 MiB, its maximum) was no faster here and the trim
+    # threshold was slower; together they keep step-sized buffers in the heap and the heap from shrinking.
+    _allocator_tuned = bool(mallopt(m_mmap_threshold, ctypes.c_int(32 << 20))
+                            and mallopt(m_trim_threshold, ctypes.c_int(1 << 30)))
+    return _allocator_tuned

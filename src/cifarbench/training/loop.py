@@ -20,6 +20,7 @@ from cifarbench.config import TrainConfig
 from cifarbench.data.augment import Augmenter
 from cifarbench.data.dataset import ImageDataset, Split
 from cifarbench.data.loader import DeviceSplit
+from cifarbench.device import keep_cpu_memory
 from cifarbench.evaluation.metrics import TTA_VIEWS, EvalResult, evaluate, predict_logits, sum_dtype
 from cifarbench.models import create_model
 from cifarbench.training import distributed as ddp
@@ -232,6 +233,8 @@ def train(config: TrainConfig, dataset: ImageDataset, device: torch.device, *,
     from tqdm.auto import tqdm  # imported here: a library import should not pay for the progress bar
 
     started = time.perf_counter()
+    if device.type == "cpu":
+        keep_cpu_memory()
     torch.manual_seed(config.seed)
     train_split, val_split = split_validation(dataset.train, config.val_split)
     mean, std, cl = config.data.mean, config.data.std, config.channels_last

@@ -1,0 +1,72 @@
+"""Device-level settings: the CPU allocator tuning and thread-count independence of matrix products."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+# Runs in a fresh interpreter: both settings are process-wide and read once.
+PROBE = r"""
+import ctypes, sys
+import torch
+from cifarbench.device import keep_cpu_memory
+
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+tuned = keep_cpu_memory() if sys.argv[1] == "tuned" else False
+before = libc.mallinfo2().hblks
+x = torch.empty(4 << 20, dtype=torch.uint8)  # 4 MiB: over glibc's default 128 KiB mmap threshold
+print(tuned, libc.mallinfo2().hblks - before)
+"""
+
+
+def probe(mode: str) -> tuple[str, int]:
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True).stdout
+    tuned, mmaps = out.split()
+    return tuned, int(mmaps)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+def test_keep_cpu_memory_keeps_step_sized_buffers_out_of_mmap() -> None:
+    assert probe("default") == ("False", 1)  # glibc maps a fresh 4 MiB block: page faults on every step
+    assert probe("tuned") == ("True", 0)  # from the heap, which is no longer handed back
+
+
+GEMM = r"""
+import torch
+import cifarbench  # sets MKL's strict reproducibility mode before the first matrix product
+
+torch.manual_seed(0)
+x, y = torch.randn(100, 3072), torch.randint(0, 10, (100,))
+fnn = torch.nn.Sequential(torch.nn.Linear(3072, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))  # the notebook's
+grads = []
+for threads in (1, 2):
+    torch.set_num_threads(threads)
+    fnn.zero_grad()
+    torch.nn.functional.cross_entropy(fnn(x), y).backward()
+    grads.append([p.grad.clone() for p in fnn.parameters()])
+print(all(torch.equal(a, b) for a, b in zip(*grads)))
+"""
+
+
+def test_matrix_product_gradients_do_not_depend_on_the_thread_count() -> None:
+    # What lets `compare --jobs` workers (1 thread each) reproduce a 2-thread run of the same seed, bit for bit,
+    # for models built from linear layers (MKL); oneDNN's convolution gradients have no such mode.
+    def run(script: str) -> str:
+        env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                              env=env).stdout.strip()
+
+    if run(GEMM.replace("import cifarbench", "pass")) == "True":
+        pytest.skip("this machine's MKL gives thread-independent results even without the setting")
+    assert run(GEMM) == "True"
