@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -129,6 +130,7 @@ def test_fast_recipe_on_cpu_is_budgeted_and_scales_lr_with_batch() -> None:
     c = make_config("speedrun", device="cpu")
     assert c.budget_seconds == 120 and c.model_kwargs == {"widths": [32, 64, 256]} and c.batch_size == 256
     assert c.optimizer.lr == pytest.approx(1.5 * 256 / 1024)  # per-example rate kept
+    assert c.low_res == 0  # progressive resizing lost 0.4 points of validation accuracy here: opt-in only
     assert make_config("speedrun", device="cpu", budget_seconds=1000).model_kwargs == {"widths": [64, 256, 256]}
     assert make_config("speedrun", device="cpu", batch_size=512, epochs=2).optimizer.lr == pytest.approx(0.75)
     assert make_config("cnn", batch_size=512).optimizer.lr == 0.01  # the seed recipe is the notebook's, as given
@@ -167,6 +169,43 @@ def test_step_plan_fits_steps_into_time_left() -> None:
     plan.calibrate(step=20, step_seconds=0.1)
     # 10 s * 0.97 - 2 s spent - 1 s evaluation = 6.7 s left -> 67 more steps (66 once a few ms have passed)
     assert 20 + 66 <= plan.total_steps <= 20 + 67
+
+
+def test_step_plan_counts_cheap_small_image_steps() -> None:
+    # First half of the steps on small images at half the cost: 6.7 s left after 20 steps (as above), a
+    # small step 0.05 s and a full one 0.1 s (from the guessed ratio, until a full step is measured).
+    plan = StepPlan(10**9, budget=10.0, started=time.perf_counter() - 2.0, eval_seconds=lambda: 1.0,
+                    low_fraction=0.5, low_cost=0.5)
+    assert plan.is_low(0)  # uncalibrated runs start small
+    plan.calibrate(step=20, step_seconds=0.05, low=True)
+    n = plan.total_steps
+    cost = lambda total: (math.ceil(total / 2) - 20) * 0.05 + (total - math.ceil(total / 2)) * 0.1  # noqa: E731
+    assert cost(n) <= 6.7 < cost(n + 2)  # the longest schedule that fits: 102 steps, not 87 at full price
+    assert 100 <= n <= 102
+    assert plan.is_low(n // 2 - 1) and not plan.is_low(n // 2 + 1)
+    # An epoch of full-size steps measured slower than guessed: the plan shrinks to fit.
+    plan.replan(60, seconds=4.0, steps=20, low_steps=0)
+    assert plan.total_steps < n
+
+
+def test_progressive_resizing_trains_the_first_half_on_small_images(tiny_py: Path, monkeypatch) -> None:
+    import torch.nn.functional as F
+
+    dataset = load_cifar10(tiny_py, verify=False, download=False)
+    sizes: list[tuple[int, int]] = []
+    interpolate = F.interpolate
+
+    def spy(x, *args, **kwargs):
+        out = interpolate(x, *args, **kwargs)
+        sizes.append(tuple(out.shape[-2:]))
+        return out
+
+    monkeypatch.setattr(F, "interpolate", spy)
+    config = make_config("speedrun", data_dir=str(tiny_py), verify=False, epochs=2, batch_size=16, device="cpu",
+                         model_kwargs=SMALL, low_res=20)
+    result = train(config, dataset, torch.device("cpu"), progress=False)
+    assert result.steps % 2 == 0 and sizes == [(20, 20)] * (result.steps // 2)
+    assert result.final is not None and result.final.n == len(dataset.test)  # evaluated at full size
 
 
 def test_validation_split_is_fixed_disjoint_and_used(tiny_py: Path) -> None:

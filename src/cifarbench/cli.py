@@ -33,6 +33,8 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                    help="fit training plus the final evaluation into this many wall-clock seconds")
     p.add_argument("--tta", type=int, choices=[0, 1, 2], help="test-time augmentation: 0 none, 1 mirror, 2 + translate")
     p.add_argument("--widths", help="speedrun block widths, e.g. 64,256,256")
+    p.add_argument("--low-res", type=int, metavar="SIDE",
+                   help="progressive resizing: train the first half of the steps on SIDExSIDE images (0 = off)")
     p.add_argument("--val-split", type=int, metavar="N",
                    help="hold out N training images for validation (tune on these, never on the test set)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
@@ -160,7 +162,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"epochs": args.epochs, "batch_size": args.batch_size, "precision": args.precision, "device": args.device,
             "data_dir": args.data_dir, "verify": args.verify, "download": args.download, "budget_seconds": args.budget,
             "tta": args.tta, "val_split": args.val_split, "compile": args.compile, "sync_bn": args.sync_bn,
-            "model_kwargs": widths,
+            "model_kwargs": widths, "low_res": args.low_res,
             "dataset": args.dataset}
 
 

@@ -127,6 +127,12 @@ class TrainConfig:
     """Initialise a model's patch-whitening layer from training-set patch covariance (models that have one)."""
     whiten_bias_fraction: float = 0.3
     """The whitening layer's bias trains for this fraction of training, then freezes."""
+    low_res: int = 0
+    """Progressive resizing: the first `low_res_fraction` of the steps train on images scaled down to this
+    side (cheaper steps, so a budget holds more of them); 0 = off. Evaluation is always at full size.
+    Off in the recipes: at the 120 s CPU budget, 20 px cost speedrun 0.4 points of validation accuracy
+    (2 seeds) although the same time bought 10 epochs instead of 8."""
+    low_res_fraction: float = 0.5
     tta: int = 0
     """Test-time augmentation of the final evaluation: 0 none, 1 mirror, 2 mirror + 1-pixel translations."""
     budget_seconds: float | None = None
@@ -157,6 +163,8 @@ class TrainConfig:
             raise CifarbenchError("tta must be 0 (none), 1 (mirror) or 2 (mirror + translate)")
         if self.budget_seconds is not None and self.budget_seconds <= 0:
             raise CifarbenchError("the budget must be a positive number of seconds")
+        if self.low_res < 0 or not 0 <= self.low_res_fraction <= 1:
+            raise CifarbenchError("low_res must be >= 0 (0 = off) and low_res_fraction in [0, 1]")
         if not 0 <= self.label_smoothing < 1 or self.val_split < 0:
             raise CifarbenchError("label smoothing must be in [0, 1) and the validation split >= 0")
 

@@ -9,14 +9,20 @@ from typing import Callable
 
 class StepPlan:
     """How many optimiser steps the run takes. Fixed without a budget; with one, re-planned from measured
-    step times so that training plus the final evaluation end inside the budget."""
+    step times so that training plus the final evaluation end inside the budget.
+
+    With progressive resizing the first `low_fraction` of the steps are cheaper (smaller images): the plan
+    keeps one step time for each phase, so it knows that a longer schedule also means more cheap steps.
+    `low_cost` is the guess of a small step's cost relative to a full one until both have been measured.
+    """
 
     CALIBRATION_STEPS = 3  # the first step pays for allocations and kernel selection; time the next ones
     SAFETY = 0.03  # fraction of the budget kept back for the noise of a shared machine
 
     def __init__(self, total_steps: int, budget: float | None = None, started: float | None = None,
                  eval_seconds: Callable[[], float] | None = None, sync: Callable[[], None] = lambda: None,
-                 guard_every_step: bool = False, agree: Callable[[int], int] = lambda steps: steps):
+                 guard_every_step: bool = False, agree: Callable[[int], int] = lambda steps: steps,
+                 low_fraction: float = 0.0, low_cost: float = 1.0):
         self.budget = budget
         self.started = time.perf_counter() if started is None else started
         self.eval_seconds = eval_seconds or (lambda: 0.0)
@@ -26,15 +32,21 @@ class StepPlan:
         self.guard_every_step = guard_every_step
         self.agree = agree  # under torchrun: every rank adopts rank 0's step count
         self.max_steps = total_steps
+        self.low_fraction, self.low_cost = low_fraction, low_cost
         # Until calibrated a budgeted run plans "very long", so the schedule stays at its starting value.
         self.total_steps = total_steps if budget is None else 10**9
         self._timed_from: tuple[int, float] | None = None
-        self._step_seconds: float | None = None
+        self._full_seconds: float | None = None  # measured seconds of one full-size step
+        self._low_seconds: float | None = None  # and of one small-image step
         self._eval_estimate = 0.0
 
     @property
     def calibrated(self) -> bool:
-        return self._step_seconds is not None
+        return self._full_seconds is not None or self._low_seconds is not None
+
+    def is_low(self, step: int) -> bool:
+        """Whether step `step` (0-based) trains on the small images."""
+        return self.progress(step) < self.low_fraction
 
     def after_step(self, step: int) -> None:
         """Call after each optimiser step (`step` = steps done)."""
@@ -50,22 +62,51 @@ class StepPlan:
         elif step == 1 + self.CALIBRATION_STEPS:
             self.sync()
             first, t0 = self._timed_from
-            self.calibrate(step, (time.perf_counter() - t0) / (step - first))
+            self.calibrate(step, (time.perf_counter() - t0) / (step - first), low=self.low_fraction > 0)
 
-    def calibrate(self, step: int, step_seconds: float) -> None:
-        """Record the measured step time and the final evaluation's estimated cost, then plan."""
-        self._step_seconds = step_seconds
+    def calibrate(self, step: int, step_seconds: float, low: bool = False) -> None:
+        """Record the measured step time (of a small-image step if `low`) and the final evaluation's
+        estimated cost, then plan."""
+        self._record(step_seconds, low)
         self._eval_estimate = self.eval_seconds()
         self.replan(step)
 
-    def replan(self, step: int, step_seconds: float | None = None) -> None:
-        """Set the total so the remaining steps and the final evaluation fit the time left."""
+    def replan(self, step: int, seconds: float | None = None, steps: int = 0, low_steps: int = 0) -> None:
+        """Set the total so the remaining steps and the final evaluation fit the time left; `seconds` is the
+        measured time of the last `steps` steps, `low_steps` of which were small-image steps."""
         if self.budget is None or not self.calibrated:
             return
-        if step_seconds:
-            self._step_seconds = step_seconds
-        fits = max(0, math.floor(self._time_left() / self._step_seconds))
-        self.total_steps = self.agree(min(self.max_steps, step + fits))
+        if seconds and steps:
+            if low_steps in (0, steps):
+                self._record(seconds / steps, low=low_steps > 0)
+            else:  # a mixed stretch: split it with the current ratio of the two step times
+                full, low = self._step_seconds()
+                self._full_seconds = seconds / (low_steps * low / full + steps - low_steps)
+                self._low_seconds = self._full_seconds * low / full
+        lo, hi, left = step, max(step, self.max_steps), self._time_left()
+        while lo < hi:  # the longest schedule whose remaining steps fit (the cost grows with the length)
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self._seconds_to_finish(step, mid) <= left else (lo, mid - 1)
+        self.total_steps = self.agree(lo)
+
+    def _record(self, step_seconds: float, low: bool) -> None:
+        if low:
+            self._low_seconds = step_seconds
+        else:
+            self._full_seconds = step_seconds
+
+    def _step_seconds(self) -> tuple[float, float]:
+        """(full, small-image) step seconds: measured, or one derived from the other with `low_cost`."""
+        full = self._full_seconds if self._full_seconds is not None else self._low_seconds / self.low_cost
+        low = self._low_seconds if self._low_seconds is not None else full * self.low_cost
+        return full, low
+
+    def _seconds_to_finish(self, step: int, total: int) -> float:
+        """Seconds that steps step..total-1 of a `total`-step schedule take."""
+        full, low = self._step_seconds()
+        boundary = math.ceil(self.low_fraction * total)  # steps before it have progress < low_fraction
+        small = max(0, boundary - step)
+        return small * low + (total - max(step, boundary)) * full
 
     def _time_left(self) -> float:
         """Seconds left for training steps: the budget less the margin, time spent, and the final evaluation."""
