@@ -86,14 +86,12 @@ def train_run(config: TrainConfig | None = None, *, runs_dir: str | os.PathLike 
 def _train_run(config: TrainConfig, world: ddp.DistEnv, device: torch.device, state: dict | None, *,
                runs_dir: str | os.PathLike | None, dataset: ImageDataset | None, progress: bool | None,
                on_epoch: Callable[[EpochMetrics], None] | None, ckpt_path: Path | None) -> dict[str, Any]:
-    if world.enabled and not world.is_main:
-        # Under torchrun only rank 0 downloads; the others wait for its files (see data.download).
-        dataset = dataset or load_dataset(config.data, progress=False)
-        config = replace(config, data=fit_normalisation(config.data, dataset.image_shape[0]))
+    # Under torchrun only rank 0 downloads (and shows progress); the others wait for its files (data.download).
+    dataset = dataset or load_dataset(config.data, progress=progress if world.is_main else False)
+    config = replace(config, data=fit_normalisation(config.data, dataset.image_shape[0]))  # e.g. 0.5/0.5 on MNIST
+    if not world.is_main:  # the other ranks train their shares; rank 0 alone writes the run
         result = train(config, dataset, device, progress=False, resume=state, world=world)
         return {"rank": world.rank, "test_accuracy": result.final.accuracy if result.final else None}
-    dataset = dataset or load_dataset(config.data, progress=progress)
-    config = replace(config, data=fit_normalisation(config.data, dataset.image_shape[0]))  # e.g. 0.5/0.5 on MNIST
     env = environment()
     store = RunStore(runs_dir)
     params = count_parameters(create_model(config.model, num_classes=len(dataset.classes), in_shape=dataset.image_shape,

@@ -278,6 +278,7 @@ def train(config: TrainConfig, dataset: ImageDataset, device: torch.device, *,
 
     side = min(dataset.image_shape[1:])
     low_res = config.low_res if 0 < config.low_res < side and config.low_res_fraction > 0 else 0
+    low_fraction = config.low_res_fraction if low_res else 0.0
     steps_per_epoch = (len(train_data) // config.batch_size if config.drop_last and len(train_data) >= config.batch_size
                        else math.ceil(len(train_data) / config.batch_size))
     plan = StepPlan(10**9 if config.budget_seconds else config.epochs * steps_per_epoch, config.budget_seconds,
@@ -287,8 +288,7 @@ def train(config: TrainConfig, dataset: ImageDataset, device: torch.device, *,
                     agree=lambda steps: ddp.broadcast_int(steps, world, device),
                     # A small step costs about its share of pixels, plus a fixed part (measured: 20 px ~0.44
                     # of a 32 px step); only a first guess, replaced by measured times as the run goes.
-                    low_fraction=config.low_res_fraction if low_res else 0.0,
-                    low_cost=0.1 + 0.9 * (low_res / side) ** 2)
+                    low_fraction=low_fraction, low_cost=0.1 + 0.9 * (low_res / side) ** 2)
     result = TrainResult(model, optimizer)
     pos = result.position
     pos.total_steps = plan.total_steps
@@ -304,7 +304,7 @@ def train(config: TrainConfig, dataset: ImageDataset, device: torch.device, *,
         result.position = pos = LoopPosition(**resume["position"])
         result.history = [EpochMetrics(**h) for h in resume["history"]]
         # A resumed run keeps the schedule it had planned (and with it where the small images end).
-        plan = StepPlan(pos.total_steps, low_fraction=config.low_res_fraction if low_res else 0.0)
+        plan = StepPlan(pos.total_steps, low_fraction=low_fraction)
         set_rng_states(resume["rng"])
     with _StopAtStepBoundary() as stop:
         while pos.step < plan.total_steps:
