@@ -65,6 +65,11 @@ def teardown(world: DistEnv, *, finished: bool = True) -> None:
     """Leave the process group. After a normal finish, wait for every rank first: a rank that tears its
     communication threads down while another is still saving can abort ("terminate called ...")."""
     if world.enabled and dist.is_initialized():
+        # DDP wrappers sit in reference cycles: free them (and their hold on the group's threads) now, while
+        # the group is alive, not in the garbage collector's own time at interpreter exit.
+        import gc
+
+        gc.collect()
         if finished:
             dist.barrier()
         dist.destroy_process_group()
