@@ -2,8 +2,8 @@
 
     python benchmarks/ablation.py [--budget 120] [--seeds 1] [--data-dir DIR] [--device cpu] [--only NAME ...]
 
-Prints one JSON object: accuracy of the full recipe and of each ablation, and the difference. Every run is a
-separate `cifarbench train speedrun --budget S` process with one switch changed through the Python API.
+Prints one JSON object: accuracy of the full recipe and of each ablation, and the difference. Every run is
+`cifarbench train speedrun --budget S` through the Python API, with one config field changed (as `--set` does).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import json
 import os
 import statistics
 import sys
-from dataclasses import replace
 
 ABLATIONS = {
     "full recipe": {},
@@ -29,16 +28,6 @@ ABLATIONS = {
     "fp32 instead of bf16": {"precision": "fp32"},
     "plus progressive resizing (first half of the steps on 20x20; not in the recipe)": {"low_res": 20},
 }
-
-
-def apply(config, changes: dict):
-    for key, value in changes.items():
-        if "." in key:
-            part, field = key.split(".")
-            config = replace(config, **{part: replace(getattr(config, part), **{field: value})})
-        else:
-            config = replace(config, **{key: value})
-    return config
 
 
 def main() -> None:
@@ -66,8 +55,8 @@ def main() -> None:
             continue
         accs = []
         for seed in range(args.seeds):
-            config = apply(make_config("speedrun", budget_seconds=args.budget, seed=seed, device=args.device,
-                                       data_dir=args.data_dir, verify=False), changes)
+            config = make_config("speedrun", budget_seconds=args.budget, seed=seed, device=args.device,
+                                 data_dir=args.data_dir, verify=False).with_changes(changes)
             out = train_run(config, runs_dir=runs_dir, dataset=dataset, progress=False)
             accs.append(out["test_accuracy"])
             print(f"{name} seed {seed}: {100 * out['test_accuracy']:.2f}% ({out['wall_seconds']:.0f} s, "

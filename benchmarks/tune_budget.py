@@ -1,6 +1,6 @@
 """Choose speedrun settings for a CPU budget on a validation split (never the test set).
 
-    python benchmarks/tune_budget.py [--budget 120] [--val-split 5000] [--variant NAME ...]
+    python benchmarks/tune_budget.py [--budget 120] [--val-split 5000] [--variant NAME ...] [--seed S]
 
 Each variant trains on the training set minus `--val-split` held-out images and is scored on those; the
 test set is not evaluated for selection (its final number is printed only for the record, marked so).
@@ -12,8 +12,9 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import replace
 
+# name -> widths, batch size (the per-example learning rate is kept, as --batch-size does) and other changes
+# by dotted config field (as `--set`).
 VARIANTS = {
     "w32-64-128 b1024": {"widths": [32, 64, 128], "batch": 1024},
     "w32-64-128 b512": {"widths": [32, 64, 128], "batch": 512},
@@ -23,6 +24,15 @@ VARIANTS = {
     "w32-64-256 b256": {"widths": [32, 64, 256], "batch": 256},
     "w32-96-256 b512": {"widths": [32, 96, 256], "batch": 512},
     "w32-64-384 b512": {"widths": [32, 64, 384], "batch": 512},
+    "w32-64-256 b256 lr x2/3": {"widths": [32, 64, 256], "batch": 256, "set": {"optimizer.lr": 0.25}},
+    "w32-64-256 b256 lr x4/3": {"widths": [32, 64, 256], "batch": 256, "set": {"optimizer.lr": 0.5}},
+    "w32-64-256 b256 muon 0.1": {"widths": [32, 64, 256], "batch": 256,
+                                 "set": {"optimizer.name": "muon", "optimizer.muon_lr": 0.1}},
+    "w32-64-256 b512 muon 0.15": {"widths": [32, 64, 256], "batch": 512,
+                                  "set": {"optimizer.name": "muon", "optimizer.muon_lr": 0.15}},
+    "w64-256-256 b1024": {"widths": [64, 256, 256], "batch": 1024},
+    "w64-256-256 b1024 muon 0.2": {"widths": [64, 256, 256], "batch": 1024,
+                                   "set": {"optimizer.name": "muon", "optimizer.muon_lr": 0.2}},
 }
 
 
@@ -31,6 +41,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=120)
     ap.add_argument("--val-split", type=int, default=5000)
     ap.add_argument("--variant", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", default=os.environ.get("CIFARBENCH_DATA"))
     args = ap.parse_args()
     import tempfile
@@ -47,9 +58,7 @@ def main() -> None:
         v = VARIANTS[name]
         config = make_config("speedrun", budget_seconds=args.budget, val_split=args.val_split, device="cpu",
                              model_kwargs={"widths": v["widths"]}, batch_size=v["batch"], data_dir=args.data_dir,
-                             verify=False)
-        # The recipe's learning rate is per 1024 examples (airbench's convention): scale it with the batch.
-        config = replace(config, optimizer=replace(config.optimizer, lr=config.optimizer.lr * v["batch"] / 1024))
+                             verify=False, seed=args.seed).with_changes(v.get("set", {}))
         out = train_run(config, runs_dir=runs_dir, dataset=dataset, progress=False)
         val = out["history"][-1]["val_accuracy"]
         rows.append({"variant": name, **v, "val_accuracy": val, "epochs": len(out["history"]), "steps": out["steps"],
@@ -57,7 +66,7 @@ def main() -> None:
         print(f"{name}: val {100 * val:.2f}% ({len(out['history'])} epochs, {out['wall_seconds']:.0f} s)",
               file=sys.stderr, flush=True)
     print(json.dumps({"benchmark": "tune_budget", "budget_seconds": args.budget, "val_split": args.val_split,
-                      "results": rows}, indent=2))
+                      "seed": args.seed, "results": rows}, indent=2))
 
 
 if __name__ == "__main__":

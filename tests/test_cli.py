@@ -106,6 +106,8 @@ def test_user_errors_are_one_line_and_exit_1(tiny_py: Path, tmp_path: Path) -> N
     assert "unknown device" in _one_line_error(_cli("train", "fnn", "--device", "tpu", env=env))
     assert "--epochs" in _one_line_error(_cli("train", "fnn", "--epochs", "many", env=env))
     assert "unrecognized" in _one_line_error(_cli("train", "fnn", "--bogus", env=env))
+    assert "unknown config field 'optimizer.lrr'" in _one_line_error(_cli("train", "fnn", "--set", "optimizer.lrr=1", env=env))
+    assert "FIELD=VALUE" in _one_line_error(_cli("train", "fnn", "--set", "epochs", env=env))
 
     md5 = _one_line_error(_cli("train", "fnn", "--data-dir", str(tiny_py), env=env))
     assert "data_batch_1" in md5 and "--no-verify" in md5

@@ -128,10 +128,14 @@ def test_fast_recipe_ingredients_are_switches() -> None:
 
 def test_fast_recipe_on_cpu_is_budgeted_and_scales_lr_with_batch() -> None:
     c = make_config("speedrun", device="cpu")
-    assert c.budget_seconds == 120 and c.model_kwargs == {"widths": [32, 64, 256]} and c.batch_size == 256
-    assert c.optimizer.lr == pytest.approx(1.5 * 256 / 1024)  # per-example rate kept
+    assert c.budget_seconds == 120 and c.model_kwargs == {"widths": [32, 64, 256]} and c.batch_size == 512
+    assert c.optimizer.lr == pytest.approx(1.5 * 512 / 1024)  # per-example rate kept
+    assert (c.optimizer.name, c.optimizer.muon_lr) == ("muon", 0.15)
     assert c.low_res == 0  # progressive resizing lost 0.4 points of validation accuracy here: opt-in only
-    assert make_config("speedrun", device="cpu", budget_seconds=1000).model_kwargs == {"widths": [64, 256, 256]}
+    long = make_config("speedrun", device="cpu", budget_seconds=1000)
+    assert long.model_kwargs == {"widths": [64, 256, 256]} and long.optimizer.muon_lr == 0.2
+    fixed = make_config("speedrun", device="cpu", epochs=10)  # no budget: airbench94's own settings, SGD
+    assert (fixed.batch_size, fixed.model_kwargs["widths"], fixed.optimizer.name) == (1024, [64, 256, 256], "sgd")
     assert make_config("speedrun", device="cpu", batch_size=512, epochs=2).optimizer.lr == pytest.approx(0.75)
     assert make_config("cnn", batch_size=512).optimizer.lr == 0.01  # the seed recipe is the notebook's, as given
 

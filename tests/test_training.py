@@ -44,6 +44,20 @@ def test_overrides_and_validation() -> None:
     assert TrainConfig.from_dict(c.to_dict()) == c
 
 
+def test_with_changes_sets_dotted_fields_and_refuses_typos() -> None:
+    c = make_config("speedrun", epochs=2)
+    d = c.with_changes({"optimizer.lr": 0.5, "tta": 0, "augment.flip": False, "model_kwargs": {"widths": [8, 8, 8]}})
+    assert (d.optimizer.lr, d.tta, d.augment.flip, d.model_kwargs) == (0.5, 0, False, {"widths": [8, 8, 8]})
+    assert d.optimizer.momentum == c.optimizer.momentum and c.optimizer.lr != 0.5  # the rest kept, c untouched
+    for typo in ("optimiser.lr", "optimizer.learning_rate", "model_kwargs.widths", "tta.x", "nope"):
+        with pytest.raises(CifarbenchError, match="unknown config field"):
+            c.with_changes({typo: 1})
+    with pytest.raises(CifarbenchError, match="tta"):
+        c.with_changes({"tta": 5})  # validated like the field itself
+    with pytest.raises(CifarbenchError, match="optimizer.lr"):
+        c.with_changes({"optimizer.lr": "fast"})
+
+
 def test_training_learns_the_synthetic_classes(tiny_py: Path) -> None:
     config = tiny_config("fnn", tiny_py, epochs=15)
     config.optimizer.lr = 0.05

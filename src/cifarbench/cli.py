@@ -28,6 +28,11 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="override the recipe's number of epochs")
     p.add_argument("--batch-size", type=int, help="override the recipe's batch size")
     p.add_argument("--lr", type=float, help="override the recipe's learning rate")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="set any config field by dotted name, e.g. --set optimizer.muon_lr=0.15 --set tta=0 "
+                        "(values are JSON; repeatable)")
+    p.add_argument("--optimizer", choices=["sgd", "muon"],
+                   help="override the recipe's optimiser (muon: Muon steps for the convolution filters, SGD for the rest)")
     p.add_argument("--precision", choices=["fp32", "bf16", "auto"], help="override the recipe's precision")
     p.add_argument("--budget", type=float, metavar="SECONDS",
                    help="fit training plus the final evaluation into this many wall-clock seconds")
@@ -172,7 +177,20 @@ def _config(args: argparse.Namespace, model: str, seed: int):
     from cifarbench.training.recipes import make_config
 
     config = make_config(model, args.recipe, seed=seed, **_overrides(args))
-    return replace(config, optimizer=replace(config.optimizer, lr=args.lr)) if args.lr else config
+    opt = config.optimizer
+    config = replace(config, optimizer=replace(opt, lr=args.lr or opt.lr, name=args.optimizer or opt.name))
+    return config.with_changes(dict(_field_value(item) for item in args.set))
+
+
+def _field_value(item: str) -> tuple[str, Any]:
+    """FIELD=VALUE with VALUE as JSON (0.5, true, [64,256,256]); anything else is taken as a string."""
+    key, eq, text = item.partition("=")
+    if not eq or not key:
+        raise CifarbenchError(f"--set {item!r}: expected FIELD=VALUE, e.g. optimizer.lr=0.5")
+    try:
+        return key, json.loads(text)
+    except ValueError:
+        return key, text
 
 
 def _epoch_printer(args: argparse.Namespace):

@@ -5,7 +5,7 @@ A `TrainConfig` is written next to every run's results, so it must hold plain va
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 
 from cifarbench.errors import CifarbenchError
 
@@ -37,7 +37,8 @@ class DataConfig:
 @dataclass
 class OptimizerConfig:
     name: str = "sgd"
-    """Only plain/Nesterov SGD for now: what the notebook and the speedrun recipes use."""
+    """sgd (plain or Nesterov, as the notebook and airbench94), or muon: convolution filters take Muon steps
+    (orthogonalised momentum, `muon_lr`, `muon_momentum`) and all other parameters the SGD settings below."""
     lr: float = 0.01
     """Learning rate per step (the notebook's 1e-2)."""
     momentum: float = 0.0
@@ -45,12 +46,16 @@ class OptimizerConfig:
     nesterov: bool = False
     bias_lr_scale: float = 1.0
     """BatchNorm biases train with lr x this (and weight decay / this, so their decay stays the same)."""
+    muon_lr: float = 0.24
+    """With muon: step size of the filters, whose norm is held fixed, so this sets the angle they turn per step
+    (airbench94_muon's 0.24 at batch 2000)."""
+    muon_momentum: float = 0.6
 
     def __post_init__(self) -> None:
-        if self.name != "sgd":
-            raise CifarbenchError(f"optimizer {self.name!r} is not supported (choose: sgd)")
-        if self.lr <= 0 or self.momentum < 0 or self.weight_decay < 0:
-            raise CifarbenchError("optimizer: lr must be > 0, momentum and weight decay >= 0")
+        if self.name not in ("sgd", "muon"):
+            raise CifarbenchError(f"optimizer {self.name!r} is not supported (choose: sgd, muon)")
+        if self.lr <= 0 or self.muon_lr <= 0 or min(self.momentum, self.muon_momentum, self.weight_decay) < 0:
+            raise CifarbenchError("optimizer: learning rates must be > 0, momenta and weight decay >= 0")
 
 
 @dataclass
@@ -171,6 +176,23 @@ class TrainConfig:
     def to_dict(self) -> dict:
         """Plain nested dict (JSON- and weights_only-safe)."""
         return asdict(self)
+
+    def with_changes(self, changes: dict) -> "TrainConfig":
+        """A copy with fields set by dotted name, e.g. {"optimizer.lr": 0.5, "tta": 0} (what `--set` passes).
+        Each change is validated like the field's own default; an unknown name is an error, since a typo that
+        changed nothing would otherwise pass for an experiment."""
+        config = self
+        for key, value in changes.items():
+            part, _, name = key.rpartition(".")
+            target = getattr(config, part, None) if part else config
+            if not is_dataclass(target) or name not in {f.name for f in fields(target)}:
+                raise CifarbenchError(f"unknown config field {key!r}")
+            try:
+                changed = replace(target, **{name: value})
+            except TypeError as e:  # a value of the wrong type, caught by a comparison in __post_init__
+                raise CifarbenchError(f"{key}={value!r}: {e}") from None
+            config = replace(config, **{part: changed}) if part else changed
+        return config
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":

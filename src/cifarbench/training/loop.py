@@ -26,6 +26,7 @@ from cifarbench.models import create_model
 from cifarbench.training import distributed as ddp
 from cifarbench.training.budget import StepPlan
 from cifarbench.training.lookahead import Lookahead
+from cifarbench.training.muon import MuonSGD
 from cifarbench.training.schedules import lr_factor
 
 
@@ -150,18 +151,26 @@ def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | N
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """SGD; BatchNorm biases get `bias_lr_scale` x the learning rate and / that the decay (same net decay)."""
+    """SGD; BatchNorm biases get `bias_lr_scale` x the learning rate and / that the decay (same net decay).
+    With muon, the convolution filters form a group of their own that takes Muon steps."""
     o = config.optimizer
     norm_ids = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                 for p in m.parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
+    filters = [p for p in trainable if p.dim() == 4] if o.name == "muon" else []
     norm = [p for p in trainable if id(p) in norm_ids]
-    other = [p for p in trainable if id(p) not in norm_ids]
+    taken = norm_ids | {id(p) for p in filters}
+    other = [p for p in trainable if id(p) not in taken]
     groups = [{"params": other, "lr": o.lr, "weight_decay": o.weight_decay}]
     if norm:
         groups.append({"params": norm, "lr": o.lr * o.bias_lr_scale, "weight_decay": o.weight_decay / o.bias_lr_scale})
+    if filters:
+        groups.append({"params": filters, "lr": o.muon_lr, "momentum": o.muon_momentum, "muon": True})
+    groups = [g for g in groups if g["params"]]
     for g in groups:
         g["base_lr"] = g["lr"]
+    if o.name == "muon":
+        return MuonSGD(groups, momentum=o.momentum, nesterov=o.nesterov)
     return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
 
 
