@@ -26,6 +26,7 @@ ABLATIONS = {
     "constant lr": {"schedule.kind": "constant"},
     "no BatchNorm-bias lr boost": {"optimizer.bias_lr_scale": 1.0},
     "fp32 instead of bf16": {"precision": "fp32"},
+    "SGD for the filters too (no Muon; same batch)": {"optimizer.name": "sgd"},
     "plus progressive resizing (first half of the steps on 20x20; not in the recipe)": {"low_res": 20},
 }
 

@@ -1,7 +1,7 @@
 """GPU time-to-accuracy of `speedrun` over many runs, timed with CUDA events, data loading excluded (as airbench
 reports it): benchmark (c) of the fast issue.
 
-    python benchmarks/gpu_time_to_accuracy.py [--runs 20] [--data-dir DIR] [--epochs 10] [--compile]
+    python benchmarks/gpu_time_to_accuracy.py [--runs 20] [--data-dir DIR] [--epochs 10] [--compile] [--set FIELD=VALUE ...]
 
 The data set is loaded once and kept on the GPU; a warm-up run (not counted) pays for kernel selection and
 compilation. Each counted run's seconds cover model creation, whitening init, training and the final TTA
@@ -24,12 +24,14 @@ def main() -> None:
     ap.add_argument("--widths", default=None, help="e.g. 64,256,256 (the recipe's default otherwise)")
     ap.add_argument("--data-dir", default=os.environ.get("CIFARBENCH_DATA"))
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="change a config field, as `cifarbench train --set` (e.g. optimizer.name=muon)")
     args = ap.parse_args()
     import torch
 
     if not torch.cuda.is_available():
         sys.exit("gpu_time_to_accuracy: no CUDA GPU here")
-    from cifarbench.config import DataConfig
+    from cifarbench.config import DataConfig, parse_changes
     from cifarbench.data import load_dataset
     from cifarbench.training.loop import train
     from cifarbench.training.recipes import make_config
@@ -40,7 +42,8 @@ def main() -> None:
     results = []
     for run in range(args.runs + 1):  # run 0 warms up
         config = make_config("speedrun", seed=run, device="cuda", epochs=args.epochs, compile=args.compile or None,
-                             eval_every_epoch=False, data_dir=args.data_dir, verify=False, **kwargs)
+                             eval_every_epoch=False, data_dir=args.data_dir, verify=False,
+                             **kwargs).with_changes(parse_changes(args.set))
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         result = train(config, dataset, device, progress=False)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from cifarbench.api import train_run
+from cifarbench.config import parse_changes
 from cifarbench.errors import CifarbenchError
 from cifarbench.runs.store import RunStore
 from cifarbench.training.checkpoint import load_checkpoint
@@ -28,6 +29,10 @@ CASES = {
     # the fast recipe: whitening, lookahead, augmentation, BatchNorm, bf16; interrupted mid-epoch
     "speedrun": (["speedrun", "--widths", "8,16,16", "--epochs", "8", "--batch-size", "25"],
                  {"epochs": 8, "batch_size": 25, "model_kwargs": {"widths": [8, 16, 16]}}),
+    # the same with Muon for the filters (the CPU budgets' optimiser: its momentum buffers must resume too)
+    "speedrun-muon": (["speedrun", "--widths", "8,16,16", "--epochs", "8", "--batch-size", "25",
+                       "--set", "optimizer.name=muon"],
+                      {"epochs": 8, "batch_size": 25, "model_kwargs": {"widths": [8, 16, 16]}}),
 }
 
 
@@ -60,11 +65,15 @@ def assert_same_weights(a: dict, b: dict) -> None:
     assert not different, f"tensors differ: {different[:5]}"
 
 
-@pytest.mark.parametrize("case,how", [("cnn", signal.SIGKILL), ("speedrun", signal.SIGINT)])
+@pytest.mark.parametrize("case,how", [("cnn", signal.SIGKILL), ("speedrun", signal.SIGINT),
+                                      ("speedrun-muon", signal.SIGKILL)])
 def test_stopped_and_resumed_run_matches_uninterrupted_run(data: Path, tmp_path: Path, case: str, how: int) -> None:
     argv, overrides = CASES[case]
-    reference = train_run(make_config(argv[0], data_dir=str(data), verify=False, device="cpu", **overrides),
-                          runs_dir=tmp_path / "ref", progress=False)
+    config = make_config(argv[0], data_dir=str(data), verify=False, device="cpu", **overrides)
+    if "--set" in argv:
+        config = config.with_changes(parse_changes([argv[argv.index("--set") + 1]]))
+    reference = train_run(config, runs_dir=tmp_path / "ref", progress=False)
+    assert reference["config"]["optimizer"]["name"] == ("muon" if "muon" in case else "sgd")
 
     runs = tmp_path / "runs"
     proc = start(data, runs, argv)

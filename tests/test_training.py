@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cifarbench.api import evaluate_checkpoint, train_run
-from cifarbench.config import TrainConfig
+from cifarbench.config import TrainConfig, parse_changes
 from cifarbench.data.cifar10 import load_cifar10
 from cifarbench.device import resolve_device
 from cifarbench.errors import CifarbenchError
@@ -56,6 +56,10 @@ def test_with_changes_sets_dotted_fields_and_refuses_typos() -> None:
         c.with_changes({"tta": 5})  # validated like the field itself
     with pytest.raises(CifarbenchError, match="optimizer.lr"):
         c.with_changes({"optimizer.lr": "fast"})
+    assert parse_changes(["optimizer.name=muon", "tta=0", 'model_kwargs={"widths": [8, 8, 8]}', "lookahead.enabled=false"]) == {
+        "optimizer.name": "muon", "tta": 0, "model_kwargs": {"widths": [8, 8, 8]}, "lookahead.enabled": False}
+    with pytest.raises(CifarbenchError, match="FIELD=VALUE"):
+        parse_changes(["=3"])
 
 
 def test_training_learns_the_synthetic_classes(tiny_py: Path) -> None:

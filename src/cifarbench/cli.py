@@ -27,7 +27,9 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", help="named recipe (default: the model's own; see `cifarbench models`)")
     p.add_argument("--epochs", type=int, help="override the recipe's number of epochs")
     p.add_argument("--batch-size", type=int, help="override the recipe's batch size")
-    p.add_argument("--lr", type=float, help="override the recipe's learning rate")
+    p.add_argument("--lr", type=float,
+                   help="override the recipe's learning rate (with muon: of the non-filter parameters; the filters' "
+                        "is optimizer.muon_lr)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="set any config field by dotted name, e.g. --set optimizer.muon_lr=0.15 --set tta=0 "
                         "(values are JSON; repeatable)")
@@ -174,23 +176,13 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 def _config(args: argparse.Namespace, model: str, seed: int):
     from dataclasses import replace
 
+    from cifarbench.config import parse_changes
     from cifarbench.training.recipes import make_config
 
     config = make_config(model, args.recipe, seed=seed, **_overrides(args))
     opt = config.optimizer
     config = replace(config, optimizer=replace(opt, lr=args.lr or opt.lr, name=args.optimizer or opt.name))
-    return config.with_changes(dict(_field_value(item) for item in args.set))
-
-
-def _field_value(item: str) -> tuple[str, Any]:
-    """FIELD=VALUE with VALUE as JSON (0.5, true, [64,256,256]); anything else is taken as a string."""
-    key, eq, text = item.partition("=")
-    if not eq or not key:
-        raise CifarbenchError(f"--set {item!r}: expected FIELD=VALUE, e.g. optimizer.lr=0.5")
-    try:
-        return key, json.loads(text)
-    except ValueError:
-        return key, text
+    return config.with_changes(parse_changes(args.set))
 
 
 def _epoch_printer(args: argparse.Namespace):

@@ -5,6 +5,7 @@ A `TrainConfig` is written next to every run's results, so it must hold plain va
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 
 from cifarbench.errors import CifarbenchError
@@ -204,3 +205,18 @@ class TrainConfig:
             known = {f.name for f in fields(kind)}
             kwargs[name] = kind(**{k: v for k, v in d.get(name, {}).items() if k in known})
         return cls(**kwargs)
+
+
+def parse_changes(items: list[str]) -> dict:
+    """`--set` arguments, FIELD=VALUE, as a dict for `TrainConfig.with_changes`. VALUE is read as JSON (0.5, true,
+    [64,256,256]); anything that is not JSON is taken as a string (muon)."""
+    changes = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        if not eq or not key:
+            raise CifarbenchError(f"--set {item!r}: expected FIELD=VALUE, e.g. optimizer.lr=0.5")
+        try:
+            changes[key] = json.loads(text)
+        except ValueError:
+            changes[key] = text
+    return changes

@@ -42,7 +42,8 @@ CIFAR_STD = (0.2470, 0.2435, 0.2616)
 def fast_recipe(model: str) -> TrainConfig:
     """Speedrun-class training (after airbench94): batch 1024, Nesterov SGD, triangular learning rate, label
     smoothing 0.2, flip + 2-pixel translation with alternating flips, lookahead averaging, patch-whitening init,
-    mirror+translate test-time augmentation, bf16 + channels-last. Each ingredient is a config switch.
+    mirror+translate test-time augmentation, bf16 + channels-last. Each ingredient is a config switch. Under a
+    CPU budget, speedrun's widths, batch and optimiser (Muon for the filters) come from CPU_SPEEDRUN.
 
     airbench states its rates per 1024 examples for a summed loss; with our mean loss at batch 1024 its
     lr 11.5 / (1024 * (1 + 1/(1 - 0.85))) per example becomes 1.5 per step, and its weight decay 0.0153 per
