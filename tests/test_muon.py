@@ -38,7 +38,7 @@ def test_sgd_groups_step_exactly_like_torch_sgd() -> None:
     b = a.detach().clone().requires_grad_(True)
     ours = MuonSGD([{"params": [a], "lr": 0.1, "weight_decay": 0.01}], momentum=0.85, nesterov=True)
     ref = torch.optim.SGD([b], lr=0.1, momentum=0.85, nesterov=True, weight_decay=0.01)
-    for step in range(4):
+    for _ in range(4):
         g = torch.randn(5, 3)
         a.grad, b.grad = g.clone(), g.clone()
         ours.step()
@@ -70,7 +70,7 @@ def test_make_optimizer_gives_trainable_filters_to_muon() -> None:
     assert len(muon) == 1 and muon[0]["lr"] == 0.05 and muon[0]["momentum"] == config.optimizer.muon_momentum
     filters = {id(p) for p in muon[0]["params"]}
     convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert filters == {id(w) for w in convs if w.requires_grad}  # all six block convs
+    assert filters == {id(w) for w in convs if w.requires_grad} and len(filters) == 6  # the six block convs
     assert id(model.whiten.weight) not in filters  # frozen: not optimised at all
     others = [p for g in opt.param_groups if not g["muon"] for p in g["params"]]
     assert all(p.dim() < 4 for p in others) and len(others) + len(filters) == sum(
