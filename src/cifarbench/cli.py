@@ -174,15 +174,13 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _config(args: argparse.Namespace, model: str, seed: int):
-    from dataclasses import replace
-
     from cifarbench.config import parse_changes
     from cifarbench.training.recipes import make_config
 
     config = make_config(model, args.recipe, seed=seed, **_overrides(args))
-    opt = config.optimizer
-    config = replace(config, optimizer=replace(opt, lr=args.lr or opt.lr, name=args.optimizer or opt.name))
-    return config.with_changes(parse_changes(args.set))
+    # --lr and --optimizer are shorthands for two --set fields: one path sets and validates all of them.
+    flags = {"optimizer.lr": args.lr, "optimizer.name": args.optimizer}
+    return config.with_changes({**{k: v for k, v in flags.items() if v is not None}, **parse_changes(args.set)})
 
 
 def _epoch_printer(args: argparse.Namespace):

@@ -137,7 +137,7 @@ class TrainConfig:
     """Progressive resizing: the first `low_res_fraction` of the steps train on images scaled down to this
     side (cheaper steps, so a budget holds more of them); 0 = off. Evaluation is always at full size.
     Off in the recipes: at the 120 s CPU budget, 20 px cost speedrun 0.4 points of validation accuracy
-    (2 seeds) although the same time bought 10 epochs instead of 8."""
+    (2 seeds, the SGD recipe before Muon) although the same time bought 10 epochs instead of 8."""
     low_res_fraction: float = 0.5
     tta: int = 0
     """Test-time augmentation of the final evaluation: 0 none, 1 mirror, 2 mirror + 1-pixel translations."""
