@@ -1,9 +1,12 @@
 """Choose speedrun settings for a CPU budget on a validation split (never the test set).
 
     python benchmarks/tune_budget.py [--budget 120] [--val-split 5000] [--variant NAME ...] [--seed S]
+                                     [--set FIELD=VALUE ...]
 
-Each variant trains on the training set minus `--val-split` held-out images and is scored on those; the
-test set is not evaluated for selection (its final number is printed only for the record, marked so).
+Variant "recipe" is the recipe's own choice for the budget; `--set` changes a config field in every variant
+(as `cifarbench train --set` does), e.g. `--variant recipe --set label_smoothing=0.1`. Each variant trains on
+the training set minus `--val-split` held-out images and is scored on those (per-epoch validation is plain,
+without TTA); the test set is not used for selection (its final number is printed only for the record).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import sys
 # name -> widths, batch size (the per-example learning rate is kept, as --batch-size does) and other changes
 # by dotted config field (as `--set`).
 VARIANTS = {
+    "recipe": {},
     "w32-64-128 b1024": {"widths": [32, 64, 128], "batch": 1024},
     "w32-64-128 b512": {"widths": [32, 64, 128], "batch": 512},
     "w32-128-128 b1024": {"widths": [32, 128, 128], "batch": 1024},
@@ -36,37 +40,54 @@ VARIANTS = {
 }
 
 
+def recorded(config: dict, field: str):
+    """A dotted field as the run recorded it in its config (proof that a change was applied)."""
+    for part in field.split("."):
+        config = config[part]
+    return config
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=float, default=120)
     ap.add_argument("--val-split", type=int, default=5000)
-    ap.add_argument("--variant", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--variant", nargs="*", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a config change applied to every variant (repeatable)")
     ap.add_argument("--data-dir", default=os.environ.get("CIFARBENCH_DATA"))
     args = ap.parse_args()
     import tempfile
 
     from cifarbench.api import train_run
-    from cifarbench.config import DataConfig
+    from cifarbench.config import DataConfig, parse_changes
     from cifarbench.data import load_dataset
+    from cifarbench.errors import CifarbenchError
     from cifarbench.training.recipes import make_config
 
+    try:  # a typo in --set ends here, not after the data set has loaded
+        extra = parse_changes(args.set)
+        make_config("speedrun", device="cpu").with_changes(extra)
+    except CifarbenchError as e:
+        ap.error(str(e))
     dataset = load_dataset(DataConfig(data_dir=args.data_dir, verify=False))
     runs_dir = tempfile.mkdtemp(prefix="cifarbench-tune-")
     rows = []
     for name in args.variant:
         v = VARIANTS[name]
+        shape = {"model_kwargs": {"widths": v["widths"]}, "batch_size": v["batch"]} if v else {}
+        changes = {**v.get("set", {}), **extra}
         config = make_config("speedrun", budget_seconds=args.budget, val_split=args.val_split, device="cpu",
-                             model_kwargs={"widths": v["widths"]}, batch_size=v["batch"], data_dir=args.data_dir,
-                             verify=False, seed=args.seed).with_changes(v.get("set", {}))
+                             data_dir=args.data_dir, verify=False, seed=args.seed, **shape).with_changes(changes)
         out = train_run(config, runs_dir=runs_dir, dataset=dataset, progress=False)
         val = out["history"][-1]["val_accuracy"]
-        rows.append({"variant": name, **v, "val_accuracy": val, "epochs": len(out["history"]), "steps": out["steps"],
+        rows.append({"variant": name, **v, "recorded": {k: recorded(out["config"], k) for k in changes},
+                     "val_accuracy": val, "epochs": len(out["history"]), "steps": out["steps"],
                      "wall_seconds": out["wall_seconds"], "test_accuracy_for_the_record": out["test_accuracy"]})
         print(f"{name}: val {100 * val:.2f}% ({len(out['history'])} epochs, {out['wall_seconds']:.0f} s)",
               file=sys.stderr, flush=True)
     print(json.dumps({"benchmark": "tune_budget", "budget_seconds": args.budget, "val_split": args.val_split,
-                      "seed": args.seed, "results": rows}, indent=2))
+                      "seed": args.seed, "set": extra, "results": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -140,7 +140,8 @@ def test_fast_recipe_on_cpu_is_budgeted_and_scales_lr_with_batch() -> None:
     assert c.budget_seconds == 120 and c.model_kwargs == {"widths": [32, 64, 256]} and c.batch_size == 512
     assert c.optimizer.lr == pytest.approx(1.5 * 512 / 1024)  # per-example rate kept
     assert (c.optimizer.name, c.optimizer.muon_lr) == ("muon", 0.15)
-    assert c.eval_batch_size == 256 and make_config("speedrun", device="cpu", eval_batch_size=500).eval_batch_size == 500
+    assert c.eval_batch_size == 256  # small batches stay in cache: CPU inference ran ~1.7x faster than at 2000
+    assert make_config("speedrun", device="cpu", eval_batch_size=500).eval_batch_size == 500
     assert c.low_res == 0  # progressive resizing lost 0.4 points of validation accuracy here: opt-in only
     long = make_config("speedrun", device="cpu", budget_seconds=1000)
     assert long.model_kwargs == {"widths": [64, 256, 256]} and long.optimizer.muon_lr == 0.2

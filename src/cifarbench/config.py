@@ -123,7 +123,8 @@ class TrainConfig:
     channels_last: bool = True
     """NHWC memory layout: same arithmetic, faster convolutions on CPU and GPU."""
     eval_batch_size: int = 1000
-    """Examples per evaluation forward pass; does not change results."""
+    """Examples per evaluation forward pass; does not change results, only speed (the fast recipe uses 2000 on a
+    GPU and 256 on a CPU, where small batches stay in cache)."""
     model_kwargs: dict = field(default_factory=dict)
     """Extra arguments of the model factory, e.g. {"widths": [64, 256, 256]} for speedrun."""
     label_smoothing: float = 0.0

@@ -1,0 +1,50 @@
+"""Smoke versions of the benchmark scripts: tiny budgets on tiny synthetic data, checking that each runs end to
+end and prints the JSON it promises (the real figures come from running them on the q75 copy)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run_benchmark(name: str, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "CIFARBENCH_DATA"}
+    return subprocess.run([sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_tune_budget_scores_on_the_validation_split_with_set_changes(tiny_py: Path) -> None:
+    done = run_benchmark("tune_budget.py", "--budget", "4", "--val-split", "20", "--variant", "recipe", "w32-64-128 b512",
+                         "--set", "tta=0", "--set", "label_smoothing=0.1", "--data-dir", str(tiny_py))
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["set"] == {"tta": 0, "label_smoothing": 0.1} and out["val_split"] == 20
+    assert [r["variant"] for r in out["results"]] == ["recipe", "w32-64-128 b512"]
+    for r in out["results"]:
+        assert r["recorded"] == {"tta": 0, "label_smoothing": 0.1}  # as the run recorded its config
+        assert 0.0 <= r["val_accuracy"] <= 1.0 and r["steps"] >= 1
+        assert r["wall_seconds"] < 4 + 10  # the budget, with room for a loaded test machine
+
+
+@pytest.mark.parametrize("args, message", [(["--set", "optimizer.lrr=2"], "unknown config field 'optimizer.lrr'"),
+                                           (["--set", "tta"], "expected FIELD=VALUE"),
+                                           (["--variant", "nope"], "invalid choice: 'nope'")])
+def test_tune_budget_refuses_typos_before_training(args: list[str], message: str, tmp_path: Path) -> None:
+    done = run_benchmark("tune_budget.py", *args, "--data-dir", str(tmp_path / "no-data-here"))
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_ablation_reports_each_change_against_the_full_recipe(tiny_py: Path) -> None:
+    done = run_benchmark("ablation.py", "--budget", "3", "--only", "no TTA", "--data-dir", str(tiny_py))
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    full, no_tta = out["results"]
+    assert (full["ablation"], no_tta["changes"]) == ("full recipe", {"tta": 0})
+    assert no_tta["delta_vs_full"] == pytest.approx(no_tta["test_accuracy_mean"] - full["test_accuracy_mean"])
