@@ -40,7 +40,7 @@ VARIANTS = {
 }
 
 
-def recorded(config: dict, field: str):
+def recorded(config: dict, field: str) -> object:
     """A dotted field as the run recorded it in its config (proof that a change was applied)."""
     for part in field.split("."):
         config = config[part]
