@@ -33,17 +33,23 @@ def main() -> None:
         sys.exit("gpu_time_to_accuracy: no CUDA GPU here")
     from cifarbench.config import DataConfig, parse_changes
     from cifarbench.data import load_dataset
+    from cifarbench.errors import CifarbenchError
     from cifarbench.training.loop import train
     from cifarbench.training.recipes import make_config
 
+    kwargs = {"model_kwargs": {"widths": [int(w) for w in args.widths.split(",")]}} if args.widths else {}
+    try:  # parsed once, and a typo in --set ends here, not after the data set is on the GPU
+        changes = parse_changes(args.set)
+        make_config("speedrun", device="cuda", epochs=args.epochs, **kwargs).with_changes(changes)
+    except CifarbenchError as e:
+        ap.error(str(e))
     dataset = load_dataset(DataConfig(data_dir=args.data_dir, verify=False))
     device = torch.device("cuda")
-    kwargs = {"model_kwargs": {"widths": [int(w) for w in args.widths.split(",")]}} if args.widths else {}
     results = []
     for run in range(args.runs + 1):  # run 0 warms up
         config = make_config("speedrun", seed=run, device="cuda", epochs=args.epochs, compile=args.compile or None,
                              eval_every_epoch=False, data_dir=args.data_dir, verify=False,
-                             **kwargs).with_changes(parse_changes(args.set))
+                             **kwargs).with_changes(changes)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         result = train(config, dataset, device, progress=False)
