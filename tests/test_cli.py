@@ -46,6 +46,17 @@ def test_train_eval_runs_round_trip(tiny_py: Path, tmp_path: Path, capsys: pytes
     assert "test accuracy" in human and "airplane" in human
 
 
+def test_deterministic_flag_is_recorded_and_eval_reproduces_the_run(tiny_py: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    runs = str(tmp_path / "runs")
+    out = run_json(capsys, "train", "cnn", "--data-dir", str(tiny_py), "--no-verify", "--epochs", "1",
+                   "--batch-size", "10", "--device", "cpu", "--runs-dir", runs, "--deterministic")
+    saved = json.loads((Path(out["run_dir"]) / "config.json").read_text())
+    assert saved["config"]["deterministic"] is True
+    ev = run_json(capsys, "eval", out["run_id"], "--runs-dir", runs)
+    assert ev["test_accuracy"] == out["test_accuracy"]
+
+
 def test_compare_table_json_and_plot(tiny_py: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     plot = tmp_path / "curves.png"
     args = ["compare", "fnn", "cnn", "--data-dir", str(tiny_py), "--no-verify", "--epochs", "2", "--seeds", "2",

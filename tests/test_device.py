@@ -72,3 +72,17 @@ def test_matrix_product_gradients_do_not_depend_on_the_thread_count() -> None:
     if run(GEMM.replace("import cifarbench", "pass")) == "True":
         pytest.skip("this machine's MKL gives thread-independent results even without the setting")
     assert run(GEMM) == "True"
+
+
+def test_kernel_choice_turns_onednn_off_and_restores_it() -> None:
+    import torch
+
+    from cifarbench.device import kernel_choice
+
+    before = torch.backends.mkldnn.enabled, torch.backends.cudnn.deterministic
+    with kernel_choice(False):
+        assert (torch.backends.mkldnn.enabled, torch.backends.cudnn.deterministic) == before
+    with pytest.raises(ValueError), kernel_choice(True):
+        assert not torch.backends.mkldnn.enabled and torch.backends.cudnn.deterministic
+        raise ValueError  # restored on the way out of a failure too
+    assert (torch.backends.mkldnn.enabled, torch.backends.cudnn.deterministic) == before

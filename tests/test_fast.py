@@ -186,6 +186,19 @@ def test_step_plan_fits_steps_into_time_left() -> None:
     assert 20 + 66 <= plan.total_steps <= 20 + 67
 
 
+def test_step_plan_prices_the_final_evaluation_at_the_current_speed() -> None:
+    # The evaluation (10 s) was timed when steps took 0.1 s; an epoch later they take 0.2 s (a busy shared
+    # machine), so the evaluation is expected to take 20 s too: 100 s * 0.97 - 2 s spent - 20 s = 75 s left,
+    # 375 steps at 0.2 s (425 if the evaluation were still priced at 10 s).
+    plan = StepPlan(10**9, budget=100.0, started=time.perf_counter() - 2.0, eval_seconds=lambda: 10.0)
+    plan.calibrate(step=20, step_seconds=0.1)
+    plan.replan(40, seconds=4.0, steps=20)
+    assert 40 + 374 <= plan.total_steps <= 40 + 375
+    # Faster than at calibration: the estimate is not shrunk (one fast epoch is no promise).
+    plan.replan(60, seconds=1.0, steps=20)
+    assert plan.total_steps <= 60 + (97 - 2 - 10) / 0.05
+
+
 def test_step_plan_counts_cheap_small_image_steps() -> None:
     # First half of the steps on small images at half the cost: 6.7 s left after 20 steps (as above), a
     # small step 0.05 s and a full one 0.1 s (from the guessed ratio, until a full step is measured).

@@ -32,3 +32,24 @@ def test_a_failing_worker_is_reported_and_the_rest_kept(tiny_py: Path, tmp_path:
     by_seed = {config.seed: (run, error) for config, run, error in done}
     assert by_seed[0][1] is None and by_seed[0][0]["test_accuracy"] is not None
     assert by_seed[1][0] is None and "val-split" in by_seed[1][1]
+
+
+def test_deterministic_runs_match_across_worker_thread_counts(tiny_py: Path, tmp_path: Path) -> None:
+    # jobs=1 trains in this process with every core's threads, jobs=2 in workers with half as many each: with
+    # `deterministic` the conv net's weights must come out bit for bit the same (oneDNN's would not).
+    import torch
+
+    from cifarbench.training.checkpoint import load_checkpoint
+
+    make = lambda m, s: make_config(m, data_dir=str(tiny_py), verify=False, epochs=2, batch_size=10, seed=s,  # noqa: E731
+                                    device="cpu", deterministic=True)
+    weights = []
+    for jobs in (1, 2):
+        out = compare(["cnn"], make, seeds=2, jobs=jobs, runs_dir=tmp_path / f"runs{jobs}", plot=tmp_path / "p.png")
+        assert out["failures"] == []
+        with RunStore(tmp_path / f"runs{jobs}") as store:
+            runs = sorted(store.list_runs(), key=lambda r: r["seed"])
+            assert all(r["config"]["deterministic"] for r in runs)
+        weights.append([load_checkpoint(Path(r["run_dir"]) / "checkpoint.pt")["state_dict"] for r in runs])
+    for one, two in zip(*weights):
+        assert all(torch.equal(one[k], two[k]) for k in one)

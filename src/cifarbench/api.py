@@ -20,7 +20,7 @@ import torch
 from cifarbench.config import DataConfig, TrainConfig
 from cifarbench.data import ImageDataset, fit_normalisation, load_dataset
 from cifarbench.data.loader import DeviceSplit
-from cifarbench.device import describe_device, resolve_device
+from cifarbench.device import describe_device, kernel_choice, resolve_device
 from cifarbench.errors import CifarbenchError
 from cifarbench.evaluation.metrics import evaluate
 from cifarbench.models import count_parameters, create_model
@@ -176,9 +176,10 @@ def evaluate_checkpoint(ref: str, *, runs_dir: str | os.PathLike | None = None, 
     path, ckpt, config, model, dev = loaded.path, loaded.checkpoint, loaded.config, loaded.model, loaded.device
     dataset = loaded.test_dataset(data_dir=data_dir, verify=verify, dataset=dataset, progress=progress)
     test = DeviceSplit(dataset.test, dev, config.data.mean, config.data.std, config.channels_last)
-    # The same test-time augmentation as the run's final evaluation, so the figures agree.
-    result = evaluate(model, test, num_classes=len(dataset.classes), batch_size=config.eval_batch_size,
-                      autocast_dtype=autocast_dtype(config, dev), tta=config.tta)
+    # The same test-time augmentation and kernels as the run's final evaluation, so the figures agree.
+    with kernel_choice(config.deterministic):
+        result = evaluate(model, test, num_classes=len(dataset.classes), batch_size=config.eval_batch_size,
+                          autocast_dtype=autocast_dtype(config, dev), tta=config.tta)
     return {"checkpoint": str(path), "run_id": ckpt.get("run_id"), "model": ckpt["model"], "classes": ckpt["classes"],
             "tta": config.tta, "test_accuracy": result.accuracy, "test_loss": result.loss, "per_class_accuracy": result.per_class_accuracy,
             "confusion": result.confusion, "n": result.n, "device": describe_device(dev), "dataset": dataset.info(),
@@ -385,8 +386,9 @@ def predict_test_set(ref: str, *, runs_dir: str | os.PathLike | None = None, dat
     config = loaded.config
     dataset = loaded.test_dataset(data_dir=data_dir, verify=verify, dataset=dataset, progress=progress)
     test = DeviceSplit(dataset.test, loaded.device, config.data.mean, config.data.std, config.channels_last)
-    probs = predict_probabilities(loaded.model, test, batch_size=config.eval_batch_size,
-                                  autocast_dtype=autocast_dtype(config, loaded.device), tta=config.tta)
+    with kernel_choice(config.deterministic):  # the run's own kernels: its recorded accuracy is reproduced
+        probs = predict_probabilities(loaded.model, test, batch_size=config.eval_batch_size,
+                                      autocast_dtype=autocast_dtype(config, loaded.device), tta=config.tta)
     return {"checkpoint": str(loaded.path), "run_id": loaded.checkpoint.get("run_id"), "model": loaded.checkpoint["model"],
             "classes": loaded.classes, "probabilities": probs.numpy(), "labels": dataset.test.labels,
             "dataset": dataset.info(), "dataset_matches_training": dataset.sha256 == loaded.checkpoint["dataset"]["sha256"]}

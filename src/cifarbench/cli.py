@@ -47,6 +47,8 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--sync-bn", action="store_true", default=None,
                    help="under torchrun on GPUs: BatchNorm statistics over the global batch")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="kernels whose results do not depend on the thread count (CPU convolutions ~1.5x slower)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | mps (default: auto)")
     p.add_argument("--dataset", choices=["cifar10", "mnist", "fashion-mnist"],
                    help="data set to train and test on (default: cifar10)")
@@ -169,6 +171,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"epochs": args.epochs, "batch_size": args.batch_size, "precision": args.precision, "device": args.device,
             "data_dir": args.data_dir, "verify": args.verify, "download": args.download, "budget_seconds": args.budget,
             "tta": args.tta, "val_split": args.val_split, "compile": args.compile, "sync_bn": args.sync_bn,
+            "deterministic": args.deterministic,
             "model_kwargs": widths, "low_res": args.low_res,
             "dataset": args.dataset}
 

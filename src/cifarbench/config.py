@@ -137,8 +137,8 @@ class TrainConfig:
     low_res: int = 0
     """Progressive resizing: the first `low_res_fraction` of the steps train on images scaled down to this
     side (cheaper steps, so a budget holds more of them); 0 = off. Evaluation is always at full size.
-    Off in the recipes: at the 120 s CPU budget, 20 px cost speedrun 0.4 points of validation accuracy
-    (2 seeds, the SGD recipe before Muon) although the same time bought 10 epochs instead of 8."""
+    Off in the recipes: at the 120 s CPU budget it buys 9-10 epochs instead of 8 but no validation accuracy
+    (with Muon, seed 0: 20 px 86.90%, 24 px 86.38%, off 86.82%; with SGD, 20 px lost 0.4 points on 2 seeds)."""
     low_res_fraction: float = 0.5
     tta: int = 0
     """Test-time augmentation of the final evaluation: 0 none, 1 mirror, 2 mirror + 1-pixel translations."""
@@ -153,6 +153,11 @@ class TrainConfig:
     """torch.compile the model (faster steady state on GPU, a compile cost up front)."""
     sync_bn: bool = False
     """Under torchrun on GPUs: BatchNorm statistics over the global batch instead of each rank's slice."""
+    deterministic: bool = False
+    """Kernels whose results do not depend on the thread count: on a CPU convolutions skip oneDNN (whose weight
+    gradients are summed in a thread-count-dependent order) for ATen's im2col + MKL path, so a seed gives the
+    same bits with 1 thread as with 2, e.g. in `compare --jobs` workers. Measured here: the notebook CNN's fp32
+    step 1.55x slower. On CUDA: cuDNN's deterministic algorithms, no autotuning."""
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 
 from cifarbench.errors import CifarbenchError
@@ -35,6 +38,24 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cpu":
         return f"cpu:{torch.get_num_threads()} threads"
     return device.type
+
+
+@contextlib.contextmanager
+def kernel_choice(deterministic: bool) -> Iterator[None]:
+    """Within it, `deterministic` selects thread-count-independent kernels (see TrainConfig.deterministic);
+    otherwise the fastest ones are left alone. The choice is undone on exit."""
+    if not deterministic:
+        yield
+        return
+    saved = torch.backends.mkldnn.enabled, torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    # ATen's own convolution: per-image im2col and MKL products (thread-independent under MKL_CBWR strict,
+    # set in cifarbench/__init__), images in parallel, weight gradients summed over the batch in order.
+    torch.backends.mkldnn.enabled = False
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled, torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved
 
 
 _allocator_tuned = False

@@ -39,6 +39,7 @@ class StepPlan:
         self._full_seconds: float | None = None  # measured seconds of one full-size step
         self._low_seconds: float | None = None  # and of one small-image step
         self._eval_estimate = 0.0
+        self._eval_timed_at: tuple[bool, float] | None = None  # (small-image?, step seconds) when it was timed
 
     @property
     def calibrated(self) -> bool:
@@ -69,6 +70,7 @@ class StepPlan:
         estimated cost, then plan."""
         self._record(step_seconds, low)
         self._eval_estimate = self.eval_seconds()
+        self._eval_timed_at = (low, step_seconds)
         self.replan(step)
 
     def replan(self, step: int, seconds: float | None = None, steps: int = 0, low_steps: int = 0) -> None:
@@ -108,9 +110,20 @@ class StepPlan:
         small = max(0, boundary - step)
         return small * low + (total - max(step, boundary)) * full
 
+    def _slowdown(self) -> float:
+        """How many times slower steps run now than when the final evaluation was timed (at least 1)."""
+        if self._eval_timed_at is None:
+            return 1.0
+        low, then = self._eval_timed_at
+        now = self._low_seconds if low else self._full_seconds
+        return max(1.0, now / then) if now else 1.0
+
     def _time_left(self) -> float:
         """Seconds left for training steps: the budget less the margin, time spent, and the final evaluation."""
-        return self.budget * (1 - self.SAFETY) - (time.perf_counter() - self.started) - self._eval_estimate
+        # The evaluation was timed once, at the start; if the (shared) machine has slowed down since, as the
+        # re-measured step times show, it will take longer by as much (seen: a 120 s run ending at 130 s).
+        evaluation = self._eval_estimate * self._slowdown()
+        return self.budget * (1 - self.SAFETY) - (time.perf_counter() - self.started) - evaluation
 
     def progress(self, step: int) -> float:
         return min(step / self.total_steps, 1.0)

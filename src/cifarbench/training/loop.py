@@ -20,7 +20,7 @@ from cifarbench.config import TrainConfig
 from cifarbench.data.augment import Augmenter
 from cifarbench.data.dataset import ImageDataset, Split
 from cifarbench.data.loader import DeviceSplit
-from cifarbench.device import keep_cpu_memory
+from cifarbench.device import keep_cpu_memory, kernel_choice
 from cifarbench.evaluation.metrics import TTA_VIEWS, EvalResult, evaluate, predict_logits, sum_dtype
 from cifarbench.models import create_model
 from cifarbench.training import distributed as ddp
@@ -315,7 +315,7 @@ def train(config: TrainConfig, dataset: ImageDataset, device: torch.device, *,
         # A resumed run keeps the schedule it had planned (and with it where the small images end).
         plan = StepPlan(pos.total_steps, low_fraction=low_fraction)
         set_rng_states(resume["rng"])
-    with _StopAtStepBoundary() as stop:
+    with kernel_choice(config.deterministic), _StopAtStepBoundary() as stop:
         while pos.step < plan.total_steps:
             if not pos.in_epoch:
                 pos.epoch, pos.batch, pos.in_epoch, pos.loss_sum, pos.seen = pos.epoch + 1, 0, True, 0.0, 0
