@@ -120,6 +120,10 @@ def test_user_errors_are_one_line_and_exit_1(tiny_py: Path, tmp_path: Path) -> N
     assert "unknown config field 'optimizer.lrr'" in _one_line_error(_cli("train", "fnn", "--set", "optimizer.lrr=1", env=env))
     assert "FIELD=VALUE" in _one_line_error(_cli("train", "fnn", "--set", "epochs", env=env))
 
+    fp32 = _one_line_error(_cli("train", "cnn-bn", "--data-dir", str(tiny_py), "--no-verify", "--epochs", "1",
+                                "--device", "cpu", "--deterministic", env=env))
+    assert "--precision fp32" in fp32 and not (tmp_path / "runs").exists()  # refused before any run was recorded
+
     md5 = _one_line_error(_cli("train", "fnn", "--data-dir", str(tiny_py), env=env))
     assert "data_batch_1" in md5 and "--no-verify" in md5
 

@@ -28,7 +28,7 @@ from cifarbench.provenance import environment
 from cifarbench.runs.store import RunStore, resolve_runs_dir
 from cifarbench.training.checkpoint import load_checkpoint, save_checkpoint
 from cifarbench.training import distributed as ddp
-from cifarbench.training.loop import EpochMetrics, TrainResult, autocast_dtype, train
+from cifarbench.training.loop import EpochMetrics, TrainResult, autocast_dtype, check_settings, train
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -72,6 +72,7 @@ def train_run(config: TrainConfig | None = None, *, runs_dir: str | os.PathLike 
             config = replace(config, data=data)
     if config is None:
         raise CifarbenchError("train_run needs a config or a run to resume")
+    check_settings(config, resolve_device(config.device))  # before the run is recorded
     world, device = ddp.setup(resolve_device(config.device))
     finished = False
     try:
@@ -228,6 +229,8 @@ def compare(models: Sequence[str], make: Callable[[str, int], TrainConfig], *, s
         raise CifarbenchError("--seeds and --jobs must be at least 1")
     _check_target(target)
     configs = {m: [make(m, s) for s in range(seeds)] for m in models}  # fail fast on a bad model or flag
+    for model_configs in configs.values():
+        check_settings(model_configs[0], resolve_device(model_configs[0].device))
     first = next(iter(configs.values()))[0]
     dataset = load_dataset(first.data, progress=progress)  # also fills the cache the workers read from
     runs: dict[str, list[dict[str, Any]]] = {}

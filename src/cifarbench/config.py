@@ -157,7 +157,8 @@ class TrainConfig:
     """Kernels whose results do not depend on the thread count: on a CPU convolutions skip oneDNN (whose weight
     gradients are summed in a thread-count-dependent order) for ATen's im2col + MKL path, so a seed gives the
     same bits with 1 thread as with 2, e.g. in `compare --jobs` workers. Measured here: the notebook CNN's fp32
-    step 1.55x slower. On CUDA: cuDNN's deterministic algorithms, no autotuning."""
+    step 1.55x slower. fp32 only on a CPU (refused with bf16: those convolutions still differed, 30x slower).
+    On CUDA: cuDNN's deterministic algorithms, no autotuning."""
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
