@@ -72,8 +72,9 @@ def train_run(config: TrainConfig | None = None, *, runs_dir: str | os.PathLike 
             config = replace(config, data=data)
     if config is None:
         raise CifarbenchError("train_run needs a config or a run to resume")
-    check_settings(config, resolve_device(config.device))  # before the run is recorded
-    world, device = ddp.setup(resolve_device(config.device))
+    requested = resolve_device(config.device)
+    check_settings(config, requested)  # before the run is recorded
+    world, device = ddp.setup(requested)
     finished = False
     try:
         summary = _train_run(config, world, device, state, runs_dir=runs_dir, dataset=dataset, progress=progress,
@@ -229,7 +230,7 @@ def compare(models: Sequence[str], make: Callable[[str, int], TrainConfig], *, s
         raise CifarbenchError("--seeds and --jobs must be at least 1")
     _check_target(target)
     configs = {m: [make(m, s) for s in range(seeds)] for m in models}  # fail fast on a bad model or flag
-    for model_configs in configs.values():
+    for model_configs in configs.values():  # a model's seeds differ only in the seed
         check_settings(model_configs[0], resolve_device(model_configs[0].device))
     first = next(iter(configs.values()))[0]
     dataset = load_dataset(first.data, progress=progress)  # also fills the cache the workers read from
