@@ -115,8 +115,8 @@ class StepPlan:
         if self._eval_timed_at is None:
             return 1.0
         low, then = self._eval_timed_at
-        now = self._low_seconds if low else self._full_seconds
-        return max(1.0, now / then) if now else 1.0
+        # Both were recorded by `calibrate` (and only re-measured since), so neither is None here.
+        return max(1.0, (self._low_seconds if low else self._full_seconds) / then)
 
     def _time_left(self) -> float:
         """Seconds left for training steps: the budget less the margin, time spent, and the final evaluation."""
