@@ -37,6 +37,14 @@ VARIANTS = {
     "w64-256-256 b1024": {"widths": [64, 256, 256], "batch": 1024},
     "w64-256-256 b1024 muon 0.2": {"widths": [64, 256, 256], "batch": 1024,
                                    "set": {"optimizer.name": "muon", "optimizer.muon_lr": 0.2}},
+    # Longer budgets: cheaper first blocks buy epochs, wider last blocks capacity (~0.6x and ~0.8x the
+    # multiply-adds of 64-256-256), or the same net at a smaller batch (more steps).
+    "w32-128-512 b512 muon 0.15": {"widths": [32, 128, 512], "batch": 512,
+                                   "set": {"optimizer.name": "muon", "optimizer.muon_lr": 0.15}},
+    "w48-192-384 b512 muon 0.15": {"widths": [48, 192, 384], "batch": 512,
+                                   "set": {"optimizer.name": "muon", "optimizer.muon_lr": 0.15}},
+    "w64-256-256 b512 muon 0.15": {"widths": [64, 256, 256], "batch": 512,
+                                   "set": {"optimizer.name": "muon", "optimizer.muon_lr": 0.15}},
 }
 
 
