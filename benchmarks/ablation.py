@@ -27,6 +27,8 @@ ABLATIONS = {
     "no BatchNorm-bias lr boost": {"optimizer.bias_lr_scale": 1.0},
     "fp32 instead of bf16": {"precision": "fp32"},
     "SGD for the filters too (no Muon; same batch)": {"optimizer.name": "sgd"},
+    "GELU instead of SiLU": {"model_kwargs.act": "gelu"},
+    "TTA on every image (not selective)": {"tta_threshold": 0.0},
     "plus progressive resizing (first half of the steps on 20x20; not in the recipe)": {"low_res": 20},
 }
 

@@ -48,3 +48,15 @@ def test_ablation_reports_each_change_against_the_full_recipe(tiny_py: Path) -> 
     full, no_tta = out["results"]
     assert (full["ablation"], no_tta["changes"]) == ("full recipe", {"tta": 0})
     assert no_tta["delta_vs_full"] == pytest.approx(no_tta["test_accuracy_mean"] - full["test_accuracy_mean"])
+
+
+def test_tta_threshold_scores_plain_full_and_selective_tta_on_the_validation_split(tiny_py: Path) -> None:
+    done = run_benchmark("tta_threshold.py", "--budget", "3", "--seeds", "1", "--val-split", "20",
+                         "--thresholds", "0.3", "0.99", "--data-dir", str(tiny_py))
+    assert done.returncode == 0, done.stderr
+    (row,) = json.loads(done.stdout)["results"]
+    plain, full, low, high = row["evaluations"]
+    assert (plain["tta"], full["tta"], full["threshold"], low["threshold"], high["threshold"]) == (0, 2, 0.0, 0.3, 0.99)
+    assert all(0.0 <= e["val_accuracy"] <= 1.0 and e["seconds"] > 0 for e in row["evaluations"])
+    # A higher threshold leaves at least as many images unsure.
+    assert 0.0 <= low["unsure_val"] <= high["unsure_val"] <= 1.0 and 0.0 <= low["unsure_train"] <= high["unsure_train"]

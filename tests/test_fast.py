@@ -107,6 +107,29 @@ def test_tta_averages_mirrored_views() -> None:
         assert predict_logits(model, x, 2).shape == (3, 10)
 
 
+def test_selective_tta_spends_extra_views_only_on_unsure_images() -> None:
+    torch.manual_seed(0)
+    model = create_model("cnn").eval()
+    x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    calls: list[int] = []
+    model.register_forward_hook(lambda m, args, out: calls.append(len(args[0])))
+    with torch.no_grad():
+        plain, full = model(x), predict_logits(model, x, 2)
+        confidence = torch.softmax(plain, 1).amax(1)
+        threshold = float(confidence.median())
+        unsure = confidence < threshold
+        assert 0 < int(unsure.sum()) < len(x)
+        calls.clear()
+        chosen = predict_logits(model, x, 2, threshold)
+    assert calls == [8] + [int(unsure.sum())] * 5  # one plain pass, then five extra views of the unsure images
+    torch.testing.assert_close(chosen[~unsure], plain[~unsure])
+    torch.testing.assert_close(chosen[unsure], full[unsure])
+    with torch.no_grad():  # each image's result depends on that image alone
+        i = int(unsure.nonzero()[0])
+        torch.testing.assert_close(predict_logits(model, x[i:i + 1], 2, threshold), chosen[i:i + 1])
+        torch.testing.assert_close(predict_logits(model, x, 2, 1.0), full)  # every image unsure: full TTA
+
+
 def test_precision_auto_picks_bf16_on_cpu_and_cuda_without_a_gpu() -> None:
     config = make_config("speedrun")
     assert config.precision == "auto"
@@ -132,19 +155,21 @@ def test_fast_recipe_on_a_gpu_keeps_airbench_settings(monkeypatch: pytest.Monkey
     monkeypatch.setattr(recipes, "_on_cpu", lambda device: False)  # what resolving "cuda" gives on a GPU machine
     c = make_config("speedrun", device="cuda")
     assert (c.budget_seconds, c.epochs, c.batch_size, c.eval_batch_size) == (None, 10, 1024, 2000)
-    assert (c.optimizer.name, c.model_kwargs) == ("sgd", {"widths": [64, 256, 256]})
+    assert (c.optimizer.name, c.model_kwargs, c.tta_threshold) == ("sgd", {"widths": [64, 256, 256]}, 0.0)
 
 
 def test_fast_recipe_on_cpu_is_budgeted_and_scales_lr_with_batch() -> None:
     c = make_config("speedrun", device="cpu")
-    assert c.budget_seconds == 120 and c.model_kwargs == {"widths": [32, 64, 256]} and c.batch_size == 512
+    assert c.budget_seconds == 120 and c.batch_size == 512
+    assert c.model_kwargs == {"widths": [32, 64, 256], "act": "silu"}
+    assert c.tta == 2 and c.tta_threshold == 0.6  # selective TTA: confident images skip the extra views
     assert c.optimizer.lr == pytest.approx(1.5 * 512 / 1024)  # per-example rate kept
     assert (c.optimizer.name, c.optimizer.muon_lr) == ("muon", 0.15)
     assert c.eval_batch_size == 256  # small batches stay in cache: CPU inference ran ~1.7x faster than at 2000
     assert make_config("speedrun", device="cpu", eval_batch_size=500).eval_batch_size == 500
     assert c.low_res == 0  # progressive resizing lost 0.4 points of validation accuracy here: opt-in only
     long = make_config("speedrun", device="cpu", budget_seconds=1000)
-    assert long.model_kwargs == {"widths": [64, 256, 256]} and long.optimizer.muon_lr == 0.2
+    assert long.model_kwargs["widths"] == [64, 256, 256] and long.optimizer.muon_lr == 0.2
     fixed = make_config("speedrun", device="cpu", epochs=10)  # no budget: airbench94's own settings, SGD
     assert (fixed.batch_size, fixed.model_kwargs["widths"], fixed.optimizer.name) == (1024, [64, 256, 256], "sgd")
     assert make_config("speedrun", device="cpu", batch_size=512, epochs=2).optimizer.lr == pytest.approx(0.75)
@@ -197,6 +222,18 @@ def test_step_plan_prices_the_final_evaluation_at_the_current_speed() -> None:
     # Faster than at calibration: the estimate is not shrunk (one fast epoch is no promise).
     plan.replan(60, seconds=1.0, steps=20)
     assert plan.total_steps <= 60 + (97 - 2 - 10) / 0.05
+
+
+def test_step_plan_prices_a_shrinking_selective_tta_evaluation() -> None:
+    # Full TTA timed at 10 s; after an epoch only a fifth of it is expected (confident images skip the extra
+    # views): 100 s * 0.97 - 2 s spent - 2 s = 93 s left, 465 steps at 0.2 s (425 at the full price).
+    share = iter([0.2])
+    plan = StepPlan(10**9, budget=100.0, started=time.perf_counter() - 2.0, eval_seconds=lambda: 10.0,
+                    eval_share=lambda: next(share))
+    plan.calibrate(step=20, step_seconds=0.2)
+    assert 20 + 424 <= plan.total_steps <= 20 + 425  # until an epoch has passed, the full price
+    plan.replan(40, seconds=4.0, steps=20)
+    assert 40 + 464 <= plan.total_steps <= 40 + 465
 
 
 def test_step_plan_counts_cheap_small_image_steps() -> None:

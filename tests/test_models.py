@@ -55,3 +55,19 @@ def test_unknown_model_is_a_user_error() -> None:
 def test_registering_twice_is_refused() -> None:
     with pytest.raises(ValueError):
         register_model("fnn")(lambda **kw: torch.nn.Identity())
+
+
+def test_speedrun_activations_are_switches() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    outs = {}
+    for act in ["gelu", "silu", "relu"]:
+        torch.manual_seed(0)  # the same weights, so only the activations differ
+        model = create_model("speedrun", widths=[8, 16, 16], act=act)
+        out = model(x)
+        out.logsumexp(1).mean().backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+        outs[act] = out.detach()
+    assert len({tuple(o.flatten().tolist()) for o in outs.values()}) == 3
+    with pytest.raises(CifarbenchError, match="activations must be one of"):
+        create_model("speedrun", act="tanh")

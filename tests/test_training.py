@@ -13,6 +13,7 @@ from cifarbench.config import TrainConfig, parse_changes
 from cifarbench.data.cifar10 import load_cifar10
 from cifarbench.device import resolve_device
 from cifarbench.errors import CifarbenchError
+from cifarbench.models import create_model
 from cifarbench.runs.store import RunStore
 from cifarbench.training.loop import train
 from cifarbench.training.recipes import make_config
@@ -49,9 +50,13 @@ def test_with_changes_sets_dotted_fields_and_refuses_typos() -> None:
     d = c.with_changes({"optimizer.lr": 0.5, "tta": 0, "augment.flip": False, "model_kwargs": {"widths": [8, 8, 8]}})
     assert (d.optimizer.lr, d.tta, d.augment.flip, d.model_kwargs) == (0.5, 0, False, {"widths": [8, 8, 8]})
     assert d.optimizer.momentum == c.optimizer.momentum and c.optimizer.lr != 0.5  # the rest kept, c untouched
-    for typo in ("optimiser.lr", "optimizer.learning_rate", "model_kwargs.widths", "tta.x", "nope"):
+    for typo in ("optimiser.lr", "optimizer.learning_rate", "tta.x", "nope"):
         with pytest.raises(CifarbenchError, match="unknown config field"):
             c.with_changes({typo: 1})
+    # One model argument, the others kept; a wrong name is refused when the model is built.
+    assert d.with_changes({"model_kwargs.act": "silu"}).model_kwargs == {"widths": [8, 8, 8], "act": "silu"}
+    with pytest.raises(CifarbenchError, match="model 'speedrun' has no argument 'widht'"):
+        create_model("speedrun", widht=[8, 8, 8])
     with pytest.raises(CifarbenchError, match="tta"):
         c.with_changes({"tta": 5})  # validated like the field itself
     with pytest.raises(CifarbenchError, match="optimizer.lr"):

@@ -140,7 +140,8 @@ def _train_run(config: TrainConfig, world: ddp.DistEnv, device: torch.device, st
         "run_id": run_id, "model": config.model, "recipe": config.recipe, "seed": config.seed,
         "epochs": config.epochs, "test_accuracy": result.final.accuracy, "test_loss": result.final.loss,
         "train_seconds": result.train_seconds, "wall_seconds": result.wall_seconds, "steps": result.steps,
-        "tta": config.tta, "budget_seconds": config.budget_seconds, "device": describe_device(device), "params": params,
+        "tta": config.tta, "tta_threshold": config.tta_threshold, "budget_seconds": config.budget_seconds,
+        "device": describe_device(device), "params": params,
         "world_size": world.world_size,
         "dataset": dataset.info(), "history": [h.to_dict() for h in result.history],
         "per_class_accuracy": result.final.per_class_accuracy, "confusion": result.final.confusion,
@@ -181,9 +182,11 @@ def evaluate_checkpoint(ref: str, *, runs_dir: str | os.PathLike | None = None, 
     # The same test-time augmentation and kernels as the run's final evaluation, so the figures agree.
     with kernel_choice(config.deterministic):
         result = evaluate(model, test, num_classes=len(dataset.classes), batch_size=config.eval_batch_size,
-                          autocast_dtype=autocast_dtype(config, dev), tta=config.tta)
+                          autocast_dtype=autocast_dtype(config, dev), tta=config.tta,
+                          tta_threshold=config.tta_threshold)
     return {"checkpoint": str(path), "run_id": ckpt.get("run_id"), "model": ckpt["model"], "classes": ckpt["classes"],
-            "tta": config.tta, "test_accuracy": result.accuracy, "test_loss": result.loss, "per_class_accuracy": result.per_class_accuracy,
+            "tta": config.tta, "tta_threshold": config.tta_threshold, "test_accuracy": result.accuracy,
+            "test_loss": result.loss, "per_class_accuracy": result.per_class_accuracy,
             "confusion": result.confusion, "n": result.n, "device": describe_device(dev), "dataset": dataset.info(),
             "dataset_matches_training": dataset.sha256 == ckpt["dataset"]["sha256"]}
 
@@ -392,7 +395,8 @@ def predict_test_set(ref: str, *, runs_dir: str | os.PathLike | None = None, dat
     test = DeviceSplit(dataset.test, loaded.device, config.data.mean, config.data.std, config.channels_last)
     with kernel_choice(config.deterministic):  # the run's own kernels: its recorded accuracy is reproduced
         probs = predict_probabilities(loaded.model, test, batch_size=config.eval_batch_size,
-                                      autocast_dtype=autocast_dtype(config, loaded.device), tta=config.tta)
+                                      autocast_dtype=autocast_dtype(config, loaded.device), tta=config.tta,
+                                      tta_threshold=config.tta_threshold)
     return {"checkpoint": str(loaded.path), "run_id": loaded.checkpoint.get("run_id"), "model": loaded.checkpoint["model"],
             "classes": loaded.classes, "probabilities": probs.numpy(), "labels": dataset.test.labels,
             "dataset": dataset.info(), "dataset_matches_training": dataset.sha256 == loaded.checkpoint["dataset"]["sha256"]}
@@ -408,7 +412,8 @@ def predict_images(ref: str, images: Sequence[str | os.PathLike], *, top: int = 
     loaded = load_trained_model(ref, runs_dir=runs_dir, device=device)
     predictions = classify_files(loaded.model, images, in_shape=loaded.in_shape, mean=loaded.config.data.mean,
                                  std=loaded.config.data.std, classes=loaded.classes, device=loaded.device,
-                                 channels_last=loaded.config.channels_last, top=top, tta=loaded.config.tta)
+                                 channels_last=loaded.config.channels_last, top=top, tta=loaded.config.tta,
+                                 tta_threshold=loaded.config.tta_threshold)
     return {"checkpoint": str(loaded.path), "run_id": loaded.checkpoint.get("run_id"),
             "model": loaded.checkpoint["model"], "classes": loaded.classes, "predictions": predictions}
 

@@ -32,7 +32,7 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                         "is optimizer.muon_lr)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="set any config field by dotted name, e.g. --set optimizer.muon_lr=0.15 --set tta=0 "
-                        "(values are JSON; repeatable)")
+                        "--set model_kwargs.act=gelu (values are JSON; repeatable)")
     p.add_argument("--optimizer", choices=["sgd", "muon"],
                    help="override the recipe's optimiser (muon: Muon steps for the convolution filters, SGD for the rest)")
     p.add_argument("--precision", choices=["fp32", "bf16", "auto"], help="override the recipe's precision")

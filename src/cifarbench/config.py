@@ -142,6 +142,9 @@ class TrainConfig:
     low_res_fraction: float = 0.5
     tta: int = 0
     """Test-time augmentation of the final evaluation: 0 none, 1 mirror, 2 mirror + 1-pixel translations."""
+    tta_threshold: float = 0.0
+    """Selective TTA: when > 0, an image whose plain view gives its top class at least this probability keeps
+    the plain prediction, and only the others get the extra views (0 = every image gets them)."""
     budget_seconds: float | None = None
     """Wall-clock budget for training plus the final evaluation; the schedule length is fitted to it."""
     eval_every_epoch: bool = True
@@ -174,6 +177,8 @@ class TrainConfig:
             raise CifarbenchError(f"unknown device {self.device!r}; choose one of: {', '.join(DEVICES)}")
         if self.tta not in (0, 1, 2):
             raise CifarbenchError("tta must be 0 (none), 1 (mirror) or 2 (mirror + translate)")
+        if not 0 <= self.tta_threshold <= 1:
+            raise CifarbenchError("tta_threshold must be a probability in [0, 1] (0 = TTA on every image)")
         if self.budget_seconds is not None and self.budget_seconds <= 0:
             raise CifarbenchError("the budget must be a positive number of seconds")
         if self.low_res < 0 or not 0 <= self.low_res_fraction <= 1:
@@ -186,12 +191,16 @@ class TrainConfig:
         return asdict(self)
 
     def with_changes(self, changes: dict) -> "TrainConfig":
-        """A copy with fields set by dotted name, e.g. {"optimizer.lr": 0.5, "tta": 0} (what `--set` passes).
-        Each change is validated like the field's own default; an unknown name is an error, since a typo that
-        changed nothing would otherwise pass for an experiment."""
+        """A copy with fields set by dotted name, e.g. {"optimizer.lr": 0.5, "tta": 0} (what `--set` passes);
+        "model_kwargs.act" sets one key of the model's arguments. Each change is validated like the field's own
+        default; an unknown name is an error, since a typo that changed nothing would otherwise pass for an
+        experiment (a model argument is checked when the model is built)."""
         config = self
         for key, value in changes.items():
             part, _, name = key.rpartition(".")
+            if part == "model_kwargs":
+                config = replace(config, model_kwargs={**config.model_kwargs, name: value})
+                continue
             target = getattr(config, part, None) if part else config
             if not is_dataclass(target) or name not in {f.name for f in fields(target)}:
                 raise CifarbenchError(f"unknown config field {key!r}")

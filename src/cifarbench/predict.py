@@ -32,11 +32,13 @@ def prepare_image(image: Image.Image, in_shape: Sequence[int]) -> np.ndarray:
 @torch.no_grad()
 def classify_files(model: nn.Module, paths: Sequence[str | os.PathLike], *, in_shape: Sequence[int],
                    mean: Sequence[float], std: Sequence[float], classes: Sequence[str], device: torch.device,
-                   channels_last: bool = False, top: int = 3, tta: int = 0) -> list[dict[str, Any]]:
+                   channels_last: bool = False, top: int = 3, tta: int = 0,
+                   tta_threshold: float = 0.0) -> list[dict[str, Any]]:
     """The `top` classes with their probabilities for each file, in the order given.
 
     Every file is opened (and refused, with a one-line error) before any is classified. `tta` is the test-time
-    augmentation level the model was evaluated with (see evaluation.metrics.predict_logits).
+    augmentation the model was evaluated with, and `tta_threshold` its selective-TTA threshold (see
+    evaluation.metrics.predict_logits).
     """
     from cifarbench.evaluation.metrics import predict_logits
 
@@ -44,7 +46,8 @@ def classify_files(model: nn.Module, paths: Sequence[str | os.PathLike], *, in_s
     # The training pipeline's own normalisation, so a file sees exactly what a test image saw.
     data = DeviceSplit(Split(images, np.zeros(len(images), dtype=np.int64)), device, mean, std, channels_last)
     model.eval()
-    probs = torch.cat([torch.softmax(predict_logits(model, x, tta).float(), dim=1) for x, _ in data.batches(256)]).cpu()
+    probs = torch.cat([torch.softmax(predict_logits(model, x, tta, tta_threshold).float(), dim=1)
+                       for x, _ in data.batches(256)]).cpu()
     k = min(top, len(classes))
     values, indices = probs.topk(k, dim=1)
     return [{"image": str(path), "top": [{"class": classes[int(i)], "index": int(i), "probability": float(v)}

@@ -100,10 +100,11 @@ def summarise_time_to_target(runs: Sequence[Mapping[str, Any]], target: float) -
 
 @torch.no_grad()
 def predict_probabilities(model: nn.Module, data: DeviceSplit, *, batch_size: int = 1000,
-                          autocast_dtype: torch.dtype | None = None, tta: int = 0) -> torch.Tensor:
+                          autocast_dtype: torch.dtype | None = None, tta: int = 0,
+                          tta_threshold: float = 0.0) -> torch.Tensor:
     """Softmax probabilities (N, classes) for every example of `data`, in order, on the CPU.
 
-    `tta` is the test-time augmentation level of `evaluate`, so the predictions are the ones it scores.
+    `tta` and `tta_threshold` are those of `evaluate`, so the predictions are the ones it scores.
     """
     from cifarbench.evaluation.metrics import predict_logits
 
@@ -112,7 +113,7 @@ def predict_probabilities(model: nn.Module, data: DeviceSplit, *, batch_size: in
     chunks = []
     for x, _ in data.batches(batch_size):
         with torch.autocast(data.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            logits = predict_logits(model, x, tta)
+            logits = predict_logits(model, x, tta, tta_threshold)
         chunks.append(torch.softmax(logits.float(), dim=1))
     model.train(was_training)
     return torch.cat(chunks).cpu() if chunks else torch.zeros(0, 0)

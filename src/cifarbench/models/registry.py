@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -49,7 +50,11 @@ def get_model_spec(name: str) -> ModelSpec:
 
 def create_model(name: str, *, num_classes: int = 10, in_shape: tuple[int, int, int] = (3, 32, 32), **kwargs) -> nn.Module:
     """Build a fresh, randomly initialised model (seed torch first for a reproducible init)."""
-    return get_model_spec(name).factory(num_classes=num_classes, in_shape=in_shape, **kwargs)
+    factory = get_model_spec(name).factory
+    unknown = sorted(set(kwargs) - set(inspect.signature(factory).parameters))
+    if unknown:  # e.g. a typo in --set model_kwargs.NAME: one clear line, not a TypeError
+        raise CifarbenchError(f"model {name!r} has no argument {', '.join(map(repr, unknown))}")
+    return factory(num_classes=num_classes, in_shape=in_shape, **kwargs)
 
 
 def count_parameters(model: nn.Module) -> int:

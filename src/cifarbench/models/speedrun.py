@@ -2,6 +2,7 @@
 
 The speedrun net: a frozen 2x2 patch-whitening conv (initialised from the training data), then three blocks
 of conv-pool-BatchNorm-GELU-conv-BatchNorm-GELU, a global max-pool and a linear head scaled down by 1/9.
+The activation is a choice (`act`): GELU as airbench, or SiLU, which costs less on a CPU.
 Its ingredients follow Keller Jordan's airbench94 (facts from its public write-up; our own code).
 """
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cifarbench.errors import CifarbenchError
 from cifarbench.models.registry import register_model
 
 
@@ -37,28 +39,37 @@ class DiracConv(nn.Conv2d):
         nn.init.dirac_(w[: min(w.size(0), w.size(1))])
 
 
+ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}
+
+
 class ConvBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int):
+    def __init__(self, c_in: int, c_out: int, act: str = "gelu"):
         super().__init__()
         self.conv1, self.norm1 = DiracConv(c_in, c_out), BiasOnlyBatchNorm(c_out)
         self.conv2, self.norm2 = DiracConv(c_out, c_out), BiasOnlyBatchNorm(c_out)
+        self.act = ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.gelu(self.norm1(F.max_pool2d(self.conv1(x), 2)))
-        return F.gelu(self.norm2(self.conv2(x)))
+        x = self.act(self.norm1(F.max_pool2d(self.conv1(x), 2)))
+        return self.act(self.norm2(self.conv2(x)))
 
 
 class SpeedrunNet(nn.Module):
     def __init__(self, num_classes: int = 10, in_shape: tuple[int, int, int] = (3, 32, 32),
-                 widths: Sequence[int] = (64, 256, 256), whiten_kernel: int = 2, scale: float = 1 / 9):
+                 widths: Sequence[int] = (64, 256, 256), whiten_kernel: int = 2, scale: float = 1 / 9,
+                 act: str = "gelu"):
         super().__init__()
+        if act not in ACTIVATIONS:
+            raise CifarbenchError(f"speedrun's activations must be one of: {', '.join(ACTIVATIONS)}")
         c = in_shape[0]
-        # Both signs of every whitening filter: GELU after it would otherwise discard half of each direction.
+        # Both signs of every whitening filter: the activation after it would otherwise discard half of each
+        # direction.
         self.whiten = nn.Conv2d(c, 2 * c * whiten_kernel**2, kernel_size=whiten_kernel, bias=True)
         self.whiten.weight.requires_grad_(False)
         nn.init.zeros_(self.whiten.bias)
         chans = [self.whiten.out_channels, *widths]
-        self.blocks = nn.Sequential(*(ConvBlock(a, b) for a, b in zip(chans, chans[1:])))
+        self.blocks = nn.Sequential(*(ConvBlock(a, b, act) for a, b in zip(chans, chans[1:])))
+        self.act = ACTIVATIONS[act]
         self.head = nn.Linear(chans[-1], num_classes, bias=False)
         self.scale = scale
 
@@ -76,7 +87,7 @@ class SpeedrunNet(nn.Module):
         self.whiten.weight.copy_(torch.cat([filters, -filters]).to(self.whiten.weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(F.gelu(self.whiten(x)))
+        x = self.blocks(self.act(self.whiten(x)))
         return self.head(x.amax(dim=(2, 3))) * self.scale
 
 
@@ -100,9 +111,11 @@ class CNNBN(nn.Module):
 
 @register_model("speedrun", default_recipe="fast")
 def speedrun(num_classes: int = 10, in_shape: tuple[int, int, int] = (3, 32, 32),
-             widths: Sequence[int] = (64, 256, 256)) -> nn.Module:
-    """airbench-class net: frozen patch whitening, 3 conv-pool-BN-GELU blocks (widths configurable), max-pool head."""
-    return SpeedrunNet(num_classes, in_shape, widths=tuple(widths))
+             widths: Sequence[int] = (64, 256, 256), act: str = "gelu") -> nn.Module:
+    """airbench-class net: frozen patch whitening, 3 conv-pool-BN-GELU blocks (widths configurable), max-pool head.
+
+    `act` replaces GELU ("silu", "relu")."""
+    return SpeedrunNet(num_classes, in_shape, widths=tuple(widths), act=act)
 
 
 @register_model("cnn-bn", default_recipe="fast")

@@ -14,6 +14,8 @@ class StepPlan:
     With progressive resizing the first `low_fraction` of the steps are cheaper (smaller images): the plan
     keeps one step time for each phase, so it knows that a longer schedule also means more cheap steps.
     `low_cost` is the guess of a small step's cost relative to a full one until both have been measured.
+    `eval_share`, asked again at every re-plan, is the share of the evaluation's timed cost it is expected to
+    need by now (selective TTA: fewer images need the extra views as the model grows confident).
     """
 
     CALIBRATION_STEPS = 3  # the first step pays for allocations and kernel selection; time the next ones
@@ -22,10 +24,11 @@ class StepPlan:
     def __init__(self, total_steps: int, budget: float | None = None, started: float | None = None,
                  eval_seconds: Callable[[], float] | None = None, sync: Callable[[], None] = lambda: None,
                  guard_every_step: bool = False, agree: Callable[[int], int] = lambda steps: steps,
-                 low_fraction: float = 0.0, low_cost: float = 1.0):
+                 low_fraction: float = 0.0, low_cost: float = 1.0, eval_share: Callable[[], float] | None = None):
         self.budget = budget
         self.started = time.perf_counter() if started is None else started
         self.eval_seconds = eval_seconds or (lambda: 0.0)
+        self.eval_share = eval_share or (lambda: 1.0)
         self.sync = sync
         # On a synchronous device (CPU) the clock is exact after every step, so the run can also stop on the
         # spot when time runs out (a slow shared machine); on a GPU that would cost a sync per step.
@@ -39,6 +42,7 @@ class StepPlan:
         self._full_seconds: float | None = None  # measured seconds of one full-size step
         self._low_seconds: float | None = None  # and of one small-image step
         self._eval_estimate = 0.0
+        self._eval_share = 1.0
         self._eval_timed_at: tuple[bool, float] | None = None  # (small-image?, step seconds) when it was timed
 
     @property
@@ -79,6 +83,7 @@ class StepPlan:
         if self.budget is None or not self.calibrated:
             return
         if seconds and steps:
+            self._eval_share = min(1.0, max(0.0, self.eval_share()))
             if low_steps in (0, steps):
                 self._record(seconds / steps, low=low_steps > 0)
             else:  # a mixed stretch: split it with the current ratio of the two step times
@@ -122,7 +127,7 @@ class StepPlan:
         """Seconds left for training steps: the budget less the margin, time spent, and the final evaluation."""
         # The evaluation was timed once, at the start; if the (shared) machine has slowed down since, as the
         # re-measured step times show, it will take longer by as much (seen: a 120 s run ending at 130 s).
-        evaluation = self._eval_estimate * self._slowdown()
+        evaluation = self._eval_estimate * self._eval_share * self._slowdown()
         return self.budget * (1 - self.SAFETY) - (time.perf_counter() - self.started) - evaluation
 
     def progress(self, step: int) -> float:
