@@ -34,7 +34,7 @@ def main() -> None:
     from cifarbench.config import DataConfig
     from cifarbench.data import load_dataset
     from cifarbench.data.loader import DeviceSplit
-    from cifarbench.evaluation.metrics import evaluate, predict_logits
+    from cifarbench.evaluation.metrics import confidence, evaluate
     from cifarbench.training.loop import autocast_dtype, split_validation
     from cifarbench.training.recipes import make_config
 
@@ -53,12 +53,11 @@ def main() -> None:
         classes = len(dataset.classes)
         # Confidence of the plain view on held-out and on seen training images (as many as held out).
         model.eval()
-        confidence = {}
+        top = {}  # top-class probability of the plain view
         with torch.no_grad(), torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
             for name, data, n in (("val", val_data, len(val_data)), ("train", seen, len(val_data))):
                 x = data.normalise(data.images[:n])
-                confidence[name] = torch.cat([torch.softmax(predict_logits(model, b).float(), 1).amax(1)
-                                              for b in x.split(config.eval_batch_size)])
+                top[name] = torch.cat([confidence(model(b)) for b in x.split(config.eval_batch_size)])
         row = {"seed": seed, "steps": out["steps"], "wall_seconds": out["wall_seconds"], "evaluations": []}
         for tta, threshold in [(0, 0.0), (config.tta, 0.0)] + [(config.tta, t) for t in args.thresholds]:
             start = time.perf_counter()
@@ -67,7 +66,7 @@ def main() -> None:
             entry = {"tta": tta, "threshold": threshold, "val_accuracy": ev.accuracy,
                      "seconds": time.perf_counter() - start}
             if threshold > 0:
-                entry.update({f"unsure_{k}": float((c < threshold).float().mean()) for k, c in confidence.items()})
+                entry.update({f"unsure_{k}": float((c < threshold).float().mean()) for k, c in top.items()})
             row["evaluations"].append(entry)
         rows.append(row)
         print(f"seed {seed}: " + ", ".join(f"{'plain' if e['tta'] == 0 else e['threshold'] or 'full'} "

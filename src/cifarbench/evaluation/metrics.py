@@ -43,6 +43,11 @@ def sum_dtype(device: torch.device) -> torch.dtype:
 TTA_VIEWS = {0: 1, 1: 2, 2: 6}  # forward passes per image at each test-time augmentation level
 
 
+def confidence(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's top-class probability: what selective TTA compares with its threshold."""
+    return torch.softmax(logits.float(), dim=1).amax(dim=1)
+
+
 def predict_logits(model: nn.Module, x: torch.Tensor, tta: int = 0, threshold: float = 0.0) -> torch.Tensor:
     """Logits for a batch; with TTA, the average over mirrored (1) and also 1-pixel translated (2) views.
 
@@ -55,11 +60,9 @@ def predict_logits(model: nn.Module, x: torch.Tensor, tta: int = 0, threshold: f
         return plain
     if threshold <= 0:
         return _tta_logits(model, x, tta, plain)
-    unsure = torch.softmax(plain.float(), dim=1).amax(dim=1) < threshold
+    unsure = confidence(plain) < threshold
     if not unsure.any():
         return plain
-    if unsure.all():
-        return _tta_logits(model, x, tta, plain)
     x_unsure = x[unsure]
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
         x_unsure = x_unsure.contiguous(memory_format=torch.channels_last)

@@ -22,7 +22,7 @@ from cifarbench.data.dataset import ImageDataset, Split
 from cifarbench.data.loader import DeviceSplit
 from cifarbench.device import keep_cpu_memory, kernel_choice
 from cifarbench.errors import CifarbenchError
-from cifarbench.evaluation.metrics import TTA_VIEWS, EvalResult, evaluate, predict_logits, sum_dtype
+from cifarbench.evaluation.metrics import TTA_VIEWS, EvalResult, confidence, evaluate, predict_logits, sum_dtype
 from cifarbench.models import create_model
 from cifarbench.training import distributed as ddp
 from cifarbench.training.budget import StepPlan
@@ -306,9 +306,9 @@ def train(config: TrainConfig, dataset: ImageDataset, device: torch.device, *,
         x = train_data.normalise(train_data.images[:config.eval_batch_size])
         model.eval()
         with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            confidence = torch.softmax(model(x).float(), dim=1).amax(dim=1)
+            top = confidence(model(x))
         model.train()
-        unsure = min(1.0, 1.5 * float((confidence < config.tta_threshold).float().mean()))
+        unsure = min(1.0, 1.5 * float((top < config.tta_threshold).float().mean()))
         return (1 + unsure * (views - 1)) / views
 
     side = min(dataset.image_shape[1:])
