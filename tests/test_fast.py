@@ -236,6 +236,67 @@ def test_step_plan_prices_a_shrinking_selective_tta_evaluation() -> None:
     assert 40 + 464 <= plan.total_steps <= 40 + 465
 
 
+class FakeClock:
+    """time.perf_counter for the budget module: advances only when told."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def run_steps(plan: StepPlan, clock: FakeClock, first: int, last: int, seconds: float = 0.1) -> None:
+    for step in range(first, last + 1):
+        clock.now += seconds
+        plan.after_step(step)
+
+
+def test_step_plan_replans_within_an_epoch(monkeypatch) -> None:
+    # A short budget is less than two epochs: waiting for an epoch's end to re-plan would keep pricing the
+    # evaluation as it was at the start. Every 1/REPLANS of the schedule the plan asks again.
+    from cifarbench.training import budget
+
+    clock = FakeClock()
+    monkeypatch.setattr(budget, "time", clock)
+    asked: list[float] = []
+
+    def share() -> float:  # the model grows surer: fewer images will need the extra TTA views
+        asked.append(0.5 if not asked else 0.3)
+        return asked[-1]
+
+    plan = StepPlan(10**9, budget=100.0, started=0.0, eval_seconds=lambda: 10.0, eval_share=share)
+    run_steps(plan, clock, 1, 4)  # calibrated at step 4: 0.1 s a step
+    # 100 s * 0.97 - 0.4 s spent - 10 s (full TTA) = 86.6 s left: 866 more steps
+    assert abs(plan.total_steps - (4 + 866)) <= 1 and asked == []
+    step = 4 + plan.total_steps // StepPlan.REPLANS
+    run_steps(plan, clock, 5, step - 1)
+    assert asked == []  # not yet
+    run_steps(plan, clock, step, step)
+    # Half the evaluation's price expected now: 5 s more for training, 50 steps.
+    assert len(asked) == 1 and abs(plan.total_steps - (4 + 866 + 50)) <= 1
+    run_steps(plan, clock, step + 1, step + plan.total_steps // StepPlan.REPLANS)
+    assert len(asked) == 2 and abs(plan.total_steps - (4 + 866 + 70)) <= 1
+
+
+def test_step_plan_counts_paused_time_as_spent_but_not_as_step_time(monkeypatch) -> None:
+    from cifarbench.training import budget
+
+    clock = FakeClock()
+    monkeypatch.setattr(budget, "time", clock)
+    plan = StepPlan(10**9, budget=100.0, started=0.0, eval_seconds=lambda: 0.0)
+    run_steps(plan, clock, 1, 4)
+    assert abs(plan.total_steps - (4 + 966)) <= 1  # 97 s - 0.4 s at 0.1 s a step
+    every = plan.total_steps // StepPlan.REPLANS
+    run_steps(plan, clock, 5, 10)
+    plan.pause()
+    clock.now += 20.0  # an evaluation between epochs
+    plan.resume()
+    run_steps(plan, clock, 11, 4 + every)
+    # Re-planned at 0.1 s a step (not 0.1 s plus the 20 s spread over the stretch), with 20 s less to spend.
+    assert abs(plan.total_steps - (4 + every + (97 - clock.now) / 0.1)) <= 1
+
+
 def test_step_plan_counts_cheap_small_image_steps() -> None:
     # First half of the steps on small images at half the cost: 6.7 s left after 20 steps (as above), a
     # small step 0.05 s and a full one 0.1 s (from the guessed ratio, until a full step is measured).

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Callable
+
+
+@dataclass
+class _Stretch:
+    """The steps since the last re-plan and the seconds they took (the clock runs from `since` until paused)."""
+
+    steps: int = 0
+    low_steps: int = 0
+    seconds: float = 0.0
+    since: float | None = None
 
 
 class StepPlan:
@@ -16,10 +27,16 @@ class StepPlan:
     `low_cost` is the guess of a small step's cost relative to a full one until both have been measured.
     `eval_share`, asked again at every re-plan, is the share of the evaluation's timed cost it is expected to
     need by now (selective TTA: fewer images need the extra views as the model grows confident).
+
+    The plan re-measures the step time and re-plans every `1/REPLANS` of the schedule, counting only the time
+    the loop spends in steps (`pause` / `resume` around anything else, such as evaluations between epochs).
+    Re-planning by steps, not at epoch ends, matters for short budgets: a 30 s run is 1.5 epochs, and its last
+    re-plan must come late enough to see how few images will need the extra TTA views.
     """
 
     CALIBRATION_STEPS = 3  # the first step pays for allocations and kernel selection; time the next ones
     SAFETY = 0.03  # fraction of the budget kept back for the noise of a shared machine
+    REPLANS = 12  # re-plans over a run; each asks `eval_share` (one forward pass of a batch, on the CPU ~1/6 step)
 
     def __init__(self, total_steps: int, budget: float | None = None, started: float | None = None,
                  eval_seconds: Callable[[], float] | None = None, sync: Callable[[], None] = lambda: None,
@@ -44,6 +61,7 @@ class StepPlan:
         self._eval_estimate = 0.0
         self._eval_share = 1.0
         self._eval_timed_at: tuple[bool, float] | None = None  # (small-image?, step seconds) when it was timed
+        self._stretch = _Stretch()
 
     @property
     def calibrated(self) -> bool:
@@ -53,12 +71,33 @@ class StepPlan:
         """Whether step `step` (0-based) trains on the small images."""
         return self.progress(step) < self.low_fraction
 
-    def after_step(self, step: int) -> None:
-        """Call after each optimiser step (`step` = steps done)."""
+    def pause(self) -> None:
+        """Stop counting time as step time (the loop is about to do something else, e.g. evaluate)."""
+        if self._stretch.since is not None:
+            self.sync()
+            self._stretch.seconds += time.perf_counter() - self._stretch.since
+            self._stretch.since = None
+
+    def resume(self) -> None:
+        """Count time as step time again."""
+        if self.calibrated and self._stretch.since is None:
+            self.sync()
+            self._stretch.since = time.perf_counter()
+
+    def after_step(self, step: int, low: bool = False) -> None:
+        """Call after each optimiser step (`step` = steps done; `low`: it trained on small images)."""
         if self.budget is None:
             return
         if self.calibrated:
-            if self.guard_every_step and self._time_left() < 0:
+            stretch = self._stretch
+            stretch.steps += 1
+            stretch.low_steps += low
+            if stretch.steps >= max(self.CALIBRATION_STEPS, self.total_steps // self.REPLANS) and step < self.total_steps:
+                self.pause()
+                self.replan(step, stretch.seconds, stretch.steps, stretch.low_steps)
+                self._stretch = _Stretch()
+                self.resume()
+            elif self.guard_every_step and self._time_left() < 0:
                 self.total_steps = step
             return
         if step == 1:
@@ -76,6 +115,8 @@ class StepPlan:
         self._eval_estimate = self.eval_seconds()
         self._eval_timed_at = (low, step_seconds)
         self.replan(step)
+        self._stretch = _Stretch()
+        self.resume()
 
     def replan(self, step: int, seconds: float | None = None, steps: int = 0, low_steps: int = 0) -> None:
         """Set the total so the remaining steps and the final evaluation fit the time left; `seconds` is the

@@ -349,7 +349,8 @@ def train(config: TrainConfig, dataset: ImageDataset, device: torch.device, *,
             model.train()
             augment.start_epoch(pos.epoch)
             _sync(device)
-            epoch_start, epoch_first_step, low_steps = time.perf_counter(), pos.step, 0
+            epoch_start = time.perf_counter()
+            plan.resume()
             loss_sum = torch.tensor(pos.loss_sum, dtype=sum_dtype(device), device=device)
             batches = train_data.batch_indices(config.batch_size, generator=epoch_generator(config.seed, pos.epoch),
                                                drop_last=config.drop_last)
@@ -369,9 +370,9 @@ def train(config: TrainConfig, dataset: ImageDataset, device: torch.device, *,
                 idx = ddp.shard(idx, world, len(train_data))
                 x = train_data.normalise(train_data.images[idx])
                 x = augment(x, idx) if augment.active else x
-                if plan.is_low(pos.step):
+                low = plan.is_low(pos.step)
+                if low:
                     x = F.interpolate(x, size=(low_res, low_res), mode="bilinear", antialias=True)
-                    low_steps += 1
                 y = train_data.labels[idx]
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     loss = F.cross_entropy(forward(x), y, label_smoothing=config.label_smoothing)
@@ -386,7 +387,7 @@ def train(config: TrainConfig, dataset: ImageDataset, device: torch.device, *,
                         result.lookahead = Lookahead(model, la)
                     else:
                         result.lookahead.update(model, result.lookahead.decay(plan.progress(pos.step)))
-                plan.after_step(pos.step)
+                plan.after_step(pos.step, low)
                 pos.total_steps = plan.total_steps
                 if stop.requested:
                     bar.close()
@@ -398,12 +399,9 @@ def train(config: TrainConfig, dataset: ImageDataset, device: torch.device, *,
             bar.close()
             if result.lookahead is not None:
                 result.lookahead.update(model, 1.0)  # end every epoch on the averaged weights
+            plan.pause()  # what follows (evaluations) is not step time
             _sync(device)
-            epoch_seconds = time.perf_counter() - epoch_start
-            pos.elapsed += epoch_seconds
-            if pos.step < plan.total_steps and pos.step > epoch_first_step:
-                plan.replan(pos.step, epoch_seconds, pos.step - epoch_first_step, low_steps)  # a whole epoch's rate
-            pos.total_steps = plan.total_steps
+            pos.elapsed += time.perf_counter() - epoch_start
             seen = ddp.all_sum(torch.tensor([pos.seen], dtype=torch.int64, device=device), world)
             pos.in_epoch, pos.loss_sum = False, float(ddp.all_sum(loss_sum, world))
             pos.seen = int(seen.item())
