@@ -53,6 +53,13 @@ VARIANTS = {
                                         "set": {"optimizer.name": "muon", "optimizer.muon_lr": 0.15}},
     "w64-256-256 b1024 muon 0.2 silu": {"widths": [64, 256, 256], "batch": 1024, "model": {"act": "silu"},
                                         "set": {"optimizer.name": "muon", "optimizer.muon_lr": 0.2}},
+    # Short budgets (30-60 s, 2-4 epochs): a cheaper last block, or smaller batches for more steps.
+    "w32-64-128 b512 muon 0.15 silu": {"widths": [32, 64, 128], "batch": 512, "model": {"act": "silu"},
+                                       "set": {"optimizer.name": "muon", "optimizer.muon_lr": 0.15}},
+    "w32-64-256 b256 muon 0.1 silu": {"widths": [32, 64, 256], "batch": 256, "model": {"act": "silu"},
+                                      "set": {"optimizer.name": "muon", "optimizer.muon_lr": 0.1}},
+    "w24-48-192 b512 muon 0.15 silu": {"widths": [24, 48, 192], "batch": 512, "model": {"act": "silu"},
+                                       "set": {"optimizer.name": "muon", "optimizer.muon_lr": 0.15}},
 }
 
 

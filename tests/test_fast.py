@@ -168,6 +168,8 @@ def test_fast_recipe_on_cpu_is_budgeted_and_scales_lr_with_batch() -> None:
     assert c.eval_batch_size == 256  # small batches stay in cache: CPU inference ran ~1.7x faster than at 2000
     assert make_config("speedrun", device="cpu", eval_batch_size=500).eval_batch_size == 500
     assert c.low_res == 0  # progressive resizing lost 0.4 points of validation accuracy here: opt-in only
+    short = make_config("speedrun", device="cpu", budget_seconds=30)  # 2-3 epochs: a cheaper last block
+    assert short.model_kwargs == {"widths": [32, 64, 128], "act": "silu"} and short.batch_size == 512
     long = make_config("speedrun", device="cpu", budget_seconds=1000)
     assert long.model_kwargs["widths"] == [64, 256, 256] and long.optimizer.muon_lr == 0.2
     fixed = make_config("speedrun", device="cpu", epochs=10)  # no budget: airbench94's own settings, SGD
