@@ -49,17 +49,23 @@ def main() -> None:
             out, wall = run(cmd)
             runs.append({"seed": seed, "test_accuracy": out["test_accuracy"], "wall_seconds_run": out["wall_seconds"],
                          "wall_seconds_process": wall, "train_seconds": out["train_seconds"], "epochs": len(out["history"]),
-                         "steps": out["steps"], "widths": out["config"]["model_kwargs"].get("widths")})
+                         "steps": out["steps"], "train_pflops": out["train_flops"] / 1e15,
+                         "widths": out["config"]["model_kwargs"].get("widths")})
             print(f"budget {budget:g}s seed {seed}: {100 * out['test_accuracy']:.2f}% in {out['wall_seconds']:.1f}s "
                   f"(process {wall:.1f}s)", file=sys.stderr, flush=True)
         acc = [r["test_accuracy"] for r in runs]
         rows.append({"budget_seconds": budget, "test_accuracy_mean": statistics.fmean(acc),
                      "test_accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
                      "wall_seconds_max": max(r["wall_seconds_run"] for r in runs),
-                     "process_seconds_max": max(r["wall_seconds_process"] for r in runs), "runs": runs})
+                     "process_seconds_max": max(r["wall_seconds_process"] for r in runs),
+                     "train_pflops_mean": statistics.fmean(r["train_pflops"] for r in runs), "runs": runs})
     import torch
+
+    from cifarbench.provenance import cpu_description
+
     print(json.dumps({"benchmark": "cpu_budget", "model": args.model, "device": args.device, "threads": torch.get_num_threads(),
-                      "torch": str(torch.__version__), "cores": os.cpu_count(), "results": rows}, indent=2))
+                      "torch": str(torch.__version__), "cores": os.cpu_count(), "cpu": cpu_description(),
+                      "results": rows}, indent=2))
 
 
 if __name__ == "__main__":

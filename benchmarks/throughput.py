@@ -15,8 +15,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cifarbench.device import describe_device, resolve_device
+from cifarbench.device import describe_device, keep_cpu_memory, resolve_device
+from cifarbench.evaluation.analysis import TRAIN_FLOPS_PER_FORWARD, model_cost
 from cifarbench.models import count_parameters, create_model, list_models
+from cifarbench.provenance import cpu_description
 
 
 def sync(device: torch.device) -> None:
@@ -67,6 +69,8 @@ def main() -> None:
     ap.add_argument("--widths", action="append", default=[], help="speedrun widths to try, e.g. 64,256,256")
     args = ap.parse_args()
     device = resolve_device(args.device)
+    if device.type == "cpu":
+        keep_cpu_memory()  # as the training loop does: without it glibc hands every large buffer back each step
     dtype = None if args.precision == "fp32" or (args.precision == "auto" and device.type == "mps") else torch.bfloat16
     rows = []
     variants = [(m, {}) for m in args.models]
@@ -74,9 +78,14 @@ def main() -> None:
     for name, kwargs in variants:
         torch.manual_seed(0)
         model = create_model(name, **kwargs)
-        rows.append({"model": name, **kwargs, "params": count_parameters(model),
-                     **measure(model, device, dtype, args.batch_size, args.steps)})
-    print(json.dumps({"benchmark": "throughput", "device": describe_device(device), "torch": str(torch.__version__),
+        speed = measure(model, device, dtype, args.batch_size, args.steps)
+        flops = model_cost(name, (3, 32, 32), model_kwargs=kwargs).flops_per_image
+        # Achieved rate of the matrix products (the FLOPs airbench counts): how close a model runs to the device's peak.
+        rows.append({"model": name, **kwargs, "params": count_parameters(model), "flops_per_image": flops, **speed,
+                     "train_tflops_per_second": speed["train_images_per_second"] * TRAIN_FLOPS_PER_FORWARD * flops / 1e12,
+                     "inference_tflops_per_second": speed["inference_images_per_second"] * flops / 1e12})
+    print(json.dumps({"benchmark": "throughput", "device": describe_device(device), "cpu": cpu_description(),
+                      "torch": str(torch.__version__),
                       "precision": args.precision, "batch_size": args.batch_size, "results": rows}, indent=2))
 
 

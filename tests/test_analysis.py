@@ -10,7 +10,8 @@ from cifarbench.data import fit_normalisation
 from cifarbench.config import DataConfig
 from cifarbench.errors import CifarbenchError
 from cifarbench.evaluation.analysis import (confident_mistakes, confusion_matrix, count_macs, model_cost,
-                                            per_class_accuracy, summarise_time_to_target, time_to_target)
+                                            per_class_accuracy, summarise_time_to_target, time_to_target,
+                                            training_flops)
 from cifarbench.reporting.tables import comparison_table, history_table, time_to_target_cell
 
 
@@ -28,6 +29,19 @@ def test_macs_count_grouped_convolutions_and_leave_the_model_unhooked() -> None:
     model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, groups=2), nn.Flatten(), nn.Linear(8 * 5 * 5, 3))
     assert count_macs(model, (4, 5, 5)) == 5 * 5 * 8 * (2 * 9) + 200 * 3
     assert all(not m._forward_hooks for m in model.modules()) and model.training
+
+
+def test_training_flops_are_three_forward_passes_per_image_at_each_images_size() -> None:
+    assert training_flops("fnn", (3, 32, 32), 100) == 3 * 2 * (3072 * 128 + 128 * 10) * 100
+    # speedrun with widths 8-8-8 fed 20x20 images (progressive resizing), by hand: the 2x2 whitening conv
+    # (3 -> 24) gives 19x19; each block: conv1 at the input size, pool, conv2 at the pooled size.
+    low = (19 * 19 * 24 * 12 + 19 * 19 * 8 * 24 * 9 + 9 * 9 * 8 * 8 * 9  # whitening, block 1 (19 -> 9)
+           + 9 * 9 * 8 * 8 * 9 + 4 * 4 * 8 * 8 * 9  # block 2 (9 -> 4)
+           + 4 * 4 * 8 * 8 * 9 + 2 * 2 * 8 * 8 * 9  # block 3 (4 -> 2)
+           + 8 * 10)  # head
+    full = model_cost("speedrun", (3, 32, 32), model_kwargs={"widths": [8, 8, 8]}).macs_per_image
+    both = training_flops("speedrun", (3, 32, 32), 10, model_kwargs={"widths": [8, 8, 8]}, low_res=20, low_images=4)
+    assert both == 3 * 2 * (6 * full + 4 * low)
 
 
 HISTORY = [{"epoch": 1, "test_accuracy": 0.5, "seconds": 2.0}, {"epoch": 2, "test_accuracy": None, "seconds": 4.0},

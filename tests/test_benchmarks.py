@@ -60,3 +60,26 @@ def test_tta_threshold_scores_plain_full_and_selective_tta_on_the_validation_spl
     assert all(0.0 <= e["val_accuracy"] <= 1.0 and e["seconds"] > 0 for e in row["evaluations"])
     # A higher threshold leaves at least as many images unsure.
     assert 0.0 <= low["unsure_val"] <= high["unsure_val"] <= 1.0 and 0.0 <= low["unsure_train"] <= high["unsure_train"]
+
+
+def test_cpu_budget_reports_accuracy_seconds_and_compute_over_seeds(tiny_py: Path) -> None:
+    done = run_benchmark("cpu_budget.py", "--budgets", "3", "--seeds", "2", "--data-dir", str(tiny_py))
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert f"{os.cpu_count()} logical CPUs" in out["cpu"]
+    (row,) = out["results"]
+    runs = row["runs"]
+    assert [r["seed"] for r in runs] == [0, 1] and row["budget_seconds"] == 3
+    assert row["test_accuracy_mean"] == pytest.approx(sum(r["test_accuracy"] for r in runs) / 2)
+    assert all(r["train_pflops"] > 0 and r["steps"] >= 1 for r in runs)
+    assert row["train_pflops_mean"] == pytest.approx(sum(r["train_pflops"] for r in runs) / 2)
+
+
+def test_throughput_reports_images_and_flops_per_second() -> None:
+    done = run_benchmark("throughput.py", "--models", "fnn", "--steps", "1", "--batch-size", "8")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    (row,) = out["results"]
+    assert row["flops_per_image"] == 2 * (3072 * 128 + 128 * 10)
+    assert row["train_tflops_per_second"] == pytest.approx(3 * row["flops_per_image"] * row["train_images_per_second"] / 1e12)
+    assert row["inference_tflops_per_second"] == pytest.approx(row["flops_per_image"] * row["inference_images_per_second"] / 1e12)

@@ -55,3 +55,4 @@ def test_two_ranks_match_one_process(tmp_path: Path, model: str, batch: int) -> 
     b = load_checkpoint(Path(reference["run_dir"]) / "checkpoint.pt")["state_dict"]
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert out["train_flops"] == reference["train_flops"] > 0  # both ranks' images, each counted once

@@ -333,6 +333,8 @@ def test_progressive_resizing_trains_the_first_half_on_small_images(tiny_py: Pat
                          model_kwargs=SMALL, low_res=20)
     result = train(config, dataset, torch.device("cpu"), progress=False)
     assert result.steps % 2 == 0 and sizes == [(20, 20)] * (result.steps // 2)
+    # The run's compute is counted from these: every training image, the small ones apart.
+    assert result.position.images == 16 * result.steps and result.position.low_images == 16 * (result.steps // 2)
     assert result.final is not None and result.final.n == len(dataset.test)  # evaluated at full size
 
 

@@ -97,6 +97,7 @@ def test_stopped_and_resumed_run_matches_uninterrupted_run(data: Path, tmp_path:
                         load_checkpoint(Path(reference["run_dir"]) / "checkpoint.pt")["state_dict"])
     assert resumed["test_accuracy"] == reference["test_accuracy"]
     assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in reference["history"]]
+    assert resumed["train_flops"] == reference["train_flops"] > 0  # the images before the stop count too
     with RunStore(runs) as store:
         run = store.get_run(run_id)
     assert run["status"] == "completed" and len(run["history"]) == 8

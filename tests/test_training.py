@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,10 @@ def test_train_run_writes_folder_and_history(tiny_py: Path, tmp_path: Path) -> N
     config = json.loads((run_dir / "config.json").read_text())
     assert config["config"]["data"]["verify"] is False and config["dataset"]["verified"] is False
     assert config["torch_version"] == torch.__version__ and config["code_version"]
+    assert f"{os.cpu_count()} logical CPUs" in config["cpu"]  # which processor the seconds were measured on
+    # Compute: every training image of both epochs (the seed recipe keeps the last, smaller batch), 3 passes each.
+    n_train = len(load_cifar10(tiny_py, verify=False, download=False).train)
+    assert summary["train_flops"] == 3 * summary["flops_per_image"] * 2 * n_train
     with RunStore(tmp_path / "r") as store:
         run = store.get_run(summary["run_id"])
     assert run["status"] == "completed" and len(run["history"]) == 2

@@ -22,8 +22,9 @@ from cifarbench.data import ImageDataset, fit_normalisation, load_dataset
 from cifarbench.data.loader import DeviceSplit
 from cifarbench.device import describe_device, kernel_choice, resolve_device
 from cifarbench.errors import CifarbenchError
+from cifarbench.evaluation.analysis import model_cost, training_flops
 from cifarbench.evaluation.metrics import evaluate
-from cifarbench.models import count_parameters, create_model
+from cifarbench.models import create_model
 from cifarbench.provenance import environment
 from cifarbench.runs.store import RunStore, resolve_runs_dir
 from cifarbench.training.checkpoint import load_checkpoint, save_checkpoint
@@ -96,8 +97,8 @@ def _train_run(config: TrainConfig, world: ddp.DistEnv, device: torch.device, st
         return {"rank": world.rank, "test_accuracy": result.final.accuracy if result.final else None}
     env = environment()
     store = RunStore(runs_dir)
-    params = count_parameters(create_model(config.model, num_classes=len(dataset.classes), in_shape=dataset.image_shape,
-                                           **config.model_kwargs))
+    cost = model_cost(config.model, dataset.image_shape, len(dataset.classes), config.model_kwargs)
+    params = cost.params
     if state is not None:
         run_id = state["run_id"]
         run_dir = ckpt_path.parent
@@ -141,7 +142,10 @@ def _train_run(config: TrainConfig, world: ddp.DistEnv, device: torch.device, st
         "epochs": config.epochs, "test_accuracy": result.final.accuracy, "test_loss": result.final.loss,
         "train_seconds": result.train_seconds, "wall_seconds": result.wall_seconds, "steps": result.steps,
         "tta": config.tta, "tta_threshold": config.tta_threshold, "budget_seconds": config.budget_seconds,
-        "device": describe_device(device), "params": params,
+        "device": describe_device(device), "params": params, "flops_per_image": cost.flops_per_image,
+        # Compute spent on training, comparable with the speedrun literature's PFLOP figures.
+        "train_flops": training_flops(config.model, dataset.image_shape, result.position.images, len(dataset.classes),
+                                      config.model_kwargs, config.low_res, result.position.low_images),
         "world_size": world.world_size,
         "dataset": dataset.info(), "history": [h.to_dict() for h in result.history],
         "per_class_accuracy": result.final.per_class_accuracy, "confusion": result.final.confusion,
@@ -226,7 +230,6 @@ def compare(models: Sequence[str], make: Callable[[str, int], TrainConfig], *, s
     fraction such as 0.9), the epoch and training second at which each seed first reached it. `report` also
     writes the self-contained HTML report there.
     """
-    from cifarbench.evaluation.analysis import model_cost
     from cifarbench.reporting.plots import plot_learning_curves
 
     if seeds < 1 or jobs < 1:
@@ -454,7 +457,6 @@ def group_runs(runs: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]
 
 def _stored_cost(run: dict[str, Any]):
     from cifarbench.data import IMAGE_SHAPES
-    from cifarbench.evaluation.analysis import model_cost
 
     name = (run.get("dataset") or {}).get("name")
     if name not in IMAGE_SHAPES:

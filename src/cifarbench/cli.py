@@ -282,7 +282,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         return
     _note_unverified(result["dataset"])
     print(f"run {result['run_id']}: test accuracy {100 * result['test_accuracy']:.2f}%, test loss "
-          f"{result['test_loss']:.4f}, {result['train_seconds']:.1f} s training on {result['device']}")
+          f"{result['test_loss']:.4f}, {result['train_seconds']:.1f} s training on {result['device']} "
+          f"({result['train_flops'] / 1e12:.1f} TFLOP)")
     print(f"saved in {result['run_dir']}")
 
 

@@ -73,6 +73,25 @@ def model_cost(name: str, in_shape: Sequence[int], num_classes: int = 10,
     return ModelCost(params=count_parameters(model), macs_per_image=count_macs(model, in_shape))
 
 
+TRAIN_FLOPS_PER_FORWARD = 3
+"""A training image costs about three forward passes of matrix products: the forward pass, then the backward
+pass's input gradients and weight gradients (one forward's worth each). The usual convention, and the one
+airbench's PFLOP figures follow (airbench94: 0.236 GFLOP forward per image, 3x that for 50,000 images x 9.9
+epochs, plus its TTA evaluation, is its 0.36 PFLOP)."""
+
+
+def training_flops(name: str, in_shape: Sequence[int], images: int, num_classes: int = 10,
+                   model_kwargs: Mapping[str, Any] | None = None, low_res: int = 0, low_images: int = 0) -> int:
+    """Matrix-product FLOPs of training `images` images, `low_images` of them scaled down to `low_res` pixels
+    (progressive resizing: the same net, built for `in_shape`, fed smaller images)."""
+    from cifarbench.models import create_model
+
+    model = create_model(name, num_classes=num_classes, in_shape=tuple(in_shape), **(model_kwargs or {}))
+    full = 2 * count_macs(model, in_shape)
+    low = 2 * count_macs(model, (in_shape[0], low_res, low_res)) if low_images else 0
+    return TRAIN_FLOPS_PER_FORWARD * (full * (images - low_images) + low * low_images)
+
+
 def time_to_target(history: Sequence[Mapping[str, Any]], target: float) -> dict[str, float] | None:
     """The first epoch whose test accuracy reached `target`, with the cumulative training seconds at its end.
 

@@ -64,6 +64,10 @@ class LoopPosition:
     elapsed: float = 0.0
     loss_sum: float = 0.0
     seen: int = 0
+    images: int = 0
+    """Training images over the whole run, all ranks together (what the run's compute is counted from)."""
+    low_images: int = 0
+    """Of those, the ones trained at the reduced resolution (`low_res`)."""
 
 
 @dataclass
@@ -367,6 +371,7 @@ def train(config: TrainConfig, dataset: ImageDataset, device: torch.device, *,
                     g["lr"] = g["base_lr"] * lr_factor(config.schedule, progress_now)
                 if whiten_bias is not None:
                     whiten_bias.requires_grad_(progress_now < config.whiten_bias_fraction)
+                images = len(idx)  # the global batch (a tensor: training batches are always shuffled)
                 idx = ddp.shard(idx, world, len(train_data))
                 x = train_data.normalise(train_data.images[idx])
                 x = augment(x, idx) if augment.active else x
@@ -381,6 +386,8 @@ def train(config: TrainConfig, dataset: ImageDataset, device: torch.device, *,
                 optimizer.step()
                 loss_sum += loss.detach().to(loss_sum.dtype) * len(y)
                 pos.step, pos.batch, pos.seen = pos.step + 1, i + 1, pos.seen + len(y)
+                pos.images += images
+                pos.low_images += images if low else 0
                 la = config.lookahead
                 if la.enabled and progress_now >= la.start and pos.step % la.every == 0:
                     if result.lookahead is None:
