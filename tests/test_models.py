@@ -71,3 +71,56 @@ def test_speedrun_activations_are_switches() -> None:
     assert len({tuple(o.flatten().tolist()) for o in outs.values()}) == 3
     with pytest.raises(CifarbenchError, match="activations must be one of"):
         create_model("speedrun", act="tanh")
+
+
+def test_matmul_weight_grad_conv_is_the_convolutions_exact_gradient() -> None:
+    import torch.nn.functional as F
+
+    from cifarbench.models.speedrun import _MatmulWeightGradConv
+
+    # Entries in {-1, 0, 1}: every product and sum (at most 4*5*7 terms) is exact in bf16 with fp32 accumulation, so
+    # any slip (a transposed 3x3 kernel, swapped height and width, a shifted tap) shows as a difference, not noise.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-1, 2, (4, 8, 5, 7), generator=g).float().contiguous(memory_format=torch.channels_last)
+    w = torch.randint(-1, 2, (16, 8, 3, 3), generator=g).float()
+    grad = torch.randint(-1, 2, (4, 16, 5, 7), generator=g).to(torch.bfloat16)
+    results = []
+    for conv in (lambda a, b: F.conv2d(a, b, padding=1), _MatmulWeightGradConv.apply):
+        a, b = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = conv(a, b)
+        out.backward(grad)
+        assert out.dtype == torch.bfloat16 and b.grad.dtype == torch.float32
+        results.append((out.float(), a.grad, b.grad))
+    (out0, gx0, gw0), (out1, gx1, gw1) = results
+    assert gw0.abs().max() > 10  # a real gradient, not zeros
+    assert torch.equal(out0, out1) and torch.equal(gx0, gx1) and torch.equal(gw0, gw1)
+
+
+def test_speedrun_takes_matmul_weight_grads_only_in_bf16_cpu_training_of_its_last_block(monkeypatch) -> None:
+    from cifarbench.models import speedrun
+
+    calls = []
+    apply = speedrun._MatmulWeightGradConv.apply
+    monkeypatch.setattr(speedrun._MatmulWeightGradConv, "apply", lambda *a: calls.append(a[0].shape) or apply(*a))
+    x = torch.randn(4, 3, 32, 32)
+
+    def grads(matmul: bool, bf16: bool = True) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = create_model("speedrun", widths=[8, 16, 32], cpu_matmul_weight_grad=matmul)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(x)
+        out.float().logsumexp(1).mean().backward()
+        return [p.grad for p in model.parameters() if p.requires_grad]
+
+    stock = grads(False)
+    assert calls == []
+    matmul = grads(True)
+    assert calls == [(4, 16, 7, 7), (4, 32, 3, 3)]  # the last block's two convolutions, nothing else
+    for a, b in zip(stock, matmul):  # the same gradients up to bf16 rounding of the summation order
+        torch.testing.assert_close(b, a, rtol=2e-2, atol=1e-2 * a.abs().max().item())
+    calls.clear()
+    grads(True, bf16=False)  # fp32 keeps the stock kernels (and --deterministic's thread-independent ones)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        create_model("speedrun", widths=[8, 16, 32])(x)  # inference needs no weight gradient
+    assert calls == []
