@@ -83,3 +83,11 @@ def test_throughput_reports_images_and_flops_per_second() -> None:
     assert row["flops_per_image"] == 2 * (3072 * 128 + 128 * 10)
     assert row["train_tflops_per_second"] == pytest.approx(3 * row["flops_per_image"] * row["train_images_per_second"] / 1e12)
     assert row["inference_tflops_per_second"] == pytest.approx(row["flops_per_image"] * row["inference_images_per_second"] / 1e12)
+
+
+def test_weight_grad_alternates_both_kernels_on_the_last_block() -> None:
+    done = run_benchmark("weight_grad.py", "--widths", "8,16,32", "--batch-size", "8", "--rounds", "2", "--steps", "1")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["switched_convs"] == 2 and len(out["per_round_ratio"]) == 2
+    assert out["ratio"] == pytest.approx(out["matmul_step_ms"] / out["onednn_step_ms"])
