@@ -38,14 +38,14 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=120)
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--data-dir", default=os.environ.get("CIFARBENCH_DATA"))
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the fast recipe's settings differ by device)")
     ap.add_argument("--only", nargs="*", help="ablation names to run (default: all)")
     args = ap.parse_args()
     import tempfile
 
     import torch
 
-    from cifarbench.api import train_run
+    from cifarbench.running import train_run
     from cifarbench.config import DataConfig
     from cifarbench.data import load_dataset
     from cifarbench.training.recipes import make_config
@@ -60,7 +60,7 @@ def main() -> None:
         for seed in range(args.seeds):
             config = make_config("speedrun", budget_seconds=args.budget, seed=seed, device=args.device,
                                  data_dir=args.data_dir, verify=False).with_changes(changes)
-            out = train_run(config, runs_dir=runs_dir, dataset=dataset, progress=False)
+            out = train_run(config, runs_dir=runs_dir, dataset=dataset, progress=False).to_dict()
             accs.append(out["test_accuracy"])
             print(f"{name} seed {seed}: {100 * out['test_accuracy']:.2f}% ({out['wall_seconds']:.0f} s, "
                   f"{len(out['history'])} epochs)", file=sys.stderr, flush=True)

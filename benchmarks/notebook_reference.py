@@ -205,7 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs-cnn", type=int, default=10)
     args = parser.parse_args(argv)
 
+    from cifarbench import runtime
     from cifarbench.errors import CifarbenchError
+
+    runtime.configure()  # the same reproducibility settings as cifarbench's own runs
 
     try:
         train_images, train_labels = load_split(args.data_dir, train=True)

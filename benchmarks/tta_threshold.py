@@ -30,12 +30,14 @@ def main() -> None:
 
     import torch
 
-    from cifarbench.api import load_trained_model, train_run
+    from cifarbench.device import autocast, autocast_dtype
+    from cifarbench.inference import load_trained_model
+    from cifarbench.running import train_run
     from cifarbench.config import DataConfig
     from cifarbench.data import load_dataset
     from cifarbench.data.loader import DeviceSplit
     from cifarbench.evaluation.metrics import confidence, evaluate
-    from cifarbench.training.loop import autocast_dtype, split_validation
+    from cifarbench.training.loop import split_validation
     from cifarbench.training.recipes import make_config
 
     dataset = load_dataset(DataConfig(data_dir=args.data_dir, verify=False))
@@ -44,7 +46,7 @@ def main() -> None:
     for seed in range(args.seeds):
         config = make_config("speedrun", budget_seconds=args.budget, val_split=args.val_split, device="cpu",
                              data_dir=args.data_dir, verify=False, seed=seed)
-        out = train_run(config, runs_dir=runs_dir, dataset=dataset, progress=False)
+        out = train_run(config, runs_dir=runs_dir, dataset=dataset, progress=False).to_dict()
         loaded = load_trained_model(out["run_id"], runs_dir=runs_dir, device="cpu")
         model, amp = loaded.model, autocast_dtype(config, loaded.device)
         train, val = split_validation(dataset.train, config.val_split)
@@ -54,7 +56,7 @@ def main() -> None:
         # Confidence of the plain view on held-out and on seen training images (as many as held out).
         model.eval()
         top = {}  # top-class probability of the plain view
-        with torch.no_grad(), torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+        with torch.no_grad(), autocast(loaded.device, amp):
             for name, data, n in (("val", val_data, len(val_data)), ("train", seen, len(val_data))):
                 x = data.normalise(data.images[:n])
                 top[name] = torch.cat([confidence(model(b)) for b in x.split(config.eval_batch_size)])

@@ -82,7 +82,7 @@ def main() -> None:
     args = ap.parse_args()
     import tempfile
 
-    from cifarbench.api import train_run
+    from cifarbench.running import train_run
     from cifarbench.config import DataConfig, parse_changes
     from cifarbench.data import load_dataset
     from cifarbench.errors import CifarbenchError
@@ -103,7 +103,7 @@ def main() -> None:
         changes = {**v.get("set", {}), **extra}
         config = make_config("speedrun", budget_seconds=args.budget, val_split=args.val_split, device="cpu",
                              data_dir=args.data_dir, verify=False, seed=args.seed, **shape).with_changes(changes)
-        out = train_run(config, runs_dir=runs_dir, dataset=dataset, progress=False)
+        out = train_run(config, runs_dir=runs_dir, dataset=dataset, progress=False).to_dict()
         val = out["history"][-1]["val_accuracy"]
         rows.append({"variant": name, **v, "recorded": {k: recorded(out["config"], k) for k in changes},
                      "val_accuracy": val, "epochs": len(out["history"]), "steps": out["steps"],

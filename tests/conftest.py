@@ -62,6 +62,13 @@ def make_archive(data_root: Path, archive: Path) -> Path:
     return archive
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The settings the entry points apply, before any test does work (MKL reads them at its first call)."""
+    from cifarbench import runtime
+
+    runtime.configure()
+
+
 @pytest.fixture(autouse=True)
 def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test gets its own cache and run store, and never sees the developer's data folder."""

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from torch import nn
 
 from cifarbench.data import fit_normalisation
 from cifarbench.config import DataConfig
 from cifarbench.errors import CifarbenchError
-from cifarbench.evaluation.analysis import (confident_mistakes, confusion_matrix, count_macs, model_cost,
-                                            per_class_accuracy, summarise_time_to_target, time_to_target,
-                                            training_flops)
+from cifarbench.evaluation.analysis import (confident_mistakes, count_macs, model_cost, summarise_time_to_target,
+                                            time_to_target, training_flops)
+from cifarbench.evaluation.metrics import EvalResult
+from cifarbench.models import create_model
+from cifarbench.runs.records import ModelSummary
 from cifarbench.reporting.tables import comparison_table, history_table, time_to_target_cell
 
 
@@ -32,7 +35,7 @@ def test_macs_count_grouped_convolutions_and_leave_the_model_unhooked() -> None:
 
 
 def test_training_flops_are_three_forward_passes_per_image_at_each_images_size() -> None:
-    assert training_flops("fnn", (3, 32, 32), 100) == 3 * 2 * (3072 * 128 + 128 * 10) * 100
+    assert training_flops(create_model("fnn"), (3, 32, 32), 100) == 3 * 2 * (3072 * 128 + 128 * 10) * 100
     # speedrun with widths 8-8-8 fed 20x20 images (progressive resizing), by hand: the 2x2 whitening conv
     # (3 -> 24) gives 19x19; each block: conv1 at the input size, pool, conv2 at the pooled size.
     low = (19 * 19 * 24 * 12 + 19 * 19 * 8 * 24 * 9 + 9 * 9 * 8 * 8 * 9  # whitening, block 1 (19 -> 9)
@@ -40,7 +43,7 @@ def test_training_flops_are_three_forward_passes_per_image_at_each_images_size()
            + 4 * 4 * 8 * 8 * 9 + 2 * 2 * 8 * 8 * 9  # block 3 (4 -> 2)
            + 8 * 10)  # head
     full = model_cost("speedrun", (3, 32, 32), model_kwargs={"widths": [8, 8, 8]}).macs_per_image
-    both = training_flops("speedrun", (3, 32, 32), 10, model_kwargs={"widths": [8, 8, 8]}, low_res=20, low_images=4)
+    both = training_flops(create_model("speedrun", widths=[8, 8, 8]), (3, 32, 32), 10, low_res=20, low_images=4)
     assert both == 3 * 2 * (6 * full + 4 * low)
 
 
@@ -71,18 +74,17 @@ def test_time_to_target_over_seeds_averages_the_seeds_that_reached_it() -> None:
 def test_confusion_per_class_and_confident_mistakes() -> None:
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6], [0.99, 0.01]])
     labels = np.array([0, 0, 0, 1])
-    matrix = confusion_matrix(labels, probs.argmax(1), 2)
-    assert matrix.tolist() == [[1, 2], [1, 0]]
-    assert per_class_accuracy(matrix) == [1 / 3, 0.0]
+    counts = torch.bincount(torch.as_tensor(labels * 2 + probs.argmax(1)), minlength=4).view(2, 2)
+    ev = EvalResult.from_counts(counts, loss_sum=4.0)
+    assert ev.confusion == [[1, 2], [1, 0]] and ev.per_class_accuracy == [1 / 3, 0.0]
+    assert ev.accuracy == 1 / 4 and ev.loss == 1.0
     wrong = confident_mistakes(probs, labels, k=2)
     assert [(m["index"], m["true"], m["predicted"]) for m in wrong] == [(3, 1, 0), (1, 0, 1)]
     assert wrong[0]["confidence"] == pytest.approx(0.99)
 
 
-def result(model: str, **extra) -> dict:
-    return {"model": model, "recipe": "seed", "seeds": [0, 1], "test_accuracy_mean": 0.5512, "test_accuracy_std": 0.0042,
-            "train_seconds_mean": 73.94, "train_seconds_std": 1.26, "params": 315_722, "flops_per_image": 8_377_600,
-            **extra}
+def result(model: str, time_to_target=None) -> ModelSummary:
+    return ModelSummary(model, "seed", [0, 1], 0.5512, 0.0042, 73.94, 1.26, 315_722, 8_377_600, time_to_target, [])
 
 
 def test_comparison_table_is_markdown_with_time_to_target_only_when_asked() -> None:

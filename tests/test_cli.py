@@ -39,7 +39,7 @@ def test_train_eval_runs_round_trip(tiny_py: Path, tmp_path: Path, capsys: pytes
     assert ev2["confusion"] == ev["confusion"]
 
     listed = run_json(capsys, "runs", "--runs-dir", runs)["runs"]
-    assert [r["id"] for r in listed] == [out["run_id"]] and listed[0]["status"] == "completed"
+    assert [r["run_id"] for r in listed] == [out["run_id"]] and listed[0]["status"] == "completed"
 
     assert main(["eval", out["run_id"], "--runs-dir", runs]) == 0
     human = capsys.readouterr().out

@@ -45,8 +45,9 @@ def test_keep_cpu_memory_keeps_step_sized_buffers_out_of_mmap() -> None:
 
 
 GEMM = r"""
+from cifarbench import runtime
+runtime.configure()  # what the entry points do: MKL's strict reproducibility mode before the first product
 import torch
-import cifarbench  # sets MKL's strict reproducibility mode before the first matrix product
 
 torch.manual_seed(0)
 x, y = torch.randn(100, 3072), torch.randint(0, 10, (100,))
@@ -69,7 +70,7 @@ def test_matrix_product_gradients_do_not_depend_on_the_thread_count() -> None:
         return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                               env=env).stdout.strip()
 
-    if run(GEMM.replace("import cifarbench", "pass")) == "True":
+    if run(GEMM.replace("runtime.configure()", "pass")) == "True":
         pytest.skip("this machine's MKL gives thread-independent results even without the setting")
     assert run(GEMM) == "True"
 
@@ -86,3 +87,11 @@ def test_kernel_choice_turns_onednn_off_and_restores_it() -> None:
         assert not torch.backends.mkldnn.enabled and torch.backends.cudnn.deterministic
         raise ValueError  # restored on the way out of a failure too
     assert (torch.backends.mkldnn.enabled, torch.backends.cudnn.deterministic) == before
+
+
+def test_importing_cifarbench_changes_no_process_settings() -> None:
+    """Settings belong to the entry points (cifarbench.runtime): a library import leaves the environment alone."""
+    script = "import os, cifarbench, cifarbench.api; print(os.environ.get('MKL_CBWR'))"
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
+    assert done.stdout.strip() == "None"

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifarbench.api import evaluate_checkpoint, train_run
+from cifarbench.inference import evaluate_checkpoint
+from cifarbench.running import train_run
 from cifarbench.runs.store import RunStore
 from cifarbench.training.checkpoint import load_checkpoint
 from cifarbench.training.recipes import make_config
@@ -44,13 +45,13 @@ def test_two_ranks_match_one_process(tmp_path: Path, model: str, batch: int) -> 
         assert [r["id"] for r in store.list_runs()] == [out["run_id"]]
 
     # Its accuracy (summed over the ranks' halves of the test set) is the whole test set's, counted once.
-    single = evaluate_checkpoint(out["run_id"], runs_dir=runs, device="cpu")
+    single = evaluate_checkpoint(out["run_id"], runs_dir=runs, device="cpu").to_dict()
     assert single["n"] == 40 and out["test_accuracy"] == single["test_accuracy"]
     assert out["confusion"] == single["confusion"]
 
     # Same global batch in one process: the same weights, up to the order of floating-point reductions.
     reference = train_run(make_config(model, data_dir=str(data), verify=False, epochs=3, batch_size=batch,
-                                      device="cpu"), runs_dir=tmp_path / "ref", progress=False)
+                                      device="cpu"), runs_dir=tmp_path / "ref", progress=False).to_dict()
     a = load_checkpoint(runs / out["run_id"] / "checkpoint.pt")["state_dict"]
     b = load_checkpoint(Path(reference["run_dir"]) / "checkpoint.pt")["state_dict"]
     for name in a:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cifarbench.api import _run_parallel, compare
+from cifarbench.comparing import _run_parallel, compare
 from cifarbench.runs.store import RunStore
 from cifarbench.training.recipes import make_config
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def test_parallel_compare_gathers_every_seed(tiny_py: Path, tmp_path: Path) -> None:
     make = lambda m, s: make_config(m, data_dir=str(tiny_py), verify=False, epochs=2, batch_size=10, seed=s,  # noqa: E731
                                     device="cpu")
-    out = compare(["fnn", "cnn"], make, seeds=2, jobs=2, runs_dir=tmp_path / "runs", plot=tmp_path / "p.png")
+    out = compare(["fnn", "cnn"], make, seeds=2, jobs=2, runs_dir=tmp_path / "runs", plot=tmp_path / "p.png").to_dict()
     assert out["jobs"] == 2 and out["failures"] == []
     assert [(r["model"], r["seeds"]) for r in out["results"]] == [("fnn", [0, 1]), ("cnn", [0, 1])]
     with RunStore(tmp_path / "runs") as store:
@@ -28,10 +28,9 @@ def test_parallel_compare_gathers_every_seed(tiny_py: Path, tmp_path: Path) -> N
 def test_a_failing_worker_is_reported_and_the_rest_kept(tiny_py: Path, tmp_path: Path) -> None:
     good = make_config("fnn", data_dir=str(tiny_py), verify=False, epochs=1, batch_size=10, device="cpu")
     bad = replace(good, seed=1, val_split=10_000)  # more than the training set: fails inside the worker
-    done = _run_parallel([good, bad], 2, tmp_path / "runs", on_run=None)
-    by_seed = {config.seed: (run, error) for config, run, error in done}
-    assert by_seed[0][1] is None and by_seed[0][0]["test_accuracy"] is not None
-    assert by_seed[1][0] is None and "val-split" in by_seed[1][1]
+    runs, failures = _run_parallel([good, bad], 2, tmp_path / "runs", on_run=None)
+    assert [(r.seed, r.status) for r in runs] == [(0, "completed")] and runs[0].test_accuracy is not None
+    assert [f["seed"] for f in failures] == [1] and "val-split" in failures[0]["error"]
 
 
 def test_deterministic_runs_match_across_worker_thread_counts(tiny_py: Path, tmp_path: Path) -> None:
@@ -45,7 +44,7 @@ def test_deterministic_runs_match_across_worker_thread_counts(tiny_py: Path, tmp
                                     device="cpu", deterministic=True)
     weights = []
     for jobs in (1, 2):
-        out = compare(["cnn"], make, seeds=2, jobs=jobs, runs_dir=tmp_path / f"runs{jobs}", plot=tmp_path / "p.png")
+        out = compare(["cnn"], make, seeds=2, jobs=jobs, runs_dir=tmp_path / f"runs{jobs}", plot=tmp_path / "p.png").to_dict()
         assert out["failures"] == []
         with RunStore(tmp_path / f"runs{jobs}") as store:
             runs = sorted(store.list_runs(), key=lambda r: r["seed"])

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cifarbench.api import predict_images, predict_test_set, train_run
+from cifarbench.inference import predict_images, predict_test_set
+from cifarbench.running import train_run
 from cifarbench.cli import main
 from cifarbench.data import load_dataset
 from cifarbench.data.images import MAX_PIXELS, ImageFileError, open_image
@@ -22,7 +23,7 @@ from cifarbench.training.recipes import make_config
 @pytest.fixture
 def trained(tiny_py: Path, tmp_path: Path) -> dict:
     config = make_config("fnn", "seed", epochs=1, batch_size=10, device="cpu", data_dir=str(tiny_py), verify=False)
-    return train_run(config, runs_dir=tmp_path / "runs", progress=False)
+    return train_run(config, runs_dir=tmp_path / "runs", progress=False).to_dict()
 
 
 def png_header_only(path: Path, width: int, height: int) -> Path:
@@ -114,6 +115,7 @@ def test_a_test_image_saved_as_png_gets_the_test_sets_probabilities(trained: dic
     # Same pixels, same normalisation: the file path and the test-set path must agree exactly.
     ref = str(Path(trained["run_dir"]) / "checkpoint.pt")
     expected = predict_test_set(ref, device="cpu")
+    expected = {"probabilities": expected.probabilities, "labels": expected.labels}
     test_set = load_dataset(make_config("fnn", data_dir=str(tiny_py), verify=False).data).test
     Image.fromarray(np.moveaxis(test_set.images[3], 0, -1)).save(tmp_path / "test3.png")
     got = predict_images(ref, [tmp_path / "test3.png"], top=10, device="cpu")["predictions"][0]["top"]

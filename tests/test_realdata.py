@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cifarbench.api import train_run
+from cifarbench.running import train_run
 from cifarbench.data.cifar10 import load_cifar10
 from cifarbench.training.recipes import make_config
 
@@ -22,6 +22,6 @@ def test_real_copy_loads_with_official_structure(real_data_dir: Path) -> None:
 def test_one_epoch_of_fnn_beats_35_percent(real_data_dir: Path, tmp_path: Path) -> None:
     config = make_config("fnn", "seed", epochs=1, data_dir=str(real_data_dir), verify=False, download=False,
                          device="cpu")
-    result = train_run(config, runs_dir=tmp_path, progress=False)
+    result = train_run(config, runs_dir=tmp_path, progress=False).to_dict()
     assert result["test_accuracy"] > 0.35
     assert result["dataset"]["train_size"] == 50_000 and len(result["history"]) == 1

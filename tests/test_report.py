@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from cifarbench.runs.records import ModelSummary
 from cifarbench.cli import main
 from cifarbench.reporting.html import render_report
 from cifarbench.reporting.tables import comparison_table
@@ -92,7 +93,7 @@ def test_compare_json_keeps_its_keys_and_adds_cost_and_time_to_target(compared: 
         assert ttt["target"] == 0.3 and ttt["seeds"] == 2 and [s["seed"] for s in ttt["per_seed"]] == [0, 1]
         assert ttt["reached"] == sum(s["reached"] for s in ttt["per_seed"])
     assert (fnn["model"], fnn["macs_per_image"], cnn["macs_per_image"]) == ("fnn", 394_496, 4_188_800)
-    table = comparison_table(out["results"])
+    table = comparison_table([ModelSummary.from_dict(r) for r in out["results"]])
     assert "time to 30% (mean)" in table and "788.99 k" in table and "8.38 M" in table
 
 
@@ -150,7 +151,9 @@ def test_report_refuses_runs_of_different_data_sets(compared: dict, tmp_path: Pa
     from cifarbench.api import build_report
     from cifarbench.errors import CifarbenchError
 
-    runs = [{"model": "fnn", "recipe": "seed", "dataset": {"name": n}} for n in ("cifar10", "mnist")]
+    from cifarbench.runs.records import RunRecord
+
+    runs = [RunRecord(f"r{i}", "fnn", "seed", 0, 1, dataset={"name": n}) for i, n in enumerate(("cifar10", "mnist"))]
     with pytest.raises(CifarbenchError, match="different data sets"):
         build_report(runs, [], tmp_path / "r.html")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifarbench.api import train_run
+from cifarbench.running import train_run
 from cifarbench.config import parse_changes
 from cifarbench.errors import CifarbenchError
 from cifarbench.runs.store import RunStore
@@ -72,7 +72,7 @@ def test_stopped_and_resumed_run_matches_uninterrupted_run(data: Path, tmp_path:
     config = make_config(argv[0], data_dir=str(data), verify=False, device="cpu", **overrides)
     if "--set" in argv:
         config = config.with_changes(parse_changes([argv[argv.index("--set") + 1]]))
-    reference = train_run(config, runs_dir=tmp_path / "ref", progress=False)
+    reference = train_run(config, runs_dir=tmp_path / "ref", progress=False).to_dict()
     assert reference["config"]["optimizer"]["name"] == ("muon" if "muon" in case else "sgd")
 
     runs = tmp_path / "runs"
@@ -91,7 +91,7 @@ def test_stopped_and_resumed_run_matches_uninterrupted_run(data: Path, tmp_path:
         with RunStore(runs) as store:
             assert store.get_run(run_id)["status"] == "interrupted"
 
-    resumed = train_run(resume=run_id, runs_dir=runs, progress=False)
+    resumed = train_run(resume=run_id, runs_dir=runs, progress=False).to_dict()
     assert resumed["run_id"] == run_id and resumed["steps"] == reference["steps"]
     assert_same_weights(load_checkpoint(runs / run_id / "checkpoint.pt")["state_dict"],
                         load_checkpoint(Path(reference["run_dir"]) / "checkpoint.pt")["state_dict"])

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from cifarbench.runs.records import RunRecord
+from cifarbench.training.state import EpochMetrics
 from cifarbench.cli import main
 from cifarbench.runs.store import RunStore
 
@@ -36,9 +38,9 @@ def two_runs(tiny_py: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> tu
 def test_runs_without_an_action_still_lists(two_runs, capsys: pytest.CaptureFixture) -> None:
     runs, trained = two_runs
     ids = {t["run_id"] for t in trained}
-    assert {r["id"] for r in cli_json(capsys, "runs", "--json", "--runs-dir", runs)["runs"]} == ids
-    assert {r["id"] for r in cli_json(capsys, "runs", "--runs-dir", runs, "--json")["runs"]} == ids
-    assert {r["id"] for r in cli_json(capsys, "runs", "--runs-dir", runs, "list", "--json")["runs"]} == ids
+    assert {r["run_id"] for r in cli_json(capsys, "runs", "--json", "--runs-dir", runs)["runs"]} == ids
+    assert {r["run_id"] for r in cli_json(capsys, "runs", "--runs-dir", runs, "--json")["runs"]} == ids
+    assert {r["run_id"] for r in cli_json(capsys, "runs", "--runs-dir", runs, "list", "--json")["runs"]} == ids
     assert len(cli_json(capsys, "runs", "--runs-dir", runs, "--limit", "1", "--json")["runs"]) == 1
     assert len(cli_json(capsys, "runs", "list", "--runs-dir", runs, "--limit", "1", "--json")["runs"]) == 1
     assert main(["runs", "--runs-dir", runs]) == 0
@@ -53,7 +55,7 @@ def test_runs_show_prints_config_dataset_and_epochs(two_runs, capsys: pytest.Cap
     assert first["run_id"] in out and first["dataset"]["sha256"] in out and '"batch_size": 20' in out
     assert "| epoch | train loss" in out and "\n| 2 " in out
     shown = cli_json(capsys, "runs", "--json", "--runs-dir", runs, "show", first["run_id"])  # flags before the action
-    assert shown["id"] == first["run_id"] and [h["epoch"] for h in shown["history"]] == [1, 2]
+    assert shown["run_id"] == first["run_id"] and [h["epoch"] for h in shown["history"]] == [1, 2]
     assert main(["runs", "show", "nope", "--runs-dir", runs]) == 1
     assert "not in" in capsys.readouterr().err
 
@@ -102,15 +104,16 @@ def test_runs_rm_refuses_what_does_not_look_like_a_run_folder(two_runs, capsys: 
     with RunStore(runs) as store:
         assert store.get_run(first["run_id"])["id"] == first["run_id"]  # the row stays too
 
-    # A row whose run_dir points somewhere that is not named after the run (a hand-edited history, say).
-    elsewhere = folder.parent / "precious"
-    elsewhere.mkdir()
-    (elsewhere / "config.json").write_text("{}")
+    # A row whose run_dir points somewhere else (a hand-edited or copied history): the folder deleted is the
+    # run's own in --runs-dir, never the stored path.
+    elsewhere = folder.parent.parent / "precious" / second["run_id"]
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "config.json").write_text(json.dumps({"run_id": second["run_id"]}))
     db = sqlite3.connect(Path(runs) / "cifarbench.db")
     db.execute("UPDATE runs SET run_dir = ? WHERE id = ?", (str(elsewhere), second["run_id"]))
     db.commit()
-    assert main(["runs", "rm", second["run_id"], "--runs-dir", runs]) == 1
-    assert "its name is not the run id" in capsys.readouterr().err and (elsewhere / "config.json").is_file()
+    assert main(["runs", "rm", second["run_id"], "--runs-dir", runs]) == 0
+    assert (elsewhere / "config.json").is_file() and not (Path(runs) / second["run_id"]).exists()
 
 
 def test_runs_rm_of_a_run_whose_folder_is_gone_and_of_a_running_run(two_runs, capsys: pytest.CaptureFixture) -> None:
@@ -128,10 +131,8 @@ def test_runs_rm_of_a_run_whose_folder_is_gone_and_of_a_running_run(two_runs, ca
 
 def test_store_delete_run(tmp_path: Path) -> None:
     with RunStore(tmp_path) as store:
-        store.start_run("r1", config={"model": "fnn", "recipe": "seed", "seed": 0, "epochs": 1}, dataset={}, device="cpu",
-                        params=1, run_dir="/x", code_version="v", torch_version="t")
-        store.add_epoch("r1", {"epoch": 1, "train_loss": 1.0, "test_loss": 1.0, "test_accuracy": 0.1, "seconds": 1.0,
-                               "eval_seconds": 0.1})
+        store.start_run(RunRecord("r1", "fnn", "seed", 0, 1, config={"model": "fnn"}, device="cpu", params=1))
+        store.add_epoch("r1", EpochMetrics(1, 1.0, 1.0, 0.1, 1.0, 0.1))
         assert store.delete_run("r1") is True and store.delete_run("r1") is False and store.list_runs() == []
 
 

@@ -10,31 +10,34 @@ from pathlib import Path
 import pytest
 
 from cifarbench.errors import CifarbenchError
+from cifarbench.runs.records import RunRecord
 from cifarbench.runs.store import RunStore, resolve_runs_dir
+from cifarbench.training.state import EpochMetrics
 
 CONFIG = {"model": "fnn", "recipe": "seed", "seed": 0, "epochs": 2}
 
 
 def start(store: RunStore, run_id: str) -> None:
-    store.start_run(run_id, config=CONFIG, dataset={"sha256": "ab"}, device="cpu", params=10, run_dir="/x",
-                    code_version="v", torch_version="t")
+    store.start_run(RunRecord(run_id, "fnn", "seed", 0, 2, config=CONFIG, dataset={"sha256": "ab"}, device="cpu", params=10,
+                              run_dir="/x", environment={"code_version": "v", "torch_version": "t"}))
 
 
 def test_run_lifecycle(tmp_path: Path) -> None:
     with RunStore(tmp_path) as store:
         start(store, "r1")
-        store.add_epoch("r1", {"epoch": 1, "train_loss": 2.0, "test_loss": 1.9, "test_accuracy": 0.3, "seconds": 1.0,
-                               "eval_seconds": 0.1})
+        store.add_epoch("r1", EpochMetrics(1, 2.0, 1.9, 0.3, 1.0, 0.1, val_loss=2.5, val_accuracy=0.25))
         assert store.get_run("r1")["status"] == "running"
-        store.finish_run("r1", "completed", test_accuracy=0.3, test_loss=1.9, train_seconds=1.0)
+        store.finish_run("r1", "completed", record=RunRecord("r1", "fnn", "seed", 0, 2, "completed", 0.3, 1.9, 1.0))
         run = store.get_run("r")  # unique prefix
         assert run["status"] == "completed" and run["config"] == CONFIG and run["history"][0]["test_accuracy"] == 0.3
+        assert (run["history"][0]["val_loss"], run["history"][0]["val_accuracy"]) == (2.5, 0.25)  # every epoch field
+        assert run["test_accuracy"] == 0.3 and run["train_seconds"] == 1.0
         assert [r["id"] for r in store.list_runs()] == ["r1"]
         with pytest.raises(CifarbenchError, match="not in"):
             store.get_run("zzz")
     db = sqlite3.connect(tmp_path / "cifarbench.db")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
 
 
 def test_run_of_a_dead_process_is_marked_crashed(tmp_path: Path) -> None:

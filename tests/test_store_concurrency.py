@@ -17,7 +17,9 @@ import pytest
 
 from cifarbench.errors import CifarbenchError
 from cifarbench.runs import store as store_mod
+from cifarbench.runs.records import RunRecord
 from cifarbench.runs.store import RunStore
+from cifarbench.training.state import EpochMetrics
 
 CONFIG = {"model": "fnn", "recipe": "seed", "seed": 0, "epochs": 2}
 
@@ -28,6 +30,7 @@ CONFIG = {"model": "fnn", "recipe": "seed", "seed": 0, "epochs": 2}
 WRITER = r"""
 import sys, time
 from pathlib import Path
+from cifarbench.runs.records import RunRecord
 from cifarbench.runs.store import RunStore
 
 runs, prefix, count, go, party = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]), int(sys.argv[5])
@@ -47,8 +50,7 @@ config = {"model": "fnn", "recipe": "seed", "seed": 0, "epochs": 2}
 with RunStore(runs) as store:
     for i in range(count):
         run_id = f"{prefix}-{i}"
-        store.start_run(run_id, config=config, dataset={"sha256": "ab"}, device="cpu", params=10,
-                        run_dir="/x", code_version="v", torch_version="t")
+        store.start_run(RunRecord(run_id, "fnn", "seed", 0, 2, config=config, dataset={"sha256": "ab"}))
         print(run_id, flush=True)
         if i == 0 and party:
             Path(f"{go}.{prefix}").touch()
@@ -148,8 +150,8 @@ def test_sigkilled_writers_never_lose_a_committed_run(tmp_path: Path) -> None:
 
 
 def start(store: RunStore, run_id: str) -> None:
-    store.start_run(run_id, config=CONFIG, dataset={"sha256": "ab"}, device="cpu", params=10, run_dir="/x",
-                    code_version="v", torch_version="t")
+    store.start_run(RunRecord(run_id, "fnn", "seed", 0, 2, config=CONFIG, dataset={"sha256": "ab"}, device="cpu", params=10,
+                              run_dir="/x", environment={"code_version": "v", "torch_version": "t"}))
 
 
 def user_version(db_file: Path) -> int:
@@ -173,7 +175,7 @@ def test_version_0_database_is_migrated(tmp_path: Path, kind: str) -> None:
     with RunStore(tmp_path) as store:
         start(store, "r1")
         assert store.get_run("r1")["status"] == "running"
-    assert user_version(db_file) == store_mod.SCHEMA_VERSION == 1
+    assert user_version(db_file) == store_mod.SCHEMA_VERSION == 2
     assert integrity(db_file) == "ok"
 
 
@@ -182,23 +184,23 @@ def test_migrations_run_in_order_and_keep_the_rows(tmp_path: Path, monkeypatch: 
         start(store, "old")
     done: list[int] = []
 
-    def to_v2(db: sqlite3.Connection) -> None:
-        done.append(2)
-        db.execute("ALTER TABLE runs ADD COLUMN note TEXT")
-
     def to_v3(db: sqlite3.Connection) -> None:
         done.append(3)
+        db.execute("ALTER TABLE runs ADD COLUMN note TEXT")
+
+    def to_v4(db: sqlite3.Connection) -> None:
+        done.append(4)
         db.execute("UPDATE runs SET note = 'migrated'")
 
-    monkeypatch.setitem(store_mod.MIGRATIONS, 2, to_v2)
     monkeypatch.setitem(store_mod.MIGRATIONS, 3, to_v3)
+    monkeypatch.setitem(store_mod.MIGRATIONS, 4, to_v4)
     with RunStore(tmp_path) as store:
         run = store.get_run("old")
-    assert done == [2, 3] and run["note"] == "migrated" and run["config"] == CONFIG
-    assert user_version(tmp_path / "cifarbench.db") == 3
+    assert done == [3, 4] and run["note"] == "migrated" and run["config"] == CONFIG
+    assert user_version(tmp_path / "cifarbench.db") == 4
     with RunStore(tmp_path):
         pass
-    assert done == [2, 3]  # an up-to-date file is not migrated again
+    assert done == [3, 4]  # an up-to-date file is not migrated again
 
 
 def test_a_failing_migration_leaves_the_file_at_its_old_version(tmp_path: Path,
@@ -210,12 +212,12 @@ def test_a_failing_migration_leaves_the_file_at_its_old_version(tmp_path: Path,
         db.execute("ALTER TABLE runs ADD COLUMN note TEXT")
         db.execute("ALTER TABLE no_such_table ADD COLUMN x")
 
-    monkeypatch.setitem(store_mod.MIGRATIONS, 2, broken)
-    with pytest.raises(CifarbenchError, match="cannot migrate schema 1 to 2") as info:
+    monkeypatch.setitem(store_mod.MIGRATIONS, 3, broken)
+    with pytest.raises(CifarbenchError, match="cannot migrate schema 2 to 3") as info:
         RunStore(tmp_path)
     assert "\n" not in str(info.value)
     monkeypatch.undo()
-    assert user_version(tmp_path / "cifarbench.db") == 1
+    assert user_version(tmp_path / "cifarbench.db") == 2
     with RunStore(tmp_path) as store:
         run = store.get_run("old")
     assert "note" not in run  # the first half of the failed step was rolled back too
@@ -232,7 +234,7 @@ def test_newer_schema_is_refused_without_touching_the_file(tmp_path: Path) -> No
     with pytest.raises(CifarbenchError) as info:
         RunStore(tmp_path)
     message = str(info.value)
-    assert "schema 7" in message and "newer" in message and "(1)" in message and "\n" not in message
+    assert "schema 7" in message and "newer" in message and "(2)" in message and "\n" not in message
     assert hashlib.sha256(db_file.read_bytes()).hexdigest() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cifarbench.db"]
 
@@ -246,5 +248,24 @@ def test_processes_opening_a_new_store_at_once_migrate_it_once(tmp_path: Path,
         out, err = p.communicate(timeout=60)
         assert p.returncode == 0, err
     assert sorted(ids(runs / "cifarbench.db")) == [f"m{w}-0" for w in range(4)]
-    assert user_version(runs / "cifarbench.db") == 1
+    assert user_version(runs / "cifarbench.db") == 2
     assert os.path.getsize(runs / "cifarbench.db") > 0
+
+
+def test_a_version_1_store_keeps_its_runs_and_gains_every_epoch_field(tmp_path: Path) -> None:
+    """A store written before validation figures were kept (schema 1) opens, keeps its rows, and takes new ones."""
+    db = sqlite3.connect(tmp_path / "cifarbench.db")
+    store_mod._to_v1(db)
+    db.execute("INSERT INTO runs (id, created_at, status, model, recipe, seed, epochs, config_json, test_accuracy)"
+               " VALUES ('old', 0, 'completed', 'fnn', 'seed', 0, 1, '{}', 0.4)")
+    db.execute("INSERT INTO epochs (run_id, epoch, train_loss, test_accuracy) VALUES ('old', 1, 2.0, 0.4)")
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    with RunStore(tmp_path) as store:
+        old = store.record("old")
+        assert (old.test_accuracy, old.history[0].test_accuracy, old.history[0].val_accuracy) == (0.4, 0.4, None)
+        start(store, "new")
+        store.add_epoch("new", EpochMetrics(1, 1.0, 1.1, 0.5, 2.0, 0.1, val_loss=1.2, val_accuracy=0.45))
+        assert store.record("new").history[0].val_accuracy == 0.45
+    assert user_version(tmp_path / "cifarbench.db") == 2

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifarbench.api import evaluate_checkpoint, train_run
+from cifarbench.inference import evaluate_checkpoint
+from cifarbench.running import train_run
 from cifarbench.config import TrainConfig, parse_changes
 from cifarbench.data.cifar10 import load_cifar10
 from cifarbench.device import resolve_device
@@ -102,7 +103,7 @@ def test_bf16_precision_trains(tiny_py: Path) -> None:
 def test_train_run_writes_folder_and_history(tiny_py: Path, tmp_path: Path) -> None:
     seen = []
     summary = train_run(tiny_config("cnn", tiny_py, epochs=2), runs_dir=tmp_path / "r", on_epoch=seen.append,
-                        progress=False)
+                        progress=False).to_dict()
     run_dir = Path(summary["run_dir"])
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "config.json", "metrics.json"]
     assert json.loads((run_dir / "metrics.json").read_text())["test_accuracy"] == summary["test_accuracy"]
@@ -118,7 +119,7 @@ def test_train_run_writes_folder_and_history(tiny_py: Path, tmp_path: Path) -> N
         run = store.get_run(summary["run_id"])
     assert run["status"] == "completed" and len(run["history"]) == 2
     assert run["test_accuracy"] == summary["test_accuracy"] and run["dataset"]["sha256"] == summary["dataset"]["sha256"]
-    again = evaluate_checkpoint(summary["run_id"], runs_dir=tmp_path / "r")
+    again = evaluate_checkpoint(summary["run_id"], runs_dir=tmp_path / "r").to_dict()
     assert again["test_accuracy"] == summary["test_accuracy"] and again["dataset_matches_training"]
     assert again["confusion"] == summary["confusion"]
 

@@ -1,12 +1,25 @@
-"""cifarbench: train, compare and understand image classifiers on CIFAR-10."""
+"""cifarbench: train, compare and understand image classifiers on CIFAR-10.
 
-import os
+Importing the package does no work: the public API (`cifarbench.api`) loads on first use, so
+`import cifarbench as cb; cb.train_run(...)` works without importing torch up front.
+"""
 
-# MKL's strict reproducibility mode makes its matrix products give the same bits whatever the thread count
-# (measured here: no slower), so a seed trained in a 1-thread `compare --jobs` worker matches the same seed
-# trained with every core. MKL reads this at its first call, so setting it here, before any work, is enough.
-# oneDNN's convolution gradients have no such mode: conv nets still differ in the last bits across thread
-# counts. A user's own setting wins.
-os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+_API = ("Comparison", "Evaluation", "ModelSummary", "RunRecord", "TrainedModel", "build_report", "compare",
+        "compare_runs", "delete_run", "evaluate_checkpoint", "load_trained_model", "make_config", "predict_images",
+        "predict_test_set", "report_runs", "stored_runs", "train_run")
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(importlib.import_module("cifarbench.api"), name)
+    raise AttributeError(f"module 'cifarbench' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])

@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one model and record the run")
     p.add_argument("model", nargs="?", help="registered model (omit with --resume)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="seeds the weights and the data order (default 0)")
     p.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted or crashed run from its last checkpoint")
     _run_flags(p)
 
@@ -178,9 +178,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _config(args: argparse.Namespace, model: str, seed: int):
     from cifarbench.config import parse_changes
+    from cifarbench.device import resolve_device
     from cifarbench.training.recipes import make_config
 
-    config = make_config(model, args.recipe, seed=seed, **_overrides(args))
+    # The device is resolved here, when the run starts, so the recorded config names the one it ran on.
+    config = make_config(model, args.recipe, seed=seed, **{**_overrides(args), "device": str(resolve_device(args.device))})
     # --lr and --optimizer are shorthands for two --set fields: one path sets and validates all of them.
     flags = {"optimizer.lr": args.lr, "optimizer.name": args.optimizer}
     return config.with_changes({**{k: v for k, v in flags.items() if v is not None}, **parse_changes(args.set)})
@@ -206,9 +208,9 @@ def _run_printer(args: argparse.Namespace):
     """One line per finished run (parallel workers cannot stream their epochs here)."""
     out = sys.stderr if args.json else sys.stdout
 
-    def show(run: dict) -> None:
-        print(f"{run['model']} seed {run['seed']}: test acc {100 * run['test_accuracy']:.2f}%  "
-              f"{run['train_seconds']:.1f} s training", file=out, flush=True)
+    def show(run) -> None:
+        print(f"{run.model} seed {run.seed}: test acc {100 * run.test_accuracy:.2f}%  "
+              f"{run.train_seconds:.1f} s training", file=out, flush=True)
 
     return show
 
@@ -255,44 +257,58 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from cifarbench.api import train_run
+    from cifarbench.running import train_run
 
     if args.resume:
-        from dataclasses import replace
-
-        from cifarbench.api import run_config
-
-        config = run_config(args.resume, args.runs_dir)
-        if args.model and args.model != config.model:
-            raise CifarbenchError(f"run {args.resume} trains {config.model!r}, not {args.model!r}")
-        data = replace(config.data, **{k: v for k, v in (("data_dir", args.data_dir), ("verify", args.verify),
-                                                         ("download", args.download)) if v is not None})
-        show = _with_tensorboard(args, _epoch_printer(args))
-        result = train_run(runs_dir=args.runs_dir, on_epoch=lambda m: show(config, m), resume=args.resume, data=data)
+        result = _resume(args)
     else:
         if not args.model:
             raise CifarbenchError("name a model to train (`cifarbench models` lists them), or --resume RUN_ID")
-        config = _config(args, args.model, args.seed)
+        config = _config(args, args.model, 0 if args.seed is None else args.seed)
         show = _with_tensorboard(args, _epoch_printer(args))
         result = train_run(config, runs_dir=args.runs_dir, on_epoch=lambda m: show(config, m))
-    if "run_id" not in result:
+    if not result.run_id:
         return  # a non-zero torchrun rank: rank 0 reports for everyone
     if args.json:
-        _print_json(result)
+        _print_json(result.to_dict())
         return
-    _note_unverified(result["dataset"])
-    print(f"run {result['run_id']}: test accuracy {100 * result['test_accuracy']:.2f}%, test loss "
-          f"{result['test_loss']:.4f}, {result['train_seconds']:.1f} s training on {result['device']} "
-          f"({result['train_flops'] / 1e12:.1f} TFLOP)")
-    print(f"saved in {result['run_dir']}")
+    _note_unverified(result.dataset)
+    print(f"run {result.run_id}: test accuracy {100 * result.test_accuracy:.2f}%, test loss "
+          f"{result.test_loss:.4f}, {result.train_seconds:.1f} s training on {result.device} "
+          f"({result.train_flops / 1e12:.1f} TFLOP)")
+    print(f"saved in {result.run_dir}")
+
+
+# Flags a resumed run keeps from its own config: changing them would no longer continue the same run.
+_RESUME_FIXED = ("seed", "epochs", "batch_size", "lr", "optimizer", "precision", "budget", "tta", "widths", "low_res",
+                 "val_split", "compile", "sync_bn", "deterministic", "dataset", "recipe")
+
+
+def _resume(args: argparse.Namespace):
+    from dataclasses import replace
+
+    from cifarbench.running import resumable_config, train_run
+
+    given = [name for name in _RESUME_FIXED if getattr(args, name, None) not in (None, False)]
+    if args.set or given:
+        flags = [f"--{n.replace('_', '-')}" for n in given] + (["--set"] if args.set else [])
+        raise CifarbenchError(f"--resume continues a run under its own config; {', '.join(flags)} cannot change it "
+                              "(start a new run instead)")
+    config = resumable_config(args.resume, args.runs_dir)
+    if args.model and args.model != config.model:
+        raise CifarbenchError(f"run {args.resume} trains {config.model!r}, not {args.model!r}")
+    data = replace(config.data, **{k: v for k, v in (("data_dir", args.data_dir), ("verify", args.verify),
+                                                     ("download", args.download)) if v is not None})
+    show = _with_tensorboard(args, _epoch_printer(args))
+    return train_run(runs_dir=args.runs_dir, on_epoch=lambda m: show(config, m), resume=args.resume, data=data)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from cifarbench.api import evaluate_checkpoint
+    from cifarbench.inference import evaluate_checkpoint
     from cifarbench.reporting.tables import evaluation_table
 
     result = evaluate_checkpoint(args.ref, runs_dir=args.runs_dir, data_dir=args.data_dir, verify=args.verify,
-                                 device=args.device)
+                                 download=args.download, device=args.device).to_dict()
     if args.json:
         _print_json(result)
         return
@@ -304,23 +320,23 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from cifarbench.api import compare
+    from cifarbench.comparing import compare
     from cifarbench.reporting.tables import comparison_table
 
     report = compare(args.models, lambda m, s: _config(args, m, s), seeds=args.seeds, runs_dir=args.runs_dir,
                      plot=args.plot, on_epoch=_with_tensorboard(args, _epoch_printer(args)), target=args.target,
                      report=args.report, jobs=args.jobs, on_run=_run_printer(args) if args.jobs > 1 else None)
-    for failure in report["failures"]:
+    for failure in report.failures:
         print(f"cifarbench: warning: {failure['model']} seed {failure['seed']} failed: {failure['error']}",
               file=sys.stderr)
     if args.json:
-        _print_json(report)
+        _print_json(report.to_dict())
         return
-    _note_unverified(report["dataset"])
-    print(comparison_table(report["results"]))
-    print(f"\nlearning curves: {report['plot']}")
-    if report.get("report"):
-        print(f"report: {report['report']}")
+    _note_unverified(report.dataset)
+    print(comparison_table(report.results))
+    print(f"\nlearning curves: {report.plot}")
+    if report.report:
+        print(f"report: {report.report}")
 
 
 def cmd_runs(args: argparse.Namespace) -> None:
@@ -332,9 +348,9 @@ def cmd_runs(args: argparse.Namespace) -> None:
     from cifarbench.runs.store import RunStore
 
     with RunStore(args.runs_dir) as store:
-        runs = store.list_runs(args.limit)
+        runs = [RunStore.to_record(row) for row in store.list_runs(args.limit)]
     if args.json:
-        _print_json({"runs": runs})
+        _print_json({"runs": [r.to_dict() for r in runs]})
     elif runs:
         print(runs_table(runs))
     else:
@@ -343,69 +359,69 @@ def cmd_runs(args: argparse.Namespace) -> None:
 
 def _runs_show(args: argparse.Namespace) -> None:
     from cifarbench.reporting.tables import history_table
-    from cifarbench.runs.store import RunStore
+    from cifarbench.runs.catalog import stored_runs
 
-    with RunStore(args.runs_dir) as store:
-        run = store.get_run(args.run_id)
+    (run,) = stored_runs([args.run_id], runs_dir=args.runs_dir)
     if args.json:
-        _print_json(run)
+        _print_json(run.to_dict())
         return
-    acc = "-" if run["test_accuracy"] is None else f"{100 * run['test_accuracy']:.2f}%"
-    print(f"run {run['id']}: {run['status']}, {run['model']} / {run['recipe']} / seed {run['seed']}, test accuracy "
-          f"{acc}, on {run['device']}, code {run['code_version']}, torch {run['torch_version']}")
-    print(f"folder: {run['run_dir']}")
-    if run.get("error"):
-        print(f"error: {run['error']}")
-    data = run["dataset"] or {}
+    acc = "-" if run.test_accuracy is None else f"{100 * run.test_accuracy:.2f}%"
+    env = run.environment
+    print(f"run {run.run_id}: {run.status}, {run.model} / {run.recipe} / seed {run.seed}, test accuracy "
+          f"{acc}, on {run.device}, code {env.get('code_version')}, torch {env.get('torch_version')}")
+    print(f"folder: {run.run_dir}")
+    if run.error:
+        print(f"error: {run.error}")
+    data = run.dataset
     print(f"dataset: {data.get('name')} sha256 {data.get('sha256')} ({'official' if data.get('verified') else 'unverified'}"
           f" copy in {data.get('source')}, {data.get('train_size')} train / {data.get('test_size')} test)")
-    print(f"config: {json.dumps(run['config'], indent=2)}\n")
-    print(history_table(run["history"]) if run["history"] else "no finished epochs")
+    print(f"config: {json.dumps(run.config, indent=2)}\n")
+    print(history_table([h.to_dict() for h in run.history]) if run.history else "no finished epochs")
 
 
 def _runs_compare(args: argparse.Namespace) -> None:
-    from cifarbench.api import compare_runs
-    from cifarbench.reporting.tables import comparison_table, format_table, percent
+    from cifarbench.comparing import compare_runs
+    from cifarbench.reporting.tables import comparison_table, format_table, percent, time_to_target_cell
 
     result = compare_runs(args.run_ids, runs_dir=args.runs_dir, target=args.target)
     if args.json:
-        _print_json(result)
+        _print_json(result.to_dict())
         return
-    print(comparison_table(result["results"]) + "\n")
-    ttt = lambda t: "not reached" if t is None else f"epoch {t['epoch']}, {t['seconds']:.1f} s"  # noqa: E731
-    rows = [(r["run_id"], r["model"], r["recipe"], r["seed"], r["status"], percent(r["test_accuracy"]),
-             "-" if r["train_seconds"] is None else f"{r['train_seconds']:.1f}",
-             *((ttt(r["time_to_target"]),) if args.target is not None else ())) for r in result["runs"]]
+    print(comparison_table(result.results) + "\n")
+    with_target = args.target is not None
+    rows = [(r.run_id, r.model, r.recipe, r.seed, r.status, percent(r.test_accuracy),
+             "-" if r.train_seconds is None else f"{r.train_seconds:.1f}",
+             *((time_to_target_cell(r.time_to_target(args.target)),) if with_target else ())) for r in result.runs]
     print(format_table(["run", "model", "recipe", "seed", "status", "test acc", "train s",
-                        *((f"time to {100 * args.target:g}%",) if args.target is not None else ())], rows))
+                        *((f"time to {100 * args.target:g}%",) if with_target else ())], rows))
 
 
 def _runs_rm(args: argparse.Namespace) -> None:
-    from cifarbench.api import delete_run
+    from cifarbench.runs.catalog import delete_run
 
     removed = []
     for ref in args.run_ids:
         result = delete_run(ref, runs_dir=args.runs_dir)
-        removed.append(result)
+        removed.append(result.to_dict())
         if not args.json:
-            print(f"removed run {result['run_id']} (folder {result['run_dir']}: {result['folder']})")
+            print(f"removed run {result.run_id} (folder {result.run_dir}: {result.folder})")
     if args.json:
         _print_json({"removed": removed})
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from cifarbench.api import report_runs
+    from cifarbench.reporting.report import report_runs
 
     result = report_runs(args.run_ids, args.out, runs_dir=args.runs_dir, target=args.target, data_dir=args.data_dir,
                          verify=args.verify, download=args.download, device=args.device)
     if args.json:
-        _print_json(result)
+        _print_json(result.to_dict())
     else:
-        print(f"wrote {result['report']} ({len(result['runs'])} runs)")
+        print(f"wrote {result.report} ({len(result.runs)} runs)")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from cifarbench.api import predict_images
+    from cifarbench.inference import predict_images
 
     result = predict_images(args.ref, args.images, top=args.top, runs_dir=args.runs_dir, device=args.device)
     if args.json:
@@ -435,6 +451,9 @@ COMMANDS = {"download": cmd_download, "explore": cmd_explore, "models": cmd_mode
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from cifarbench import runtime
+
+    runtime.configure()
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
 from cifarbench.errors import CifarbenchError
+
+if TYPE_CHECKING:
+    from cifarbench.config import TrainConfig
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -40,6 +43,24 @@ def describe_device(device: torch.device) -> str:
     return device.type
 
 
+def autocast_dtype(config: "TrainConfig", device: torch.device) -> torch.dtype | None:
+    """The autocast dtype the config's precision asks for on `device`, or None for plain fp32."""
+    if config.precision == "auto":
+        return torch.bfloat16 if device.type in ("cpu", "cuda") else None
+    return torch.bfloat16 if config.precision == "bf16" else None
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued work: wall-clock timing of an asynchronous device (CUDA) is only honest after it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Mixed precision in `dtype` on `device`, or a no-op for None (plain fp32)."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 @contextlib.contextmanager
 def kernel_choice(deterministic: bool) -> Iterator[None]:
     """Within it, `deterministic` selects thread-count-independent kernels (see TrainConfig.deterministic);
@@ -49,7 +70,7 @@ def kernel_choice(deterministic: bool) -> Iterator[None]:
         return
     saved = torch.backends.mkldnn.enabled, torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
     # ATen's own convolution: per-image im2col and MKL products (thread-independent under MKL_CBWR strict,
-    # set in cifarbench/__init__), images in parallel, weight gradients summed over the batch in order.
+    # see cifarbench.runtime), images in parallel, weight gradients summed over the batch in order.
     torch.backends.mkldnn.enabled = False
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
     try:

@@ -1,4 +1,4 @@
-"""Evidence for a comparison: cost per image, time to a target accuracy, per-example predictions, mistakes."""
+"""Evidence for a comparison: cost per image and of training, time to a target accuracy, confident mistakes."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
-
-from cifarbench.data.loader import DeviceSplit
 
 
 @dataclass(frozen=True)
@@ -66,10 +64,17 @@ def count_macs(model: nn.Module, in_shape: Sequence[int]) -> int:
 
 def model_cost(name: str, in_shape: Sequence[int], num_classes: int = 10,
                model_kwargs: Mapping[str, Any] | None = None) -> ModelCost:
-    """Parameters and MACs of a freshly built registered model (the weights do not change either)."""
-    from cifarbench.models import count_parameters, create_model
+    """Parameters and MACs of a freshly built model (the weights change neither)."""
+    from cifarbench.models import build_model
 
-    model = create_model(name, num_classes=num_classes, in_shape=tuple(in_shape), **(model_kwargs or {}))
+    model = build_model(name, num_classes=num_classes, in_shape=tuple(in_shape), kwargs=model_kwargs)
+    return cost_of(model, in_shape)
+
+
+def cost_of(model: nn.Module, in_shape: Sequence[int]) -> ModelCost:
+    """Parameters and MACs of `model` for one image of `in_shape`."""
+    from cifarbench.models import count_parameters
+
     return ModelCost(params=count_parameters(model), macs_per_image=count_macs(model, in_shape))
 
 
@@ -80,13 +85,10 @@ airbench's PFLOP figures follow (airbench94: 0.236 GFLOP forward per image, 3x t
 epochs, plus its TTA evaluation, is its 0.36 PFLOP)."""
 
 
-def training_flops(name: str, in_shape: Sequence[int], images: int, num_classes: int = 10,
-                   model_kwargs: Mapping[str, Any] | None = None, low_res: int = 0, low_images: int = 0) -> int:
-    """Matrix-product FLOPs of training `images` images, `low_images` of them scaled down to `low_res` pixels
-    (progressive resizing: the same net, built for `in_shape`, fed smaller images)."""
-    from cifarbench.models import create_model
-
-    model = create_model(name, num_classes=num_classes, in_shape=tuple(in_shape), **(model_kwargs or {}))
+def training_flops(model: nn.Module, in_shape: Sequence[int], images: int, low_res: int = 0,
+                   low_images: int = 0) -> int:
+    """Matrix-product FLOPs of training `model` on `images` images, `low_images` of them scaled down to `low_res`
+    pixels (progressive resizing: the same net, built for `in_shape`, fed smaller images)."""
     full = 2 * count_macs(model, in_shape)
     low = 2 * count_macs(model, (in_shape[0], low_res, low_res)) if low_images else 0
     return TRAIN_FLOPS_PER_FORWARD * (full * (images - low_images) + low * low_images)
@@ -115,39 +117,6 @@ def summarise_time_to_target(runs: Sequence[Mapping[str, Any]], target: float) -
     return {"target": target, "per_seed": per_seed, "reached": len(reached), "seeds": len(per_seed),
             "epoch_mean": statistics.fmean(s["epoch"] for s in reached) if reached else None,
             "seconds_mean": statistics.fmean(s["seconds"] for s in reached) if reached else None}
-
-
-@torch.no_grad()
-def predict_probabilities(model: nn.Module, data: DeviceSplit, *, batch_size: int = 1000,
-                          autocast_dtype: torch.dtype | None = None, tta: int = 0,
-                          tta_threshold: float = 0.0) -> torch.Tensor:
-    """Softmax probabilities (N, classes) for every example of `data`, in order, on the CPU.
-
-    `tta` and `tta_threshold` are those of `evaluate`, so the predictions are the ones it scores.
-    """
-    from cifarbench.evaluation.metrics import predict_logits
-
-    was_training = model.training
-    model.eval()
-    chunks = []
-    for x, _ in data.batches(batch_size):
-        with torch.autocast(data.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            logits = predict_logits(model, x, tta, tta_threshold)
-        chunks.append(torch.softmax(logits.float(), dim=1))
-    model.train(was_training)
-    return torch.cat(chunks).cpu() if chunks else torch.zeros(0, 0)
-
-
-def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
-    """confusion[true][predicted] counts."""
-    flat = np.asarray(labels, dtype=np.int64) * num_classes + np.asarray(predictions, dtype=np.int64)
-    return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def per_class_accuracy(confusion: np.ndarray) -> list[float]:
-    """Recall of each class: the diagonal over the row sums (0 for a class with no examples)."""
-    confusion = np.asarray(confusion)
-    return (np.diag(confusion) / np.maximum(confusion.sum(1), 1)).tolist()
 
 
 def confident_mistakes(probabilities: np.ndarray, labels: np.ndarray, k: int = 16) -> list[dict[str, Any]]:

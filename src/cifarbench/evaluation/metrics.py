@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cifarbench.data.loader import DeviceSplit
+from cifarbench.device import autocast
 
 
 @dataclass
@@ -21,9 +24,11 @@ class EvalResult:
     confusion: list[list[int]]
     """confusion[true][predicted] counts."""
     n: int
+    probabilities: np.ndarray | None = field(default=None, repr=False, compare=False)
+    """Per-example softmax probabilities (N, classes) in split order, when asked for (`keep_probabilities`)."""
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "probabilities"}
 
     @classmethod
     def from_counts(cls, confusion: torch.Tensor, loss_sum: float) -> "EvalResult":
@@ -83,20 +88,40 @@ def _tta_logits(model: nn.Module, x: torch.Tensor, tta: int, plain: torch.Tensor
     return 0.5 * logits + 0.5 * translated
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, data: DeviceSplit, *, num_classes: int, batch_size: int = 1000,
-             autocast_dtype: torch.dtype | None = None, tta: int = 0, tta_threshold: float = 0.0) -> EvalResult:
-    """Evaluate `model` on every example of `data` exactly once (with `tta` views of each; with selective TTA,
-    `tta_threshold` > 0, of the images the plain view is unsure of)."""
+def batch_logits(model: nn.Module, data: DeviceSplit, *, batch_size: int = 1000,
+                 autocast_dtype: torch.dtype | None = None, tta: int = 0,
+                 tta_threshold: float = 0.0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(logits, labels) for every batch of `data`, in order, with the model in eval mode and no gradients: the
+    one evaluation loop behind `evaluate` and per-example predictions."""
     was_training = model.training
     model.eval()
+    try:
+        with torch.no_grad():
+            for x, y in data.batches(batch_size):
+                with autocast(data.device, autocast_dtype):
+                    logits = predict_logits(model, x, tta, tta_threshold)
+                yield logits.float(), y
+    finally:
+        model.train(was_training)
+
+
+def evaluate(model: nn.Module, data: DeviceSplit, *, num_classes: int, batch_size: int = 1000,
+             autocast_dtype: torch.dtype | None = None, tta: int = 0, tta_threshold: float = 0.0,
+             keep_probabilities: bool = False) -> EvalResult:
+    """Evaluate `model` on every example of `data` exactly once (with `tta` views of each; with selective TTA,
+    `tta_threshold` > 0, of the images the plain view is unsure of); `keep_probabilities` also returns each
+    example's class probabilities."""
     loss_sum = torch.zeros((), dtype=sum_dtype(data.device), device=data.device)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=data.device)
-    for x, y in data.batches(batch_size):
-        with torch.autocast(data.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            logits = predict_logits(model, x, tta, tta_threshold)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+    kept = []
+    for logits, y in batch_logits(model, data, batch_size=batch_size, autocast_dtype=autocast_dtype, tta=tta,
+                                  tta_threshold=tta_threshold):
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
         confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
-    model.train(was_training)
+        if keep_probabilities:
+            kept.append(torch.softmax(logits, dim=1).cpu())
     # One transfer at the end: each .item() inside the loop would be a device sync.
-    return EvalResult.from_counts(confusion.view(num_classes, num_classes), float(loss_sum))
+    result = EvalResult.from_counts(confusion.view(num_classes, num_classes), float(loss_sum))
+    if keep_probabilities:
+        result.probabilities = (torch.cat(kept) if kept else torch.zeros(0, num_classes)).numpy()
+    return result

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 from torch import nn
 
@@ -60,3 +60,9 @@ def create_model(name: str, *, num_classes: int = 10, in_shape: tuple[int, int, 
 def count_parameters(model: nn.Module) -> int:
     """Trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def build_model(ref: str, *, num_classes: int = 10, in_shape: tuple[int, int, int] = (3, 32, 32),
+                kwargs: Mapping[str, Any] | None = None) -> nn.Module:
+    """The one place a model is built from the name a config holds (seed torch first for a reproducible init)."""
+    return create_model(ref, num_classes=num_classes, in_shape=tuple(in_shape), **dict(kwargs or {}))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    from cifarbench.runs.records import ModelSummary, RunRecord
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -30,36 +33,49 @@ def flops(n: int | None) -> str:
 
 
 def time_to_target_cell(ttt: dict[str, Any] | None) -> str:
-    """'epoch 3, 12.4 s (2/3 seeds)': the means over the seeds that reached the target, or 'not reached'."""
-    if not ttt:
-        return "-"
+    """One run's time to the target ('epoch 3, 12.4 s' or 'not reached'), or a model's over its seeds: the
+    means over the seeds that reached it, 'epoch 3, 12.4 s (2/3 seeds)'."""
+    if ttt is None:
+        return "not reached"
+    if "reached" not in ttt:
+        return f"epoch {ttt['epoch']}, {ttt['seconds']:.1f} s"
     if not ttt["reached"]:
         return f"not reached (0/{ttt['seeds']} seeds)" if ttt["seeds"] > 1 else "not reached"
     seeds = f" ({ttt['reached']}/{ttt['seeds']} seeds)" if ttt["seeds"] > 1 else ""
     return f"epoch {ttt['epoch_mean']:.3g}, {ttt['seconds_mean']:.1f} s{seeds}"
 
 
-def comparison_headers(results: Sequence[dict[str, Any]]) -> list[str]:
+def accuracy_cell(mean: float | None, std: float | None, seeds: int) -> str:
+    """Mean ± sample std over seeds; one seed says its spread is unknown rather than printing ± 0.00."""
+    if mean is None:
+        return "-"
+    if seeds < 2 or std is None:
+        return f"{100 * mean:.2f}% (1 seed: spread unknown)"
+    return percent(mean, std)
+
+
+def comparison_headers(results: Sequence[ModelSummary]) -> list[str]:
     """Column names of `comparison_rows` (the time-to-target column only when a target was given)."""
     headers = ["model", "recipe", "seeds", "test accuracy (mean ± std)", "params", "FLOPs/image", "train s"]
-    target = next((r["time_to_target"]["target"] for r in results if r.get("time_to_target")), None)
+    target = next((r.time_to_target["target"] for r in results if r.time_to_target), None)
     return headers + ([f"time to {100 * target:g}% (mean)"] if target is not None else [])
 
 
-def comparison_rows(results: Sequence[dict[str, Any]]) -> list[list[str]]:
+def comparison_rows(results: Sequence[ModelSummary]) -> list[list[str]]:
     """One row per model of the comparison, as strings (shared by the terminal table and the HTML report)."""
-    with_target = any(r.get("time_to_target") for r in results)
+    with_target = any(r.time_to_target for r in results)
     rows = []
     for r in results:
-        std = r.get("train_seconds_std")
-        secs = f"{r['train_seconds_mean']:.1f}" + (f" ± {std:.1f}" if std and len(r["seeds"]) > 1 else "")
-        row = [r["model"], r["recipe"], str(len(r["seeds"])), percent(r["test_accuracy_mean"], r["test_accuracy_std"]),
-               f"{r['params']:,}", flops(r.get("flops_per_image")), secs]
-        rows.append(row + ([time_to_target_cell(r.get("time_to_target"))] if with_target else []))
+        std = r.train_seconds_std
+        secs = "-" if r.train_seconds_mean is None else f"{r.train_seconds_mean:.1f}" + (f" ± {std:.1f}" if std else "")
+        params = "-" if r.params is None else f"{r.params:,}"
+        row = [r.model, r.recipe, str(len(r.seeds)), accuracy_cell(r.test_accuracy_mean, r.test_accuracy_std, len(r.seeds)),
+               params, flops(r.flops_per_image), secs]
+        rows.append(row + ([time_to_target_cell(r.time_to_target) if r.time_to_target else "-"] if with_target else []))
     return rows
 
 
-def comparison_table(results: Sequence[dict[str, Any]]) -> str:
+def comparison_table(results: Sequence[ModelSummary]) -> str:
     """The compare command's table: accuracy mean ± std over seeds, parameters, FLOPs per image, training
     seconds and, with a target, the time to reach it."""
     return format_table(comparison_headers(results), comparison_rows(results))
@@ -76,11 +92,11 @@ def history_table(history: Sequence[dict[str, Any]]) -> str:
                          "train s (cumulative)", "eval s"], rows)
 
 
-def runs_table(runs: Sequence[dict[str, Any]]) -> str:
+def runs_table(runs: Sequence[RunRecord]) -> str:
     """One line per stored run."""
-    rows = [(r["id"], r["status"], r["model"], r["recipe"], r["seed"], r["epochs"], percent(r["test_accuracy"]),
-             "-" if r["train_seconds"] is None else f"{r['train_seconds']:.1f}",
-             "yes" if (r["dataset"] or {}).get("verified") else "no", r["device"] or "-") for r in runs]
+    rows = [(r.run_id, r.status, r.model, r.recipe, r.seed, r.epochs, percent(r.test_accuracy),
+             "-" if r.train_seconds is None else f"{r.train_seconds:.1f}",
+             "yes" if r.dataset.get("verified") else "no", r.device or "-") for r in runs]
     return format_table(["run", "status", "model", "recipe", "seed", "epochs", "test acc", "train s", "official data",
                          "device"], rows)
 

@@ -17,6 +17,9 @@ from typing import Any, Callable, Iterator
 
 from cifarbench.errors import CifarbenchError
 from cifarbench.fsutil import pid_alive
+from cifarbench.runs.folders import resolve_runs_dir
+from cifarbench.runs.records import RunRecord
+from cifarbench.training.state import EpochMetrics
 
 _SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -62,19 +65,22 @@ def _to_v1(db: sqlite3.Connection) -> None:
             db.execute(statement)
 
 
+def _to_v2(db: sqlite3.Connection) -> None:
+    """Version 2: every epoch field (validation too), the run's compute and provenance, its model code's hash,
+    and where it came from (trained here, or imported)."""
+    for column in ("val_loss REAL", "val_accuracy REAL"):
+        db.execute(f"ALTER TABLE epochs ADD COLUMN {column}")
+    for column in ("flops_per_image INTEGER", "train_flops INTEGER", "wall_seconds REAL", "steps INTEGER",
+                   "world_size INTEGER", "environment_json TEXT", "model_sha256 TEXT", "origin TEXT"):
+        db.execute(f"ALTER TABLE runs ADD COLUMN {column}")
+
+
 # MIGRATIONS[n] turns a version n-1 database into version n (PRAGMA user_version); a new version appends
 # one step (ALTER TABLE ..., a data fix-up) and never edits an old one. Version 0 is a new, empty file.
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _to_v1}
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _to_v1, 2: _to_v2}
 SCHEMA_VERSION = max(MIGRATIONS)  # what this cifarbench writes
-_EPOCH_FIELDS = ("epoch", "train_loss", "test_loss", "test_accuracy", "seconds", "eval_seconds")
-
-
-def resolve_runs_dir(runs_dir: str | os.PathLike | None = None) -> Path:
-    """The argument (`--runs-dir`), else $CIFARBENCH_HOME, else ./runs."""
-    if runs_dir:
-        return Path(runs_dir).expanduser()
-    env = os.environ.get("CIFARBENCH_HOME")
-    return Path(env).expanduser() if env else Path("runs")
+_EPOCH_FIELDS = ("epoch", "train_loss", "test_loss", "test_accuracy", "seconds", "eval_seconds", "val_loss",
+                 "val_accuracy")
 
 
 class RunStore:
@@ -172,16 +178,25 @@ class RunStore:
                 db.executemany("UPDATE runs SET status = 'crashed', finished_at = ? WHERE id = ? AND status = 'running'",
                                [(time.time(), rid) for rid in dead])
 
-    def start_run(self, run_id: str, *, config: dict, dataset: dict, device: str, params: int, run_dir: str,
-                  code_version: str, torch_version: str) -> None:
+    def start_run(self, record: RunRecord, *, model_sha256: str | None = None) -> None:
+        """Record a run that starts now (status 'running', or the record's own status for an imported run)."""
+        c = record.config
         with self._write() as db:
             db.execute(
                 "INSERT INTO runs (id, created_at, status, model, recipe, seed, epochs, device, params, config_json,"
-                " dataset_json, code_version, torch_version, run_dir, host, pid)"
-                " VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (run_id, time.time(), config["model"], config["recipe"], config["seed"], config["epochs"], device,
-                 params, json.dumps(config), json.dumps(dataset), code_version, torch_version, run_dir,
-                 socket.gethostname(), os.getpid()))
+                " dataset_json, code_version, torch_version, run_dir, host, pid, flops_per_image, world_size,"
+                " environment_json, model_sha256, origin)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (record.run_id, time.time(), "running" if record.origin is None else record.status, record.model,
+                 record.recipe, record.seed, record.epochs, record.device, record.params, json.dumps(c),
+                 json.dumps(record.dataset), record.environment.get("code_version"),
+                 record.environment.get("torch_version"), record.run_dir, socket.gethostname(), os.getpid(),
+                 record.flops_per_image, record.world_size, json.dumps(record.environment), model_sha256,
+                 record.origin))
+            if record.origin is not None:  # an imported run arrives finished, with its history
+                self._finish(db, record)
+                for h in record.history:
+                    self._add_epoch(db, record.run_id, h)
 
     def reopen_run(self, run_id: str) -> None:
         """Mark a stopped run as running again (it is being resumed by this process)."""
@@ -191,17 +206,46 @@ class RunStore:
         if cur.rowcount != 1:
             raise CifarbenchError(f"run {run_id!r} is not in {self.path} or is still running")
 
-    def add_epoch(self, run_id: str, metrics: dict) -> None:
+    def add_epoch(self, run_id: str, metrics: EpochMetrics) -> None:
         with self._write() as db:
-            db.execute(f"INSERT OR REPLACE INTO epochs (run_id, {', '.join(_EPOCH_FIELDS)}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       (run_id, *(metrics[k] for k in _EPOCH_FIELDS)))
+            self._add_epoch(db, run_id, metrics)
 
-    def finish_run(self, run_id: str, status: str, *, test_accuracy: float | None = None,
-                   test_loss: float | None = None, train_seconds: float | None = None, error: str | None = None) -> None:
+    @staticmethod
+    def _add_epoch(db: sqlite3.Connection, run_id: str, metrics: EpochMetrics) -> None:
+        values = metrics.to_dict()
+        db.execute(f"INSERT OR REPLACE INTO epochs (run_id, {', '.join(_EPOCH_FIELDS)})"
+                   f" VALUES (?{', ?' * len(_EPOCH_FIELDS)})", (run_id, *(values[k] for k in _EPOCH_FIELDS)))
+
+    def finish_run(self, run_id: str, status: str, *, record: RunRecord | None = None, error: str | None = None) -> None:
+        """Mark a run finished with `status`; a completed run brings its final `record` (accuracy, cost)."""
         with self._write() as db:
-            db.execute("UPDATE runs SET status = ?, finished_at = ?, test_accuracy = ?, test_loss = ?,"
-                       " train_seconds = ?, error = ? WHERE id = ?",
-                       (status, time.time(), test_accuracy, test_loss, train_seconds, error, run_id))
+            if record is not None:
+                self._finish(db, record)
+            db.execute("UPDATE runs SET status = ?, finished_at = ?, error = ? WHERE id = ?",
+                       (status, time.time(), error, run_id))
+
+    @staticmethod
+    def _finish(db: sqlite3.Connection, r: RunRecord) -> None:
+        db.execute("UPDATE runs SET status = ?, finished_at = ?, test_accuracy = ?, test_loss = ?, train_seconds = ?,"
+                   " wall_seconds = ?, steps = ?, train_flops = ?, error = ? WHERE id = ?",
+                   (r.status, time.time(), r.test_accuracy, r.test_loss, r.train_seconds, r.wall_seconds, r.steps,
+                    r.train_flops, r.error, r.run_id))
+
+    def record(self, run_id: str) -> RunRecord:
+        """One run as a typed record (a unique id prefix is enough)."""
+        return self.to_record(self.get_run(run_id))
+
+    @staticmethod
+    def to_record(row: dict[str, Any]) -> RunRecord:
+        """A decoded row (`get_run`, `list_runs`) as a typed record."""
+        record = RunRecord(row["id"], row["model"], row["recipe"], row["seed"], row["epochs"], row["status"],
+                           row["test_accuracy"], row["test_loss"], row["train_seconds"], row.get("wall_seconds"),
+                           row.get("steps"), row["params"], row.get("flops_per_image"), row.get("train_flops"),
+                           row["device"], row.get("world_size") or 1, row["dataset"] or {},
+                           [EpochMetrics.from_dict(h) for h in row.get("history", [])], config=row["config"],
+                           run_dir=row["run_dir"], error=row.get("error"), origin=row.get("origin"))
+        record.environment = row.get("environment") or {k: row[k] for k in ("code_version", "torch_version") if row[k]}
+        return record
 
     def get_run(self, run_id: str) -> dict[str, Any]:
         """One run with its config, dataset and epochs decoded; a unique id prefix is enough."""
@@ -222,6 +266,7 @@ class RunStore:
         run = dict(row)
         run["config"] = json.loads(run.pop("config_json"))
         run["dataset"] = json.loads(run.pop("dataset_json") or "null")
+        run["environment"] = json.loads(run.pop("environment_json", None) or "null")
         if with_epochs:
             run["history"] = [dict(r) for r in self._db.execute(
                 f"SELECT {', '.join(_EPOCH_FIELDS)} FROM epochs WHERE run_id = ? ORDER BY epoch", (run["id"],))]

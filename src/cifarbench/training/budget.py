@@ -5,7 +5,19 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch import nn
+
+from cifarbench.data.loader import DeviceSplit
+from cifarbench.device import autocast, synchronize
+from cifarbench.evaluation.metrics import TTA_VIEWS, confidence, predict_logits
+from cifarbench.training import distributed as ddp
+from cifarbench.training.state import LoopPosition
+
+if TYPE_CHECKING:
+    from cifarbench.config import TrainConfig
 
 
 @dataclass
@@ -173,3 +185,56 @@ class StepPlan:
 
     def progress(self, step: int) -> float:
         return min(step / self.total_steps, 1.0)
+
+
+def make_plan(config: "TrainConfig", *, steps_per_epoch: int, started: float, device: torch.device,
+              world: ddp.DistEnv, evaluation_seconds: Callable[[], float], evaluation_share: Callable[[], float],
+              low_res: int, side: int, resume: LoopPosition | None = None) -> StepPlan:
+    """The run's step plan: a fixed schedule of `epochs`, or one fitted to `budget_seconds` (a resumed run keeps
+    the schedule it had planned, and with it where the small images end)."""
+    low_fraction = config.low_res_fraction if low_res else 0.0
+    if resume is not None:
+        return StepPlan(resume.total_steps, low_fraction=low_fraction)
+
+    return StepPlan(10**9 if config.budget_seconds else config.epochs * steps_per_epoch, config.budget_seconds,
+                    started, evaluation_seconds, lambda: synchronize(device),
+                    # Ranks must agree on the step count: rank 0's plan rules, and no rank stops on its own.
+                    guard_every_step=device.type == "cpu" and not world.enabled,
+                    agree=lambda steps: ddp.broadcast_int(steps, world, device),
+                    # A first guess at a small step's cost (its share of pixels plus a fixed part), replaced by
+                    # measured times as the run goes; see docs/cpu-performance.md.
+                    low_fraction=low_fraction, low_cost=0.1 + 0.9 * (low_res / side) ** 2,
+                    eval_share=evaluation_share)
+
+
+def evaluation_seconds(model: nn.Module, test: DeviceSplit, config: "TrainConfig", device: torch.device,
+                       amp: torch.dtype | None) -> float:
+    """Seconds the final evaluation will take with full TTA: one timed batch, scaled to the test set."""
+    x = test.normalise(test.images[:config.eval_batch_size])
+    model.eval()  # the plain model: no DDP collectives in a measurement
+    with torch.no_grad(), autocast(device, amp):
+        predict_logits(model, x, 0)  # the first call at a new shape also builds its kernels: not timed
+        synchronize(device)
+        t = time.perf_counter()
+        predict_logits(model, x, 0)
+        synchronize(device)
+    model.train()
+    return (time.perf_counter() - t) * math.ceil(len(test) / len(x)) * TTA_VIEWS[config.tta]
+
+
+def evaluation_share(model: nn.Module, train: DeviceSplit, config: "TrainConfig", device: torch.device,
+                     amp: torch.dtype | None) -> float:
+    """With selective TTA, the share of a full TTA evaluation's cost the final one should need now: the plain
+    pass, plus the extra views for the share of images the model is unsure of. That share is measured on
+    un-augmented training images (never the test set); the model is less often unsure of images it trained on
+    than of new ones, hence the margin of 1.5x (docs/cpu-performance.md)."""
+    views = TTA_VIEWS[config.tta]
+    if views == 1 or config.tta_threshold <= 0:
+        return 1.0
+    x = train.normalise(train.images[:config.eval_batch_size])
+    model.eval()
+    with torch.no_grad(), autocast(device, amp):
+        top = confidence(model(x))
+    model.train()
+    unsure = min(1.0, 1.5 * float((top < config.tta_threshold).float().mean()))
+    return (1 + unsure * (views - 1)) / views

@@ -11,10 +11,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from cifarbench.data.dataset import Split
 from cifarbench.errors import CifarbenchError
+from cifarbench.evaluation.metrics import EvalResult, sum_dtype
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,17 @@ def teardown(world: DistEnv, *, finished: bool = True) -> None:
         dist.destroy_process_group()
 
 
+def wrap(model: torch.nn.Module, world: DistEnv, device: torch.device, sync_bn: bool) -> torch.nn.Module:
+    """The module the training steps call: DDP around `model` under torchrun (`model` itself otherwise)."""
+    if not world.enabled:
+        return model
+    if sync_bn:
+        if device.type != "cuda":
+            raise CifarbenchError("--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU implementation)")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
 def shard(index: torch.Tensor | slice, world: DistEnv, length: int) -> torch.Tensor | slice:
     """This rank's contiguous part of a global batch (sizes differ by at most one when it does not divide)."""
     if not world.enabled:
@@ -98,3 +112,20 @@ def broadcast_int(value: int, world: DistEnv, device: torch.device) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=device)
     dist.broadcast(t, src=0)
     return int(t.item())
+
+
+def part(split: Split | None, world: DistEnv) -> Split | None:
+    """This rank's contiguous share of an evaluation split (all of it in a single process)."""
+    if split is None or not world.enabled:
+        return split
+    index = np.array_split(np.arange(len(split)), world.world_size)[world.rank]
+    return Split(split.images[index], split.labels[index])
+
+
+def merge(result: EvalResult, world: DistEnv, device: torch.device) -> EvalResult:
+    """Combine the ranks' evaluations of their shares into the whole split's."""
+    if not world.enabled:
+        return result
+    confusion = all_sum(torch.tensor(result.confusion, dtype=torch.int64, device=device), world)
+    loss_sum = all_sum(torch.tensor([result.loss * result.n], dtype=sum_dtype(device), device=device), world)
+    return EvalResult.from_counts(confusion, loss_sum.item())

@@ -117,17 +117,13 @@ def cpu_speedrun_settings(budget: float) -> CpuSpeedrun:
     return next(row for row in CPU_SPEEDRUN if budget <= row.up_to)
 
 
-def _on_cpu(device: str) -> bool:
-    from cifarbench.device import resolve_device
-
-    return resolve_device(device).type == "cpu"
-
-
 def make_config(model: str, recipe: str | None = None, **overrides) -> TrainConfig:
     """The recipe's config for `model` (the model's default recipe when None), with `overrides` applied.
 
     `overrides` may name TrainConfig fields, and `dataset`, `data_dir`, `verify`, `download` for the data config.
-    None values are ignored, so CLI flags that were not given leave the recipe alone.
+    None values are ignored, so CLI flags that were not given leave the recipe alone. Recipes that differ by
+    device (the fast recipe is budgeted on a CPU) take the device from `device`: pass the resolved one
+    (`device.resolve_device`); with "auto" a config is the same on every machine and gets no CPU settings.
     """
     spec = get_model_spec(model)
     name = recipe or spec.default_recipe
@@ -135,7 +131,7 @@ def make_config(model: str, recipe: str | None = None, **overrides) -> TrainConf
         raise CifarbenchError(f"unknown recipe {name!r}; choose one of: {', '.join(list_recipes())}")
     config = _RECIPES[name](model)
     given = {k: v for k, v in overrides.items() if v is not None}
-    if name == "fast" and _on_cpu(given.get("device", config.device)):
+    if name == "fast" and str(given.get("device", config.device)) == "cpu":
         if "epochs" not in given and "budget_seconds" not in given:
             # A GPU runs the fast recipe's 10 epochs in seconds, a CPU in many minutes: there the recipe is
             # "the best model in CPU_BUDGET_SECONDS" unless the user asks for epochs or another budget.

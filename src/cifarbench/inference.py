@@ -1,0 +1,157 @@
+"""Trained models: load one from its checkpoint, then evaluate it, predict the test set or classify image files."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from cifarbench.config import TrainConfig
+from cifarbench.data import ImageDataset, load_dataset
+from cifarbench.data.loader import DeviceSplit
+from cifarbench.device import autocast_dtype, describe_device, kernel_choice, resolve_device
+from cifarbench.errors import CifarbenchError
+from cifarbench.evaluation.metrics import EvalResult, evaluate
+from cifarbench.models import build_model
+from cifarbench.runs import folders
+from cifarbench.runs.store import RunStore
+from cifarbench.training.state import RunCheckpoint
+
+
+def resolve_checkpoint(ref: str, runs_dir: str | os.PathLike | None = None) -> Path:
+    """A checkpoint file or run folder the user points at, or a run id (or unique prefix) of the runs folder,
+    whose folder is derived from the runs folder and the id, never from a stored path."""
+    path = Path(ref)
+    if path.is_dir() and (path / folders.CHECKPOINT).is_file():
+        return path / folders.CHECKPOINT
+    if path.is_file():
+        return path
+    with RunStore(runs_dir) as store:
+        run_id = store.get_run(ref)["id"]
+    return folders.run_folder(runs_dir, run_id) / folders.CHECKPOINT
+
+
+@dataclass
+class TrainedModel:
+    """A checkpoint's model with its weights loaded, in eval mode on `device`, and what it was trained with."""
+
+    path: Path
+    checkpoint: RunCheckpoint
+    config: TrainConfig
+    model: torch.nn.Module
+    device: torch.device
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.checkpoint.classes)
+
+    @property
+    def in_shape(self) -> tuple[int, int, int]:
+        return self.checkpoint.in_shape
+
+    def test_dataset(self, *, data_dir: str | None = None, verify: bool | None = None, download: bool | None = None,
+                     dataset: ImageDataset | None = None, progress: bool | None = None) -> ImageDataset:
+        """The data set the model was trained on (its config's, with `data_dir`, `verify`, `download` overriding)."""
+        if dataset is not None:
+            return dataset
+        data = self.config.data
+        data = replace(data, data_dir=data_dir or data.data_dir, verify=data.verify if verify is None else verify,
+                       download=data.download if download is None else download)
+        return load_dataset(data, progress=progress)
+
+    def evaluate(self, dataset: ImageDataset, *, keep_probabilities: bool = False) -> EvalResult:
+        """The whole test set with the run's own test-time augmentation and kernels, so its figures agree."""
+        c = self.config
+        test = DeviceSplit(dataset.test, self.device, c.data.mean, c.data.std, c.channels_last)
+        with kernel_choice(c.deterministic):
+            return evaluate(self.model, test, num_classes=len(dataset.classes), batch_size=c.eval_batch_size,
+                            autocast_dtype=autocast_dtype(c, self.device), tta=c.tta, tta_threshold=c.tta_threshold,
+                            keep_probabilities=keep_probabilities)
+
+
+def load_trained_model(ref: str, *, runs_dir: str | os.PathLike | None = None, device: str = "auto") -> TrainedModel:
+    """Load a checkpoint (file, run folder or run id) into its model, ready for inference on `device`."""
+    path = resolve_checkpoint(ref, runs_dir)
+    ckpt = RunCheckpoint.load(path)
+    config = TrainConfig.from_dict(ckpt.config)
+    dev = resolve_device(device)
+    model = build_model(ckpt.model, num_classes=len(ckpt.classes), in_shape=ckpt.in_shape, kwargs=config.model_kwargs)
+    try:
+        model.load_state_dict(ckpt.state_dict)
+    except RuntimeError as exc:
+        raise CifarbenchError(f"{path}: weights do not fit model {ckpt.model!r} ({str(exc).splitlines()[0]})") from None
+    model.to(dev)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.eval()
+    return TrainedModel(path, ckpt, config, model, dev)
+
+
+@dataclass
+class Evaluation:
+    """A saved model scored on a whole test set."""
+
+    checkpoint: str
+    run_id: str
+    model: str
+    classes: list[str]
+    tta: int
+    tta_threshold: float
+    result: EvalResult
+    device: str
+    dataset: dict
+    dataset_matches_training: bool
+    probabilities: np.ndarray | None = field(default=None, repr=False)
+    labels: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def test_accuracy(self) -> float:
+        return self.result.accuracy
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k not in ("result", "probabilities", "labels")}
+        r = self.result
+        return {**d, "test_accuracy": r.accuracy, "test_loss": r.loss, "per_class_accuracy": r.per_class_accuracy,
+                "confusion": r.confusion, "n": r.n}
+
+
+def evaluate_checkpoint(ref: str, *, runs_dir: str | os.PathLike | None = None, data_dir: str | None = None,
+                        verify: bool | None = None, download: bool | None = None, device: str = "auto",
+                        dataset: ImageDataset | None = None, progress: bool | None = None,
+                        keep_probabilities: bool = False) -> Evaluation:
+    """Evaluate a saved model on the whole test set: accuracy, loss, per-class accuracy, confusion matrix (and,
+    with `keep_probabilities`, each test image's class probabilities)."""
+    loaded = load_trained_model(ref, runs_dir=runs_dir, device=device)
+    dataset = loaded.test_dataset(data_dir=data_dir, verify=verify, download=download, dataset=dataset,
+                                  progress=progress)
+    result = loaded.evaluate(dataset, keep_probabilities=keep_probabilities)
+    c = loaded.config
+    return Evaluation(str(loaded.path), loaded.checkpoint.run_id, loaded.checkpoint.model, loaded.classes, c.tta,
+                      c.tta_threshold, result, describe_device(loaded.device), dataset.info(),
+                      dataset.sha256 == loaded.checkpoint.dataset["sha256"], result.probabilities,
+                      dataset.test.labels if keep_probabilities else None)
+
+
+def predict_test_set(ref: str, **kwargs) -> Evaluation:
+    """`evaluate_checkpoint` with per-example probabilities (N, classes) and labels (N,), in test-set order."""
+    return evaluate_checkpoint(ref, keep_probabilities=True, **kwargs)
+
+
+def predict_images(ref: str, images: Sequence[str | os.PathLike], *, top: int = 3,
+                   runs_dir: str | os.PathLike | None = None, device: str = "auto") -> dict[str, Any]:
+    """Classify PNG/JPEG files with a saved model: the `top` classes and probabilities of each image."""
+    from cifarbench.predict import classify_files
+
+    if top < 1:
+        raise CifarbenchError("--top must be at least 1")
+    loaded = load_trained_model(ref, runs_dir=runs_dir, device=device)
+    c = loaded.config
+    predictions = classify_files(loaded.model, images, in_shape=loaded.in_shape, mean=c.data.mean, std=c.data.std,
+                                 classes=loaded.classes, device=loaded.device, channels_last=c.channels_last, top=top,
+                                 tta=c.tta, tta_threshold=c.tta_threshold)
+    return {"checkpoint": str(loaded.path), "run_id": loaded.checkpoint.run_id, "model": loaded.checkpoint.model,
+            "classes": loaded.classes, "predictions": predictions}

@@ -1,0 +1,160 @@
+"""Running a training: start a run (its folder, its history row, the loop) or resume a stopped one."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from cifarbench import runtime
+from cifarbench.config import DataConfig, TrainConfig
+from cifarbench.data import ImageDataset, fit_normalisation, load_dataset
+from cifarbench.device import describe_device, resolve_device
+from cifarbench.errors import CifarbenchError
+from cifarbench.evaluation.analysis import cost_of, training_flops
+from cifarbench.provenance import environment
+from cifarbench.runs import folders
+from cifarbench.runs.records import RunRecord
+from cifarbench.runs.store import RunStore
+from cifarbench.training import distributed as ddp
+from cifarbench.training.loop import TrainResult, build_model, check_settings, low_res_side, train
+from cifarbench.training.state import EpochMetrics, RunCheckpoint
+
+
+def train_run(config: TrainConfig | None = None, *, runs_dir: str | os.PathLike | None = None,
+              dataset: ImageDataset | None = None, progress: bool | None = None,
+              on_epoch: Callable[[EpochMetrics], None] | None = None, resume: str | None = None,
+              data: DataConfig | None = None) -> RunRecord:
+    """Train one run end to end: its folder (config, checkpoint, metrics) and its row in the run history.
+
+    With `resume` (a run id, run folder or checkpoint in `runs_dir`), continue that run from its last checkpoint
+    under its own config and id instead (`data` may say where its data is now): the result is the same, bit for
+    bit on CPU, as if it had never stopped. A non-zero torchrun rank returns a record without a run folder.
+    """
+    runtime.configure()
+    saved = None
+    if resume is not None:
+        saved, config = _resumable(resume, runs_dir)
+        config = replace(config, data=data) if data is not None else config
+    if config is None:
+        raise CifarbenchError("train_run needs a config or a run to resume")
+    requested = resolve_device(config.device)
+    check_settings(config, requested)  # before the run is recorded
+    world, device = ddp.setup(requested)
+    finished = False
+    try:
+        record = _train(config, world, device, saved, runs_dir=runs_dir, dataset=dataset, progress=progress,
+                        on_epoch=on_epoch)
+        finished = True
+        return record
+    finally:
+        ddp.teardown(world, finished=finished)
+
+
+def resumable_config(ref: str, runs_dir: str | os.PathLike | None = None) -> TrainConfig:
+    """The config of a stopped run that `train_run(resume=ref)` would continue (refused when it cannot)."""
+    return _resumable(ref, runs_dir)[1]
+
+
+def _resumable(ref: str, runs_dir: str | os.PathLike | None) -> tuple[RunCheckpoint, TrainConfig]:
+    """The checkpoint of a stopped run in the runs folder, and its config; refused when there is nothing to do."""
+    with RunStore(runs_dir) as store:
+        run = store.get_run(ref)
+    saved = RunCheckpoint.load(folders.run_folder(runs_dir, run["id"]) / folders.CHECKPOINT)
+    if saved.training is None:
+        raise CifarbenchError(f"run {saved.run_id}: its checkpoint has no training state to resume from")
+    if saved.run_id != run["id"]:
+        raise CifarbenchError(f"run {run['id']}: its checkpoint belongs to run {saved.run_id!r}")
+    if saved.training.position.finished:
+        raise CifarbenchError(f"run {saved.run_id} already finished; nothing to resume")
+    return saved, TrainConfig.from_dict(saved.config)
+
+
+def _train(config: TrainConfig, world: ddp.DistEnv, device: torch.device, saved: RunCheckpoint | None, *,
+           runs_dir: str | os.PathLike | None, dataset: ImageDataset | None, progress: bool | None,
+           on_epoch: Callable[[EpochMetrics], None] | None) -> RunRecord:
+    # Under torchrun only rank 0 downloads (and shows progress); the others wait for its files (data.download).
+    dataset = dataset or load_dataset(config.data, progress=progress if world.is_main else False)
+    config = replace(config, data=fit_normalisation(config.data, dataset.image_shape[0]))  # e.g. 0.5/0.5 on MNIST
+    training, weights = (saved.training, saved.state_dict) if saved is not None else (None, None)
+    if not world.is_main:  # the other ranks train their shares; rank 0 alone writes the run
+        result = train(config, dataset, device, progress=False, resume=training, resume_weights=weights, world=world)
+        return RunRecord("", config.model, config.recipe, config.seed, config.epochs,
+                         test_accuracy=result.final.accuracy if result.final else None, world_size=world.world_size)
+    model = build_model(config, dataset, torch.device("cpu"))  # the cost of the code that is trained
+    cost = cost_of(model, dataset.image_shape)
+    record = RunRecord("", config.model, config.recipe, config.seed, config.epochs, status="running",
+                       params=cost.params, flops_per_image=cost.flops_per_image, device=describe_device(device),
+                       world_size=world.world_size, dataset=dataset.info(), config=config.to_dict(),
+                       environment=environment())
+    store = RunStore(runs_dir)
+    try:
+        if saved is not None:
+            record.run_id = saved.run_id
+            if saved.dataset["sha256"] != dataset.sha256:
+                raise CifarbenchError(f"run {saved.run_id} was trained on data with fingerprint "
+                                      f"{saved.dataset['sha256'][:12]}..., not this copy ({dataset.sha256[:12]}...); "
+                                      "point --data-dir at the same data")
+            store.reopen_run(saved.run_id)
+        else:
+            record.run_id = folders.new_run_id(config.model, config.seed)
+        run_dir = folders.run_folder(runs_dir, record.run_id)
+        record.run_dir = str(run_dir)
+        if saved is None:
+            _start(store, record, run_dir)
+        return _loop(config, dataset, device, world, record, store, run_dir, model, training, weights, progress,
+                     on_epoch)
+    finally:
+        store.close()
+
+
+def _start(store: RunStore, record: RunRecord, run_dir: Path) -> None:
+    """The run's folder with its config.json, and its history row: both or neither."""
+    folders.write_json(run_dir / folders.CONFIG, {"run_id": record.run_id, "config": record.config,
+                                                  "dataset": record.dataset, "device": record.device,
+                                                  **record.environment})
+    try:
+        store.start_run(record)
+    except BaseException:
+        folders.delete_run_folder(run_dir, record.run_id)
+        raise
+
+
+def _loop(config: TrainConfig, dataset: ImageDataset, device: torch.device, world: ddp.DistEnv, record: RunRecord,
+          store: RunStore, run_dir: Path, model: torch.nn.Module, training, weights, progress: bool | None,
+          on_epoch: Callable[[EpochMetrics], None] | None) -> RunRecord:
+    def checkpoint(result: TrainResult) -> None:
+        RunCheckpoint(record.run_id, config.model, list(dataset.classes), dataset.image_shape, record.config,
+                      record.dataset, result.model.state_dict(), record.environment,
+                      result.state()).save(run_dir / folders.CHECKPOINT)
+
+    def after_epoch(metrics: EpochMetrics, result: TrainResult) -> None:
+        store.add_epoch(record.run_id, metrics)
+        checkpoint(result)  # every epoch: a crash loses at most one epoch
+        if on_epoch:
+            on_epoch(metrics)
+
+    try:
+        result = train(config, dataset, device, on_epoch=after_epoch, on_interrupt=checkpoint, progress=progress,
+                       resume=training, resume_weights=weights, world=world)
+    except KeyboardInterrupt:
+        store.finish_run(record.run_id, "interrupted", error="interrupted by the user; `cifarbench train --resume "
+                         f"{record.run_id}` continues it")
+        raise
+    except BaseException as exc:
+        store.finish_run(record.run_id, "failed", error=f"{type(exc).__name__}: {exc}"[:500])
+        raise
+    assert result.final is not None
+    final = result.final
+    side = min(dataset.image_shape[1:])
+    record.status, record.test_accuracy, record.test_loss = "completed", final.accuracy, final.loss
+    record.train_seconds, record.wall_seconds, record.steps = result.train_seconds, result.wall_seconds, result.steps
+    record.history, record.per_class_accuracy, record.confusion = result.history, final.per_class_accuracy, final.confusion
+    record.train_flops = training_flops(model, dataset.image_shape, result.position.images,
+                                        low_res_side(config, side), result.position.low_images)
+    folders.write_json(run_dir / folders.METRICS, record.to_dict())
+    store.finish_run(record.run_id, "completed", record=record)
+    return record
