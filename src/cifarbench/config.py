@@ -118,8 +118,9 @@ class TrainConfig:
     device: str = "auto"
     """auto picks cuda, then mps, then cpu."""
     precision: str = "fp32"
-    """fp32, bf16 autocast (about 3x faster for conv nets on CPUs with AVX-512 bf16, slightly different
-    numbers), or auto: bf16 on CPU and CUDA (no loss scaling needed, unlike fp16), fp32 elsewhere."""
+    """fp32, bf16 autocast (much faster for conv nets on CPUs with bf16 units, slightly different numbers; see
+    docs/cpu-performance.md#bf16-and-channels-last), or auto: bf16 on CPU and CUDA (no loss scaling needed, unlike
+    fp16), fp32 elsewhere."""
     channels_last: bool = True
     """NHWC memory layout: same arithmetic, faster convolutions on CPU and GPU."""
     eval_batch_size: int = 1000
@@ -137,8 +138,7 @@ class TrainConfig:
     low_res: int = 0
     """Progressive resizing: the first `low_res_fraction` of the steps train on images scaled down to this
     side (cheaper steps, so a budget holds more of them); 0 = off. Evaluation is always at full size.
-    Off in the recipes: at the 120 s CPU budget it buys 9-10 epochs instead of 8 but no validation accuracy
-    (with Muon, seed 0: 20 px 86.90%, 24 px 86.38%, off 86.82%; with SGD, 20 px lost 0.4 points on 2 seeds)."""
+    Off in the recipes: the extra epochs bought no validation accuracy (docs/cpu-performance.md#what-did-not-help)."""
     low_res_fraction: float = 0.5
     tta: int = 0
     """Test-time augmentation of the final evaluation: 0 none, 1 mirror, 2 mirror + 1-pixel translations."""
@@ -159,9 +159,9 @@ class TrainConfig:
     deterministic: bool = False
     """Kernels whose results do not depend on the thread count: on a CPU convolutions skip oneDNN (whose weight
     gradients are summed in a thread-count-dependent order) for ATen's im2col + MKL path, so a seed gives the
-    same bits with 1 thread as with 2, e.g. in `compare --jobs` workers. Measured here: the notebook CNN's fp32
-    step 1.55x slower. fp32 only on a CPU (refused with bf16: those convolutions still differed, 30x slower).
-    On CUDA: cuDNN's deterministic algorithms, no autotuning."""
+    same bits with 1 thread as with 2, e.g. in `compare --jobs` workers, at a cost in speed. fp32 only on a CPU
+    (bf16 convolutions have no thread-independent kernel). On CUDA: cuDNN's deterministic algorithms, no
+    autotuning. Costs and evidence: docs/distributed.md#--deterministic."""
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)

@@ -86,11 +86,9 @@ def keep_cpu_memory() -> bool:
     """Tell glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel.
 
     By default every tensor over 128 KiB is its own mmap, and the kernel zero-fills its pages again on each
-    step. Measured here on the notebook CNN (fp32, 2 threads): a bare training loop ran 1.7x faster with this
-    set; in our loop the first epoch went from 12.5 s to 6.9 s and later ones barely changed (glibc raises its
-    threshold by itself once large blocks are freed, which our per-epoch evaluation happens to do). The cost
-    is that the process keeps its peak memory. Process-wide and done once; True if it took effect (glibc
-    only, a no-op elsewhere).
+    step; keeping them makes CPU training steps faster, mostly in the first epoch (docs/cpu-performance.md#allocator).
+    The cost is that the process keeps its peak memory. Process-wide and done once; True if it took effect
+    (glibc only, a no-op elsewhere).
     """
     global _allocator_tuned
     if _allocator_tuned:
@@ -107,8 +105,8 @@ def keep_cpu_memory() -> bool:
     except (OSError, AttributeError):  # musl and other libcs have no mallopt
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-    # Both are needed: alone, the fixed mmap threshold (32 MiB, its maximum) was no faster here and the trim
-    # threshold was slower; together they keep step-sized buffers in the heap and the heap from shrinking.
+    # Both are needed (either alone did not help): together they keep step-sized buffers in the heap (32 MiB is
+    # the mmap threshold's maximum) and the heap from shrinking.
     _allocator_tuned = bool(mallopt(m_mmap_threshold, ctypes.c_int(32 << 20))
                             and mallopt(m_trim_threshold, ctypes.c_int(1 << 30)))
     return _allocator_tuned

@@ -30,11 +30,9 @@ class BiasOnlyBatchNorm(nn.BatchNorm2d):
 class _MatmulWeightGradConv(torch.autograd.Function):
     """A bf16 3x3 'same' convolution whose weight gradient is one matrix product over im2col columns.
 
-    Why: on our CPUs oneDNN's weight-gradient kernel is slow for the last block's shapes (few pixels, many
-    channels): 256->256 at 3x3, batch 512, took 31-72 ms against 4-19 ms forward on an Intel CPU with AMX, where
-    this product took 7 ms; on an AMD CPU with AVX-512 bf16 10.0 and 13.7 ms against oneDNN's 13.9 and 14.8 for
-    the last block's two convs (and 1.8-6.7x slower for every earlier layer, where the columns are large: hence
-    only the last block). Forward and input gradient stay oneDNN's."""
+    Why: oneDNN's weight-gradient kernel is slow on CPUs for the last block's shapes (few pixels, many channels);
+    for earlier layers the im2col columns are large and this product loses, hence only the last block. Forward and
+    input gradient stay oneDNN's. Measurements: docs/cpu-performance.md#matrix-product-weight-gradients."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[override]

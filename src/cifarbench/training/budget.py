@@ -42,13 +42,13 @@ class StepPlan:
 
     The plan re-measures the step time and re-plans every `1/REPLANS` of the schedule, counting only the time
     the loop spends in steps (`pause` / `resume` around anything else, such as evaluations between epochs).
-    Re-planning by steps, not at epoch ends, matters for short budgets: a 30 s run is 1.5 epochs, and its last
-    re-plan must come late enough to see how few images will need the extra TTA views.
+    Re-planning by steps, not at epoch ends, matters for short budgets: a run of one or two epochs must re-plan
+    late enough to see how few images will need the extra TTA views (docs/cpu-performance.md#budget-planner).
     """
 
     CALIBRATION_STEPS = 3  # the first step pays for allocations and kernel selection; time the next ones
     SAFETY = 0.03  # fraction of the budget kept back for the noise of a shared machine
-    REPLANS = 12  # re-plans over a run; each asks `eval_share` (one forward pass of a batch, on the CPU ~1/6 step)
+    REPLANS = 12  # re-plans over a run; each asks `eval_share`, which costs one forward pass of a batch
 
     def __init__(self, total_steps: int, budget: float | None = None, started: float | None = None,
                  eval_seconds: Callable[[], float] | None = None, sync: Callable[[], None] = lambda: None,
@@ -179,7 +179,7 @@ class StepPlan:
     def _time_left(self) -> float:
         """Seconds left for training steps: the budget less the margin, time spent, and the final evaluation."""
         # The evaluation was timed once, at the start; if the (shared) machine has slowed down since, as the
-        # re-measured step times show, it will take longer by as much (seen: a 120 s run ending at 130 s).
+        # re-measured step times show, it will take longer by as much, and the run would overrun its budget.
         evaluation = self._eval_estimate * self._eval_share * self._slowdown()
         return self.budget * (1 - self.SAFETY) - (time.perf_counter() - self.started) - evaluation
 

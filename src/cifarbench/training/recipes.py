@@ -71,9 +71,8 @@ def fast_recipe(model: str) -> TrainConfig:
 
 CPU_BUDGET_SECONDS = 120.0
 CPU_EVAL_BATCH = 256
-"""Evaluation batch of the fast recipe on a CPU. airbench's 2000 suits a GPU; on our 2 cores speedrun's
-inference ran 1.6-1.9x faster in batches of 256 (activations stay in cache): the final 6-view TTA evaluation
-of a 60 s budget took 5.4 s instead of 8.9 s, and the budget planner gave the difference to training."""
+"""Evaluation batch of the fast recipe on a CPU: airbench's 2000 suits a GPU, while on a CPU small batches keep
+activations in cache, and the budget gives the time saved to training (docs/cpu-performance.md#evaluation-batch-256)."""
 
 
 class CpuSpeedrun(NamedTuple):
@@ -85,21 +84,12 @@ class CpuSpeedrun(NamedTuple):
     muon_lr: float
     """The filters train with Muon at this rate; the other parameters keep the recipe's SGD."""
     act: str = "gelu"
-    """The net's activation. On our CPU SiLU's forward + backward took 55-70% of GELU's time (micro-benchmark
-    at the net's shapes, bf16 channels-last); GELU was 8% of a 120 s step in a profile."""
+    """The net's activation: SiLU is cheaper than GELU on a CPU, which pays at short budgets
+    (docs/cpu-performance.md#silu)."""
 
 
-# Chosen on a 5,000-image validation split (benchmarks/tune_budget.py; never the test set) on our 2-core
-# machine. At 120 s: a narrow first block (it runs at full resolution, so it costs most) with a wide last block,
-# and small batches (more steps in few epochs); Muon at batch 512 beat SGD at 256 by 0.19 points (3 seeds),
-# at 600 s by 0.20 (one seed). At 600 s the full airbench widths beat cheaper nets with more epochs
-# (32-128-512, 48-192-384) and batch 512: width pays there. At 300 s 48-192-384 beat 64-128-256 (7 epochs
-# against 10) by 0.32 and 0.46 points (seeds 0, 1) and 64-256-256 at batch 1024 (6 epochs) by 0.26 (seed 0).
-# SiLU at 120 s: 4% more steps (675-684 against 641-663) and +0.56, +0.36 and +0.30 points on seeds 0-2
-# (87.26/87.12/87.06% against 86.70/86.76/86.76%); at 300 s +0.12 (noise) and at 600 s -0.96 (seed 0), so
-# the longer budgets keep GELU. At 30 s (2-3 epochs) a cheaper last block pays: 32-64-128 beat 32-64-256 on
-# each of seeds 0-2 (80.69% against 79.45% on the mean, 3 epochs against 2); at 60 s it did not (84.39%
-# against 84.50%). The boundary at 45 s lies between the two and is not itself measured.
+# Chosen on a validation split (benchmarks/tune_budget.py; never the test set): short budgets want a narrow
+# first block, small batches and SiLU, long ones width and GELU. Evidence: docs/cpu-performance.md#widths-per-budget.
 CPU_SPEEDRUN = (CpuSpeedrun(45.0, (32, 64, 128), 512, 0.15, "silu"),
                 CpuSpeedrun(150.0, (32, 64, 256), 512, 0.15, "silu"),
                 CpuSpeedrun(450.0, (48, 192, 384), 512, 0.15),
@@ -107,9 +97,8 @@ CPU_SPEEDRUN = (CpuSpeedrun(45.0, (32, 64, 128), 512, 0.15, "silu"),
 
 CPU_TTA_THRESHOLD = 0.6
 """Selective TTA under a CPU budget: only images whose plain prediction has a top-class probability below
-this get the other five views. Chosen on the validation split (benchmarks/tta_threshold.py, three 120 s
-runs): 0.6 scored within one image of full TTA on each (0.5 lost up to 0.12 points) in 43-45% of its time;
-about a third of the held-out images fell below it."""
+this get the other five views. Chosen on the validation split with benchmarks/tta_threshold.py: about as
+accurate as full TTA in under half its time (docs/cpu-performance.md#selective-tta)."""
 
 
 def cpu_speedrun_settings(budget: float) -> CpuSpeedrun:
