@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from cifarbench.cli import main
 from cifarbench.data import cifar10
+from cifarbench.runs.store import RunStore
 
 TRAIN_KEYS = {"run_id", "model", "recipe", "seed", "epochs", "test_accuracy", "test_loss", "train_seconds", "device",
               "params", "dataset", "history"}
@@ -28,13 +30,16 @@ def test_train_eval_runs_round_trip(tiny_py: Path, tmp_path: Path, capsys: pytes
                    "--batch-size", "10", "--device", "cpu", "--runs-dir", runs)
     assert TRAIN_KEYS <= out.keys()
     assert (out["model"], out["recipe"], out["seed"], out["epochs"]) == ("fnn", "seed", 3, 2)
-    assert 0.0 <= out["test_accuracy"] <= 1.0 and out["params"] == 394_634
+    assert out["params"] == 394_634
     assert set(out["dataset"]) >= {"name", "sha256", "verified"} and out["dataset"]["verified"] is False
     assert [h["epoch"] for h in out["history"]] == [1, 2]
     assert set(out["history"][0]) >= {"epoch", "train_loss", "test_loss", "test_accuracy", "seconds"}
 
     ev = run_json(capsys, "eval", out["run_id"], "--runs-dir", runs)
     assert ev["test_accuracy"] == out["test_accuracy"] and len(ev["per_class_accuracy"]) == 10
+    # The accuracy is the count of correct predictions (the confusion's diagonal) over the 20 test images.
+    assert sum(map(sum, ev["confusion"])) == 20
+    assert out["test_accuracy"] == sum(ev["confusion"][k][k] for k in range(10)) / 20
     ev2 = run_json(capsys, "eval", str(Path(out["run_dir"]) / "checkpoint.pt"), "--runs-dir", runs)
     assert ev2["confusion"] == ev["confusion"]
 
@@ -58,15 +63,20 @@ def test_deterministic_flag_is_recorded_and_eval_reproduces_the_run(tiny_py: Pat
 
 
 def test_compare_table_json_and_plot(tiny_py: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    plot = tmp_path / "curves.png"
+    plot, runs = tmp_path / "curves.png", tmp_path / "runs"
     args = ["compare", "fnn", "cnn", "--data-dir", str(tiny_py), "--no-verify", "--epochs", "2", "--seeds", "2",
-            "--batch-size", "10", "--plot", str(plot)]
+            "--batch-size", "10", "--plot", str(plot), "--runs-dir", str(runs)]
     out = run_json(capsys, *args)
     assert [r["model"] for r in out["results"]] == ["fnn", "cnn"]
     for r in out["results"]:
         assert set(r) >= {"model", "recipe", "seeds", "test_accuracy_mean", "test_accuracy_std", "train_seconds_mean",
                           "params"}
-        assert r["seeds"] == [0, 1] and 0 <= r["test_accuracy_mean"] <= 1 and r["test_accuracy_std"] >= 0
+        assert r["seeds"] == [0, 1]
+        # Mean and (sample) standard deviation of the runs' own accuracies, as the run store recorded them.
+        with RunStore(runs) as store:
+            acc = [store.get_run(i)["test_accuracy"] for i in r["run_ids"]]
+        assert len(acc) == 2 and r["test_accuracy_mean"] == pytest.approx(statistics.fmean(acc))
+        assert r["test_accuracy_std"] == pytest.approx(statistics.stdev(acc))
     assert out["plot"] == str(plot) and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(args) == 0
     table = capsys.readouterr().out

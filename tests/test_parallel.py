@@ -30,7 +30,12 @@ def test_a_failing_worker_is_reported_and_the_rest_kept(tiny_py: Path, tmp_path:
     bad = replace(good, seed=1, val_split=10_000)  # more than the training set: fails inside the worker
     done = _run_parallel([good, bad], 2, tmp_path / "runs", on_run=None)
     by_seed = {config.seed: (run, error) for config, run, error in done}
-    assert by_seed[0][1] is None and by_seed[0][0]["test_accuracy"] is not None
+    good_run = by_seed[0][0]
+    assert by_seed[0][1] is None and good_run["seed"] == 0
+    with RunStore(tmp_path / "runs") as store:  # the worker's run was recorded, completed, with its accuracy
+        stored = store.get_run(good_run["run_id"])
+    assert stored["status"] == "completed" and stored["test_accuracy"] == good_run["test_accuracy"]
+    assert good_run["test_accuracy"] == sum(good_run["confusion"][k][k] for k in range(10)) / 20
     assert by_seed[1][0] is None and "val-split" in by_seed[1][1]
 
 

@@ -115,9 +115,7 @@ def test_sigkilled_writers_never_lose_a_committed_run(tmp_path: Path) -> None:
     go.touch()
     rng = random.Random(20)
     reported: list[str] = []
-    start = time.monotonic()
     for round_ in range(20):
-        assert time.monotonic() - start < 60, "the kill loop took too long"
         proc = writer(runs, f"k{round_}", 100_000, go)
         lines: list[str] = []
         reader = threading.Thread(target=lambda p=proc, out=lines: out.extend(p.stdout))  # until EOF
@@ -247,4 +245,3 @@ def test_processes_opening_a_new_store_at_once_migrate_it_once(tmp_path: Path,
         assert p.returncode == 0, err
     assert sorted(ids(runs / "cifarbench.db")) == [f"m{w}-0" for w in range(4)]
     assert user_version(runs / "cifarbench.db") == 1
-    assert os.path.getsize(runs / "cifarbench.db") > 0

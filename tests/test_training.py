@@ -96,7 +96,11 @@ def test_bf16_precision_trains(tiny_py: Path) -> None:
     result = train(tiny_config("cnn", tiny_py, epochs=2, precision="bf16"), dataset, torch.device("cpu"),
                    progress=False)
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
-    assert 0.0 <= result.final.accuracy <= 1.0
+    # The accuracy is the confusion matrix's diagonal over the test set, whose rows hold each class's images.
+    labels = load_cifar10(tiny_py, verify=False, download=False).test.labels
+    confusion = result.final.confusion
+    assert [sum(row) for row in confusion] == [int((labels == k).sum()) for k in range(10)]
+    assert result.final.accuracy == sum(confusion[k][k] for k in range(10)) / len(labels)
 
 
 def test_train_run_writes_folder_and_history(tiny_py: Path, tmp_path: Path) -> None:
@@ -134,11 +138,24 @@ def test_failed_run_is_recorded_as_failed(tiny_py: Path, tmp_path: Path) -> None
     assert run["status"] == "failed" and "boom" in run["error"]
 
 
-def test_devices() -> None:
-    assert resolve_device("cpu").type == "cpu"
-    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
-    if not torch.cuda.is_available():
-        with pytest.raises(CifarbenchError, match="no CUDA GPU"):
-            resolve_device("cuda")
+def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    cuda, mps = [False], [False]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda[0])
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps[0])
+    assert resolve_device("auto") == torch.device("cpu")
+    mps[0] = True
+    assert resolve_device("auto") == torch.device("mps")
+    cuda[0] = True
+    assert resolve_device("auto") == torch.device("cuda")
+
+
+def test_explicit_devices_that_are_absent_or_unknown_are_user_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(CifarbenchError, match="no CUDA GPU"):
+        resolve_device("cuda")
+    with pytest.raises(CifarbenchError, match="MPS is not available"):
+        resolve_device("mps")
     with pytest.raises(CifarbenchError, match="unknown device"):
         resolve_device("tpu")

@@ -337,10 +337,8 @@ def test_sigkill_during_saves_leaves_a_loadable_checkpoint(tmp_path: Path) -> No
     ctx = mp.get_context("fork")
     rng = random.Random(7)
     left_behind = 0
-    start = time.monotonic()
     weights = torch.arange(4_000_000, dtype=torch.float32)  # 16 MB: a save takes a while
     for round_ in range(6):
-        assert time.monotonic() - start < 60, "the kill loop took too long"
         recv, send = ctx.Pipe(duplex=False)
         child = ctx.Process(target=_save_forever, args=(str(path), 1000 * round_, weights, send), daemon=True)
         child.start()
