@@ -6,12 +6,19 @@ import numpy as np
 import pytest
 from torch import nn
 
-from cifarbench.data import fit_normalisation
 from cifarbench.config import DataConfig
+from cifarbench.data import fit_normalisation
 from cifarbench.errors import CifarbenchError
-from cifarbench.evaluation.analysis import (confident_mistakes, confusion_matrix, count_macs, model_cost,
-                                            per_class_accuracy, summarise_time_to_target, time_to_target,
-                                            training_flops)
+from cifarbench.evaluation.analysis import (
+    confident_mistakes,
+    confusion_matrix,
+    count_macs,
+    model_cost,
+    per_class_accuracy,
+    summarise_time_to_target,
+    time_to_target,
+    training_flops,
+)
 from cifarbench.reporting.tables import comparison_table, history_table, time_to_target_cell
 
 
@@ -80,7 +87,8 @@ def test_confusion_per_class_and_confident_mistakes() -> None:
 
 
 def result(model: str, **extra) -> dict:
-    return {"model": model, "recipe": "seed", "seeds": [0, 1], "test_accuracy_mean": 0.5512, "test_accuracy_std": 0.0042,
+    return {"model": model, "recipe": "seed", "seeds": [0, 1], "test_accuracy_mean": 0.5512,
+            "test_accuracy_std": 0.0042,
             "train_seconds_mean": 73.94, "train_seconds_std": 1.26, "params": 315_722, "flops_per_image": 8_377_600,
             **extra}
 

@@ -22,8 +22,9 @@ def run_benchmark(name: str, *args: str) -> subprocess.CompletedProcess:
 
 def test_tune_budget_scores_on_the_validation_split_with_set_changes(tiny_py: Path) -> None:
     # 30 held out: a validation accuracy is a count out of 30, which the 20 test images' 1/20 steps rarely are.
-    done = run_benchmark("tune_budget.py", "--budget", "4", "--val-split", "30", "--variant", "recipe", "w32-64-128 b512",
-                         "--set", "tta=0", "--set", "label_smoothing=0.1", "--data-dir", str(tiny_py))
+    done = run_benchmark("tune_budget.py", "--budget", "4", "--val-split", "30", "--variant", "recipe",
+                         "w32-64-128 b512", "--set", "tta=0", "--set", "label_smoothing=0.1",
+                         "--data-dir", str(tiny_py))
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert out["set"] == {"tta": 0, "label_smoothing": 0.1} and out["val_split"] == 30 and out["budget_seconds"] == 4
@@ -88,8 +89,9 @@ def test_throughput_reports_images_and_flops_per_second() -> None:
     out = json.loads(done.stdout)
     (row,) = out["results"]
     assert row["flops_per_image"] == 2 * (3072 * 128 + 128 * 10)
-    assert row["train_tflops_per_second"] == pytest.approx(3 * row["flops_per_image"] * row["train_images_per_second"] / 1e12)
-    assert row["inference_tflops_per_second"] == pytest.approx(row["flops_per_image"] * row["inference_images_per_second"] / 1e12)
+    flops = row["flops_per_image"]
+    assert row["train_tflops_per_second"] == pytest.approx(3 * flops * row["train_images_per_second"] / 1e12)
+    assert row["inference_tflops_per_second"] == pytest.approx(flops * row["inference_images_per_second"] / 1e12)
 
 
 def test_weight_grad_alternates_both_kernels_on_the_last_block() -> None:

@@ -127,7 +127,8 @@ def test_user_errors_are_one_line_and_exit_1(tiny_py: Path, tmp_path: Path) -> N
     assert "unknown device" in _one_line_error(_cli("train", "fnn", "--device", "tpu", env=env))
     assert "--epochs" in _one_line_error(_cli("train", "fnn", "--epochs", "many", env=env))
     assert "unrecognized" in _one_line_error(_cli("train", "fnn", "--bogus", env=env))
-    assert "unknown config field 'optimizer.lrr'" in _one_line_error(_cli("train", "fnn", "--set", "optimizer.lrr=1", env=env))
+    typo = _one_line_error(_cli("train", "fnn", "--set", "optimizer.lrr=1", env=env))
+    assert "unknown config field 'optimizer.lrr'" in typo
     assert "FIELD=VALUE" in _one_line_error(_cli("train", "fnn", "--set", "epochs", env=env))
 
     fp32 = _one_line_error(_cli("train", "cnn-bn", "--data-dir", str(tiny_py), "--no-verify", "--epochs", "1",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import replace
@@ -19,8 +20,14 @@ from cifarbench.models import create_model
 from cifarbench.training.budget import StepPlan
 from cifarbench.training.lookahead import Lookahead
 from cifarbench.training.loop import autocast_dtype, make_optimizer, split_validation, train
-from cifarbench.training.recipes import (CPU_BUDGET_SECONDS, CPU_EVAL_BATCH, CPU_SPEEDRUN, CPU_TTA_THRESHOLD,
-                                         cpu_speedrun_settings, make_config)
+from cifarbench.training.recipes import (
+    CPU_BUDGET_SECONDS,
+    CPU_EVAL_BATCH,
+    CPU_SPEEDRUN,
+    CPU_TTA_THRESHOLD,
+    cpu_speedrun_settings,
+    make_config,
+)
 from cifarbench.training.schedules import lr_factor
 
 SMALL = {"widths": [8, 16, 16]}
@@ -96,7 +103,8 @@ def test_bias_lr_scale_groups_batchnorm_biases() -> None:
     config = make_config("speedrun", model_kwargs=SMALL)
     opt = make_optimizer(create_model("speedrun", **SMALL), config)
     other, norm = opt.param_groups
-    assert norm["lr"] == pytest.approx(other["lr"] * 64) and norm["weight_decay"] == pytest.approx(other["weight_decay"] / 64)
+    assert norm["lr"] == pytest.approx(other["lr"] * 64)
+    assert norm["weight_decay"] == pytest.approx(other["weight_decay"] / 64)
     assert all(p.requires_grad for g in opt.param_groups for p in g["params"])
 
 
@@ -187,7 +195,7 @@ def test_cpu_speedrun_rows_are_sorted_and_the_last_covers_any_budget() -> None:
     bounds = [row.up_to for row in CPU_SPEEDRUN]
     assert bounds == sorted(bounds) and len(set(bounds)) == len(bounds) and bounds[-1] == math.inf
     # Neighbouring rows differ in some setting; otherwise the boundary between them would mean nothing.
-    assert all(a[1:] != b[1:] for a, b in zip(CPU_SPEEDRUN, CPU_SPEEDRUN[1:]))
+    assert all(a[1:] != b[1:] for a, b in itertools.pairwise(CPU_SPEEDRUN))
 
 
 @pytest.mark.parametrize("budget", budgets_around_each_row_boundary())
@@ -398,6 +406,7 @@ def test_validation_split_is_fixed_disjoint_and_used(tiny_py: Path) -> None:
     assert len(kept) == len(dataset.train) - 30 and len(held) == 30
     again = split_validation(dataset.train, 30)[1]
     assert torch.equal(torch.from_numpy(held.images), torch.from_numpy(again.images))
-    config = make_config("fnn", data_dir=str(tiny_py), verify=False, epochs=2, batch_size=10, val_split=30, device="cpu")
+    config = make_config("fnn", data_dir=str(tiny_py), verify=False, epochs=2, batch_size=10, val_split=30,
+                         device="cpu")
     result = train(config, dataset, torch.device("cpu"), progress=False)
     assert all(h.val_accuracy is not None for h in result.history)

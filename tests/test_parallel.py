@@ -56,5 +56,5 @@ def test_deterministic_runs_match_across_worker_thread_counts(tiny_py: Path, tmp
             runs = sorted(store.list_runs(), key=lambda r: r["seed"])
             assert all(r["config"]["deterministic"] for r in runs)
         weights.append([load_checkpoint(Path(r["run_dir"]) / "checkpoint.pt")["state_dict"] for r in runs])
-    for one, two in zip(*weights):
+    for one, two in zip(*weights, strict=True):
         assert all(torch.equal(one[k], two[k]) for k in one)

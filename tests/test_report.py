@@ -140,7 +140,8 @@ def test_every_string_from_runs_is_escaped(tmp_path: Path, capsys: pytest.Captur
 
     html = render_report(title="</title><script>alert(1)</script>",
                          summary=(["model"], [["<b>fnn</b>"]]), runs=(["run"], [['"><script>x</script>']]),
-                         figures=[('"heading"<', "<caption>", PNG)], configs={"<id>": {"k": "</pre><script>1</script>"}},
+                         figures=[('"heading"<', "<caption>", PNG)],
+                         configs={"<id>": {"k": "</pre><script>1</script>"}},
                          datasets=[{"source": "<src>"}], environment={"<e>": "<v>"}, notes=["<note>"])
     assert "<script>" not in html and "<b>" not in html and "<note>" not in html and "<caption>" not in html
     assert "&lt;/pre&gt;&lt;script&gt;1&lt;/script&gt;" in html and 'alt="&quot;heading&quot;&lt;"' in html

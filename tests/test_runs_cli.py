@@ -118,7 +118,8 @@ def test_runs_rm_of_a_run_whose_folder_is_gone_and_of_a_running_run(two_runs, ca
     for f in Path(first["run_dir"]).iterdir():
         f.unlink()
     Path(first["run_dir"]).rmdir()
-    assert cli_json(capsys, "runs", "rm", first["run_id"], "--runs-dir", runs, "--json")["removed"][0]["folder"] == "already gone"
+    removed = cli_json(capsys, "runs", "rm", first["run_id"], "--runs-dir", runs, "--json")["removed"]
+    assert removed[0]["folder"] == "already gone"
     db = sqlite3.connect(Path(runs) / "cifarbench.db")
     db.execute("UPDATE runs SET status = 'running', pid = ? WHERE id = ?", (os.getpid(), second["run_id"]))
     db.commit()
@@ -128,8 +129,8 @@ def test_runs_rm_of_a_run_whose_folder_is_gone_and_of_a_running_run(two_runs, ca
 
 def test_store_delete_run(tmp_path: Path) -> None:
     with RunStore(tmp_path) as store:
-        store.start_run("r1", config={"model": "fnn", "recipe": "seed", "seed": 0, "epochs": 1}, dataset={}, device="cpu",
-                        params=1, run_dir="/x", code_version="v", torch_version="t")
+        store.start_run("r1", config={"model": "fnn", "recipe": "seed", "seed": 0, "epochs": 1}, dataset={},
+                        device="cpu", params=1, run_dir="/x", code_version="v", torch_version="t")
         store.add_epoch("r1", {"epoch": 1, "train_loss": 1.0, "test_loss": 1.0, "test_accuracy": 0.1, "seconds": 1.0,
                                "eval_seconds": 0.1})
         assert store.delete_run("r1") is True and store.delete_run("r1") is False and store.list_runs() == []

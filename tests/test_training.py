@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -62,8 +63,9 @@ def test_with_changes_sets_dotted_fields_and_refuses_typos() -> None:
         c.with_changes({"tta": 5})  # validated like the field itself
     with pytest.raises(CifarbenchError, match="optimizer.lr"):
         c.with_changes({"optimizer.lr": "fast"})
-    assert parse_changes(["optimizer.name=muon", "tta=0", 'model_kwargs={"widths": [8, 8, 8]}', "lookahead.enabled=false"]) == {
-        "optimizer.name": "muon", "tta": 0, "model_kwargs": {"widths": [8, 8, 8]}, "lookahead.enabled": False}
+    changes = ["optimizer.name=muon", "tta=0", 'model_kwargs={"widths": [8, 8, 8]}', "lookahead.enabled=false"]
+    assert parse_changes(changes) == {"optimizer.name": "muon", "tta": 0, "model_kwargs": {"widths": [8, 8, 8]},
+                                      "lookahead.enabled": False}
     with pytest.raises(CifarbenchError, match="FIELD=VALUE"):
         parse_changes(["=3"])
 
@@ -78,7 +80,7 @@ def test_training_learns_the_synthetic_classes(tiny_py: Path) -> None:
     assert result.final.accuracy >= 0.5  # chance is 0.1; the classes differ by mean colour
     assert result.final.n == len(dataset.test)
     assert sum(map(sum, result.final.confusion)) == len(dataset.test)
-    assert all(b.seconds >= a.seconds for a, b in zip(result.history, result.history[1:]))
+    assert all(b.seconds >= a.seconds for a, b in itertools.pairwise(result.history))
 
 
 @pytest.mark.parametrize("model", ["fnn", "cnn"])

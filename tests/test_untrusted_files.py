@@ -83,8 +83,8 @@ def assert_one_line_error(err: str, *needles: str) -> None:
 def _evil_batches(marker: Path) -> dict[str, tuple[str, str, object]]:
     """case -> (layout, batch file to replace, its new content or a function of the old bytes)."""
     return {
-        "pickle calling os.system": ("python", "data_batch_2",
-                                     pickle.dumps({"data": _Call(os.system, f"touch {marker}"), "labels": []}, protocol=2)),
+        "pickle calling os.system": ("python", "data_batch_2", pickle.dumps(
+            {"data": _Call(os.system, f"touch {marker}"), "labels": []}, protocol=2)),
         "pickle calling builtins.eval": ("python", "data_batch_3",
                                          pickle.dumps({b"data": _Call(eval, f"open({str(marker)!r}, 'w').close()"),
                                                        b"labels": [0]}, protocol=2)),

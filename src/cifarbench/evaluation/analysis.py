@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import statistics
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -131,7 +132,8 @@ def predict_probabilities(model: nn.Module, data: DeviceSplit, *, batch_size: in
     model.eval()
     chunks = []
     for x, _ in data.batches(batch_size):
-        with torch.autocast(data.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        with torch.autocast(data.device.type, dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None):
             logits = predict_logits(model, x, tta, tta_threshold)
         chunks.append(torch.softmax(logits.float(), dim=1))
     model.train(was_training)

@@ -26,7 +26,7 @@ class EvalResult:
         return asdict(self)
 
     @classmethod
-    def from_counts(cls, confusion: torch.Tensor, loss_sum: float) -> "EvalResult":
+    def from_counts(cls, confusion: torch.Tensor, loss_sum: float) -> EvalResult:
         """The metrics of a (classes x classes) confusion matrix and the summed loss over its examples."""
         matrix = confusion.cpu()
         n = int(matrix.sum())
@@ -93,7 +93,8 @@ def evaluate(model: nn.Module, data: DeviceSplit, *, num_classes: int, batch_siz
     loss_sum = torch.zeros((), dtype=sum_dtype(data.device), device=data.device)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=data.device)
     for x, y in data.batches(batch_size):
-        with torch.autocast(data.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        with torch.autocast(data.device.type, dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None):
             logits = predict_logits(model, x, tta, tta_threshold)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes * num_classes)

@@ -11,9 +11,10 @@ import os
 import socket
 import sqlite3
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from cifarbench.errors import CifarbenchError
 from cifarbench.fsutil import pid_alive
@@ -122,7 +123,7 @@ class RunStore:
     def close(self) -> None:
         self._db.close()
 
-    def __enter__(self) -> "RunStore":
+    def __enter__(self) -> RunStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -169,8 +170,8 @@ class RunStore:
         dead = [r["id"] for r in rows if r["pid"] and not pid_alive(r["pid"])]
         if dead:
             with self._write() as db:
-                db.executemany("UPDATE runs SET status = 'crashed', finished_at = ? WHERE id = ? AND status = 'running'",
-                               [(time.time(), rid) for rid in dead])
+                db.executemany("UPDATE runs SET status = 'crashed', finished_at = ? "
+                               "WHERE id = ? AND status = 'running'", [(time.time(), rid) for rid in dead])
 
     def start_run(self, run_id: str, *, config: dict, dataset: dict, device: str, params: int, run_dir: str,
                   code_version: str, torch_version: str) -> None:
@@ -193,11 +194,12 @@ class RunStore:
 
     def add_epoch(self, run_id: str, metrics: dict) -> None:
         with self._write() as db:
-            db.execute(f"INSERT OR REPLACE INTO epochs (run_id, {', '.join(_EPOCH_FIELDS)}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       (run_id, *(metrics[k] for k in _EPOCH_FIELDS)))
+            db.execute(f"INSERT OR REPLACE INTO epochs (run_id, {', '.join(_EPOCH_FIELDS)}) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)", (run_id, *(metrics[k] for k in _EPOCH_FIELDS)))
 
     def finish_run(self, run_id: str, status: str, *, test_accuracy: float | None = None,
-                   test_loss: float | None = None, train_seconds: float | None = None, error: str | None = None) -> None:
+                   test_loss: float | None = None, train_seconds: float | None = None,
+                   error: str | None = None) -> None:
         with self._write() as db:
             db.execute("UPDATE runs SET status = ?, finished_at = ?, test_accuracy = ?, test_loss = ?,"
                        " train_seconds = ?, error = ? WHERE id = ?",

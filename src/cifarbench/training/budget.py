@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 
 @dataclass
@@ -92,7 +92,8 @@ class StepPlan:
             stretch = self._stretch
             stretch.steps += 1
             stretch.low_steps += low
-            if stretch.steps >= max(self.CALIBRATION_STEPS, self.total_steps // self.REPLANS) and step < self.total_steps:
+            due = stretch.steps >= max(self.CALIBRATION_STEPS, self.total_steps // self.REPLANS)
+            if due and step < self.total_steps:
                 self.pause()
                 self.replan(step, stretch.seconds, stretch.steps, stretch.low_steps)
                 self._stretch = _Stretch()
