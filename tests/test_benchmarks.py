@@ -13,6 +13,8 @@ import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
+pytestmark = pytest.mark.slow  # each test runs a benchmark script in a fresh interpreter
+
 
 def run_benchmark(name: str, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "CIFARBENCH_DATA"}

@@ -24,6 +24,7 @@ def run_json(capsys: pytest.CaptureFixture, *argv: str) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+@pytest.mark.slow
 def test_train_eval_runs_round_trip(tiny_py: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     runs = str(tmp_path / "runs")
     out = run_json(capsys, "train", "fnn", "--data-dir", str(tiny_py), "--no-verify", "--epochs", "2", "--seed", "3",
@@ -51,6 +52,7 @@ def test_train_eval_runs_round_trip(tiny_py: Path, tmp_path: Path, capsys: pytes
     assert "test accuracy" in human and "airplane" in human
 
 
+@pytest.mark.slow
 def test_deterministic_flag_is_recorded_and_eval_reproduces_the_run(tiny_py: Path, tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture) -> None:
     runs = str(tmp_path / "runs")
@@ -62,6 +64,7 @@ def test_deterministic_flag_is_recorded_and_eval_reproduces_the_run(tiny_py: Pat
     assert ev["test_accuracy"] == out["test_accuracy"]
 
 
+@pytest.mark.slow
 def test_compare_table_json_and_plot(tiny_py: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     plot, runs = tmp_path / "curves.png", tmp_path / "runs"
     args = ["compare", "fnn", "cnn", "--data-dir", str(tiny_py), "--no-verify", "--epochs", "2", "--seeds", "2",
@@ -118,6 +121,7 @@ def _one_line_error(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_user_errors_are_one_line_and_exit_1(tiny_py: Path, tmp_path: Path) -> None:
     env = {"CIFARBENCH_HOME": str(tmp_path / "runs")}
     missing = _one_line_error(_cli("train", "fnn", "--data-dir", str(tmp_path / "none"), "--no-download", env=env))
@@ -148,6 +152,7 @@ def test_user_errors_are_one_line_and_exit_1(tiny_py: Path, tmp_path: Path) -> N
     assert "not in" in _one_line_error(_cli("eval", "no-such-run", env=env))
 
 
+@pytest.mark.slow
 def test_offline_training_without_data_fails_cleanly(tmp_path: Path) -> None:
     # No data anywhere and (in this sandbox) no route to the official server: a download attempt must end in
     # one line that says where we looked. The URL is pointed at a closed loopback port so the test never

@@ -217,6 +217,7 @@ def test_cpu_budget_config_carries_its_rows_settings(budget: float) -> None:
     create_model("speedrun", **c.model_kwargs)  # each row's settings build the net
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["speedrun", "cnn-bn"])
 def test_fast_recipe_trains_on_tiny_data(tiny_py: Path, model: str) -> None:
     dataset = load_cifar10(tiny_py, verify=False, download=False)
@@ -228,7 +229,7 @@ def test_fast_recipe_trains_on_tiny_data(tiny_py: Path, model: str) -> None:
 
 
 class FakeClock:
-    """time.perf_counter for the budget module: advances only when told."""
+    """A stand-in for time.perf_counter: advances only when told."""
 
     def __init__(self) -> None:
         self.now = 0.0
@@ -247,8 +248,9 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     return fake
 
 
+@pytest.mark.slow
 def test_budget_is_respected_on_tiny_data(tiny_py: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Every clock the run reads is a fake one that advances STEP seconds per optimiser step and not otherwise,
+    # Every clock the run reads is a fake one that advances `step` seconds per optimiser step and not otherwise,
     # so the planned run is exactly predictable, whatever the machine's load.
     step, budget = 0.5, 6.0
     fake = FakeClock()

@@ -225,6 +225,7 @@ def test_checkpoint_payloads_never_run(tmp_path: Path, kind: str) -> None:
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_cli_eval_of_a_malicious_checkpoint(tmp_path: Path) -> None:
     """`cifarbench eval FILE` in a fresh process: exit 1, one line on stderr, no traceback, no payload."""
     marker = tmp_path / "marker"
