@@ -10,7 +10,7 @@ DEMO_ARGS ?=
 Q75 := ../shared/datasets/cifar10-q75
 Q75_DATA := $(HOME)/.cache/cifarbench/cifar10-q75
 
-.PHONY: demo test venv clean
+.PHONY: demo test test-fast venv clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+# The quick local tier: `make test-fast` runs pytest -q -m "not slow and not realdata and not distributed".
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow and not realdata and not distributed"
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

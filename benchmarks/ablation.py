@@ -45,9 +45,9 @@ def main() -> None:
 
     import torch
 
-    from cifarbench.running import train_run
     from cifarbench.config import DataConfig
     from cifarbench.data import load_dataset
+    from cifarbench.running import train_run
     from cifarbench.training.recipes import make_config
 
     dataset = load_dataset(DataConfig(data_dir=args.data_dir, verify=False))

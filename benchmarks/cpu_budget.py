@@ -42,13 +42,15 @@ def main() -> None:
     for budget in args.budgets:
         runs = []
         for seed in range(args.seeds):
-            cmd = [sys.executable, "-m", "cifarbench", "train", args.model, "--budget", str(budget), "--seed", str(seed),
-                   "--no-verify", "--device", args.device, "--runs-dir", runs_dir, "--json", *args.extra]
+            cmd = [sys.executable, "-m", "cifarbench", "train", args.model, "--budget", str(budget),
+                   "--seed", str(seed), "--no-verify", "--device", args.device, "--runs-dir", runs_dir, "--json",
+                   *args.extra]
             if args.data_dir:
                 cmd += ["--data-dir", args.data_dir]
             out, wall = run(cmd)
             runs.append({"seed": seed, "test_accuracy": out["test_accuracy"], "wall_seconds_run": out["wall_seconds"],
-                         "wall_seconds_process": wall, "train_seconds": out["train_seconds"], "epochs": len(out["history"]),
+                         "wall_seconds_process": wall, "train_seconds": out["train_seconds"],
+                         "epochs": len(out["history"]),
                          "steps": out["steps"], "train_pflops": out["train_flops"] / 1e15,
                          "widths": out["config"]["model_kwargs"].get("widths")})
             print(f"budget {budget:g}s seed {seed}: {100 * out['test_accuracy']:.2f}% in {out['wall_seconds']:.1f}s "
@@ -63,7 +65,8 @@ def main() -> None:
 
     from cifarbench.provenance import cpu_description
 
-    print(json.dumps({"benchmark": "cpu_budget", "model": args.model, "device": args.device, "threads": torch.get_num_threads(),
+    print(json.dumps({"benchmark": "cpu_budget", "model": args.model, "device": args.device,
+                      "threads": torch.get_num_threads(),
                       "torch": str(torch.__version__), "cores": os.cpu_count(), "cpu": cpu_description(),
                       "results": rows}, indent=2))
 

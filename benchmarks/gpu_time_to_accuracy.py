@@ -1,7 +1,8 @@
 """GPU time-to-accuracy of `speedrun` over many runs, timed with CUDA events, data loading excluded (as airbench
 reports it): benchmark (c) of the fast issue.
 
-    python benchmarks/gpu_time_to_accuracy.py [--runs 20] [--data-dir DIR] [--epochs 10] [--compile] [--set FIELD=VALUE ...]
+    python benchmarks/gpu_time_to_accuracy.py [--runs 20] [--data-dir DIR] [--epochs 10] [--compile]
+                                              [--set FIELD=VALUE ...]
 
 The data set is loaded once and kept on the GPU; a warm-up run (not counted) pays for kernel selection and
 compilation. Each counted run's seconds cover model creation, whitening init, training and the final TTA

@@ -89,7 +89,7 @@ class TorchvisionLikeCIFAR10(Dataset):
 
 class FNNModel(nn.Module):
     def __init__(self):
-        super(FNNModel, self).__init__()
+        super().__init__()
         self.fc1 = nn.Linear(3 * 32 * 32, 128)
         self.fc2 = nn.Linear(128, 10)
 
@@ -102,7 +102,7 @@ class FNNModel(nn.Module):
 
 class CNNModel(nn.Module):
     def __init__(self):
-        super(CNNModel, self).__init__()
+        super().__init__()
         self.conv1 = nn.Conv2d(3, 32, kernel_size=3)
         self.conv2 = nn.Conv2d(32, 64, kernel_size=3)
         self.fc1 = nn.Linear(64 * 6 * 6, 128)
@@ -152,7 +152,7 @@ def run_model(name: str, epochs: int, seed: int, train_set: Dataset, test_set: D
             optimizer.step()
         # The notebook prints the last batch's loss; its FNN cell says "/10" while
         # running 5 epochs -- we print the real epoch count.
-        print("[{}] Epoch [{}/{}], Loss: {:.4f}".format(name, epoch + 1, epochs, loss.item()),
+        print(f"[{name}] Epoch [{epoch + 1}/{epochs}], Loss: {loss.item():.4f}",
               file=sys.stderr, flush=True)
     train_seconds = time.perf_counter() - t0
 
@@ -177,8 +177,8 @@ def run_model(name: str, epochs: int, seed: int, train_set: Dataset, test_set: D
         last_batch_loss = float(loss.item())
     eval_seconds = time.perf_counter() - t0
 
-    print("[{}] Test loss: {:.4f}, Test accuracy: {:.4f}".format(
-        name, last_batch_loss, notebook_accuracy), file=sys.stderr, flush=True)
+    print(f"[{name}] Test loss: {last_batch_loss:.4f}, Test accuracy: {notebook_accuracy:.4f}", file=sys.stderr,
+          flush=True)
 
     return {
         "model": name,

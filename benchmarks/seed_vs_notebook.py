@@ -46,7 +46,8 @@ def main() -> None:
         cb = next(r for r in ours["results"] if r["model"] == nb["model"])
         rows.append({"model": nb["model"], "epochs": nb["epochs"],
                      "notebook_accuracy": nb["test_accuracy"], "cifarbench_accuracy": cb["test_accuracy_mean"],
-                     "notebook_train_seconds": nb["train_seconds"], "cifarbench_train_seconds": cb["train_seconds_mean"],
+                     "notebook_train_seconds": nb["train_seconds"],
+                     "cifarbench_train_seconds": cb["train_seconds_mean"],
                      "speedup": nb["train_seconds"] / cb["train_seconds_mean"]})
     print(json.dumps({"benchmark": "seed_vs_notebook", "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                       "torch": notebook["torch"], "threads": notebook["threads"], "dataset": ours["dataset"],

@@ -82,7 +82,8 @@ def main() -> None:
         flops = model_cost(name, (3, 32, 32), model_kwargs=kwargs).flops_per_image
         # Achieved rate of the matrix products (the FLOPs airbench counts): how close a model runs to the device's peak.
         rows.append({"model": name, **kwargs, "params": count_parameters(model), "flops_per_image": flops, **speed,
-                     "train_tflops_per_second": speed["train_images_per_second"] * TRAIN_FLOPS_PER_FORWARD * flops / 1e12,
+                     "train_tflops_per_second":
+                         speed["train_images_per_second"] * TRAIN_FLOPS_PER_FORWARD * flops / 1e12,
                      "inference_tflops_per_second": speed["inference_images_per_second"] * flops / 1e12})
     print(json.dumps({"benchmark": "throughput", "device": describe_device(device), "cpu": cpu_description(),
                       "torch": str(torch.__version__),

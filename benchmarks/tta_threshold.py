@@ -30,13 +30,13 @@ def main() -> None:
 
     import torch
 
-    from cifarbench.device import autocast, autocast_dtype
-    from cifarbench.inference import load_trained_model
-    from cifarbench.running import train_run
     from cifarbench.config import DataConfig
     from cifarbench.data import load_dataset
     from cifarbench.data.loader import DeviceSplit
+    from cifarbench.device import autocast, autocast_dtype
     from cifarbench.evaluation.metrics import confidence, evaluate
+    from cifarbench.inference import load_trained_model
+    from cifarbench.running import train_run
     from cifarbench.training.loop import split_validation
     from cifarbench.training.recipes import make_config
 

@@ -82,10 +82,10 @@ def main() -> None:
     args = ap.parse_args()
     import tempfile
 
-    from cifarbench.running import train_run
     from cifarbench.config import DataConfig, parse_changes
     from cifarbench.data import load_dataset
     from cifarbench.errors import CifarbenchError
+    from cifarbench.running import train_run
     from cifarbench.training.recipes import make_config
 
     try:  # a typo in --set ends here, not after the data set has loaded

@@ -63,7 +63,8 @@ def main() -> None:
                       "switched_convs": len(switched), "rounds": args.rounds, "steps_per_round": args.steps,
                       "onednn_step_ms": 1000 * median["onednn"], "matmul_step_ms": 1000 * median["matmul"],
                       "ratio": median["matmul"] / median["onednn"],
-                      "per_round_ratio": [m / o for o, m in zip(times["onednn"], times["matmul"])]}, indent=2))
+                      "per_round_ratio": [m / o for o, m in zip(times["onednn"], times["matmul"], strict=True)]},
+                     indent=2))
 
 
 if __name__ == "__main__":

@@ -7,15 +7,21 @@ import pytest
 import torch
 from torch import nn
 
-from cifarbench.data import fit_normalisation
 from cifarbench.config import DataConfig
+from cifarbench.data import fit_normalisation
 from cifarbench.errors import CifarbenchError
-from cifarbench.evaluation.analysis import (confident_mistakes, count_macs, model_cost, summarise_time_to_target,
-                                            time_to_target, training_flops)
+from cifarbench.evaluation.analysis import (
+    confident_mistakes,
+    count_macs,
+    model_cost,
+    summarise_time_to_target,
+    time_to_target,
+    training_flops,
+)
 from cifarbench.evaluation.metrics import EvalResult
 from cifarbench.models import create_model
-from cifarbench.runs.records import ModelSummary
 from cifarbench.reporting.tables import comparison_table, history_table, time_to_target_cell
+from cifarbench.runs.records import ModelSummary
 
 
 def test_macs_of_the_notebook_models_by_hand() -> None:

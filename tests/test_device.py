@@ -38,6 +38,7 @@ def probe(mode: str) -> tuple[str, int]:
     return tuned, int(mmaps)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
 def test_keep_cpu_memory_keeps_step_sized_buffers_out_of_mmap() -> None:
     assert probe("default") == ("False", 1)  # glibc maps a fresh block: page faults on every step
@@ -62,6 +63,7 @@ print(all(torch.equal(a, b) for a, b in zip(*grads)))
 """
 
 
+@pytest.mark.slow
 def test_matrix_product_gradients_do_not_depend_on_the_thread_count() -> None:
     # What lets `compare --jobs` workers (1 thread each) reproduce a 2-thread run of the same seed, bit for bit,
     # for models built from linear layers (MKL); oneDNN's convolution gradients have no such mode.

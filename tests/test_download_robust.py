@@ -20,7 +20,7 @@ from cifarbench.data import cifar10
 from cifarbench.data import download as dl
 from cifarbench.data.download import download, is_download_rank, wait_for_files
 from cifarbench.errors import DataError, DownloadError
-from conftest import make_archive, write_python_layout
+from conftest import N_PER_BATCH, make_archive, write_python_layout
 from https_server import cert, serve  # noqa: F401  (cert is a fixture)
 
 BODY = os.urandom(2 * 2**20 + 777)  # spans several 1 MiB chunks
@@ -326,7 +326,7 @@ def test_mirror_from_the_environment_is_used_and_verified(scripted, cert, tmp_pa
     assert [p for p, _ in log] == ["/mirror/cifar.tar.gz"] * 2
     assert (data / cifar10.ARCHIVE).read_bytes() == tiny_archive
     assert (data / cifar10.PY_DIR / "test_batch").is_file()
-    assert len(cifar10.load_cifar10(data, verify=False, download=False).test) > 0
+    assert len(cifar10.load_cifar10(data, verify=False, download=False).test) == N_PER_BATCH
 
 
 def test_mirror_serving_other_bytes_is_refused(scripted, cert, tmp_path, monkeypatch, tiny_archive):
@@ -383,7 +383,7 @@ def test_is_download_rank(monkeypatch, env, expected):
     assert is_download_rank() is expected
 
 
-def test_other_ranks_wait_for_rank_0(tmp_path, monkeypatch):
+def test_other_ranks_wait_for_rank_0(tmp_path, monkeypatch, fast_backoff):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
 
@@ -400,15 +400,16 @@ def test_other_ranks_wait_for_rank_0(tmp_path, monkeypatch):
         staged = write_python_layout(tmp_path / "staged")
         os.rename(staged / cifar10.PY_DIR, data / cifar10.PY_DIR)
 
+    slept = fast_backoff  # the pauses the wait asked for (and slept)
     thread = threading.Thread(target=rank0)
-    start = time.monotonic()
     thread.start()
     try:
         assert cifar10.ensure_cifar10(data, progress=False) == data
+        present = (data / cifar10.PY_DIR / cifar10.TEST_BATCH).is_file()  # before rank 0's thread is joined
     finally:
         thread.join(10)
-    assert time.monotonic() - start >= 0.3
-    assert len(cifar10.load_cifar10(data, verify=False).train) > 0
+    assert slept and present  # it polled until rank 0's files were there, then returned
+    assert len(cifar10.load_cifar10(data, verify=False).train) == 5 * N_PER_BATCH
 
 
 def test_other_ranks_wait_for_a_half_extracted_folder(tmp_path, monkeypatch):
@@ -427,14 +428,15 @@ def test_other_ranks_wait_for_a_half_extracted_folder(tmp_path, monkeypatch):
     assert last.read_bytes() == content
 
 
-def test_waiting_rank_gives_up_after_its_timeout(tmp_path, monkeypatch):
+def test_waiting_rank_gives_up_after_its_timeout(tmp_path, monkeypatch, fast_backoff):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setattr(dl, "RANK_WAIT_S", 0.3)
-    start = time.monotonic()
+    slept = fast_backoff  # the pauses the wait asked for (and slept)
     with pytest.raises(DataError, match="rank 1 waited 0.3 s for rank 0") as info:
         cifar10.ensure_cifar10(tmp_path / "data")
-    assert time.monotonic() - start < 5 and "\n" not in str(info.value)
+    assert "\n" not in str(info.value)
+    assert slept and sum(slept) <= 0.3 + 1e-9  # the pauses it asked for fit inside its timeout
     assert not (tmp_path / "data").exists()
 
 

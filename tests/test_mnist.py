@@ -22,10 +22,12 @@ N_TRAIN, N_TEST = 30, 10
 def idx_bytes(array: np.ndarray, magic: int | None = None) -> bytes:
     """An IDX file of unsigned bytes: magic (0x08, ndim), big-endian dims, data."""
     magic = (0x0800 | array.ndim) if magic is None else magic
-    return struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape) + array.astype(np.uint8).tobytes()
+    dims = b"".join(struct.pack(">I", d) for d in array.shape)
+    return struct.pack(">I", magic) + dims + array.astype(np.uint8).tobytes()
 
 
-def write_idx_set(folder: Path, *, gz: bool = True, seed: int = 0, n_train: int = N_TRAIN, n_test: int = N_TEST) -> Path:
+def write_idx_set(folder: Path, *, gz: bool = True, seed: int = 0, n_train: int = N_TRAIN,
+                  n_test: int = N_TEST) -> Path:
     """Four IDX files where digit k has a bright row band at 2k..2k+2, so a model can learn them."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -165,7 +167,8 @@ def test_download_fetches_the_four_official_files_over_https(tmp_path: Path, mon
     assert ds.name == "fashion-mnist" and ds.classes[0] == "T-shirt/top"
     assert [u for u, _ in calls] == [mnist.FASHION_MNIST.mirror + f + ".gz" for f in mnist.FILES]
     assert all(u.startswith("https://") for u, _ in calls) and calls[0][1] == "8d4fb7e6c68d591d4c3dfef9ec88bf0d"
-    assert sorted(p.name for p in (tmp_path / "data" / "fashion-mnist").iterdir()) == sorted(f + ".gz" for f in mnist.FILES)
+    written = sorted(p.name for p in (tmp_path / "data" / "fashion-mnist").iterdir())
+    assert written == sorted(f + ".gz" for f in mnist.FILES)
 
 
 def test_train_on_mnist_with_the_notebook_recipe(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -174,7 +177,8 @@ def test_train_on_mnist_with_the_notebook_recipe(tmp_path: Path, capsys: pytest.
                  "--epochs", "1", "--batch-size", "10", "--device", "cpu", "--runs-dir", str(tmp_path / "runs"),
                  "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["dataset"]["name"] == "mnist" and out["params"] == 1600 * 128 + 128 * 10 + 32 * 9 + 32 + 64 * 288 + 64 + 128 + 10
+    assert out["dataset"]["name"] == "mnist"
+    assert out["params"] == 1600 * 128 + 128 * 10 + 32 * 9 + 32 + 64 * 288 + 64 + 128 + 10
     # The recipe's 0.5/0.5 over three channels became one channel's, and that is what the run recorded.
     assert out["config"]["data"]["mean"] == [0.5] and out["config"]["data"]["std"] == [0.5]
     assert main(["eval", out["run_id"], "--runs-dir", str(tmp_path / "runs"), "--json"]) == 0

@@ -117,7 +117,7 @@ def test_speedrun_takes_matmul_weight_grads_only_in_bf16_cpu_training_of_its_las
     assert calls == []
     matmul = grads(True)
     assert calls == [(4, 16, 7, 7), (4, 32, 3, 3)]  # the last block's two convolutions, nothing else
-    for a, b in zip(stock, matmul):  # the same gradients up to bf16 rounding of the summation order
+    for a, b in zip(stock, matmul, strict=True):  # the same gradients up to bf16 rounding of the summation order
         torch.testing.assert_close(b, a, rtol=2e-2, atol=1e-2 * a.abs().max().item())
     calls.clear()
     grads(True, bf16=False)  # fp32 keeps the stock kernels (and --deterministic's thread-independent ones)

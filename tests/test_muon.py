@@ -95,7 +95,10 @@ def test_cli_trains_with_muon_and_records_it(tiny_py, tmp_path, capsys) -> None:
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["config"]["optimizer"]["name"] == "muon" and out["config"]["optimizer"]["lr"] == 0.2
-    assert len(out["history"]) == 2 and 0.0 <= out["test_accuracy"] <= 1.0
+    assert len(out["history"]) == 2
+    # The accuracy is the count of correct predictions (the confusion's diagonal) over the 20 test images.
+    assert sum(map(sum, out["confusion"])) == 20
+    assert out["test_accuracy"] == sum(out["confusion"][k][k] for k in range(10)) / 20
     with pytest.raises(SystemExit) as bad:
         main(argv[:-1] + ["--optimizer", "adam"])
     assert bad.value.code == 1 and "invalid choice: 'adam'" in capsys.readouterr().err

@@ -29,7 +29,12 @@ def test_a_failing_worker_is_reported_and_the_rest_kept(tiny_py: Path, tmp_path:
     good = make_config("fnn", data_dir=str(tiny_py), verify=False, epochs=1, batch_size=10, device="cpu")
     bad = replace(good, seed=1, val_split=10_000)  # more than the training set: fails inside the worker
     runs, failures = _run_parallel([good, bad], 2, tmp_path / "runs", on_run=None)
-    assert [(r.seed, r.status) for r in runs] == [(0, "completed")] and runs[0].test_accuracy is not None
+    (run,) = runs
+    assert (run.seed, run.status) == (0, "completed")
+    with RunStore(tmp_path / "runs") as store:  # the worker's run was recorded, completed, with its accuracy
+        stored = store.get_run(run.run_id)
+    assert stored["status"] == "completed" and stored["test_accuracy"] == run.test_accuracy
+    assert run.test_accuracy == sum(run.confusion[k][k] for k in range(10)) / 20
     assert [f["seed"] for f in failures] == [1] and "val-split" in failures[0]["error"]
 
 
@@ -44,11 +49,12 @@ def test_deterministic_runs_match_across_worker_thread_counts(tiny_py: Path, tmp
                                     device="cpu", deterministic=True)
     weights = []
     for jobs in (1, 2):
-        out = compare(["cnn"], make, seeds=2, jobs=jobs, runs_dir=tmp_path / f"runs{jobs}", plot=tmp_path / "p.png").to_dict()
+        out = compare(["cnn"], make, seeds=2, jobs=jobs, runs_dir=tmp_path / f"runs{jobs}",
+                      plot=tmp_path / "p.png").to_dict()
         assert out["failures"] == []
         with RunStore(tmp_path / f"runs{jobs}") as store:
             runs = sorted(store.list_runs(), key=lambda r: r["seed"])
             assert all(r["config"]["deterministic"] for r in runs)
         weights.append([load_checkpoint(Path(r["run_dir"]) / "checkpoint.pt")["state_dict"] for r in runs])
-    for one, two in zip(*weights):
+    for one, two in zip(*weights, strict=True):
         assert all(torch.equal(one[k], two[k]) for k in one)

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cifarbench.inference import predict_images, predict_test_set
-from cifarbench.running import train_run
 from cifarbench.cli import main
 from cifarbench.data import load_dataset
 from cifarbench.data.images import MAX_PIXELS, ImageFileError, open_image
+from cifarbench.inference import predict_images, predict_test_set
 from cifarbench.predict import prepare_image
+from cifarbench.running import train_run
 from cifarbench.training.recipes import make_config
 
 
@@ -32,7 +32,8 @@ def png_header_only(path: Path, width: int, height: int) -> Path:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b""))
+                     + chunk(b"IEND", b""))
     return path
 
 
@@ -111,7 +112,8 @@ def test_predict_prints_top_k_and_json(trained: dict, images: dict[str, Path], t
     assert line.startswith(f"{files[0]}: ") and line.count("%") == 2
 
 
-def test_a_test_image_saved_as_png_gets_the_test_sets_probabilities(trained: dict, tiny_py: Path, tmp_path: Path) -> None:
+def test_a_test_image_saved_as_png_gets_the_test_sets_probabilities(trained: dict, tiny_py: Path,
+                                                                    tmp_path: Path) -> None:
     # Same pixels, same normalisation: the file path and the test-set path must agree exactly.
     ref = str(Path(trained["run_dir"]) / "checkpoint.pt")
     expected = predict_test_set(ref, device="cpu")

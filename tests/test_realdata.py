@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from cifarbench.running import train_run
 from cifarbench.data.cifar10 import load_cifar10
+from cifarbench.running import train_run
 from cifarbench.training.recipes import make_config
 
 pytestmark = pytest.mark.realdata

@@ -7,6 +7,7 @@ import base64
 import contextlib
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -15,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from cifarbench.runs.records import ModelSummary
 from cifarbench.cli import main
 from cifarbench.reporting.html import render_report
 from cifarbench.reporting.tables import comparison_table
+from cifarbench.runs.records import ModelSummary
 from conftest import write_python_layout
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -80,6 +81,7 @@ def compared(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"out": out, "root": root, "data": data, "runs": str(root / "runs"), "html": root / "report.html"}
 
 
+@pytest.mark.slow
 def test_compare_json_keeps_its_keys_and_adds_cost_and_time_to_target(compared: dict) -> None:
     out = compared["out"]
     assert {"results", "plot", "target", "report", "dataset"} <= out.keys() and out["target"] == 0.3
@@ -97,6 +99,7 @@ def test_compare_json_keeps_its_keys_and_adds_cost_and_time_to_target(compared: 
     assert "time to 30% (mean)" in table and "788.99 k" in table and "8.38 M" in table
 
 
+@pytest.mark.slow
 def test_report_is_self_contained_with_table_figures_configs_and_fingerprint(compared: dict) -> None:
     text = compared["html"].read_text()
     dom = Dom(text)
@@ -115,6 +118,7 @@ def test_report_is_self_contained_with_table_figures_configs_and_fingerprint(com
         assert heading in body
 
 
+@pytest.mark.slow
 def test_report_command_from_stored_runs(compared: dict, tmp_path: Path) -> None:
     ids = compared["out"]["results"][1]["run_ids"]  # the two cnn runs
     with pytest.MonkeyPatch.context() as mp:
@@ -141,16 +145,16 @@ def test_every_string_from_runs_is_escaped(tmp_path: Path, capsys: pytest.Captur
 
     html = render_report(title="</title><script>alert(1)</script>",
                          summary=(["model"], [["<b>fnn</b>"]]), runs=(["run"], [['"><script>x</script>']]),
-                         figures=[('"heading"<', "<caption>", PNG)], configs={"<id>": {"k": "</pre><script>1</script>"}},
+                         figures=[('"heading"<', "<caption>", PNG)],
+                         configs={"<id>": {"k": "</pre><script>1</script>"}},
                          datasets=[{"source": "<src>"}], environment={"<e>": "<v>"}, notes=["<note>"])
     assert "<script>" not in html and "<b>" not in html and "<note>" not in html and "<caption>" not in html
     assert "&lt;/pre&gt;&lt;script&gt;1&lt;/script&gt;" in html and 'alt="&quot;heading&quot;&lt;"' in html
 
 
-def test_report_refuses_runs_of_different_data_sets(compared: dict, tmp_path: Path) -> None:
+def test_report_refuses_runs_of_different_data_sets(tmp_path: Path) -> None:
     from cifarbench.api import build_report
     from cifarbench.errors import CifarbenchError
-
     from cifarbench.runs.records import RunRecord
 
     runs = [RunRecord(f"r{i}", "fnn", "seed", 0, 1, dataset={"name": n}) for i, n in enumerate(("cifar10", "mnist"))]
@@ -163,6 +167,14 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--dis
          "--disable-extensions", "--hide-scrollbars"]
 
 
+def require_chromium() -> None:
+    """Skip without a browser, except under CI, which installs one (.ci/run): there a skip would hide the test."""
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("no chromium binary on PATH, but $CI is set: .ci/run should have installed it")
+        pytest.skip("no chromium binary on PATH")
+
+
 def chromium(*args: str, home: Path) -> str:
     proc = subprocess.run([CHROMIUM, *FLAGS, *args], capture_output=True, text=True, timeout=90,
                           env={"HOME": str(home), "PATH": "/usr/bin:/bin"})
@@ -170,8 +182,9 @@ def chromium(*args: str, home: Path) -> str:
     return proc.stdout
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH")
+@pytest.mark.slow
 def test_chromium_renders_the_table_and_decodes_every_image(compared: dict, tmp_path: Path) -> None:
+    require_chromium()
     report = compared["html"]
     dom = Dom(chromium("--dump-dom", report.as_uri(), home=tmp_path))
     assert dom.rows["summary"] == 2 and dom.rows["runs"] == 4

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifarbench.running import train_run
 from cifarbench.config import parse_changes
 from cifarbench.errors import CifarbenchError
+from cifarbench.running import train_run
 from cifarbench.runs.store import RunStore
 from cifarbench.training.checkpoint import load_checkpoint
 from cifarbench.training.recipes import make_config

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from cifarbench.runs.records import RunRecord
-from cifarbench.training.state import EpochMetrics
 from cifarbench.cli import main
+from cifarbench.runs.records import RunRecord
 from cifarbench.runs.store import RunStore
+from cifarbench.training.state import EpochMetrics
 
 
 def cli_json(capsys: pytest.CaptureFixture, *argv: str) -> dict:
@@ -121,7 +121,8 @@ def test_runs_rm_of_a_run_whose_folder_is_gone_and_of_a_running_run(two_runs, ca
     for f in Path(first["run_dir"]).iterdir():
         f.unlink()
     Path(first["run_dir"]).rmdir()
-    assert cli_json(capsys, "runs", "rm", first["run_id"], "--runs-dir", runs, "--json")["removed"][0]["folder"] == "already gone"
+    removed = cli_json(capsys, "runs", "rm", first["run_id"], "--runs-dir", runs, "--json")["removed"]
+    assert removed[0]["folder"] == "already gone"
     db = sqlite3.connect(Path(runs) / "cifarbench.db")
     db.execute("UPDATE runs SET status = 'running', pid = ? WHERE id = ?", (os.getpid(), second["run_id"]))
     db.commit()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import sqlite3
 from pathlib import Path
 
@@ -18,8 +17,8 @@ CONFIG = {"model": "fnn", "recipe": "seed", "seed": 0, "epochs": 2}
 
 
 def start(store: RunStore, run_id: str) -> None:
-    store.start_run(RunRecord(run_id, "fnn", "seed", 0, 2, config=CONFIG, dataset={"sha256": "ab"}, device="cpu", params=10,
-                              run_dir="/x", environment={"code_version": "v", "torch_version": "t"}))
+    store.start_run(RunRecord(run_id, "fnn", "seed", 0, 2, config=CONFIG, dataset={"sha256": "ab"}, device="cpu",
+                              params=10, run_dir="/x", environment={"code_version": "v", "torch_version": "t"}))
 
 
 def test_run_lifecycle(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -9,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifarbench.inference import evaluate_checkpoint
-from cifarbench.running import train_run
 from cifarbench.config import TrainConfig, parse_changes
 from cifarbench.data.cifar10 import load_cifar10
 from cifarbench.device import resolve_device
 from cifarbench.errors import CifarbenchError
+from cifarbench.inference import evaluate_checkpoint
 from cifarbench.models import create_model
+from cifarbench.running import train_run
 from cifarbench.runs.store import RunStore
 from cifarbench.training.loop import train
 from cifarbench.training.recipes import make_config
@@ -63,8 +64,9 @@ def test_with_changes_sets_dotted_fields_and_refuses_typos() -> None:
         c.with_changes({"tta": 5})  # validated like the field itself
     with pytest.raises(CifarbenchError, match="optimizer.lr"):
         c.with_changes({"optimizer.lr": "fast"})
-    assert parse_changes(["optimizer.name=muon", "tta=0", 'model_kwargs={"widths": [8, 8, 8]}', "lookahead.enabled=false"]) == {
-        "optimizer.name": "muon", "tta": 0, "model_kwargs": {"widths": [8, 8, 8]}, "lookahead.enabled": False}
+    changes = ["optimizer.name=muon", "tta=0", 'model_kwargs={"widths": [8, 8, 8]}', "lookahead.enabled=false"]
+    assert parse_changes(changes) == {"optimizer.name": "muon", "tta": 0, "model_kwargs": {"widths": [8, 8, 8]},
+                                      "lookahead.enabled": False}
     with pytest.raises(CifarbenchError, match="FIELD=VALUE"):
         parse_changes(["=3"])
 
@@ -79,7 +81,7 @@ def test_training_learns_the_synthetic_classes(tiny_py: Path) -> None:
     assert result.final.accuracy >= 0.5  # chance is 0.1; the classes differ by mean colour
     assert result.final.n == len(dataset.test)
     assert sum(map(sum, result.final.confusion)) == len(dataset.test)
-    assert all(b.seconds >= a.seconds for a, b in zip(result.history, result.history[1:]))
+    assert all(b.seconds >= a.seconds for a, b in itertools.pairwise(result.history))
 
 
 @pytest.mark.parametrize("model", ["fnn", "cnn"])
@@ -97,7 +99,11 @@ def test_bf16_precision_trains(tiny_py: Path) -> None:
     result = train(tiny_config("cnn", tiny_py, epochs=2, precision="bf16"), dataset, torch.device("cpu"),
                    progress=False)
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
-    assert 0.0 <= result.final.accuracy <= 1.0
+    # The accuracy is the confusion matrix's diagonal over the test set, whose rows hold each class's images.
+    labels = load_cifar10(tiny_py, verify=False, download=False).test.labels
+    confusion = result.final.confusion
+    assert [sum(row) for row in confusion] == [int((labels == k).sum()) for k in range(10)]
+    assert result.final.accuracy == sum(confusion[k][k] for k in range(10)) / len(labels)
 
 
 def test_train_run_writes_folder_and_history(tiny_py: Path, tmp_path: Path) -> None:
@@ -135,11 +141,24 @@ def test_failed_run_is_recorded_as_failed(tiny_py: Path, tmp_path: Path) -> None
     assert run["status"] == "failed" and "boom" in run["error"]
 
 
-def test_devices() -> None:
-    assert resolve_device("cpu").type == "cpu"
-    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
-    if not torch.cuda.is_available():
-        with pytest.raises(CifarbenchError, match="no CUDA GPU"):
-            resolve_device("cuda")
+def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    cuda, mps = [False], [False]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda[0])
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps[0])
+    assert resolve_device("auto") == torch.device("cpu")
+    mps[0] = True
+    assert resolve_device("auto") == torch.device("mps")
+    cuda[0] = True
+    assert resolve_device("auto") == torch.device("cuda")
+
+
+def test_explicit_devices_that_are_absent_or_unknown_are_user_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(CifarbenchError, match="no CUDA GPU"):
+        resolve_device("cuda")
+    with pytest.raises(CifarbenchError, match="MPS is not available"):
+        resolve_device("mps")
     with pytest.raises(CifarbenchError, match="unknown device"):
         resolve_device("tpu")

@@ -83,8 +83,8 @@ def assert_one_line_error(err: str, *needles: str) -> None:
 def _evil_batches(marker: Path) -> dict[str, tuple[str, str, object]]:
     """case -> (layout, batch file to replace, its new content or a function of the old bytes)."""
     return {
-        "pickle calling os.system": ("python", "data_batch_2",
-                                     pickle.dumps({"data": _Call(os.system, f"touch {marker}"), "labels": []}, protocol=2)),
+        "pickle calling os.system": ("python", "data_batch_2", pickle.dumps(
+            {"data": _Call(os.system, f"touch {marker}"), "labels": []}, protocol=2)),
         "pickle calling builtins.eval": ("python", "data_batch_3",
                                          pickle.dumps({b"data": _Call(eval, f"open({str(marker)!r}, 'w').close()"),
                                                        b"labels": [0]}, protocol=2)),
@@ -225,6 +225,7 @@ def test_checkpoint_payloads_never_run(tmp_path: Path, kind: str) -> None:
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_cli_eval_of_a_malicious_checkpoint(tmp_path: Path) -> None:
     """`cifarbench eval FILE` in a fresh process: exit 1, one line on stderr, no traceback, no payload."""
     marker = tmp_path / "marker"
@@ -337,10 +338,8 @@ def test_sigkill_during_saves_leaves_a_loadable_checkpoint(tmp_path: Path) -> No
     ctx = mp.get_context("fork")
     rng = random.Random(7)
     left_behind = 0
-    start = time.monotonic()
     weights = torch.arange(4_000_000, dtype=torch.float32)  # 16 MB: a save takes a while
     for round_ in range(6):
-        assert time.monotonic() - start < 60, "the kill loop took too long"
         recv, send = ctx.Pipe(duplex=False)
         child = ctx.Process(target=_save_forever, args=(str(path), 1000 * round_, weights, send), daemon=True)
         child.start()

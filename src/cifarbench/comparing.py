@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -18,10 +19,10 @@ from cifarbench.data import ImageDataset, load_dataset
 from cifarbench.device import resolve_device
 from cifarbench.errors import CifarbenchError
 from cifarbench.provenance import environment
+from cifarbench.running import train_run
 from cifarbench.runs.catalog import stored_runs
 from cifarbench.runs.folders import resolve_runs_dir
 from cifarbench.runs.records import Comparison, RunRecord, summarise
-from cifarbench.running import train_run
 from cifarbench.training.loop import check_settings
 from cifarbench.training.state import EpochMetrics
 

@@ -190,7 +190,7 @@ class TrainConfig:
         """Plain nested dict (JSON- and weights_only-safe)."""
         return asdict(self)
 
-    def with_changes(self, changes: dict) -> "TrainConfig":
+    def with_changes(self, changes: dict) -> TrainConfig:
         """A copy with fields set by dotted name, e.g. {"optimizer.lr": 0.5, "tta": 0} (what `--set` passes);
         "model_kwargs.act" sets one key of the model's arguments. Each change is validated like the field's own
         default; an unknown name is an error, since a typo that changed nothing would otherwise pass for an
@@ -212,7 +212,7 @@ class TrainConfig:
         return config
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         """Inverse of `to_dict`; unknown keys are ignored so older runs still load."""
         nested = {"data": DataConfig, "optimizer": OptimizerConfig, "augment": AugmentConfig,
                   "schedule": ScheduleConfig, "lookahead": LookaheadConfig}

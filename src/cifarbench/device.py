@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -43,7 +44,7 @@ def describe_device(device: torch.device) -> str:
     return device.type
 
 
-def autocast_dtype(config: "TrainConfig", device: torch.device) -> torch.dtype | None:
+def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
     """The autocast dtype the config's precision asks for on `device`, or None for plain fp32."""
     if config.precision == "auto":
         return torch.bfloat16 if device.type in ("cpu", "cuda") else None

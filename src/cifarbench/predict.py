@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,5 +52,5 @@ def classify_files(model: nn.Module, paths: Sequence[str | os.PathLike], *, in_s
     k = min(top, len(classes))
     values, indices = probs.topk(k, dim=1)
     return [{"image": str(path), "top": [{"class": classes[int(i)], "index": int(i), "probability": float(v)}
-                                         for v, i in zip(vals, idx)]}
-            for path, vals, idx in zip(paths, values, indices)]
+                                         for v, i in zip(vals, idx, strict=True)]}
+            for path, vals, idx in zip(paths, values, indices, strict=True)]

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -152,7 +152,8 @@ def _loop(config: TrainConfig, dataset: ImageDataset, device: torch.device, worl
     side = min(dataset.image_shape[1:])
     record.status, record.test_accuracy, record.test_loss = "completed", final.accuracy, final.loss
     record.train_seconds, record.wall_seconds, record.steps = result.train_seconds, result.wall_seconds, result.steps
-    record.history, record.per_class_accuracy, record.confusion = result.history, final.per_class_accuracy, final.confusion
+    record.history, record.per_class_accuracy = result.history, final.per_class_accuracy
+    record.confusion = final.confusion
     record.train_flops = training_flops(model, dataset.image_shape, result.position.images,
                                         low_res_side(config, side), result.position.low_images)
     folders.write_json(run_dir / folders.METRICS, record.to_dict())

@@ -71,7 +71,8 @@ class _Layout:
 def _find_layout(root: Path) -> _Layout | None:
     candidates = [("python", root / PY_DIR, ""), ("binary", root / BIN_DIR, ".bin")]
     if root.name in (PY_DIR, BIN_DIR):
-        candidates.insert(0, ("python" if root.name == PY_DIR else "binary", root, "" if root.name == PY_DIR else ".bin"))
+        python = root.name == PY_DIR
+        candidates.insert(0, ("python" if python else "binary", root, "" if python else ".bin"))
     for kind, folder, suffix in candidates:
         if (folder / (TEST_BATCH + suffix)).is_file():
             files = {name: folder / (name + suffix) for name in (*TRAIN_BATCHES, TEST_BATCH)}

@@ -98,7 +98,7 @@ def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, http.client.HTTPException | OSError)
 
 
-def _md5_of_file(path: Path) -> "hashlib._Hash":
+def _md5_of_file(path: Path) -> hashlib._Hash:
     digest = hashlib.md5(usedforsecurity=False)
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
@@ -123,7 +123,8 @@ def _attempt(opener: urllib.request.OpenerDirector, url: str, part: Path, progre
         if offset and resp.status == 206:
             if _range_start(resp) != offset:
                 part.unlink(missing_ok=True)
-                raise _Transient(f"server answered a resume from byte {offset} with {resp.headers.get('Content-Range')!r}")
+                answer = resp.headers.get("Content-Range")
+                raise _Transient(f"server answered a resume from byte {offset} with {answer!r}")
         elif resp.status != 200:
             raise _Transient(f"unexpected HTTP status {resp.status}")
         else:

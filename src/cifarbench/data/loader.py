@@ -6,7 +6,7 @@ No per-sample Python and no worker processes: on CIFAR-sized data this is what m
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ class EvalResult:
         return {k: v for k, v in asdict(self).items() if k != "probabilities"}
 
     @classmethod
-    def from_counts(cls, confusion: torch.Tensor, loss_sum: float) -> "EvalResult":
+    def from_counts(cls, confusion: torch.Tensor, loss_sum: float) -> EvalResult:
         """The metrics of a (classes x classes) confusion matrix and the summed loss over its examples."""
         matrix = confusion.cpu()
         n = int(matrix.sum())

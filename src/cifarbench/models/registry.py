@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from torch import nn
 
@@ -22,7 +23,10 @@ class ModelSpec:
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
-def register_model(name: str, *, default_recipe: str = "seed") -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+Factory = Callable[..., nn.Module]
+
+
+def register_model(name: str, *, default_recipe: str = "seed") -> Callable[[Factory], Factory]:
     """Decorator: make a model factory available under `name` (its docstring's first line describes it)."""
 
     def wrap(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -48,7 +52,8 @@ def get_model_spec(name: str) -> ModelSpec:
         raise CifarbenchError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}") from None
 
 
-def create_model(name: str, *, num_classes: int = 10, in_shape: tuple[int, int, int] = (3, 32, 32), **kwargs) -> nn.Module:
+def create_model(name: str, *, num_classes: int = 10, in_shape: tuple[int, int, int] = (3, 32, 32),
+                 **kwargs) -> nn.Module:
     """Build a fresh, randomly initialised model (seed torch first for a reproducible init)."""
     factory = get_model_spec(name).factory
     unknown = sorted(set(kwargs) - set(inspect.signature(factory).parameters))

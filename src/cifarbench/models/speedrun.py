@@ -8,7 +8,8 @@ Its ingredients follow Keller Jordan's airbench94 (facts from its public write-u
 
 from __future__ import annotations
 
-from typing import Sequence
+import itertools
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +48,8 @@ class _MatmulWeightGradConv(torch.autograd.Function):
         grad = grad.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.aten.convolution_backward(grad, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-                                                         [True, False, False])[0]
+            grad_x = torch.ops.aten.convolution_backward(grad, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0],
+                                                         1, [True, False, False])[0]
         n, c, h, w = x.shape
         padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # N, H+2, W+2, C
         columns = torch.cat([padded[:, i:i + h, j:j + w] for i in range(3) for j in range(3)], dim=3)
@@ -109,7 +110,7 @@ class SpeedrunNet(nn.Module):
         chans = [self.whiten.out_channels, *widths]
         last = len(widths) - 1
         self.blocks = nn.Sequential(*(ConvBlock(a, b, act, cpu_matmul_weight_grad and i == last)
-                                      for i, (a, b) in enumerate(zip(chans, chans[1:]))))
+                                      for i, (a, b) in enumerate(itertools.pairwise(chans))))
         self.act = ACTIVATIONS[act]
         self.head = nn.Linear(chans[-1], num_classes, bias=False)
         self.scale = scale
@@ -152,12 +153,14 @@ class CNNBN(nn.Module):
 
 @register_model("speedrun", default_recipe="fast")
 def speedrun(num_classes: int = 10, in_shape: tuple[int, int, int] = (3, 32, 32),
-             widths: Sequence[int] = (64, 256, 256), act: str = "gelu", cpu_matmul_weight_grad: bool = True) -> nn.Module:
+             widths: Sequence[int] = (64, 256, 256), act: str = "gelu",
+             cpu_matmul_weight_grad: bool = True) -> nn.Module:
     """airbench-class net: frozen patch whitening, 3 conv-pool-BN-GELU blocks (widths configurable), max-pool head.
 
     `act` replaces GELU ("silu", "relu"). `cpu_matmul_weight_grad` (a speed choice only, see
     _MatmulWeightGradConv) computes the last block's weight gradients as matrix products in bf16 CPU training."""
-    return SpeedrunNet(num_classes, in_shape, widths=tuple(widths), act=act, cpu_matmul_weight_grad=cpu_matmul_weight_grad)
+    return SpeedrunNet(num_classes, in_shape, widths=tuple(widths), act=act,
+                       cpu_matmul_weight_grad=cpu_matmul_weight_grad)
 
 
 @register_model("cnn-bn", default_recipe="fast")

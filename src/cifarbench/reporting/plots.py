@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -44,7 +45,8 @@ def _to_rgb(image: np.ndarray) -> np.ndarray:
     return np.repeat(hwc, 3, axis=-1) if hwc.shape[-1] == 1 else hwc[..., :3]
 
 
-def _curve_stats(seeds: Sequence[Sequence[Mapping]]) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _curve_stats(seeds: Sequence[Sequence[Mapping]]
+                 ) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per evaluated epoch over the seeds: epochs, mean seconds, and mean/min/max test accuracy (%)."""
     by_epoch: dict[int, list[tuple[float, float]]] = {}
     for history in seeds:
@@ -104,7 +106,7 @@ def confusion_figure(confusions: Mapping[str, np.ndarray], classes: Sequence[str
     fig = _figure(max(4.6, 4.6 * n), 4.6)
     axes = np.atleast_1d(fig.subplots(1, n, squeeze=False)[0])
     short = [c[:8] for c in classes]
-    for ax, (model, matrix) in zip(axes, confusions.items()):
+    for ax, (model, matrix) in zip(axes, confusions.items(), strict=True):
         matrix = np.asarray(matrix)
         rows = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
         ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
@@ -114,8 +116,8 @@ def confusion_figure(confusions: Mapping[str, np.ndarray], classes: Sequence[str
                         color="white" if rows[t, p] > 0.5 else "black")
         accuracy = 100 * np.trace(matrix) / max(matrix.sum(), 1)
         pooled = (seeds or {}).get(model, 1)
-        ax.set_title(f"{model}: {accuracy:.2f}% of {int(matrix.sum())}" + (f" ({pooled} seeds pooled)" if pooled > 1 else ""),
-                     fontsize=10)
+        note = f" ({pooled} seeds pooled)" if pooled > 1 else ""
+        ax.set_title(f"{model}: {accuracy:.2f}% of {int(matrix.sum())}{note}", fontsize=10)
         ax.set_xticks(range(k), short, rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(k), short, fontsize=7)
         ax.set_xlabel("predicted")
@@ -149,9 +151,9 @@ def mistakes_figure(galleries: Mapping[str, Sequence[Mapping[str, Any]]], images
     cols = max([len(g) for g in galleries.values()] + [1])
     fig = _figure(1.25 * cols + 0.8, 1.6 * max(len(galleries), 1))
     axes = fig.subplots(max(len(galleries), 1), cols, squeeze=False)
-    for row, (model, mistakes) in zip(axes, galleries.items()):
+    for row, (model, mistakes) in zip(axes, galleries.items(), strict=False):  # one empty row for none
         row[0].set_ylabel(model, fontsize=10)
-        for ax, m in zip(row, mistakes):
+        for ax, m in zip(row, mistakes, strict=False):  # a model may have fewer mistakes than columns
             image = _to_rgb(images[m["index"]])
             ax.imshow(image, interpolation="nearest")
             ax.set_title(f"true {classes[m['true']][:11]}\npred {classes[m['predicted']][:11]} "
@@ -175,7 +177,7 @@ def class_grid_figure(images: np.ndarray, labels: np.ndarray, classes: Sequence[
     # trade the label margin away when the rows are tight, cutting off long class names.
     fig = _figure(1.8 + 0.85 * per_class, 0.95 * len(classes))
     axes = fig.subplots(len(classes), 1, squeeze=False)[:, 0]
-    for k, (ax, name) in enumerate(zip(axes, classes)):
+    for k, (ax, name) in enumerate(zip(axes, classes, strict=True)):
         idx = np.flatnonzero(labels == k)
         chosen = rng.choice(idx, size=min(per_class, len(idx)), replace=False) if len(idx) else []
         row = np.full((images.shape[2], max(per_class, 1) * images.shape[3], 3), 255, dtype=np.uint8)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -66,7 +67,8 @@ class _Evidence:
         if self.dataset is None or not self.confusions:
             return []
         classes, test = list(self.dataset.classes), self.dataset.test
-        pooled = "; several seeds are pooled (counts summed)" if any(len(v) > 1 for v in self.per_class.values()) else ""
+        several = any(len(v) > 1 for v in self.per_class.values())
+        pooled = "; several seeds are pooled (counts summed)" if several else ""
         return [
             ("Per-class accuracy", "Recall of each class on the test set, mean over seeds (whiskers: min-max).",
              plots.per_class_figure(self.per_class, classes)),
@@ -124,7 +126,8 @@ def _run_table(runs: Sequence[RunRecord], target: float | None) -> tuple[list[st
     rows = []
     for r in runs:
         secs = "-" if r.train_seconds is None else f"{r.train_seconds:.1f}"
+        ttt = [time_to_target_cell(r.time_to_target(target))] if target is not None else []
         rows.append([r.run_id, r.model, r.recipe, str(r.seed), r.status, percent(r.test_accuracy), secs,
-                     str(len(r.history)), *([time_to_target_cell(r.time_to_target(target))] if target is not None else []),
+                     str(len(r.history)), *ttt,
                      str(r.dataset.get("sha256", "-"))[:16], "yes" if r.dataset.get("verified") else "no"])
     return headers, rows

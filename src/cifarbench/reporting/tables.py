@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from cifarbench.runs.records import ModelSummary, RunRecord
@@ -12,7 +13,7 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A Markdown table whose columns also line up in a terminal."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
     return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells[1:])])
 
 
@@ -69,8 +70,8 @@ def comparison_rows(results: Sequence[ModelSummary]) -> list[list[str]]:
         std = r.train_seconds_std
         secs = "-" if r.train_seconds_mean is None else f"{r.train_seconds_mean:.1f}" + (f" ± {std:.1f}" if std else "")
         params = "-" if r.params is None else f"{r.params:,}"
-        row = [r.model, r.recipe, str(len(r.seeds)), accuracy_cell(r.test_accuracy_mean, r.test_accuracy_std, len(r.seeds)),
-               params, flops(r.flops_per_image), secs]
+        accuracy = accuracy_cell(r.test_accuracy_mean, r.test_accuracy_std, len(r.seeds))
+        row = [r.model, r.recipe, str(len(r.seeds)), accuracy, params, flops(r.flops_per_image), secs]
         rows.append(row + ([time_to_target_cell(r.time_to_target) if r.time_to_target else "-"] if with_target else []))
     return rows
 
@@ -85,7 +86,8 @@ def history_table(history: Sequence[dict[str, Any]]) -> str:
     """One line per epoch of a run (evaluations that did not happen show as '-')."""
     val = any(h.get("val_accuracy") is not None for h in history)
     num = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
-    rows = [(h["epoch"], num(h.get("train_loss"), ".4f"), num(h.get("test_loss"), ".4f"), percent(h.get("test_accuracy")),
+    rows = [(h["epoch"], num(h.get("train_loss"), ".4f"), num(h.get("test_loss"), ".4f"),
+             percent(h.get("test_accuracy")),
              *((percent(h.get("val_accuracy")),) if val else ()), num(h.get("seconds"), ".1f"),
              num(h.get("eval_seconds"), ".1f")) for h in history]
     return format_table(["epoch", "train loss", "test loss", "test acc", *(("val acc",) if val else ()),
@@ -106,5 +108,5 @@ def evaluation_table(result: dict[str, Any]) -> str:
     classes = result["classes"]
     short = [c[:5] for c in classes]
     rows = [(name, percent(acc), *row) for name, acc, row in
-            zip(classes, result["per_class_accuracy"], result["confusion"])]
+            zip(classes, result["per_class_accuracy"], result["confusion"], strict=True)]
     return format_table(["true \\ predicted", "accuracy", *short], rows)

@@ -32,11 +32,13 @@ class TensorBoardLogger:
     def __call__(self, config: Any, metrics: Any) -> None:
         key = (config.model, config.seed)
         if key not in self._writers:
-            self._writers[key] = self._writer_class(log_dir=str(self.log_dir / f"{self._stamp}-{config.model}-s{config.seed}"))
+            name = f"{self._stamp}-{config.model}-s{config.seed}"
+            self._writers[key] = self._writer_class(log_dir=str(self.log_dir / name))
         writer = self._writers[key]
         scalars = {"train/loss": metrics.train_loss, "test/loss": metrics.test_loss,
                    "test/accuracy": metrics.test_accuracy, "time/train_seconds": metrics.seconds,
-                   "val/loss": getattr(metrics, "val_loss", None), "val/accuracy": getattr(metrics, "val_accuracy", None)}
+                   "val/loss": getattr(metrics, "val_loss", None),
+                   "val/accuracy": getattr(metrics, "val_accuracy", None)}
         for tag, value in scalars.items():
             if value is not None:
                 writer.add_scalar(tag, value, metrics.epoch)

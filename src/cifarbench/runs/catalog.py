@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from cifarbench.errors import CifarbenchError
 from cifarbench.runs import folders
@@ -42,7 +42,8 @@ def delete_run(ref: str, *, runs_dir: str | os.PathLike | None = None) -> Remova
     with RunStore(runs_dir) as store:
         run = store.get_run(ref)
         if run["status"] == "running":
-            raise CifarbenchError(f"run {run['id']} is still running (pid {run['pid']} on {run['host']}); stop it first")
+            raise CifarbenchError(f"run {run['id']} is still running (pid {run['pid']} on {run['host']}); "
+                                  "stop it first")
         folder = folders.run_folder(runs_dir, run["id"])
         existed = folder.exists() or folder.is_symlink()
         removed = folders.delete_run_folder(folder, run["id"])

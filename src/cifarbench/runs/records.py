@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Sequence
+from typing import Any
 
 from cifarbench.evaluation.analysis import summarise_time_to_target, time_to_target
 from cifarbench.training.state import EpochMetrics
@@ -56,7 +57,7 @@ class RunRecord:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RunRecord":
+    def from_dict(cls, d: dict[str, Any]) -> RunRecord:
         """Inverse of `to_dict` (unknown keys ignored, so older files load)."""
         known = {f.name for f in fields(cls)} - {"environment", "history"}
         record = cls(**{k: v for k, v in d.items() if k in known})
@@ -98,11 +99,11 @@ class ModelSummary:
     run_ids: list[str]
 
     @classmethod
-    def of(cls, runs: Sequence[RunRecord], label: str, target: float | None = None) -> "ModelSummary":
+    def of(cls, runs: Sequence[RunRecord], label: str, target: float | None = None) -> ModelSummary:
         acc = [r.test_accuracy for r in runs if r.test_accuracy is not None]
         secs = [r.train_seconds for r in runs if r.train_seconds is not None]
-        ttt = summarise_time_to_target([{"seed": r.seed, "run_id": r.run_id, "history": [h.to_dict() for h in r.history]}
-                                        for r in runs], target) if target is not None else None
+        histories = [{"seed": r.seed, "run_id": r.run_id, "history": [h.to_dict() for h in r.history]} for r in runs]
+        ttt = summarise_time_to_target(histories, target) if target is not None else None
         return cls(label, runs[0].recipe, [r.seed for r in runs],
                    statistics.fmean(acc) if acc else None, statistics.stdev(acc) if len(acc) > 1 else None,
                    statistics.fmean(secs) if secs else None, statistics.stdev(secs) if len(secs) > 1 else None,
@@ -116,7 +117,7 @@ class ModelSummary:
         return {**asdict(self), "macs_per_image": self.macs_per_image}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelSummary":
+    def from_dict(cls, d: dict[str, Any]) -> ModelSummary:
         return cls(**{f.name: d.get(f.name) for f in fields(cls)})
 
 

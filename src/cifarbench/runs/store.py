@@ -11,9 +11,9 @@ import os
 import socket
 import sqlite3
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from cifarbench.errors import CifarbenchError
 from cifarbench.fsutil import pid_alive
@@ -128,7 +128,7 @@ class RunStore:
     def close(self) -> None:
         self._db.close()
 
-    def __enter__(self) -> "RunStore":
+    def __enter__(self) -> RunStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -175,7 +175,8 @@ class RunStore:
         dead = [r["id"] for r in rows if r["pid"] and not pid_alive(r["pid"])]
         if dead:
             with self._write() as db:
-                db.executemany("UPDATE runs SET status = 'crashed', finished_at = ? WHERE id = ? AND status = 'running'",
+                db.executemany("UPDATE runs SET status = 'crashed', finished_at = ?"
+                               " WHERE id = ? AND status = 'running'",
                                [(time.time(), rid) for rid in dead])
 
     def start_run(self, record: RunRecord, *, model_sha256: str | None = None) -> None:
@@ -216,7 +217,8 @@ class RunStore:
         db.execute(f"INSERT OR REPLACE INTO epochs (run_id, {', '.join(_EPOCH_FIELDS)})"
                    f" VALUES (?{', ?' * len(_EPOCH_FIELDS)})", (run_id, *(values[k] for k in _EPOCH_FIELDS)))
 
-    def finish_run(self, run_id: str, status: str, *, record: RunRecord | None = None, error: str | None = None) -> None:
+    def finish_run(self, run_id: str, status: str, *, record: RunRecord | None = None,
+                   error: str | None = None) -> None:
         """Mark a run finished with `status`; a completed run brings its final `record` (accuracy, cost)."""
         with self._write() as db:
             if record is not None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -104,7 +105,8 @@ class StepPlan:
             stretch = self._stretch
             stretch.steps += 1
             stretch.low_steps += low
-            if stretch.steps >= max(self.CALIBRATION_STEPS, self.total_steps // self.REPLANS) and step < self.total_steps:
+            due = stretch.steps >= max(self.CALIBRATION_STEPS, self.total_steps // self.REPLANS)
+            if due and step < self.total_steps:
                 self.pause()
                 self.replan(step, stretch.seconds, stretch.steps, stretch.low_steps)
                 self._stretch = _Stretch()
@@ -187,7 +189,7 @@ class StepPlan:
         return min(step / self.total_steps, 1.0)
 
 
-def make_plan(config: "TrainConfig", *, steps_per_epoch: int, started: float, device: torch.device,
+def make_plan(config: TrainConfig, *, steps_per_epoch: int, started: float, device: torch.device,
               world: ddp.DistEnv, evaluation_seconds: Callable[[], float], evaluation_share: Callable[[], float],
               low_res: int, side: int, resume: LoopPosition | None = None) -> StepPlan:
     """The run's step plan: a fixed schedule of `epochs`, or one fitted to `budget_seconds` (a resumed run keeps
@@ -207,7 +209,7 @@ def make_plan(config: "TrainConfig", *, steps_per_epoch: int, started: float, de
                     eval_share=evaluation_share)
 
 
-def evaluation_seconds(model: nn.Module, test: DeviceSplit, config: "TrainConfig", device: torch.device,
+def evaluation_seconds(model: nn.Module, test: DeviceSplit, config: TrainConfig, device: torch.device,
                        amp: torch.dtype | None) -> float:
     """Seconds the final evaluation will take with full TTA: one timed batch, scaled to the test set."""
     x = test.normalise(test.images[:config.eval_batch_size])
@@ -222,7 +224,7 @@ def evaluation_seconds(model: nn.Module, test: DeviceSplit, config: "TrainConfig
     return (time.perf_counter() - t) * math.ceil(len(test) / len(x)) * TTA_VIEWS[config.tta]
 
 
-def evaluation_share(model: nn.Module, train: DeviceSplit, config: "TrainConfig", device: torch.device,
+def evaluation_share(model: nn.Module, train: DeviceSplit, config: TrainConfig, device: torch.device,
                      amp: torch.dtype | None) -> float:
     """With selective TTA, the share of a full TTA evaluation's cost the final one should need now: the plain
     pass, plus the extra views for the share of images the model is unsure of. That share is measured on

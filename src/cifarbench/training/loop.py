@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -82,7 +82,7 @@ class _StopAtStepBoundary:
         self.requested = False
         self._previous = None
 
-    def __enter__(self) -> "_StopAtStepBoundary":
+    def __enter__(self) -> _StopAtStepBoundary:
         import signal
         import threading
 
@@ -288,7 +288,8 @@ def train(config: TrainConfig, dataset: ImageDataset, device: torch.device, *,
             last = pos.step >= plan.total_steps
             eval_start = time.perf_counter()
             val = run_eval(val_data) if val_data is not None else None
-            test = run_eval(test_data, config.tta) if last else (run_eval(test_data) if config.eval_every_epoch else None)
+            test = (run_eval(test_data, config.tta) if last
+                    else run_eval(test_data) if config.eval_every_epoch else None)
             metrics = EpochMetrics(pos.epoch, pos.loss_sum / max(pos.seen, 1), test.loss if test else None,
                                    test.accuracy if test else None, pos.elapsed, time.perf_counter() - eval_start,
                                    val.loss if val else None, val.accuracy if val else None)

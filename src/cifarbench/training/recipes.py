@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
-from cifarbench.config import (AugmentConfig, DataConfig, LookaheadConfig, OptimizerConfig, ScheduleConfig,
-                               TrainConfig)
+from cifarbench.config import AugmentConfig, DataConfig, LookaheadConfig, OptimizerConfig, ScheduleConfig, TrainConfig
 from cifarbench.errors import CifarbenchError
 from cifarbench.models import get_model_spec
 

@@ -39,7 +39,7 @@ class EpochMetrics:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "EpochMetrics":
+    def from_dict(cls, d: dict) -> EpochMetrics:
         known = cls.__dataclass_fields__
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -126,7 +126,7 @@ class RunCheckpoint:
         return payload
 
     @classmethod
-    def from_payload(cls, payload: dict[str, Any], source: str | Path = "checkpoint") -> "RunCheckpoint":
+    def from_payload(cls, payload: dict[str, Any], source: str | Path = "checkpoint") -> RunCheckpoint:
         """Read and check a loaded payload; a missing or mistyped entry is a one-line error naming it."""
 
         def need(key: str, kind: type | tuple[type, ...]) -> Any:
@@ -168,5 +168,5 @@ class RunCheckpoint:
         return save_checkpoint(self.to_payload(), path)
 
     @classmethod
-    def load(cls, path: str | Path) -> "RunCheckpoint":
+    def load(cls, path: str | Path) -> RunCheckpoint:
         return cls.from_payload(load_checkpoint(path), path)
