@@ -419,6 +419,7 @@ class TrainConfig:
         default, and a refusal names the field; an unknown name is an error, since a typo that changed nothing
         would otherwise pass for an experiment (a model argument's meaning is checked when the model is built)."""
         config = self
+        sections: dict[str, dict[str, Any]] = {}  # one section's changes go in together: data.mean with data.std
         for key, value in changes.items():
             if not isinstance(key, str):
                 raise CifarbenchError(f"config field names are strings, not {shown_value(key)}")
@@ -428,13 +429,21 @@ class TrainConfig:
                     value = _as_json(value, depth=1)
                 except _Refused as refused:
                     raise CifarbenchError(f"{key} must be {refused.expected} (got {shown_value(value)})") from None
-                config = replace(config, model_kwargs={**config.model_kwargs, name: value})
+                top = sections.setdefault("", {})
+                kwargs = top.get("model_kwargs", config.model_kwargs)
+                if not isinstance(kwargs, dict):
+                    raise CifarbenchError(f"model_kwargs must be an object to set {key} in it (got {shown_value(kwargs)})")
+                top["model_kwargs"] = {**kwargs, name: value}
                 continue
             target = getattr(config, part, None) if part else config
             if not is_dataclass(target) or name not in {f.name for f in fields(target)}:
                 raise CifarbenchError(f"unknown config field {key!r}")
-            changed = replace(target, **{name: value})  # its __post_init__ refuses a bad value, naming `key`
-            config = replace(config, **{part: changed}) if part else changed
+            sections.setdefault(part, {})[name] = value
+        for part, values in sections.items():  # each section's __post_init__ refuses a bad value, naming it
+            if part:
+                config = replace(config, **{part: replace(getattr(config, part), **values)})
+            else:
+                config = replace(config, **values)
         return config
 
     @classmethod
