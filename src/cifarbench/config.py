@@ -33,7 +33,7 @@ MAX_BUDGET_SECONDS = 30 * 24 * 3600.0
 NAME = r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}"
 """A model or recipe name: it becomes part of a run id and so of a folder name (no separators, no '..')."""
 MAX_JSON_DEPTH = 4
-"""model_kwargs: nesting below the dict itself ({"widths": [64, 256, 256]} is depth 1)."""
+"""model_kwargs: levels of nesting, the dict itself included ({"widths": [64, 256, 256]} has 2)."""
 MAX_JSON_ITEMS = 1000
 MAX_JSON_INT = 2**53
 """Larger integers do not survive a JSON reader that parses numbers as doubles."""
@@ -101,9 +101,12 @@ def _as_int(value: Any, check: Check) -> int:
     # bool is an int to Python but never a count here; floats are refused too, even 3.0: an epoch count or
     # a seed written as 1.5 is a mistake, and 3.0 gains nothing over 3.
     expected = f"an integer{_range(check)}"
-    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+    if isinstance(value, bool):
         raise _Refused(expected)
-    value = operator.index(value)  # numpy integers become plain ints (config.json holds plain values)
+    try:
+        value = operator.index(value)  # numpy integers become plain ints (config.json holds plain values)
+    except TypeError:
+        raise _Refused(expected) from None
     if not _in_range(value, check):
         raise _Refused(expected)
     return value
