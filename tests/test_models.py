@@ -69,7 +69,7 @@ def test_speedrun_activations_are_switches() -> None:
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
         outs[act] = out.detach()
     assert len({tuple(o.flatten().tolist()) for o in outs.values()}) == 3
-    with pytest.raises(CifarbenchError, match="activations must be one of"):
+    with pytest.raises(CifarbenchError, match="model_kwargs.act must be one of"):
         create_model("speedrun", act="tanh")
 
 

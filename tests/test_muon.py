@@ -78,8 +78,8 @@ def test_make_optimizer_gives_trainable_filters_to_muon() -> None:
 
 
 def test_unknown_optimizer_is_a_user_error() -> None:
-    with pytest.raises(CifarbenchError, match="choose: sgd, muon"):
-        OptimizerConfig(name="adam")
+    with pytest.raises(CifarbenchError, match="optimizer.name 'lion'; choose one of: sgd, muon"):
+        OptimizerConfig(name="lion")
     with pytest.raises(CifarbenchError):
         OptimizerConfig(name="muon", muon_lr=0.0)
 

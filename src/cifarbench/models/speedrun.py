@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cifarbench.config import shown_value
 from cifarbench.errors import CifarbenchError
 from cifarbench.models.registry import register_model
 
@@ -99,8 +100,7 @@ class SpeedrunNet(nn.Module):
                  widths: Sequence[int] = (64, 256, 256), whiten_kernel: int = 2, scale: float = 1 / 9,
                  act: str = "gelu", cpu_matmul_weight_grad: bool = True):
         super().__init__()
-        if act not in ACTIVATIONS:
-            raise CifarbenchError(f"speedrun's activations must be one of: {', '.join(ACTIVATIONS)}")
+        check_act(act)
         c = in_shape[0]
         # Both signs of every whitening filter: the activation after it would otherwise discard half of each
         # direction.
@@ -159,8 +159,35 @@ def speedrun(num_classes: int = 10, in_shape: tuple[int, int, int] = (3, 32, 32)
 
     `act` replaces GELU ("silu", "relu"). `cpu_matmul_weight_grad` (a speed choice only, see
     _MatmulWeightGradConv) computes the last block's weight gradients as matrix products in bf16 CPU training."""
-    return SpeedrunNet(num_classes, in_shape, widths=tuple(widths), act=act,
-                       cpu_matmul_weight_grad=cpu_matmul_weight_grad)
+    return SpeedrunNet(num_classes, in_shape, widths=check_widths(widths), act=check_act(act),
+                       cpu_matmul_weight_grad=check_flag(cpu_matmul_weight_grad, "cpu_matmul_weight_grad"))
+
+
+MAX_BLOCKS, MAX_WIDTH = 8, 4096
+"""Beyond these a net no longer fits the point of this one (and its weights would not fit in memory)."""
+
+
+def check_widths(widths: object) -> tuple[int, ...]:
+    """speedrun's block widths as a tuple: 1..MAX_BLOCKS positive ints up to MAX_WIDTH (bool is no width)."""
+    if (not isinstance(widths, (list, tuple)) or not 1 <= len(widths) <= MAX_BLOCKS
+            or not all(isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= MAX_WIDTH for w in widths)):
+        raise CifarbenchError(f"model_kwargs.widths must be a list of 1 to {MAX_BLOCKS} integers in [1, {MAX_WIDTH}], "
+                              f"e.g. [64, 256, 256] (got {shown_value(widths)})")
+    return tuple(widths)
+
+
+def check_act(act: object) -> str:
+    """One of ACTIVATIONS' names."""
+    if not isinstance(act, str) or act not in ACTIVATIONS:
+        raise CifarbenchError(f"model_kwargs.act must be one of: {', '.join(ACTIVATIONS)} (got {shown_value(act)})")
+    return act
+
+
+def check_flag(value: object, name: str) -> bool:
+    """A model argument that must be true or false (not 0, 1 or a string)."""
+    if not isinstance(value, bool):
+        raise CifarbenchError(f"model_kwargs.{name} must be true or false (got {shown_value(value)})")
+    return value
 
 
 @register_model("cnn-bn", default_recipe="fast")

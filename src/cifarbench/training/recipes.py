@@ -6,7 +6,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import NamedTuple
 
-from cifarbench.config import AugmentConfig, DataConfig, LookaheadConfig, OptimizerConfig, ScheduleConfig, TrainConfig
+from cifarbench.config import (AugmentConfig, DataConfig, LookaheadConfig, OptimizerConfig, ScheduleConfig,
+                               TrainConfig, check_field)
 from cifarbench.errors import CifarbenchError
 from cifarbench.models import get_model_spec
 
@@ -119,7 +120,11 @@ def make_config(model: str, recipe: str | None = None, **overrides) -> TrainConf
     if name not in _RECIPES:
         raise CifarbenchError(f"unknown recipe {name!r}; choose one of: {', '.join(list_recipes())}")
     config = _RECIPES[name](model)
-    given = {k: v for k, v in overrides.items() if v is not None}
+    data_keys = {"dataset", "data_dir", "verify", "download"}
+    # Checked before the recipe computes with them (a NaN budget picks no CPU row, a zero batch scales the lr
+    # to zero), so a refusal names the override itself.
+    given = {k: check_field(DataConfig if k in data_keys else TrainConfig, k, v) for k, v in overrides.items()
+             if v is not None}
     if name == "fast" and str(given.get("device", config.device)) == "cpu":
         if "epochs" not in given and "budget_seconds" not in given:
             # A GPU runs the fast recipe's 10 epochs in seconds, a CPU in many minutes: there the recipe is
@@ -138,6 +143,5 @@ def make_config(model: str, recipe: str | None = None, **overrides) -> TrainConf
     if given.get("budget_seconds"):
         # A budgeted run spends its time on training: one evaluation, at the end, unless asked otherwise.
         given.setdefault("eval_every_epoch", False)
-    data_keys = {"dataset", "data_dir", "verify", "download"}
     data = replace(config.data, **{k: given.pop(k) for k in list(given) if k in data_keys})
     return replace(config, data=data, **given)
