@@ -10,6 +10,8 @@ from cifarbench.data.dataset import Split
 from cifarbench.data.loader import DeviceSplit
 from cifarbench.errors import CifarbenchError
 from cifarbench.evaluation.experiments import (
+    CorruptionResult,
+    TranslationResult,
     corrupt_images,
     corruption_accuracy,
     inverse_permutation,
@@ -20,6 +22,7 @@ from cifarbench.evaluation.experiments import (
 )
 from cifarbench.evaluation.metrics import evaluate
 from cifarbench.models import create_model
+from cifarbench.reporting.plots import capacity_figure, loss_curves_figure, png_bytes, robustness_figure
 
 from conftest import make_batch
 
@@ -197,3 +200,54 @@ def test_an_fnn_is_indifferent_to_a_pixel_permutation():
 def test_permutation_of_the_wrong_size_is_refused():
     with pytest.raises(CifarbenchError):
         permute_pixels(np.zeros((1, 3, 8, 8), dtype=np.uint8), pixel_permutation(0, (32, 32)))
+
+
+# --- Their plots -------------------------------------------------------------------------------------------
+
+def _translation(acc, flip):
+    return TranslationResult(shifts=[0, 1, 2], accuracy=acc, flip_accuracy=flip, fill="reflect", n=100)
+
+
+def _corruption(clean, noise):
+    return CorruptionResult(clean_accuracy=clean, severities=[1, 2], accuracy={"gaussian_noise": noise, "jpeg": noise},
+                            seed=0, n=100)
+
+
+def test_robustness_figure_has_a_panel_per_experiment_and_whiskers_over_seeds():
+    results = {
+        "fnn": [{"translation": _translation([0.46, 0.30, 0.20], 0.45), "corruption": _corruption(0.46, [0.40, 0.30])},
+                {"translation": _translation([0.47, 0.32, 0.21], 0.46).to_dict(),
+                 "corruption": _corruption(0.47, [0.41, 0.33]).to_dict()}],
+        "cnn": [{"translation": _translation([0.55, 0.53, 0.50], 0.55)}],
+    }
+    fig = robustness_figure(results)
+    assert [ax.get_title() for ax in fig.axes] == ["Translation", "gaussian noise", "jpeg"]
+    translation = fig.axes[0]
+    fnn_line = translation.lines[0]
+    np.testing.assert_allclose(fnn_line.get_ydata(), [46.5, 31.0, 20.5])  # the mean of the two seeds
+    assert translation.containers  # error bars for the two-seed model
+    assert [t.get_text() for t in translation.get_xticklabels()][-1] == "flip"
+    np.testing.assert_allclose(fig.axes[1].lines[0].get_ydata(), [46.5, 40.5, 31.5])  # clean first
+    assert png_bytes(fig).startswith(b"\x89PNG")
+
+
+def test_loss_curves_show_train_and_test_loss_with_seed_bands():
+    seed = lambda shift: [{"epoch": e, "train_loss": 2.0 / e + shift, "test_loss": 1.5 + 0.1 * e + shift}  # noqa: E731
+                          for e in (1, 2, 3)]
+    fig = loss_curves_figure({"fnn": [seed(0.0), seed(0.2)], "cnn": [seed(0.1)]})
+    ax = fig.axes[0]
+    assert [line.get_label() for line in ax.lines] == ["fnn train", "fnn test", "cnn train", "cnn test"]
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), [2.1, 1.1, 2 / 3 + 0.1])
+    assert len(ax.collections) == 2  # min-max bands for the two-seed model only
+    assert ax.lines[1].get_linestyle() == "--"
+
+
+def test_capacity_figure_plots_accuracy_against_params_and_flops_on_log_axes():
+    rows = [{"model": "fnn", "params": 394_634, "flops_per_image": 788_480, "test_accuracy_mean": 0.46,
+             "test_accuracy_std": 0.003},
+            {"model": "cnn", "params": 315_722, "flops_per_image": 7_693_056, "test_accuracy_mean": 0.55,
+             "test_accuracy_std": None}]
+    fig = capacity_figure(rows)
+    assert [ax.get_xscale() for ax in fig.axes] == ["log", "log"]
+    assert [t.get_text() for t in fig.axes[1].texts] == ["fnn", "cnn"]
+    assert fig.axes[1].lines[-1].get_xdata()[0] == 7_693_056
