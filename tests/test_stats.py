@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+
 import numpy as np
 import pytest
 
@@ -170,3 +171,14 @@ def test_training_warnings_flag_near_chance_accuracy():
 def test_training_warnings_flag_divergence():
     [warning] = training_warnings(_history([2.3, float("nan")], 0.5), 10)
     assert warning.startswith("training diverged")
+
+
+def test_pairwise_rows_read_as_a_table():
+    from cifarbench.reporting.tables import PAIRWISE_HEADERS, format_table, pairwise_rows
+
+    accuracy = {"fnn": {0: 0.50, 1: 0.52, 2: 0.54}, "cnn": {0: 0.55, 1: 0.56, 2: 0.60}}
+    correct = {"fnn": {s: [1, 1, 1, 1, 1, 1, 0, 1, 1, 0] for s in range(3)},
+               "cnn": {s: [0, 0, 0, 0, 0, 0, 1, 1, 1, 0] for s in range(3)}}
+    [row] = pairwise_rows(pairwise_comparisons(accuracy, correct))
+    assert row == ["cnn vs fnn", "3", "+5.00 points [+2.52, +7.48] (95%, 3 seeds)", "0.125", "6 / 1 ; 6 / 1 ; 6 / 1"]
+    assert "McNemar" in format_table(PAIRWISE_HEADERS, [row])
