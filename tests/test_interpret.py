@@ -173,3 +173,39 @@ def test_pick_examples_takes_right_then_wrong_predictions():
     assert len(chosen) == 5
     assert all(labels[i] == predictions[i] for i in chosen[:2])
     assert sorted(chosen[2:]) == [1, 3, 5]
+
+
+def _tiny_test(n: int = 12):
+    from cifarbench.data.dataset import Split
+    from cifarbench.data.loader import DeviceSplit
+
+    rng = np.random.default_rng(0)
+    split = Split(rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8), np.arange(n, dtype=np.int64) % 10)
+    return DeviceSplit(split, torch.device("cpu"), (0.5,) * 3, (0.5,) * 3, channels_last=True)
+
+
+def test_explain_model_picks_the_figures_that_fit_each_architecture():
+    pytest.importorskip("captum")
+    from cifarbench.evaluation.explain import explain_model
+
+    test = _tiny_test()
+    args = dict(classes=CLASSES, in_shape=(3, 32, 32), mean=(0.5,) * 3, std=(0.5,) * 3, examples=2)
+    fnn = explain_model(_model("fnn", channels_last=True), test, label="fnn", experiments=False, **args)
+    assert [f.heading for f in fnn.figures] == ["fnn: what the weights look for", "fnn: saliency"]
+    assert fnn.correct.shape == (12,) and fnn.translation is None
+    cnn = explain_model(_model("cnn", channels_last=True), test, label="cnn", shifts=[0, 1], kinds=("contrast",),
+                        severities=(5,), **args)
+    assert [f.heading.split(": ")[1] for f in cnn.figures] == ["first-layer filters", "feature maps", "saliency"]
+    assert cnn.translation.accuracy[0] == cnn.accuracy == cnn.corruption.clean_accuracy
+    assert cnn.to_dict()["corruption"]["accuracy"].keys() == {"contrast"}
+
+
+def test_explain_model_without_captum_notes_the_missing_extra(monkeypatch):
+    from cifarbench.evaluation.explain import explain_model
+
+    monkeypatch.setitem(sys.modules, "captum", None)
+    monkeypatch.setitem(sys.modules, "captum.attr", None)
+    result = explain_model(_model("fnn"), _tiny_test(), label="fnn", classes=CLASSES, in_shape=(3, 32, 32),
+                           mean=(0.5,) * 3, std=(0.5,) * 3, experiments=False)
+    assert [f.heading for f in result.figures] == ["fnn: what the weights look for"]
+    assert result.notes == [f"fnn: no saliency maps ({CAPTUM_MISSING})"]
