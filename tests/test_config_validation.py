@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cifarbench.config import (DataConfig, LookaheadConfig, OptimizerConfig, ScheduleConfig, TrainConfig,
-                               parse_changes)
+from cifarbench.config import DataConfig, LookaheadConfig, OptimizerConfig, ScheduleConfig, TrainConfig, parse_changes
 from cifarbench.errors import CifarbenchError
 from cifarbench.models import create_model, list_models
 from cifarbench.training.recipes import list_recipes, make_config

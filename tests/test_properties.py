@@ -23,7 +23,6 @@ from cifarbench.cli import main
 from cifarbench.config import TrainConfig
 from cifarbench.errors import CifarbenchError
 from cifarbench.models import create_model
-
 from conftest import write_python_layout
 
 PROPERTY = settings(derandomize=True, deadline=None, database=None,

@@ -195,3 +195,130 @@ def plot_class_grid(images: np.ndarray, labels: np.ndarray, classes: Sequence[st
                     per_class: int = 10, seed: int = 0) -> Path:
     """Write `class_grid_figure` as a PNG."""
     return save_figure(class_grid_figure(images, labels, classes, per_class=per_class, seed=seed), path)
+
+
+def _field_stats(seeds: Sequence[Sequence[Mapping]], key: str) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
+    """Per epoch over the seeds that recorded `key`: epochs, and the mean, min and max of its values."""
+    by_epoch: dict[int, list[float]] = {}
+    for history in seeds:
+        for h in history:
+            if h.get(key) is not None:
+                by_epoch.setdefault(int(h["epoch"]), []).append(float(h[key]))
+    epochs = sorted(by_epoch)
+    values = [np.array(by_epoch[e]) for e in epochs]
+    return (epochs, np.array([v.mean() for v in values]), np.array([v.min() for v in values]),
+            np.array([v.max() for v in values]))
+
+
+def loss_curves_figure(histories: Mapping[str, Sequence[Sequence[Mapping]]]):
+    """Training loss (solid) and test (dashed) and validation (dotted) loss per epoch, one colour per model:
+    the mean over seeds as a line, the min-max range as a band. A widening gap between a model's training
+    and test loss is overfitting; a training loss still falling steeply at the end is under-training."""
+    fig = _figure(7.5, 4.2)
+    ax = fig.subplots()
+    styles = (("train_loss", "-", "train"), ("test_loss", "--", "test"), ("val_loss", ":", "validation"))
+    for i, (model, seeds) in enumerate(histories.items()):
+        for key, style, name in styles:
+            epochs, mean, low, high = _field_stats(seeds, key)
+            if not epochs:
+                continue
+            ax.plot(epochs, mean, style, marker="o", ms=2.5, color=f"C{i}", label=f"{model} {name}")
+            if len(seeds) > 1:
+                ax.fill_between(epochs, low, high, color=f"C{i}", alpha=0.15, linewidth=0)
+    seeds_note = any(len(s) > 1 for s in histories.values())
+    ax.set(xlabel="epoch", ylabel="cross-entropy loss",
+           title="Loss per epoch" + (" (mean over seeds, band = min-max)" if seeds_note else ""))
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
+def _as_dict(result: Any) -> Mapping[str, Any]:
+    return result.to_dict() if hasattr(result, "to_dict") else result
+
+
+def _seed_band(ax, x: Sequence[float], per_seed: np.ndarray, color: str, label: str, **style) -> None:
+    """Mean over the rows (seeds) as a line with markers; with several seeds, min-max error bars."""
+    mean = per_seed.mean(0)
+    if len(per_seed) > 1:
+        err = np.vstack([mean - per_seed.min(0), per_seed.max(0) - mean])
+        ax.errorbar(x, mean, yerr=err, color=color, capsize=2, marker="o", ms=3, label=label, **style)
+    else:
+        ax.plot(x, mean, color=color, marker="o", ms=3, label=label, **style)
+
+
+def robustness_figure(results_by_model: Mapping[str, Sequence[Mapping[str, Any]]]):
+    """Accuracy against the size of a change to the test images, one colour per model.
+
+    `results_by_model[model]` has one entry per seed: {"translation": TranslationResult (or its dict),
+    "corruption": CorruptionResult (or its dict)}, either optional. Panels: accuracy vs shift in pixels
+    (mirrored images at "flip"), then accuracy vs severity for each corruption (0 = clean). Lines are the
+    mean over seeds, whiskers the min-max range.
+    """
+    kinds: list[str] = []
+    has_translation = False
+    for seeds in results_by_model.values():
+        for entry in seeds:
+            has_translation |= entry.get("translation") is not None
+            for kind in _as_dict(entry.get("corruption") or {}).get("accuracy", {}):
+                if kind not in kinds:
+                    kinds.append(kind)
+    panels = (["translation"] if has_translation else []) + kinds
+    fig = _figure(3.4 * max(len(panels), 1) + 0.4, 3.6)
+    axes = np.atleast_1d(fig.subplots(1, max(len(panels), 1), squeeze=False)[0])
+    for i, (model, seeds) in enumerate(results_by_model.items()):
+        color = f"C{i}"
+        label = model if len(seeds) == 1 else f"{model} ({len(seeds)} seeds)"
+        translations = [_as_dict(e["translation"]) for e in seeds if e.get("translation") is not None]
+        if translations:
+            ax = axes[panels.index("translation")]
+            shifts = translations[0]["shifts"]
+            _seed_band(ax, shifts, 100 * np.array([t["accuracy"] for t in translations]), color, label)
+            flips = [t["flip_accuracy"] for t in translations if t.get("flip_accuracy") is not None]
+            if flips:
+                _seed_band(ax, [max(shifts) + 1.5], 100 * np.array(flips)[:, None], color, "_", linestyle="none")
+                ax.set_xticks([*shifts, max(shifts) + 1.5], [*map(str, shifts), "flip"])
+            ax.set(xlabel=f"shift right and down (pixels, {translations[0]['fill']} fill)", ylabel="test accuracy (%)",
+                   title="Translation")
+        corruptions = [_as_dict(e["corruption"]) for e in seeds if e.get("corruption") is not None]
+        for kind in kinds:
+            rows = [c for c in corruptions if kind in c["accuracy"]]
+            if not rows:
+                continue
+            ax = axes[panels.index(kind)]
+            x = [0, *rows[0]["severities"]]
+            values = 100 * np.array([[c["clean_accuracy"], *c["accuracy"][kind]] for c in rows])
+            _seed_band(ax, x, values, color, label)
+            ax.set(xlabel="severity (0 = clean)", ylabel="test accuracy (%)", title=kind.replace("_", " "))
+            ax.set_xticks(x)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=7)
+    return fig
+
+
+def capacity_figure(rows: Sequence[Mapping[str, Any]]):
+    """Test accuracy against parameters and against FLOPs per image (log x), a point per model with its
+    seed spread as a whisker; `rows` are comparison rows (model, params, flops_per_image,
+    test_accuracy_mean, test_accuracy_std)."""
+    fig = _figure(10, 4.0)
+    axes = fig.subplots(1, 2)
+    for ax, key, xlabel in ((axes[0], "params", "trainable parameters"),
+                            (axes[1], "flops_per_image", "FLOPs per image (forward)")):
+        for i, row in enumerate(rows):
+            if row.get(key) is None or row.get("test_accuracy_mean") is None:
+                continue
+            mean = 100 * row["test_accuracy_mean"]
+            std = row.get("test_accuracy_std")
+            ax.errorbar([row[key]], [mean], yerr=[100 * std] if std else None, color=f"C{i}", marker="o",
+                        capsize=3, label=row["model"])
+            ax.annotate(row["model"], (row[key], mean), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.set_xscale("log")
+        ax.set(xlabel=f"{xlabel} (log scale)", ylabel="test accuracy (%)")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_title("Accuracy against size")
+    axes[1].set_title("Accuracy against compute")
+    return fig

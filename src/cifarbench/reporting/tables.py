@@ -110,3 +110,25 @@ def evaluation_table(result: dict[str, Any]) -> str:
     rows = [(name, percent(acc), *row) for name, acc, row in
             zip(classes, result["per_class_accuracy"], result["confusion"], strict=True)]
     return format_table(["true \\ predicted", "accuracy", *short], rows)
+
+
+def p_value(p: float | None) -> str:
+    """A p-value in 3 significant figures; one below the float range reads '< 1e-300', not 0."""
+    if p is None:
+        return "-"
+    return "< 1e-300" if p < 1e-300 else f"{p:.3g}"
+
+
+PAIRWISE_HEADERS = ["models (B vs A)", "seeds", "accuracy B - A (95% interval)", "McNemar p (largest over seeds)",
+                    "only A right / only B right"]
+
+
+def pairwise_rows(comparisons: Sequence[Any]) -> list[list[str]]:
+    """One row per pair of models (evaluation.stats.PairComparison), as strings for the terminal and HTML."""
+    rows = []
+    for pair in comparisons:
+        tests = list(pair.mcnemar.values())
+        counts = " ; ".join(f"{m.b} / {m.c}" for m in tests) if tests else "-"
+        rows.append([f"{pair.b} vs {pair.a}", str(len(pair.seeds)), pair.difference.format_percent(),
+                     p_value(pair.p_value_max), counts])
+    return rows

@@ -6,8 +6,15 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import NamedTuple
 
-from cifarbench.config import (AugmentConfig, DataConfig, LookaheadConfig, OptimizerConfig, ScheduleConfig,
-                               TrainConfig, check_field)
+from cifarbench.config import (
+    AugmentConfig,
+    DataConfig,
+    LookaheadConfig,
+    OptimizerConfig,
+    ScheduleConfig,
+    TrainConfig,
+    check_field,
+)
 from cifarbench.errors import CifarbenchError
 from cifarbench.models import get_model_spec
 
