@@ -33,7 +33,7 @@ from cifarbench.data.cifar10 import load_cifar10
 from cifarbench.errors import CifarbenchError, DataError
 from cifarbench.training import checkpoint as ckpt_mod
 from cifarbench.training.checkpoint import load_checkpoint, save_checkpoint
-from conftest import write_binary_layout, write_python_layout
+from conftest import checkpoint_payload, write_binary_layout, write_python_layout
 
 
 class _Call:
@@ -246,7 +246,7 @@ def test_cli_eval_of_a_malicious_checkpoint(tmp_path: Path) -> None:
 
 
 def _state(epoch: int, n: int = 1000) -> dict:
-    return {"epoch": epoch, "state_dict": {"w": torch.full((n,), float(epoch))}}
+    return checkpoint_payload(epoch=epoch, state_dict={"w": torch.full((n,), float(epoch))})
 
 
 def _temps(folder: Path, name: str = "ck.pt") -> list[str]:
@@ -327,7 +327,7 @@ def _save_forever(path: str, first_epoch: int, weights: torch.Tensor, conn) -> N
     # No tensor arithmetic here: intra-op thread pools do not survive fork; saving needs none.
     epoch = first_epoch
     while True:
-        save_checkpoint({"epoch": epoch, "state_dict": {"w": weights}}, path)
+        save_checkpoint(checkpoint_payload(epoch=epoch, state_dict={"w": weights}), path)
         conn.send(epoch)
         epoch += 1
 
