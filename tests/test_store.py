@@ -22,14 +22,14 @@ def start(store: RunStore, run_id: str) -> None:
 
 def test_run_lifecycle(tmp_path: Path) -> None:
     with RunStore(tmp_path) as store:
-        start(store, "r1")
-        store.add_epoch("r1", {"epoch": 1, "train_loss": 2.0, "test_loss": 1.9, "test_accuracy": 0.3, "seconds": 1.0,
+        start(store, "run-one")
+        store.add_epoch("run-one", {"epoch": 1, "train_loss": 2.0, "test_loss": 1.9, "test_accuracy": 0.3, "seconds": 1.0,
                                "eval_seconds": 0.1})
-        assert store.get_run("r1")["status"] == "running"
-        store.finish_run("r1", "completed", test_accuracy=0.3, test_loss=1.9, train_seconds=1.0)
-        run = store.get_run("r")  # unique prefix
+        assert store.get_run("run-one")["status"] == "running"
+        store.finish_run("run-one", "completed", test_accuracy=0.3, test_loss=1.9, train_seconds=1.0)
+        run = store.get_run("run-on")  # unique prefix of 6 characters
         assert run["status"] == "completed" and run["config"] == CONFIG and run["history"][0]["test_accuracy"] == 0.3
-        assert [r["id"] for r in store.list_runs()] == ["r1"]
+        assert [r["id"] for r in store.list_runs()] == ["run-one"]
         with pytest.raises(CifarbenchError, match="not in"):
             store.get_run("zzz")
     db = sqlite3.connect(tmp_path / "cifarbench.db")

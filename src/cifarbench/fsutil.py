@@ -59,6 +59,20 @@ def _check_stat(st: os.stat_result, path: Path, max_bytes: int | None, what: str
         raise error(f"{what} {path} is {st.st_size:,} bytes, over the limit of {max_bytes:,} for {what}s")
 
 
+def check_regular_file(path: str | os.PathLike, max_bytes: int | None = None, what: str = "file", *,
+                       error: type[CifarbenchError] = DataError) -> None:
+    """Raise `error` unless `path` (followed through links) is a regular file of at most `max_bytes`; for files
+    opened by a library (SQLite) rather than by us. Prefer `open_regular_file`, which also checks the open fd."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        raise error(f"{what} {path}: cannot open ({exc.strerror or exc})") from None
+    _check_stat(st, path, max_bytes, what, error)
+
+
 def open_regular_file(path: str | os.PathLike, max_bytes: int | None, what: str = "file", *,
                       error: type[CifarbenchError] = DataError) -> BinaryIO:
     """Open `path` for reading only if it is a regular file of at most `max_bytes`; else raise `error`.
