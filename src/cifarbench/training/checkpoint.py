@@ -156,10 +156,23 @@ def _resume_checks() -> dict[str, tuple[Callable[[Any], bool], str]]:
         "history": (lambda v: isinstance(v, list) and all(_plain_record(h, EpochMetrics, set()) for h in v),
                     "a list of epoch metrics"),
         "lookahead": (lambda v: v is None or _tensor_dict(v), "None or a dict of tensors"),
-        "rng": (lambda v: isinstance(v, dict) and isinstance(v.get("python"), (list, tuple)) and len(v["python"]) == 3
-                and isinstance(v.get("numpy"), (list, tuple)) and isinstance(v.get("torch"), torch.Tensor)
-                and isinstance(v.get("cuda", []), (list, tuple)), "python, numpy, torch and cuda generator states"),
+        "rng": (_rng_states, "python, numpy, torch and cuda generator states"),
     }
+
+
+def _rng_states(v: Any) -> bool:
+    """The shapes `set_rng_states` restores: Mersenne Twister states of 625 and 624 words, torch byte tensors."""
+    def words(x: Any, n: int) -> bool:
+        return isinstance(x, (list, tuple)) and len(x) == n and all(_is_int(w) for w in x)
+
+    if not isinstance(v, dict):
+        return False
+    python, numpy, cpu, cuda = v.get("python"), v.get("numpy"), v.get("torch"), v.get("cuda")
+    return (isinstance(python, (list, tuple)) and len(python) == 3 and words(python[1], 625)
+            and isinstance(numpy, (list, tuple)) and len(numpy) == 5 and numpy[0] == "MT19937" and words(numpy[1], 624)
+            and isinstance(cpu, torch.Tensor) and cpu.dtype == torch.uint8
+            and isinstance(cuda, (list, tuple)) and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8
+                                                        for t in cuda))
 
 
 _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
