@@ -51,6 +51,14 @@ def write_binary_layout(root: Path, *, seed: int = 0, n: int = N_PER_BATCH) -> P
     return root
 
 
+def checkpoint_payload(**fields: object) -> dict:
+    """The smallest payload `load_checkpoint` accepts (what evaluation reads), updated with `fields`."""
+    import torch
+
+    return {"run_id": "r1", "model": "fnn", "classes": list(cifar10.CLASSES), "in_shape": [3, 32, 32],
+            "config": {}, "dataset": {"sha256": "0" * 64}, "state_dict": {"w": torch.ones(3)}, **fields}
+
+
 def md5_of(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 

@@ -180,15 +180,11 @@ def _run_folders(runs: Path) -> list[str]:
     return sorted(p.name for p in runs.iterdir() if p.is_dir()) if runs.exists() else []
 
 
-@pytest.mark.xfail(strict=True, reason="needs lead: cli._Parser.error prints '{self.prog}: error:', and a "
-                                       "subcommand's prog is 'cifarbench train'; print 'cifarbench: error:'")
 def test_argparse_refusals_start_like_every_other_error(tiny_py: Path, tmp_path: Path) -> None:
     status, err, _ = _train(tiny_py, tmp_path, "--epochs", "1.5")
     assert status == 1 and err.startswith("cifarbench: error: ") and err.count("\n") == 1
 
 
-@pytest.mark.xfail(strict=True, reason="needs lead: api._train_run checks val_split only inside training "
-                                       "(loop.split_validation), after config.json and the history row are written")
 def test_a_val_split_without_training_data_is_refused_before_the_run_is_recorded(tiny_py: Path,
                                                                                   tmp_path: Path) -> None:
     status, err, runs = _train(tiny_py, tmp_path, "--val-split", "100")  # the tiny set has 100 training images
@@ -196,8 +192,6 @@ def test_a_val_split_without_training_data_is_refused_before_the_run_is_recorded
     assert _run_folders(runs) == []
 
 
-@pytest.mark.xfail(strict=True, reason="needs lead: low_res on a model with a fixed input size (fnn, cnn) ends in "
-                                       "a RuntimeError from the first low-resolution step, after the run is recorded")
 def test_low_res_on_a_fixed_size_model_is_refused_before_the_run_is_recorded(tiny_py: Path, tmp_path: Path) -> None:
     status, err, runs = _train(tiny_py, tmp_path, "--set", "low_res=16")
     assert status == 1 and "low_res" in err

@@ -55,7 +55,7 @@ def _trained(name: str, split: Split, channels_last: bool) -> torch.nn.Module:
         logits = model.fc2(torch.relu(model.fc1(features[0])))
         grads = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, y), params)
         with torch.no_grad():
-            for p, g in zip(params, grads):
+            for p, g in zip(params, grads, strict=False):
                 p -= 0.05 * g
     return model
 
@@ -136,13 +136,13 @@ def test_higher_severities_change_the_images_more(band_split, kind):
     images = torch.from_numpy(band_split.images[:50])
     changes = [(corrupt_images(images, kind, s).float() - images.float()).abs().mean().item() for s in range(6)]
     assert changes[0] == 0
-    assert all(later > earlier for earlier, later in zip(changes, changes[1:])), changes
+    assert all(later > earlier for earlier, later in zip(changes, changes[1:], strict=False)), changes
 
 
 def test_more_noise_changes_more_pixels():
     grey = torch.full((20, 3, 32, 32), 128, dtype=torch.uint8)
     changed = [(corrupt_images(grey, "gaussian_noise", s) != grey).float().mean().item() for s in range(1, 6)]
-    assert all(later >= earlier for earlier, later in zip(changed, changed[1:])), changed
+    assert all(later >= earlier for earlier, later in zip(changed, changed[1:], strict=False)), changed
     assert changed[-1] > changed[0]
 
 

@@ -52,9 +52,26 @@ def test_unknown_model_is_a_user_error() -> None:
         create_model("nope")
 
 
-def test_registering_twice_is_refused() -> None:
-    with pytest.raises(ValueError):
+def test_registering_another_model_under_a_taken_name_is_refused() -> None:
+    with pytest.raises(CifarbenchError, match="already registered"):
         register_model("fnn")(lambda **kw: torch.nn.Identity())
+
+
+def test_running_a_notebook_cell_again_replaces_its_model() -> None:
+    """The same factory (module and name) registered again, as a re-run cell does, replaces the first."""
+    from cifarbench.models.registry import _REGISTRY
+
+    def make_twice(width: int):
+        def cell_model(num_classes: int = 10, in_shape=(3, 32, 32)) -> torch.nn.Module:
+            return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, width))
+        return cell_model
+
+    try:
+        register_model("cell-model")(make_twice(4))
+        register_model("cell-model")(make_twice(7))
+        assert create_model("cell-model")[1].out_features == 7
+    finally:
+        _REGISTRY.pop("cell-model", None)
 
 
 def test_speedrun_activations_are_switches() -> None:

@@ -100,5 +100,5 @@ def test_cli_trains_with_muon_and_records_it(tiny_py, tmp_path, capsys) -> None:
     assert sum(map(sum, out["confusion"])) == 20
     assert out["test_accuracy"] == sum(out["confusion"][k][k] for k in range(10)) / 20
     with pytest.raises(SystemExit) as bad:
-        main(argv[:-1] + ["--optimizer", "adam"])
-    assert bad.value.code == 1 and "invalid choice: 'adam'" in capsys.readouterr().err
+        main(argv[:-1] + ["--optimizer", "lion"])
+    assert bad.value.code == 1 and "invalid choice: 'lion'" in capsys.readouterr().err

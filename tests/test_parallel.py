@@ -35,7 +35,7 @@ def test_a_failing_worker_is_reported_and_the_rest_kept(tiny_py: Path, tmp_path:
         stored = store.get_run(run.run_id)
     assert stored["status"] == "completed" and stored["test_accuracy"] == run.test_accuracy
     assert run.test_accuracy == sum(run.confusion[k][k] for k in range(10)) / 20
-    assert [f["seed"] for f in failures] == [1] and "val-split" in failures[0]["error"]
+    assert [f["seed"] for f in failures] == [1] and "val_split" in failures[0]["error"]
 
 
 def test_deterministic_runs_match_across_worker_thread_counts(tiny_py: Path, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import torch
 from cifarbench.data.safe_pickle import safe_load_pickle
 from cifarbench.errors import CifarbenchError, DataError
 from cifarbench.training.checkpoint import load_checkpoint, save_checkpoint
+from conftest import checkpoint_payload
 
 
 class _Call:
@@ -53,21 +54,21 @@ def test_non_latin1_codec_is_refused() -> None:
 
 def test_checkpoint_round_trip_and_atomic_write(tmp_path: Path) -> None:
     path = tmp_path / "ck.pt"
-    save_checkpoint({"state_dict": {"w": torch.ones(3)}, "epoch": 2}, path)
+    save_checkpoint(checkpoint_payload(epoch=2), path)
     assert load_checkpoint(path)["epoch"] == 2
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temp file left behind
 
 
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path: Path) -> None:
     path = tmp_path / "ck.pt"
-    save_checkpoint({"epoch": 1}, path)
+    save_checkpoint(checkpoint_payload(epoch=1), path)
 
     class Unsaveable:
         def __reduce__(self):
             raise RuntimeError("cannot pickle this")
 
     with pytest.raises(RuntimeError):
-        save_checkpoint({"epoch": 2, "bad": Unsaveable()}, path)
+        save_checkpoint(checkpoint_payload(epoch=2, bad=Unsaveable()), path)
     assert load_checkpoint(path)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]
 
@@ -83,7 +84,7 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path: Path) -> None:
 
 def test_truncated_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "ck.pt"
-    save_checkpoint({"state_dict": {"w": torch.ones(1000)}}, path)
+    save_checkpoint(checkpoint_payload(state_dict={"w": torch.ones(1000)}), path)
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CifarbenchError, match="ck.pt"):
         load_checkpoint(path)

@@ -23,15 +23,16 @@ def start(store: RunStore, run_id: str) -> None:
 
 def test_run_lifecycle(tmp_path: Path) -> None:
     with RunStore(tmp_path) as store:
-        start(store, "r1")
-        store.add_epoch("r1", EpochMetrics(1, 2.0, 1.9, 0.3, 1.0, 0.1, val_loss=2.5, val_accuracy=0.25))
-        assert store.get_run("r1")["status"] == "running"
-        store.finish_run("r1", "completed", record=RunRecord("r1", "fnn", "seed", 0, 2, "completed", 0.3, 1.9, 1.0))
-        run = store.get_run("r")  # unique prefix
+        start(store, "run-one")
+        store.add_epoch("run-one", EpochMetrics(1, 2.0, 1.9, 0.3, 1.0, 0.1, val_loss=2.5, val_accuracy=0.25))
+        assert store.get_run("run-one")["status"] == "running"
+        store.finish_run("run-one", "completed",
+                         record=RunRecord("run-one", "fnn", "seed", 0, 2, "completed", 0.3, 1.9, 1.0))
+        run = store.get_run("run-on")  # unique prefix of 6 characters
         assert run["status"] == "completed" and run["config"] == CONFIG and run["history"][0]["test_accuracy"] == 0.3
         assert (run["history"][0]["val_loss"], run["history"][0]["val_accuracy"]) == (2.5, 0.25)  # every epoch field
         assert run["test_accuracy"] == 0.3 and run["train_seconds"] == 1.0
-        assert [r["id"] for r in store.list_runs()] == ["r1"]
+        assert [r["id"] for r in store.list_runs()] == ["run-one"]
         with pytest.raises(CifarbenchError, match="not in"):
             store.get_run("zzz")
     db = sqlite3.connect(tmp_path / "cifarbench.db")

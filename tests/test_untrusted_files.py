@@ -33,7 +33,7 @@ from cifarbench.data.cifar10 import load_cifar10
 from cifarbench.errors import CifarbenchError, DataError
 from cifarbench.training import checkpoint as ckpt_mod
 from cifarbench.training.checkpoint import load_checkpoint, save_checkpoint
-from conftest import write_binary_layout, write_python_layout
+from conftest import checkpoint_payload, write_binary_layout, write_python_layout
 
 
 class _Call:
@@ -247,7 +247,7 @@ def test_cli_eval_of_a_malicious_checkpoint(tmp_path: Path) -> None:
 
 
 def _state(epoch: int, n: int = 1000) -> dict:
-    return {"epoch": epoch, "state_dict": {"w": torch.full((n,), float(epoch))}}
+    return checkpoint_payload(epoch=epoch, state_dict={"w": torch.full((n,), float(epoch))})
 
 
 def _temps(folder: Path, name: str = "ck.pt") -> list[str]:
@@ -283,7 +283,7 @@ def test_full_disk_while_saving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     message = str(info.value)
     assert "\n" not in message and str(path) in message
     assert "disk is full" in message and "ENOSPC" in message  # the cause
-    assert "free space" in message and "--runs-dir" in message  # what to do
+    assert "free space" in message and "runs_dir=" in message  # what to do, in the Python caller's words
     assert "previous checkpoint" in message
     assert load_checkpoint(path)["epoch"] == 1  # intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt"]  # no temp file left
@@ -328,7 +328,7 @@ def _save_forever(path: str, first_epoch: int, weights: torch.Tensor, conn) -> N
     # No tensor arithmetic here: intra-op thread pools do not survive fork; saving needs none.
     epoch = first_epoch
     while True:
-        save_checkpoint({"epoch": epoch, "state_dict": {"w": weights}}, path)
+        save_checkpoint(checkpoint_payload(epoch=epoch, state_dict={"w": weights}), path)
         conn.send(epoch)
         epoch += 1
 

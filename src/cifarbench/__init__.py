@@ -1,7 +1,7 @@
 """cifarbench: train, compare and understand image classifiers on CIFAR-10.
 
 Importing the package does no work: the public API (`cifarbench.api`) loads on first use, so
-`import cifarbench as cb; cb.train_run(...)` works without importing torch up front.
+`import cifarbench as cb; cb.train(...)` works without importing torch up front.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import importlib
 __version__ = "0.1.0"
 
 _API = ("Comparison", "Evaluation", "ModelSummary", "RunRecord", "TrainedModel", "build_report", "compare",
-        "compare_runs", "delete_run", "evaluate_checkpoint", "load_trained_model", "make_config", "predict_images",
-        "predict_test_set", "report_runs", "stored_runs", "train_run")
+        "compare_configs", "compare_runs", "config", "delete_run", "evaluate", "evaluate_checkpoint", "export_runs",
+        "import_runs", "load", "load_trained_model", "make_config", "predict", "predict_images", "predict_test_set",
+        "report", "report_runs", "runs", "stored_runs", "train", "train_run")
 
 
 def __getattr__(name: str):

@@ -1,26 +1,126 @@
-"""The Python API in one place: everything the CLI does, as functions that return typed records.
+"""The Python API: what the CLI does, as functions whose keywords are the CLI's flags, returning typed results.
 
-`import cifarbench as cb` reaches the same names lazily (`cb.train_run`, ...). Every result carries its
-provenance: config, seed, dataset fingerprint, code version, device, processor and torch version.
+    import cifarbench as cb
+    run = cb.train("cnn", epochs=2, data_dir="data", verify=False)      # or cb.train(MyCNN, ...): your own class
+    cmp = cb.compare(["cnn", MyCNN], seeds=3, recipe="seed")
+
+Results display themselves in a notebook and have `to_dict()` for scripts. Errors name these keywords
+(`verify=False`), where the CLI's name its flags (`--no-verify`). Lower-level pieces live in `running`,
+`comparing`, `inference`, `reporting.report` and `runs`.
 """
 
 from __future__ import annotations
 
-from cifarbench.comparing import compare, compare_runs
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from cifarbench import runtime
+from cifarbench.comparing import compare as compare_configs
+from cifarbench.comparing import compare_runs
+from cifarbench.config import TrainConfig
 from cifarbench.inference import (
-                                  Evaluation,
-                                  TrainedModel,
-                                  evaluate_checkpoint,
-                                  load_trained_model,
-                                  predict_images,
-                                  predict_test_set,
+    Evaluation,
+    TrainedModel,
+    evaluate_checkpoint,
+    load_trained_model,
+    predict_images,
+    predict_test_set,
 )
+from cifarbench.models.reference import reference_of
+from cifarbench.reporting.progress import EpochPrinter
 from cifarbench.reporting.report import build_report, report_runs
 from cifarbench.running import train_run
+from cifarbench.runs.bundle import export_runs, import_runs
 from cifarbench.runs.catalog import delete_run, stored_runs
 from cifarbench.runs.records import Comparison, ModelSummary, RunRecord
-from cifarbench.training.recipes import make_config
+from cifarbench.training.recipes import config_for, make_config
 
 __all__ = ["Comparison", "Evaluation", "ModelSummary", "RunRecord", "TrainedModel", "build_report", "compare",
-           "compare_runs", "delete_run", "evaluate_checkpoint", "load_trained_model", "make_config",
-           "predict_images", "predict_test_set", "report_runs", "stored_runs", "train_run"]
+           "compare_configs", "compare_runs", "config", "delete_run", "evaluate", "evaluate_checkpoint",
+           "export_runs", "import_runs", "load", "load_trained_model", "make_config", "predict", "predict_images",
+           "predict_test_set", "report", "report_runs", "runs", "stored_runs", "train", "train_run"]
+
+Model = str | type | Callable[..., Any]
+"""A registered model's name, `file.py:Name`, `module:Name`, or an nn.Module subclass or factory itself."""
+
+
+def _ref(model: Model) -> str:
+    return model if isinstance(model, str) else reference_of(model)
+
+
+def config(model: Model, *, recipe: str | None = None, seed: int = 0, epochs: int | None = None,
+           batch_size: int | None = None, lr: float | None = None, optimizer: str | None = None,
+           precision: str | None = None, budget: float | None = None, tta: int | None = None,
+           widths: list[int] | None = None, val_split: int | None = None, device: str = "auto",
+           dataset: str | None = None, data_dir: str | None = None, verify: bool | None = None,
+           download: bool | None = None, set: dict[str, Any] | None = None) -> TrainConfig:  # noqa: A002
+    """The full typed config a run would train with (the same choices as `cifarbench train` and its flags)."""
+    return config_for(_ref(model), recipe=recipe, seed=seed, device=device, optimizer=optimizer, lr=lr,
+                      widths=widths, set=set, epochs=epochs, batch_size=batch_size, precision=precision,
+                      budget_seconds=budget, tta=tta, val_split=val_split, dataset=dataset, data_dir=data_dir,
+                      verify=verify, download=download)
+
+
+def train(model: Model, *, runs_dir: str | os.PathLike | None = None, progress: bool | None = None,
+          on_epoch: Callable[[TrainConfig, Any], None] | None = None, **choices: Any) -> RunRecord:
+    """Train one model and record the run; `choices` are `config`'s keywords (epochs=, lr=, verify=False, ...).
+
+    A class or factory you pass is recorded with its source code, so the run can be evaluated and compared later
+    even after you change it; running its cell again and training again just works. One line per epoch goes to
+    stderr (pass `on_epoch` to do something else with each epoch's metrics)."""
+    runtime.configure()
+    cfg = config(model, **choices)
+    show = on_epoch or EpochPrinter()
+    return train_run(cfg, runs_dir=runs_dir, progress=progress, on_epoch=lambda m: show(cfg, m))
+
+
+def compare(models: Sequence[Model], *, seeds: int = 1, jobs: int = 1, target: float | None = None,
+            report: str | os.PathLike | None = None, plot: str | os.PathLike | None = None,
+            runs_dir: str | os.PathLike | None = None, progress: bool | None = None,
+            on_epoch: Callable[[TrainConfig, Any], None] | None = None, **choices: Any) -> Comparison:
+    """Train every model for `seeds` seeds on the same data and compare them (`cifarbench compare`)."""
+    refs = [_ref(m) for m in models]
+    if jobs > 1 and any(r.startswith("__main__:") for r in refs):
+        from cifarbench.errors import CifarbenchError
+
+        raise CifarbenchError("jobs > 1 runs models in worker processes, which cannot see classes defined in a "
+                              "notebook or script; put the class in a .py file and pass 'file.py:Name'")
+    seed_given = choices.pop("seed", None)
+    if seed_given is not None:
+        from cifarbench.errors import CifarbenchError
+
+        raise CifarbenchError("compare trains seeds 0..seeds-1; pass seeds, not seed")
+    return compare_configs(refs, lambda m, s: config(m, seed=s, **choices), seeds=seeds, jobs=jobs, target=target,
+                           report=report, plot=plot, runs_dir=runs_dir, progress=progress,
+                           on_epoch=on_epoch or EpochPrinter())
+
+
+def evaluate(run: str, **kwargs: Any) -> Evaluation:
+    """A trained run (id, folder or checkpoint) scored on the whole test set (`cifarbench eval`)."""
+    return evaluate_checkpoint(run, **kwargs)
+
+
+def predict(run: str, images: Sequence[str | os.PathLike], **kwargs: Any) -> dict[str, Any]:
+    """Classify image files with a trained run (`cifarbench predict`)."""
+    return predict_images(run, images, **kwargs)
+
+
+def report(runs: Sequence[str], out: str | os.PathLike, **kwargs: Any) -> Comparison:
+    """One self-contained HTML report of stored runs (`cifarbench report`)."""
+    return report_runs(runs, out, **kwargs)
+
+
+def load(run: str, **kwargs: Any) -> TrainedModel:
+    """A trained run's model, ready for inference (its `.model` is an ordinary nn.Module)."""
+    return load_trained_model(run, **kwargs)
+
+
+def runs(*refs: str, runs_dir: str | os.PathLike | None = None, limit: int = 50) -> list[RunRecord]:
+    """Stored runs: the ones named, or the newest `limit` (`cifarbench runs`)."""
+    if refs:
+        return stored_runs(refs, runs_dir=runs_dir)
+    from cifarbench.runs.store import RunStore
+
+    with RunStore(runs_dir, read_only=True) as store:
+        return [RunStore.to_record(row) for row in store.list_runs(limit)]

@@ -9,11 +9,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from cifarbench.errors import CifarbenchError
+from cifarbench.reporting.tables import printable
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # a bad flag is a user error: one line, status 1
-        self.exit(1, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(1, f"cifarbench: error: {message} (see {self.prog} --help)\n")
 
 
 def _data_flags(p: argparse.ArgumentParser) -> None:
@@ -34,8 +35,9 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="set any config field by dotted name, e.g. --set optimizer.muon_lr=0.15 --set tta=0 "
                         "--set model_kwargs.act=gelu (values are JSON; repeatable)")
-    p.add_argument("--optimizer", choices=["sgd", "muon"],
-                   help="override the recipe's optimiser (muon: Muon steps for the convolution filters, SGD for the rest)")
+    p.add_argument("--optimizer", choices=["sgd", "muon", "adam", "adamw"],
+                   help="override the recipe's optimiser at its default settings for it (muon: Muon steps for the "
+                        "convolution filters, SGD for the rest; adam/adamw: rate 1e-3 unless --lr)")
     p.add_argument("--precision", choices=["fp32", "bf16", "auto"], help="override the recipe's precision")
     p.add_argument("--budget", type=float, metavar="SECONDS",
                    help="fit training plus the final evaluation into this many wall-clock seconds")
@@ -79,9 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list registered models and recipes")
 
     p = sub.add_parser("train", help="train one model and record the run")
-    p.add_argument("model", nargs="?", help="registered model (omit with --resume)")
+    p.add_argument("model", nargs="?", help=f"{MODEL_HELP} (omit with --resume)")
     p.add_argument("--seed", type=int, help="seeds the weights and the data order (default 0)")
     p.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted or crashed run from its last checkpoint")
+    _trust_flag(p)
     _run_flags(p)
 
     p = sub.add_parser("eval", help="evaluate a run or checkpoint on the whole test set")
@@ -89,10 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--runs-dir")
     p.add_argument("--json", action="store_true")
+    _trust_flag(p)
     _data_flags(p)
 
     p = sub.add_parser("compare", help="train several models over seeds and compare them (the main job)")
-    p.add_argument("models", nargs="+")
+    p.add_argument("models", nargs="+", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--seeds", type=int, default=1, help="seeds per model (0..N-1); mean ± std over them")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs in parallel worker processes, each with its share of the cores or its own GPU")
@@ -115,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--runs-dir")
     p.add_argument("--json", action="store_true")
+    _trust_flag(p)
     _data_flags(p)
 
     p = sub.add_parser("predict", help="classify PNG/JPEG files with a trained model")
@@ -124,12 +129,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--runs-dir")
     p.add_argument("--json", action="store_true")
+    _trust_flag(p)
     return parser
 
 
+MODEL_HELP = "a registered model (`cifarbench models`), or your own: path/to/file.py:Name or package.module:Name"
+
+
+def _trust_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-code", action="store_true",
+                   help="run model code that came with a run from elsewhere (read its model.py first)")
+
+
 def _runs_actions(runs: argparse.ArgumentParser) -> None:
-    """`runs [list|show|compare|rm]`: no action lists, so `cifarbench runs --json` keeps working."""
-    actions = runs.add_subparsers(dest="runs_action", parser_class=_Parser, metavar="{list,show,compare,rm}")
+    """`runs [list|show|compare|rm|export|import]`: no action lists, so `cifarbench runs --json` keeps working."""
+    actions = runs.add_subparsers(dest="runs_action", parser_class=_Parser,
+                                  metavar="{list,show,compare,rm,export,import}")
 
     def common(q: argparse.ArgumentParser) -> None:
         # SUPPRESS: a flag given before the action (`runs --json show ID`) must not be reset by the action's default.
@@ -149,6 +164,13 @@ def _runs_actions(runs: argparse.ArgumentParser) -> None:
     q = actions.add_parser("rm", help="delete runs: their history rows and run folders")
     q.add_argument("run_ids", nargs="+", metavar="RUN_ID")
     common(q)
+    q = actions.add_parser("export", help="write runs (checkpoint, config, metrics, history, model code) to one file")
+    q.add_argument("run_ids", nargs="+", metavar="RUN_ID")
+    q.add_argument("--out", required=True, help="the archive to write, e.g. runs.tar.gz")
+    common(q)
+    q = actions.add_parser("import", help="bring the runs of an exported archive into this runs folder")
+    q.add_argument("archive", metavar="FILE")
+    common(q)
 
 
 def _print_json(obj: Any) -> None:
@@ -158,51 +180,32 @@ def _print_json(obj: Any) -> None:
 
 def _note_unverified(dataset: dict) -> None:
     if not dataset.get("verified"):
-        print(f"note: the data in {dataset['source']} does not match the official {dataset.get('name', 'cifar10')} checksums; accepted "
+        print(f"note: the data in {printable(dataset['source'])} does not match the official {dataset.get('name', 'cifar10')} checksums; accepted "
               "because of --no-verify and recorded as unverified", file=sys.stderr)
-
-
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    widths = None
-    if args.widths:
-        try:
-            widths = {"widths": [int(w) for w in args.widths.split(",")]}
-        except ValueError:
-            raise CifarbenchError(f"--widths {args.widths!r}: expected comma-separated integers such as 64,256,256") from None
-    return {"epochs": args.epochs, "batch_size": args.batch_size, "precision": args.precision, "device": args.device,
-            "data_dir": args.data_dir, "verify": args.verify, "download": args.download, "budget_seconds": args.budget,
-            "tta": args.tta, "val_split": args.val_split, "compile": args.compile, "sync_bn": args.sync_bn,
-            "deterministic": args.deterministic,
-            "model_kwargs": widths, "low_res": args.low_res,
-            "dataset": args.dataset}
 
 
 def _config(args: argparse.Namespace, model: str, seed: int):
     from cifarbench.config import parse_changes
-    from cifarbench.device import resolve_device
-    from cifarbench.training.recipes import make_config
+    from cifarbench.training.recipes import config_for
 
-    # The device is resolved here, when the run starts, so the recorded config names the one it ran on.
-    config = make_config(model, args.recipe, seed=seed, **{**_overrides(args), "device": str(resolve_device(args.device))})
-    # --lr and --optimizer are shorthands for two --set fields: one path sets and validates all of them.
-    flags = {"optimizer.lr": args.lr, "optimizer.name": args.optimizer}
-    return config.with_changes({**{k: v for k, v in flags.items() if v is not None}, **parse_changes(args.set)})
+    widths = None
+    if args.widths:
+        try:
+            widths = [int(w) for w in args.widths.split(",")]
+        except ValueError:
+            raise CifarbenchError(f"--widths {args.widths!r}: expected comma-separated integers such as 64,256,256") from None
+    return config_for(model, recipe=args.recipe, seed=seed, device=args.device, optimizer=args.optimizer, lr=args.lr,
+                      widths=widths, set=parse_changes(args.set), epochs=args.epochs, batch_size=args.batch_size,
+                      precision=args.precision, data_dir=args.data_dir, verify=args.verify, download=args.download,
+                      budget_seconds=args.budget, tta=args.tta, val_split=args.val_split, compile=args.compile,
+                      sync_bn=args.sync_bn, deterministic=args.deterministic, low_res=args.low_res,
+                      dataset=args.dataset)
 
 
 def _epoch_printer(args: argparse.Namespace):
-    out = sys.stderr if args.json else sys.stdout
+    from cifarbench.reporting.progress import EpochPrinter
 
-    def show(config, m) -> None:
-        total = "" if config.budget_seconds else f"/{config.epochs}"
-        parts = [f"{config.model} seed {config.seed} epoch {m.epoch:>3}{total}", f"train loss {m.train_loss:.4f}"]
-        if m.val_accuracy is not None:
-            parts.append(f"val acc {100 * m.val_accuracy:6.2f}%")
-        if m.test_accuracy is not None:
-            parts += [f"test loss {m.test_loss:.4f}", f"test acc {100 * m.test_accuracy:6.2f}%"]
-        parts.append(f"{m.seconds:7.1f} s")
-        print("  ".join(parts), file=out, flush=True)
-
-    return show
+    return EpochPrinter(sys.stderr if args.json else sys.stdout)
 
 
 def _run_printer(args: argparse.Namespace):
@@ -210,7 +213,7 @@ def _run_printer(args: argparse.Namespace):
     out = sys.stderr if args.json else sys.stdout
 
     def show(run) -> None:
-        print(f"{run.model} seed {run.seed}: test acc {100 * run.test_accuracy:.2f}%  "
+        print(f"{printable(run.model)} seed {run.seed}: test acc {100 * run.test_accuracy:.2f}%  "
               f"{run.train_seconds:.1f} s training", file=out, flush=True)
 
     return show
@@ -274,10 +277,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         _print_json(result.to_dict())
         return
     _note_unverified(result.dataset)
-    print(f"run {result.run_id}: test accuracy {100 * result.test_accuracy:.2f}%, test loss "
-          f"{result.test_loss:.4f}, {result.train_seconds:.1f} s training on {result.device} "
+    print(f"run {printable(result.run_id)}: test accuracy {100 * result.test_accuracy:.2f}%, test loss "
+          f"{result.test_loss:.4f}, {result.train_seconds:.1f} s training on {printable(result.device)} "
           f"({result.train_flops / 1e12:.1f} TFLOP)")
-    print(f"saved in {result.run_dir}")
+    print(f"saved in {printable(result.run_dir)}")
 
 
 # Flags a resumed run keeps from its own config: changing them would no longer continue the same run.
@@ -295,13 +298,14 @@ def _resume(args: argparse.Namespace):
         flags = [f"--{n.replace('_', '-')}" for n in given] + (["--set"] if args.set else [])
         raise CifarbenchError(f"--resume continues a run under its own config; {', '.join(flags)} cannot change it "
                               "(start a new run instead)")
-    config = resumable_config(args.resume, args.runs_dir)
+    config = resumable_config(args.resume, args.runs_dir, args.trust_code)
     if args.model and args.model != config.model:
         raise CifarbenchError(f"run {args.resume} trains {config.model!r}, not {args.model!r}")
     data = replace(config.data, **{k: v for k, v in (("data_dir", args.data_dir), ("verify", args.verify),
                                                      ("download", args.download)) if v is not None})
     show = _with_tensorboard(args, _epoch_printer(args))
-    return train_run(runs_dir=args.runs_dir, on_epoch=lambda m: show(config, m), resume=args.resume, data=data)
+    return train_run(runs_dir=args.runs_dir, on_epoch=lambda m: show(config, m), resume=args.resume, data=data,
+                     trust_code=args.trust_code)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -309,11 +313,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from cifarbench.reporting.tables import evaluation_table
 
     result = evaluate_checkpoint(args.ref, runs_dir=args.runs_dir, data_dir=args.data_dir, verify=args.verify,
-                                 download=args.download, device=args.device).to_dict()
+                                 download=args.download, device=args.device, trust_code=args.trust_code).to_dict()
     if args.json:
         _print_json(result)
         return
-    print(f"{result['model']} ({result['checkpoint']}): test accuracy {100 * result['test_accuracy']:.2f}%, "
+    print(f"{printable(result['model'])} ({printable(result['checkpoint'])}): test accuracy {100 * result['test_accuracy']:.2f}%, "
           f"test loss {result['test_loss']:.4f} over {result['n']} images\n")
     print(evaluation_table(result))
     if not result["dataset_matches_training"]:
@@ -328,7 +332,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
                      plot=args.plot, on_epoch=_with_tensorboard(args, _epoch_printer(args)), target=args.target,
                      report=args.report, jobs=args.jobs, on_run=_run_printer(args) if args.jobs > 1 else None)
     for failure in report.failures:
-        print(f"cifarbench: warning: {failure['model']} seed {failure['seed']} failed: {failure['error']}",
+        print(f"cifarbench: warning: {printable(failure['model'])} seed {failure['seed']} failed: {printable(failure['error'])}",
               file=sys.stderr)
     if args.json:
         _print_json(report.to_dict())
@@ -343,7 +347,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
 def cmd_runs(args: argparse.Namespace) -> None:
     action = getattr(args, "runs_action", None) or "list"
     if action != "list":
-        {"show": _runs_show, "compare": _runs_compare, "rm": _runs_rm}[action](args)
+        {"show": _runs_show, "compare": _runs_compare, "rm": _runs_rm, "export": _runs_export,
+         "import": _runs_import}[action](args)
         return
     from cifarbench.reporting.tables import runs_table
     from cifarbench.runs.store import RunStore
@@ -368,14 +373,14 @@ def _runs_show(args: argparse.Namespace) -> None:
         return
     acc = "-" if run.test_accuracy is None else f"{100 * run.test_accuracy:.2f}%"
     env = run.environment
-    print(f"run {run.run_id}: {run.status}, {run.model} / {run.recipe} / seed {run.seed}, test accuracy "
-          f"{acc}, on {run.device}, code {env.get('code_version')}, torch {env.get('torch_version')}")
+    print(f"run {printable(run.run_id)}: {printable(run.status)}, {printable(run.model)} / {printable(run.recipe)} / seed {run.seed}, test accuracy "
+          f"{acc}, on {printable(run.device)}, code {printable(env.get('code_version'))}, torch {printable(env.get('torch_version'))}")
     print(f"folder: {run.run_dir}")
     if run.error:
-        print(f"error: {run.error}")
+        print(f"error: {printable(run.error)}")
     data = run.dataset
-    print(f"dataset: {data.get('name')} sha256 {data.get('sha256')} ({'official' if data.get('verified') else 'unverified'}"
-          f" copy in {data.get('source')}, {data.get('train_size')} train / {data.get('test_size')} test)")
+    print(f"dataset: {printable(data.get('name'))} sha256 {data.get('sha256')} ({'official' if data.get('verified') else 'unverified'}"
+          f" copy in {printable(data.get('source'))}, {data.get('train_size')} train / {data.get('test_size')} test)")
     print(f"config: {json.dumps(run.config, indent=2)}\n")
     print(history_table([h.to_dict() for h in run.history]) if run.history else "no finished epochs")
 
@@ -405,16 +410,41 @@ def _runs_rm(args: argparse.Namespace) -> None:
         result = delete_run(ref, runs_dir=args.runs_dir)
         removed.append(result.to_dict())
         if not args.json:
-            print(f"removed run {result.run_id} (folder {result.run_dir}: {result.folder})")
+            print(f"removed run {printable(result.run_id)} (folder {printable(result.run_dir)}: {printable(result.folder)})")
     if args.json:
         _print_json({"removed": removed})
+
+
+def _runs_export(args: argparse.Namespace) -> None:
+    from cifarbench.runs.bundle import export_runs
+
+    path = export_runs(args.run_ids, args.out, runs_dir=args.runs_dir)
+    if args.json:
+        _print_json({"archive": str(path), "runs": args.run_ids})
+    else:
+        print(f"wrote {path} ({len(args.run_ids)} runs)")
+
+
+def _runs_import(args: argparse.Namespace) -> None:
+    from cifarbench.runs.bundle import import_runs
+
+    result = import_runs(args.archive, runs_dir=args.runs_dir)
+    if args.json:
+        _print_json(result.to_dict())
+        return
+    for record in result.imported:
+        print(f"imported run {printable(record.run_id)} ({printable(record.model)}, seed {record.seed})")
+    for run_id, why in result.skipped:
+        print(f"skipped run {printable(run_id)}: {printable(why)}")
+    if any(r.config.get("model_sha256") for r in result.imported):
+        print("note: imported runs with their own model code run it only with --trust-code (read model.py first)")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
     from cifarbench.reporting.report import report_runs
 
     result = report_runs(args.run_ids, args.out, runs_dir=args.runs_dir, target=args.target, data_dir=args.data_dir,
-                         verify=args.verify, download=args.download, device=args.device)
+                         verify=args.verify, download=args.download, device=args.device, trust_code=args.trust_code)
     if args.json:
         _print_json(result.to_dict())
     else:
@@ -424,12 +454,14 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     from cifarbench.inference import predict_images
 
-    result = predict_images(args.ref, args.images, top=args.top, runs_dir=args.runs_dir, device=args.device)
+    result = predict_images(args.ref, args.images, top=args.top, runs_dir=args.runs_dir, device=args.device,
+                            trust_code=args.trust_code)
     if args.json:
         _print_json(result)
         return
     for p in result["predictions"]:
-        print(f"{p['image']}: " + ", ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in p["top"]))
+        print(f"{printable(p['image'])}: "
+              + ", ".join(f"{printable(t['class'])} {100 * t['probability']:.1f}%" for t in p["top"]))
 
 
 def _with_tensorboard(args: argparse.Namespace, show):
@@ -453,20 +485,25 @@ COMMANDS = {"download": cmd_download, "explore": cmd_explore, "models": cmd_mode
 
 def main(argv: Sequence[str] | None = None) -> int:
     from cifarbench import runtime
+    from cifarbench.errors import INTERFACE
 
     runtime.configure()
-    args = build_parser().parse_args(argv)
+    interface = INTERFACE.set("cli")  # messages name flags, not the Python API's keywords
     try:
+        args = build_parser().parse_args(argv)
         COMMANDS[args.command](args)
     except CifarbenchError as exc:
-        print(f"cifarbench: error: {exc}", file=sys.stderr)
+        print(f"cifarbench: error: {printable(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("cifarbench: interrupted; finished epochs are saved in the run folder", file=sys.stderr)
         return 130
     except OSError as exc:  # disk full, permission denied: the user's environment, not a bug
-        print(f"cifarbench: error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", file=sys.stderr)
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"cifarbench: error: {printable(f'{exc.strerror or exc}{where}')}", file=sys.stderr)
         return 1
+    finally:
+        INTERFACE.reset(interface)
     return 0
 
 

@@ -17,7 +17,7 @@ from cifarbench import runtime
 from cifarbench.config import TrainConfig
 from cifarbench.data import ImageDataset, load_dataset
 from cifarbench.device import resolve_device
-from cifarbench.errors import CifarbenchError
+from cifarbench.errors import INTERFACE, CifarbenchError
 from cifarbench.provenance import environment
 from cifarbench.running import train_run
 from cifarbench.runs.catalog import stored_runs
@@ -80,7 +80,7 @@ def compare(models: Sequence[str], make: Callable[[str, int], TrainConfig], *, s
         from cifarbench.reporting.report import build_report
 
         comparison.report = str(build_report(runs, results, report, target=target, dataset=dataset,
-                                             device=first.device))
+                                             device=first.device, runs_dir=runs_dir))
     return comparison
 
 
@@ -92,7 +92,7 @@ def compare_runs(refs: Sequence[str], *, runs_dir: str | os.PathLike | None = No
     return Comparison(summarise(runs, target), runs, target, environment=environment())
 
 
-def _worker_init(threads: int, gpus: int) -> None:
+def _worker_init(threads: int, gpus: int, interface: str) -> None:
     """Pin a compare worker to its share of the CPU threads, or to one GPU (by worker number).
 
     On the CPU each worker also gets its own cores (worker k: cores k*threads ...): two single-threaded
@@ -101,6 +101,7 @@ def _worker_init(threads: int, gpus: int) -> None:
     import multiprocessing
 
     worker = multiprocessing.current_process()._identity[0] - 1
+    INTERFACE.set(interface)  # errors spelled for the caller: flags for the CLI, keywords for Python
     torch.set_num_threads(threads)
     if gpus:
         torch.cuda.set_device(worker % gpus)
@@ -132,7 +133,7 @@ def _run_parallel(configs: Sequence[TrainConfig], jobs: int, runs_dir: str | os.
     threads = max(1, (os.cpu_count() or 1) // jobs)
     # spawn: a fork of a process that already ran torch (threads, maybe CUDA) is not safe.
     pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                                  initializer=_worker_init, initargs=(threads, gpus))
+                                  initializer=_worker_init, initargs=(threads, gpus, INTERFACE.get()))
     runs, failures = [], []
     with pool:
         futures = {pool.submit(_worker_run, c, runs_dir): c for c in configs}

@@ -31,6 +31,8 @@ MAX_SEED = 2**31 - 1
 """Seeds go to torch.manual_seed, into run ids and into SQLite's 64-bit integer column."""
 MAX_BUDGET_SECONDS = 30 * 24 * 3600.0
 NAME = r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}"
+MODEL_REF = NAME + r"|[^\x00-\x1f]{1,1000}:[A-Za-z_][A-Za-z0-9_.]{0,199}"
+"""A registered model's name, or `file.py:Name` / `package.module:Name` (models/reference.py)."""
 """A model or recipe name: it becomes part of a run id and so of a folder name (no separators, no '..')."""
 MAX_JSON_DEPTH = 4
 """model_kwargs: levels of nesting, the dict itself included ({"widths": [64, 256, 256]} has 2)."""
@@ -198,7 +200,8 @@ def check_value(hint: Any, value: Any, check: Check, name: str) -> Any:
     except _Refused as refused:
         expected = f"null or {refused.expected}" if optional else refused.expected
         if check.choices is not None:
-            raise CifarbenchError(f"unknown {name} {shown_value(value)}; choose one of: {', '.join(check.choices)}") from None
+            choices = ", ".join(check.choices)
+            raise CifarbenchError(f"unknown {name} {shown_value(value)}; choose one of: {choices}") from None
         raise CifarbenchError(f"{name} must be {expected} (got {shown_value(value)})") from None
 
 
@@ -350,8 +353,12 @@ class LookaheadConfig:
 
 @dataclass
 class TrainConfig:
-    model: str = setting(pattern=NAME, shown="a name of letters, digits and _.+- (up to 64 characters)")
-    """Registered model name (`cifarbench models` lists them)."""
+    model: str = setting(pattern=MODEL_REF, shown="a registered model's name, or file.py:Name / module:Name")
+    """A registered model's name (`cifarbench models` lists them), or a reference to your own: `path/to/file.py:Name`
+    or `package.module:Name`, Name an nn.Module subclass or a function that returns one."""
+    model_sha256: str | None = setting(None, pattern=r"[0-9a-f]{64}", shown="a sha256 in hex")
+    """For your own model: the sha256 of its source, whose copy is the run folder's model.py (None for registered
+    models, whose code is the cifarbench version's)."""
     recipe: str = setting("seed", pattern=NAME, shown="a name of letters, digits and _.+- (up to 64 characters)")
     """The named recipe these settings came from."""
     epochs: int = setting(10, ge=1, le=10_000)
@@ -439,7 +446,8 @@ class TrainConfig:
                 top = sections.setdefault("", {})
                 kwargs = top.get("model_kwargs", config.model_kwargs)
                 if not isinstance(kwargs, dict):
-                    raise CifarbenchError(f"model_kwargs must be an object to set {key} in it (got {shown_value(kwargs)})")
+                    raise CifarbenchError(f"model_kwargs must be an object to set {key} in it "
+                                          f"(got {shown_value(kwargs)})")
                 top["model_kwargs"] = {**kwargs, name: value}
                 continue
             target = getattr(config, part, None) if part else config
@@ -483,7 +491,7 @@ def parse_changes(items: list[str]) -> dict:
         if not eq or not key:
             raise CifarbenchError(f"--set {shown_value(item)}: expected FIELD=VALUE, e.g. optimizer.lr=0.5")
 
-        def refuse(constant: str) -> None:
+        def refuse(constant: str, key: str = key, text: str = text) -> None:
             raise CifarbenchError(f"--set {key}={text[:40]}: {constant} is not a finite number")
 
         try:

@@ -1,8 +1,42 @@
-"""User-facing errors: the CLI prints their message as one line and exits with status 1."""
+"""User-facing errors: the CLI prints their message as one line and exits with status 1.
+
+A message names what the user typed. Messages are written with the CLI's spelling (`--no-verify`); raised
+while Python code is the caller (the default interface), each flag is spelled as the API's keyword instead
+(`verify=False`), so a notebook user is never told to pass a flag."""
+
+import contextvars
+import re
+
+INTERFACE: contextvars.ContextVar[str] = contextvars.ContextVar("cifarbench_interface", default="python")
+"""'python' (the library's callers) or 'cli' (set by the command line's entry point)."""
+
+PYTHON_SPELLING = {
+    "--no-verify": "verify=False", "--no-download": "download=False", "--trust-code": "trust_code=True",
+    "--data-dir": "data_dir=", "--runs-dir": "runs_dir=", "--val-split": "val_split",
+    "--budget": "budget", "--epochs": "epochs", "--batch-size": "batch_size", "--lr": "lr", "--seeds": "seeds",
+    "--seed": "seed", "--jobs": "jobs", "--target": "target", "--top": "top", "--device": "device",
+    "--precision": "precision", "--optimizer": "optimizer", "--deterministic": "deterministic=True",
+    "--sync-bn": "sync_bn=True", "--tensorboard": "tensorboard", "--resume": "resume", "--dataset": "dataset",
+    "--per-class": "per_class", "--labels": "labels", "--widths": "widths", "--tta": "tta", "--out": "out",
+}
+_FLAG = re.compile(r"(?<![\w-])--[a-z][a-z-]*")
+
+
+def python_spelling(message: str) -> str:
+    """`message` with each CLI flag it names spelled as the Python API's keyword (a `command` in backticks is
+    left as it is: it is something to run in a shell)."""
+    parts = message.split("`")
+    return "`".join(p if i % 2 else _FLAG.sub(lambda m: PYTHON_SPELLING.get(m.group(0), m.group(0)), p)
+                    for i, p in enumerate(parts))
 
 
 class CifarbenchError(Exception):
     """Something the user can fix (missing data, a bad file, a bad flag); never a bug."""
+
+    def __init__(self, message: str = "", *args: object) -> None:
+        if INTERFACE.get() == "python" and isinstance(message, str):
+            message = python_spelling(message)
+        super().__init__(message, *args)
 
 
 class DataError(CifarbenchError):

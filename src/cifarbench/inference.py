@@ -18,22 +18,31 @@ from cifarbench.device import autocast_dtype, describe_device, kernel_choice, re
 from cifarbench.errors import CifarbenchError
 from cifarbench.evaluation.metrics import EvalResult, evaluate
 from cifarbench.models import build_model
+from cifarbench.models.reference import load_run_code
 from cifarbench.runs import folders
 from cifarbench.runs.store import RunStore
 from cifarbench.training.state import RunCheckpoint
 
 
-def resolve_checkpoint(ref: str, runs_dir: str | os.PathLike | None = None) -> Path:
+def resolve_checkpoint(ref: str, runs_dir: str | os.PathLike | None = None) -> tuple[Path, bool]:
     """A checkpoint file or run folder the user points at, or a run id (or unique prefix) of the runs folder,
-    whose folder is derived from the runs folder and the id, never from a stored path."""
+    whose folder is derived from the runs folder and the id, never from a stored path; and whether it is one of
+    this store's own runs (trained here, not imported), whose model code is the user's own."""
     path = Path(ref)
     if path.is_dir() and (path / folders.CHECKPOINT).is_file():
-        return path / folders.CHECKPOINT
+        path = path / folders.CHECKPOINT
     if path.is_file():
-        return path
-    with RunStore(runs_dir) as store:
-        run_id = store.get_run(ref)["id"]
-    return folders.run_folder(runs_dir, run_id) / folders.CHECKPOINT
+        own = folders.run_folder(runs_dir, path.parent.name) if folders.RUN_ID.fullmatch(path.parent.name) else None
+        if own is None or not (own / folders.CHECKPOINT).exists() or not path.samefile(own / folders.CHECKPOINT):
+            return path, False
+        with RunStore(runs_dir, read_only=True) as store:
+            try:
+                return path, store.get_run(path.parent.name).get("origin") is None
+            except CifarbenchError:
+                return path, False
+    with RunStore(runs_dir, read_only=True) as store:
+        run = store.get_run(ref)
+    return folders.run_folder(runs_dir, run["id"]) / folders.CHECKPOINT, run.get("origin") is None
 
 
 @dataclass
@@ -74,13 +83,20 @@ class TrainedModel:
                             keep_probabilities=keep_probabilities)
 
 
-def load_trained_model(ref: str, *, runs_dir: str | os.PathLike | None = None, device: str = "auto") -> TrainedModel:
-    """Load a checkpoint (file, run folder or run id) into its model, ready for inference on `device`."""
-    path = resolve_checkpoint(ref, runs_dir)
+def load_trained_model(ref: str, *, runs_dir: str | os.PathLike | None = None, device: str = "auto",
+                       trust_code: bool = False) -> TrainedModel:
+    """Load a checkpoint (file, run folder or run id) into its model, ready for inference on `device`.
+
+    An own model is rebuilt from the run folder's copy of its code (`model.py`), whatever the original file says
+    now; the copy runs only if the run is this store's own or `trust_code` says so."""
+    path, own = resolve_checkpoint(ref, runs_dir)
     ckpt = RunCheckpoint.load(path)
     config = TrainConfig.from_dict(ckpt.config)
+    if config.model_sha256:
+        load_run_code(path.parent, ckpt.model, config.model_sha256, trusted=own or trust_code)
     dev = resolve_device(device)
-    model = build_model(ckpt.model, num_classes=len(ckpt.classes), in_shape=ckpt.in_shape, kwargs=config.model_kwargs)
+    model = build_model(ckpt.model, num_classes=len(ckpt.classes), in_shape=ckpt.in_shape, kwargs=config.model_kwargs,
+                        code_sha256=config.model_sha256)
     try:
         model.load_state_dict(ckpt.state_dict)
     except RuntimeError as exc:
@@ -123,10 +139,10 @@ class Evaluation:
 def evaluate_checkpoint(ref: str, *, runs_dir: str | os.PathLike | None = None, data_dir: str | None = None,
                         verify: bool | None = None, download: bool | None = None, device: str = "auto",
                         dataset: ImageDataset | None = None, progress: bool | None = None,
-                        keep_probabilities: bool = False) -> Evaluation:
+                        keep_probabilities: bool = False, trust_code: bool = False) -> Evaluation:
     """Evaluate a saved model on the whole test set: accuracy, loss, per-class accuracy, confusion matrix (and,
     with `keep_probabilities`, each test image's class probabilities)."""
-    loaded = load_trained_model(ref, runs_dir=runs_dir, device=device)
+    loaded = load_trained_model(ref, runs_dir=runs_dir, device=device, trust_code=trust_code)
     dataset = loaded.test_dataset(data_dir=data_dir, verify=verify, download=download, dataset=dataset,
                                   progress=progress)
     result = loaded.evaluate(dataset, keep_probabilities=keep_probabilities)
@@ -143,13 +159,14 @@ def predict_test_set(ref: str, **kwargs) -> Evaluation:
 
 
 def predict_images(ref: str, images: Sequence[str | os.PathLike], *, top: int = 3,
-                   runs_dir: str | os.PathLike | None = None, device: str = "auto") -> dict[str, Any]:
+                   runs_dir: str | os.PathLike | None = None, device: str = "auto",
+                   trust_code: bool = False) -> dict[str, Any]:
     """Classify PNG/JPEG files with a saved model: the `top` classes and probabilities of each image."""
     from cifarbench.predict import classify_files
 
     if top < 1:
         raise CifarbenchError("--top must be at least 1")
-    loaded = load_trained_model(ref, runs_dir=runs_dir, device=device)
+    loaded = load_trained_model(ref, runs_dir=runs_dir, device=device, trust_code=trust_code)
     c = loaded.config
     predictions = classify_files(loaded.model, images, in_shape=loaded.in_shape, mean=c.data.mean, std=c.data.std,
                                  classes=loaded.classes, device=loaded.device, channels_last=c.channels_last, top=top,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -15,29 +16,33 @@ from cifarbench.data import ImageDataset, fit_normalisation, load_dataset
 from cifarbench.device import describe_device, resolve_device
 from cifarbench.errors import CifarbenchError
 from cifarbench.evaluation.analysis import cost_of, training_flops
+from cifarbench.fsutil import atomic_write_text
+from cifarbench.models.reference import code_of, label, load_run_code
 from cifarbench.provenance import environment
 from cifarbench.runs import folders
 from cifarbench.runs.records import RunRecord
 from cifarbench.runs.store import RunStore
 from cifarbench.training import distributed as ddp
-from cifarbench.training.loop import TrainResult, build_model, check_settings, low_res_side, train
+from cifarbench.training.loop import TrainResult, build_model, check_settings, low_res_side, split_validation, train
 from cifarbench.training.state import EpochMetrics, RunCheckpoint
 
 
 def train_run(config: TrainConfig | None = None, *, runs_dir: str | os.PathLike | None = None,
               dataset: ImageDataset | None = None, progress: bool | None = None,
               on_epoch: Callable[[EpochMetrics], None] | None = None, resume: str | None = None,
-              data: DataConfig | None = None) -> RunRecord:
+              data: DataConfig | None = None, trust_code: bool = False) -> RunRecord:
     """Train one run end to end: its folder (config, checkpoint, metrics) and its row in the run history.
 
     With `resume` (a run id, run folder or checkpoint in `runs_dir`), continue that run from its last checkpoint
     under its own config and id instead (`data` may say where its data is now): the result is the same, bit for
     bit on CPU, as if it had never stopped. A non-zero torchrun rank returns a record without a run folder.
+    An own model is rebuilt from the run's copy of its code; for a run imported from elsewhere that code runs
+    only with `trust_code`.
     """
     runtime.configure()
     saved = None
     if resume is not None:
-        saved, config = _resumable(resume, runs_dir)
+        saved, config = _resumable(resume, runs_dir, trust_code)
         config = replace(config, data=data) if data is not None else config
     if config is None:
         raise CifarbenchError("train_run needs a config or a run to resume")
@@ -54,23 +59,27 @@ def train_run(config: TrainConfig | None = None, *, runs_dir: str | os.PathLike 
         ddp.teardown(world, finished=finished)
 
 
-def resumable_config(ref: str, runs_dir: str | os.PathLike | None = None) -> TrainConfig:
+def resumable_config(ref: str, runs_dir: str | os.PathLike | None = None, trust_code: bool = False) -> TrainConfig:
     """The config of a stopped run that `train_run(resume=ref)` would continue (refused when it cannot)."""
-    return _resumable(ref, runs_dir)[1]
+    return _resumable(ref, runs_dir, trust_code)[1]
 
 
-def _resumable(ref: str, runs_dir: str | os.PathLike | None) -> tuple[RunCheckpoint, TrainConfig]:
+def _resumable(ref: str, runs_dir: str | os.PathLike | None, trust_code: bool) -> tuple[RunCheckpoint, TrainConfig]:
     """The checkpoint of a stopped run in the runs folder, and its config; refused when there is nothing to do."""
     with RunStore(runs_dir) as store:
         run = store.get_run(ref)
-    saved = RunCheckpoint.load(folders.run_folder(runs_dir, run["id"]) / folders.CHECKPOINT)
+    folder = folders.run_folder(runs_dir, run["id"])
+    saved = RunCheckpoint.load(folder / folders.CHECKPOINT)
     if saved.training is None:
         raise CifarbenchError(f"run {saved.run_id}: its checkpoint has no training state to resume from")
     if saved.run_id != run["id"]:
         raise CifarbenchError(f"run {run['id']}: its checkpoint belongs to run {saved.run_id!r}")
     if saved.training.position.finished:
         raise CifarbenchError(f"run {saved.run_id} already finished; nothing to resume")
-    return saved, TrainConfig.from_dict(saved.config)
+    config = TrainConfig.from_dict(saved.config)
+    if config.model_sha256:  # the run's own copy of its code; someone else's only with consent
+        load_run_code(folder, config.model, config.model_sha256, trusted=run.get("origin") is None or trust_code)
+    return saved, config
 
 
 def _train(config: TrainConfig, world: ddp.DistEnv, device: torch.device, saved: RunCheckpoint | None, *,
@@ -84,7 +93,7 @@ def _train(config: TrainConfig, world: ddp.DistEnv, device: torch.device, saved:
         result = train(config, dataset, device, progress=False, resume=training, resume_weights=weights, world=world)
         return RunRecord("", config.model, config.recipe, config.seed, config.epochs,
                          test_accuracy=result.final.accuracy if result.final else None, world_size=world.world_size)
-    model = build_model(config, dataset, torch.device("cpu"))  # the cost of the code that is trained
+    config, model = preflight(config, dataset)  # before anything is written: a refusal leaves nothing behind
     cost = cost_of(model, dataset.image_shape)
     record = RunRecord("", config.model, config.recipe, config.seed, config.epochs, status="running",
                        params=cost.params, flops_per_image=cost.flops_per_image, device=describe_device(device),
@@ -100,7 +109,7 @@ def _train(config: TrainConfig, world: ddp.DistEnv, device: torch.device, saved:
                                       "point --data-dir at the same data")
             store.reopen_run(saved.run_id)
         else:
-            record.run_id = folders.new_run_id(config.model, config.seed)
+            record.run_id = folders.new_run_id(label(config.model), config.seed)
         run_dir = folders.run_folder(runs_dir, record.run_id)
         record.run_dir = str(run_dir)
         if saved is None:
@@ -111,13 +120,70 @@ def _train(config: TrainConfig, world: ddp.DistEnv, device: torch.device, saved:
         store.close()
 
 
+def preflight(config: TrainConfig, dataset: ImageDataset) -> tuple[TrainConfig, torch.nn.Module]:
+    """Everything that can be refused before a run is recorded: the validation split, the model (it builds, and
+    maps a batch to one score per class), progressive resizing's small images. A model that cannot take the
+    channels-last layout (it calls `.view` on a feature map) is trained in the standard layout, with a note.
+    Returns the config to train and the model built on the CPU (what its cost is counted from)."""
+    split_validation(dataset.train, config.val_split)
+    model = build_model(config, dataset, torch.device("cpu"))
+    ref, classes = config.model, len(dataset.classes)
+    x = (torch.rand(2, *dataset.image_shape) - 0.5) * 2
+
+    def forward(images: torch.Tensor, layout: bool) -> torch.Tensor:
+        model.eval()
+        with torch.no_grad():
+            return model(images.contiguous(memory_format=torch.channels_last) if layout else images)
+
+    try:
+        out = forward(x, config.channels_last)
+    except Exception as first:
+        if not config.channels_last:
+            raise CifarbenchError(f"model {ref!r} fails on a batch of {tuple(x.shape)} images "
+                                  f"({type(first).__name__}: {_line(first)})") from None
+        model = model.to(memory_format=torch.contiguous_format)
+        try:
+            out = forward(x, False)
+        except Exception:
+            raise CifarbenchError(f"model {ref!r} fails on a batch of {tuple(x.shape)} images "
+                                  f"({type(first).__name__}: {_line(first)})") from None
+        note(f"model {ref!r} does not accept the channels-last layout ({_line(first)[:120]}); training it in the "
+             "standard layout (recorded as channels_last=false)")
+        config = replace(config, channels_last=False)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise CifarbenchError(f"model {ref!r} maps a batch of 2 images to {shape}; it must give (batch, {classes}): "
+                              "one score per class")
+    low = low_res_side(config, min(dataset.image_shape[1:]))
+    if low:
+        try:
+            forward(x[:, :, :low, :low], config.channels_last)
+        except Exception as exc:
+            raise CifarbenchError(f"low_res={low}: model {ref!r} cannot take {low}x{low} images "
+                                  f"({type(exc).__name__}: {_line(exc)[:120]})") from None
+    model.train()
+    return config, model
+
+
+def _line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def note(message: str) -> None:
+    """Tell the user something about their run that is not an error (stderr, one line)."""
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
 def _start(store: RunStore, record: RunRecord, run_dir: Path) -> None:
-    """The run's folder with its config.json, and its history row: both or neither."""
+    """The run's folder with its config.json (and its model's code), and its history row: both or neither."""
     folders.write_json(run_dir / folders.CONFIG, {"run_id": record.run_id, "config": record.config,
                                                   "dataset": record.dataset, "device": record.device,
                                                   **record.environment})
+    sha = record.config.get("model_sha256")
+    if sha:
+        atomic_write_text(run_dir / folders.MODEL_CODE, code_of(sha))
     try:
-        store.start_run(record)
+        store.start_run(record, model_sha256=sha)
     except BaseException:
         folders.delete_run_folder(run_dir, record.run_id)
         raise

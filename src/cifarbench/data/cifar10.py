@@ -10,15 +10,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from cifarbench.data.dataset import ImageDataset, Split, fingerprint
 from cifarbench.data.safe_pickle import safe_load_pickle
 from cifarbench.errors import DataError
+from cifarbench.fsutil import MiB, atomic_write, check_zip_archive, file_digest, open_regular_file, read_regular_file
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -44,7 +45,11 @@ ARCHIVE_MEMBERS = tuple(f"{PY_DIR}/{n}" for n in (*TRAIN_BATCHES, TEST_BATCH, "b
 FULL_COUNTS = {"train": (50_000, 5_000), "test": (10_000, 1_000)}
 PIXELS = 3 * 32 * 32
 RECORD = 1 + PIXELS  # binary layout: label byte, then R, G, B planes
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: keyed by the files' content, not their size and mtime
+# Caps on what is read from a data folder before parsing: an official batch is 30 MiB, the archive 163 MiB.
+BATCH_MAX_BYTES = 64 * MiB
+META_MAX_BYTES = MiB
+ARCHIVE_MAX_BYTES = 1024 * MiB
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -74,10 +79,15 @@ def _find_layout(root: Path) -> _Layout | None:
         python = root.name == PY_DIR
         candidates.insert(0, ("python" if python else "binary", root, "" if python else ".bin"))
     for kind, folder, suffix in candidates:
-        if (folder / (TEST_BATCH + suffix)).is_file():
+        # Present at all (not only "is a regular file"): a FIFO or device in its place is refused when read.
+        if _present(folder / (TEST_BATCH + suffix)):
             files = {name: folder / (name + suffix) for name in (*TRAIN_BATCHES, TEST_BATCH)}
             return _Layout(kind, folder, files)
     return None
+
+
+def _present(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
 
 
 def default_url() -> str:
@@ -113,7 +123,7 @@ def ensure_cifar10(data_dir: str | os.PathLike | None = None, *, download: bool 
         except DataError as exc:  # keeps its class: a DownloadError stays one
             raise type(exc)(f"{exc}{source}. {_missing_message(root)}") from None
     elif verify:
-        actual = _md5(archive)
+        actual = file_digest(archive, max_bytes=ARCHIVE_MAX_BYTES, what="CIFAR-10 archive")
         if actual != ARCHIVE_MD5:
             raise DataError(f"{archive}: md5 {actual} is not the official {ARCHIVE_MD5} "
                             "(pass --no-verify to use this copy anyway)")
@@ -138,13 +148,19 @@ def load_cifar10(data_dir: str | os.PathLike | None = None, *, verify: bool = Tr
     layout = _find_layout(root)
     assert layout is not None
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    meta_file = layout.folder / "batches.meta"
-    key = _cache_key(layout, meta_file)
+    payloads = _read_files(layout)
+    # Only the python layout has official md5s to compare with.
+    md5s = {name: hashlib.md5(payload, usedforsecurity=False).hexdigest()
+            for name, payload in payloads.items()} if layout.kind == "python" else {}
+    # Keyed by the bytes just read, so any change to a file (whatever its size and mtime say) is a miss. A hit
+    # still reads and hashes every file, and re-checks the arrays' fingerprint: it saves the decoding only.
+    key = _cache_key(layout.kind, payloads)
     cached = _read_cache(cache, key)
     if cached is None:
-        cached = _decode(layout, meta_file)
+        cached = _decode(layout, payloads)
         _write_cache(cache, key, cached)
-    train, test, md5s, sha256 = cached
+    del payloads
+    train, test, sha256 = cached
     official = _check_md5(layout, md5s, strict=verify)
     return ImageDataset("cifar10", CLASSES, train, test, sha256, official, str(layout.folder.resolve()), layout.kind)
 
@@ -166,33 +182,27 @@ def _check_md5(layout: _Layout, md5s: dict[str, str], *, strict: bool) -> bool:
     return True
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+def _read_files(layout: _Layout) -> dict[str, bytes]:
+    """Every batch file's bytes (and batches.meta's, for the python layout), each a bounded regular file."""
+    payloads = {name: read_regular_file(path, BATCH_MAX_BYTES, "CIFAR-10 batch file")
+                for name, path in layout.files.items()}
+    meta_file = layout.folder / "batches.meta"
+    if layout.kind == "python" and _present(meta_file):
+        payloads["batches.meta"] = read_regular_file(meta_file, META_MAX_BYTES, "CIFAR-10 batches.meta file")
+    return payloads
 
 
-def _decode(layout: _Layout, meta_file: Path) -> tuple[Split, Split, dict[str, str], str]:
-    md5s: dict[str, str] = {}
+def _decode(layout: _Layout, payloads: dict[str, bytes]) -> tuple[Split, Split, str]:
     parts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name, path in layout.files.items():
-        try:
-            payload = path.read_bytes()
-        except OSError as exc:
-            raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
-        md5s[name] = hashlib.md5(payload).hexdigest()
         parse = _parse_python if layout.kind == "python" else _parse_binary
-        parts[name] = parse(payload, str(path))
-    if layout.kind == "python" and meta_file.is_file():
-        md5s["batches.meta"] = _md5(meta_file)
+        parts[name] = parse(payloads[name], str(path))
     train = Split(np.concatenate([parts[n][0] for n in TRAIN_BATCHES]),
                   np.concatenate([parts[n][1] for n in TRAIN_BATCHES]))
     test = Split(*parts[TEST_BATCH])
     _check_counts("train", train, layout.folder)
     _check_counts("test", test, layout.folder / TEST_BATCH)
-    return train, test, md5s, fingerprint(train, test)
+    return train, test, fingerprint(train, test)
 
 
 def _parse_python(payload: bytes, source: str) -> tuple[np.ndarray, np.ndarray]:
@@ -206,11 +216,24 @@ def _parse_python(payload: bytes, source: str) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != PIXELS:
         desc = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise DataError(f"{source}: data is {desc}, expected N x {PIXELS} uint8")
+    return _checked(data, _integer_labels(batch["labels"], source), source)
+
+
+def _integer_labels(raw: object, source: str) -> np.ndarray:
+    """Labels as int64, refusing floats, bools and anything else a cast would silently turn into a class."""
+    if isinstance(raw, np.ndarray):
+        bad = None if raw.dtype.kind in "iu" else f"a {raw.dtype} array"
+    elif isinstance(raw, (list, tuple)):
+        odd = [v for v in raw if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer))][:1]
+        bad = f"a list holding {type(odd[0]).__name__} {odd[0]!r}"[:120] if odd else None
+    else:
+        bad = f"a {type(raw).__name__}"
+    if bad:
+        raise DataError(f"{source}: labels must be integers, not {bad}")
     try:
-        labels = np.asarray(batch["labels"], dtype=np.int64)
+        return np.asarray(raw, dtype=np.int64)
     except (TypeError, ValueError, OverflowError):
-        raise DataError(f"{source}: labels are not a list of integers") from None
-    return _checked(data, labels, source)
+        raise DataError(f"{source}: labels are not 64-bit integers") from None
 
 
 def _parse_binary(payload: bytes, source: str) -> tuple[np.ndarray, np.ndarray]:
@@ -238,32 +261,55 @@ def _check_counts(split: str, data: Split, source: Path) -> None:
             raise DataError(f"{source}: {split} split has class counts {counts}, expected {per_class} of each")
 
 
-def _cache_key(layout: _Layout, meta_file: Path) -> str:
-    files = [*layout.files.values(), *([meta_file] if meta_file.is_file() else [])]
-    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    return hashlib.sha256(json.dumps([CACHE_VERSION, layout.kind, stats]).encode()).hexdigest()[:24]
+def _cache_key(kind: str, payloads: dict[str, bytes]) -> str:
+    files = sorted((name, hashlib.sha256(payload).hexdigest()) for name, payload in payloads.items())
+    return hashlib.sha256(json.dumps([CACHE_VERSION, kind, files]).encode()).hexdigest()[:32]
 
 
-def _read_cache(cache: Path, key: str) -> tuple[Split, Split, dict[str, str], str] | None:
+_CACHE_ARRAYS = {"train_x", "train_y", "test_x", "test_y", "meta"}
+
+
+def _read_cache(cache: Path, key: str) -> tuple[Split, Split, str] | None:
+    """The cached arrays for `key`, or None when absent or anything about the file is off (a damaged cache is
+    just a miss): wrong members, shapes or dtypes, labels out of range, or pixels that no longer match the
+    fingerprint stored beside them."""
     path = cache / f"cifar10-{key}.npz"
     if not path.is_file():
         return None
+    cap = 2 * BATCH_MAX_BYTES * (len(TRAIN_BATCHES) + 1)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(bytes(z["meta"]).decode())
-            return (Split(z["train_x"], z["train_y"]), Split(z["test_x"], z["test_y"]), meta["md5"], meta["sha256"])
-    except (OSError, ValueError, KeyError):
-        return None  # a damaged cache is just a miss
+        with open_regular_file(path, cap, "cache file") as f:
+            check_zip_archive(f, path, max_inflated=cap, max_members=len(_CACHE_ARRAYS), what="cache file")
+            with np.load(f, allow_pickle=False) as z:
+                if set(z.files) != _CACHE_ARRAYS:
+                    return None
+                train, test = Split(z["train_x"], z["train_y"]), Split(z["test_x"], z["test_y"])
+                sha256 = json.loads(bytes(z["meta"]).decode())["sha256"]
+    except Exception:  # zipfile.BadZipFile, truncation, bad JSON, a refused file, ...: all just a miss
+        return None
+    if not all(_valid_split(split) for split in (train, test)) or not isinstance(sha256, str):
+        return None
+    if fingerprint(train, test) != sha256:
+        return None
+    return train, test, sha256
 
 
-def _write_cache(cache: Path, key: str, decoded: tuple[Split, Split, dict[str, str], str]) -> None:
-    train, test, md5s, sha256 = decoded
-    meta = np.frombuffer(json.dumps({"md5": md5s, "sha256": sha256}).encode(), dtype=np.uint8)
+def _valid_split(split: Split) -> bool:
+    images, labels = split.images, split.labels
+    return (images.dtype == np.uint8 and images.ndim == 4 and images.shape[1:] == (3, 32, 32)
+            and labels.dtype == np.int64 and labels.shape == (len(images),)
+            and (not len(labels) or (int(labels.min()) >= 0 and int(labels.max()) < len(CLASSES))))
+
+
+def _write_cache(cache: Path, key: str, decoded: tuple[Split, Split, str]) -> None:
+    train, test, sha256 = decoded
+    meta = np.frombuffer(json.dumps({"sha256": sha256}).encode(), dtype=np.uint8)
+
+    def write(f: BinaryIO) -> None:
+        np.savez(f, train_x=train.images, train_y=train.labels, test_x=test.images, test_y=test.labels, meta=meta)
+
     try:
-        cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, train_x=train.images, train_y=train.labels, test_x=test.images, test_y=test.labels, meta=meta)
-        os.replace(tmp, cache / f"cifar10-{key}.npz")
+        # Not durable: a cache file lost or damaged by a crash is verified on load and read as a miss.
+        atomic_write(cache / f"cifar10-{key}.npz", write, durable=False)
     except OSError:
         pass  # caching is an optimisation; an unwritable cache must not stop a run

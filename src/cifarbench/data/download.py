@@ -12,7 +12,6 @@ import shutil
 import ssl
 import sys
 import tarfile
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -24,7 +23,7 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from cifarbench.errors import DataError, DownloadError
-from cifarbench.fsutil import fsync_dir
+from cifarbench.fsutil import atomic_write, file_hash, fsync_dir
 
 _CHUNK = 2**20
 _NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, OSError, ValueError)
@@ -98,14 +97,6 @@ def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, http.client.HTTPException | OSError)
 
 
-def _md5_of_file(path: Path) -> hashlib._Hash:
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest
-
-
 def _local(action: str, path: Path, exc: OSError) -> DataError:
     hint = "; free some space there" if exc.errno == errno.ENOSPC else ""
     return DataError(f"cannot {action} {path}: {exc.strerror or exc}{hint}")
@@ -131,7 +122,7 @@ def _attempt(opener: urllib.request.OpenerDirector, url: str, part: Path, progre
             offset = 0  # no Range asked, or the server ignored it (200): start over from zero
         length = _content_length(resp)
         try:
-            digest = _md5_of_file(part) if offset else hashlib.md5(usedforsecurity=False)
+            digest = file_hash(part, "md5") if offset else hashlib.md5(usedforsecurity=False)
             out = open(part, "ab" if offset else "wb")
         except OSError as exc:
             raise _local("write", part, exc) from exc
@@ -289,17 +280,8 @@ def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -
     source = tar.extractfile(member)
     if source is None:
         raise tarfile.ReadError(f"cannot read member {member.name!r}")
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with source, os.fdopen(fd, "wb") as out:
-            shutil.copyfileobj(source, out, _CHUNK)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with source:
+        atomic_write(target, lambda out: shutil.copyfileobj(source, out, _CHUNK), mode=0o644)
 
 
 def safe_extract_tar(archive: Path, dest_dir: Path, allowed: Collection[str], *,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import math
 import os
 import zlib
 from dataclasses import dataclass
@@ -20,13 +21,16 @@ import numpy as np
 from cifarbench.data.cifar10 import resolve_data_dir
 from cifarbench.data.dataset import ImageDataset, Split, fingerprint
 from cifarbench.errors import DataError
+from cifarbench.fsutil import MiB, read_regular_file
 
 TRAIN_IMAGES, TRAIN_LABELS = "train-images-idx3-ubyte", "train-labels-idx1-ubyte"
 TEST_IMAGES, TEST_LABELS = "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"
 FILES = (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)
 IMAGE_MAGIC, LABEL_MAGIC = 0x00000803, 0x00000801  # 0x08 = unsigned byte; then the number of dimensions
 ROWS = COLS = 28
-MAX_EXAMPLES = 1_000_000  # a header claiming more is corrupt; this bounds what a bad file can make us allocate
+MAX_EXAMPLES = 1_000_000  # a header claiming more is corrupt
+MAX_BYTES = 64 * MiB
+"""The most an IDX file may hold, on disk and once gunzipped (the largest official one is 47 MiB unpacked)."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,8 @@ def _spec(name: str) -> IdxDataset:
 def _file_in(folder: Path, name: str) -> Path | None:
     """The gzipped file if present (it is what the md5s cover), else the uncompressed one."""
     for candidate in (folder / f"{name}.gz", folder / name):
-        if candidate.is_file():
+        # Present at all: a FIFO or device in its place is refused when read, not skipped.
+        if candidate.exists() or candidate.is_symlink():
             return candidate
     return None
 
@@ -118,10 +123,7 @@ def load_idx_dataset(name: str, data_dir: str | os.PathLike | None = None, *, ve
     files = ensure_idx(name, data_dir, download=download, progress=progress)
     payloads: dict[str, bytes] = {}
     for file, path in files.items():
-        try:
-            payloads[file] = path.read_bytes()
-        except OSError as exc:
-            raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        payloads[file] = read_regular_file(path, MAX_BYTES, f"{spec.title} file")
     verified = _check_md5(spec, files, payloads, strict=verify)
     arrays = {file: read_idx(payloads[file], files[file]) for file in FILES}
     train = _split(arrays, files, TRAIN_IMAGES, TRAIN_LABELS, len(spec.classes))
@@ -197,6 +199,9 @@ def _parse_header(header: bytes, source: str | os.PathLike) -> tuple[int, ...]:
         raise DataError(f"{source}: header claims {shape[0]} examples (more than {MAX_EXAMPLES}); corrupt file")
     if ndim == 3 and shape[1:] != (ROWS, COLS):
         raise DataError(f"{source}: images are {shape[1]}×{shape[2]}, expected {ROWS}×{COLS}")
+    if math.prod(shape) > MAX_BYTES:  # bounds what a gzip bomb could inflate to, too
+        raise DataError(f"{source}: header claims {math.prod(shape):,} bytes of data, over the limit of "
+                        f"{MAX_BYTES:,}; corrupt file")
     return shape
 
 

@@ -73,7 +73,8 @@ def explain_model(model: nn.Module, test: DeviceSplit, *, label: str, classes: S
                   in_shape: Sequence[int], mean: Sequence[float], std: Sequence[float], batch_size: int = 1000,
                   autocast_dtype: torch.dtype | None = None, examples: int = 4, seed: int = 0,
                   experiments: bool = True, shifts: Iterable[int] = range(5),
-                  kinds: Sequence[str] = tuple(CORRUPTIONS), severities: Sequence[int] = (1, 2, 3, 4, 5)) -> ModelExplanation:
+                  kinds: Sequence[str] = tuple(CORRUPTIONS),
+                  severities: Sequence[int] = (1, 2, 3, 4, 5)) -> ModelExplanation:
     """Figures that fit `model` (FNN class templates, or first-layer filters and feature maps for a conv net;
     saliency for `examples` right and `examples` wrong predictions when Captum is installed) and, with
     `experiments`, its accuracy under translation and corruptions. `mean`/`std` are the run's normalisation."""

@@ -40,8 +40,8 @@ def fp32_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).float()
 
 
-def modules_in_forward_order(model: nn.Module, inputs: torch.Tensor,
-                             kinds: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)) -> list[tuple[str, nn.Module]]:
+def modules_in_forward_order(model: nn.Module, inputs: torch.Tensor, kinds: tuple[type[nn.Module], ...] = (
+        nn.Conv2d, nn.Linear)) -> list[tuple[str, nn.Module]]:
     """(name, module) of every module of `kinds` that a forward pass of `inputs` calls, in the order of
     their first call (which is not always the order they were defined in)."""
     names = {m: n for n, m in model.named_modules()}
@@ -114,14 +114,15 @@ def fnn_templates(model: nn.Module, in_shape: Sequence[int], classes: Sequence[s
     order = modules_in_forward_order(model, _probe(in_shape, model))
     if not order or not isinstance(order[0][1], nn.Linear):
         first = f"its first layer is {type(order[0][1]).__name__} {order[0][0]!r}" if order else "it has no layers"
-        raise CifarbenchError(f"FNN templates need a model whose first layer is a Linear on the flattened image; {first}")
+        raise CifarbenchError("FNN templates need a model whose first layer is a Linear on the flattened image; "
+                              + first)
     linears = [m for _, m in order]
     pixels = int(np.prod(in_shape))
     if linears[0].in_features != pixels:
         raise CifarbenchError(f"FNN templates need a first Linear on all {pixels} pixel values; "
                               f"{order[0][0]!r} takes {linears[0].in_features}")
     chained = all(isinstance(m, nn.Linear) for m in linears) and all(
-        b.in_features == a.out_features for a, b in zip(linears, linears[1:]))
+        b.in_features == a.out_features for a, b in zip(linears, linears[1:], strict=False))
     with torch.no_grad():
         if chained and linears[-1].out_features == len(classes):
             weights = linears[0].weight.float()
@@ -138,7 +139,7 @@ def fnn_templates(model: nn.Module, in_shape: Sequence[int], classes: Sequence[s
     rows, cols = _grid(len(templates), 10 if len(templates) <= 10 else 8)
     fig = _figure(1.3 * cols + 0.4, 1.45 * rows + 0.5)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax, template, title in zip(axes, templates, titles):
+    for ax, template, title in zip(axes, templates, titles, strict=False):
         ax.imshow(_chw_to_display(template), cmap="gray", interpolation="nearest")
         ax.set_title(title, fontsize=8)
     for ax in axes:
@@ -168,7 +169,7 @@ def first_layer_filters(model: nn.Module, *, in_shape: Sequence[int] = (3, 32, 3
     rows, cols = _grid(len(weights), 8)
     fig = _figure(0.8 * cols + 0.4, 0.8 * rows + 0.6)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax, w in zip(axes, weights):
+    for ax, w in zip(axes, weights, strict=False):
         ax.imshow(_chw_to_display(w), cmap="gray", interpolation="nearest")
     for ax in axes:
         _blank(ax)
@@ -238,7 +239,7 @@ def feature_maps(model: nn.Module, images: torch.Tensor, layers: Sequence[str] |
             else:
                 row[0].set_frame_on(False)
             maps = act[i, :channels].numpy()
-            for ax, fmap in zip(row[1:], maps):
+            for ax, fmap in zip(row[1:], maps, strict=False):
                 ax.imshow(_minmax(fmap), cmap="viridis", interpolation="nearest")
             for ax in row[1 + len(maps):]:
                 ax.set_frame_on(False)
@@ -288,7 +289,8 @@ def saliency_attributions(model: nn.Module, images: torch.Tensor, targets: Seque
         if method == "saliency":
             maps = attr.Saliency(model).attribute(x, target=target, abs=True).amax(dim=1)
         elif method == "integrated_gradients":
-            ig = attr.IntegratedGradients(model).attribute(x, baselines=torch.zeros_like(x), target=target, n_steps=steps)
+            ig = attr.IntegratedGradients(model).attribute(x, baselines=torch.zeros_like(x), target=target,
+                                                           n_steps=steps)
             maps = ig.abs().sum(dim=1)
         else:
             raise CifarbenchError(f"saliency method must be 'saliency' or 'integrated_gradients', not {method!r}")
@@ -347,7 +349,7 @@ def saliency_maps(model: nn.Module, images: torch.Tensor, labels: Sequence[int],
     fig = _figure(1.9 * cols + 0.4, 1.9 * len(shown) + 0.5)
     axes = fig.subplots(max(len(shown), 1), cols, squeeze=False)
     label_of = {"saliency": "saliency |d score / d pixel|", "integrated_gradients": "integrated gradients"}[method]
-    for i, (row, image) in enumerate(zip(axes, shown)):
+    for i, (row, image) in enumerate(zip(axes, shown, strict=False)):
         true, pred = int(labels[i]), int(predictions[i])
         verdict = "right" if true == pred else "wrong"
         row[0].imshow(image, interpolation="nearest")

@@ -144,7 +144,7 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
         raise ValueError("paired_difference needs at least one pair")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    diffs = [float(y) - float(x) for x, y in zip(a, b)]
+    diffs = [float(y) - float(x) for x, y in zip(a, b, strict=False)]
     mean = statistics.fmean(diffs)
     if len(diffs) < 2:
         return PairedDifference(1, mean, None, None, confidence)

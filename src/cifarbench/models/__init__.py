@@ -6,8 +6,10 @@ from cifarbench.models.registry import (
                                         count_parameters,
                                         create_model,
                                         get_model_spec,
+                                        is_fully_connected,
                                         list_models,
                                         register_model,
 )
 
-__all__ = ["build_model", "count_parameters", "create_model", "get_model_spec", "list_models", "register_model"]
+__all__ = ["build_model", "count_parameters", "create_model", "get_model_spec", "is_fully_connected", "list_models",
+           "register_model"]

@@ -11,11 +11,12 @@ import base64
 import html
 import json
 import os
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from cifarbench.fsutil import atomic_write_text
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 STYLE = """
@@ -91,16 +92,5 @@ def render_report(*, title: str, summary: tuple[Sequence[str], Sequence[Sequence
 
 
 def write_report(document: str, path: str | os.PathLike) -> Path:
-    """Write the report atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(document)
-        os.chmod(tmp, 0o644)  # a report is meant to be shared; mkstemp makes files private
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write the report atomically (temp file, fsync, rename), readable by others: it is meant to be shared."""
+    return atomic_write_text(path, document, mode=0o644)

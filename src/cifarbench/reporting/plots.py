@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from cifarbench.fsutil import atomic_write
+
 
 def _figure(width: float, height: float):
     from matplotlib.figure import Figure  # imported on use: matplotlib is slow to import
@@ -22,13 +24,8 @@ def _figure(width: float, height: float):
 
 
 def save_figure(fig, path: str | os.PathLike) -> Path:
-    """Write `fig` as a PNG atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-    return path
+    """Write `fig` as a PNG atomically (a uniquely named temp file, fsync, rename)."""
+    return atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
 

@@ -24,22 +24,23 @@ from cifarbench.runs.records import Comparison, ModelSummary, RunRecord, group_r
 
 def report_runs(refs: Sequence[str], out: str | os.PathLike, *, runs_dir: str | os.PathLike | None = None,
                 target: float | None = None, data_dir: str | None = None, verify: bool | None = None,
-                download: bool | None = None, device: str = "auto", progress: bool | None = None) -> Comparison:
+                download: bool | None = None, device: str = "auto", progress: bool | None = None,
+                trust_code: bool = False) -> Comparison:
     """One self-contained HTML report of stored runs: table, learning curves, per-class accuracy, confusion
     matrices, the most confident mistakes, configs and the data fingerprint. Returns the comparison."""
     check_target(target)
     runs = stored_runs(refs, runs_dir=runs_dir)
     results = summarise(runs, target)
     path = build_report(runs, results, out, target=target, data_dir=data_dir, verify=verify, download=download,
-                        device=device, progress=progress)
+                        device=device, progress=progress, trust_code=trust_code, runs_dir=runs_dir)
     return Comparison(results, runs, target, report=str(path), environment=environment())
 
 
 class _Evidence:
     """Per-example figures of each model, gathered from its runs' checkpoints on one test set."""
 
-    def __init__(self, gallery: int) -> None:
-        self.gallery = gallery
+    def __init__(self, gallery: int, runs_dir: str | os.PathLike | None, trust_code: bool) -> None:
+        self.gallery, self.runs_dir, self.trust_code = gallery, runs_dir, trust_code
         self.notes: list[str] = []
         self.confusions: dict[str, np.ndarray] = {}
         self.per_class: dict[str, list[list[float]]] = {}
@@ -52,7 +53,7 @@ class _Evidence:
             self.notes.append(f"run {run.run_id} has no checkpoint; it is in the tables but not in the per-example "
                               "figures")
             return
-        loaded = load_trained_model(str(ckpt), device=device)
+        loaded = load_trained_model(str(ckpt), device=device, runs_dir=self.runs_dir, trust_code=self.trust_code)
         self.dataset = loaded.test_dataset(dataset=self.dataset, **data)
         result = loaded.evaluate(self.dataset, keep_probabilities=True)
         if self.dataset.sha256 != loaded.checkpoint.dataset["sha256"]:
@@ -85,7 +86,8 @@ class _Evidence:
 def build_report(runs: Sequence[RunRecord], results: Sequence[ModelSummary], out: str | os.PathLike, *,
                  target: float | None = None, dataset: ImageDataset | None = None, data_dir: str | None = None,
                  verify: bool | None = None, download: bool | None = None, device: str = "auto",
-                 progress: bool | None = None, title: str | None = None, gallery: int = 8) -> Path:
+                 progress: bool | None = None, title: str | None = None, gallery: int = 8,
+                 runs_dir: str | os.PathLike | None = None, trust_code: bool = False) -> Path:
     """Write the HTML report of `runs` (summarised as `results`); the test set is evaluated from each run's
     checkpoint (loaded from the runs' own data config unless `dataset` is given)."""
     names = sorted({r.dataset.get("name") for r in runs}, key=str)
@@ -93,7 +95,7 @@ def build_report(runs: Sequence[RunRecord], results: Sequence[ModelSummary], out
         raise CifarbenchError(f"these runs were trained on different data sets ({', '.join(map(str, names))}); "
                               "report them separately")
     groups = group_runs(runs)
-    evidence = _Evidence(gallery)
+    evidence = _Evidence(gallery, runs_dir, trust_code)
     evidence.dataset = dataset
     for label, group in groups.items():
         for run in group:

@@ -2,16 +2,39 @@
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from cifarbench.runs.records import ModelSummary, RunRecord
 
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(ch: str) -> str:
+    if ch in _NAMED:
+        return _NAMED[ch]
+    # Cc: C0/C1 controls (escape sequences, backspace); Cf: format characters such as bidi overrides
+    # (U+202E), zero-width joiners, isolates; Zl/Zp: line and paragraph separators; Cs: lone surrogates.
+    if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp", "Cs"):
+        code = ord(ch)
+        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+    return ch
+
+
+def printable(text: str) -> str:
+    """`text` safe to print on one terminal line: newlines, tabs, control and bidi-format characters are
+    escaped as in a Python literal (\\n, \\x1b, \\u202e); everything else, backslashes too, is kept."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(_escape(ch) for ch in text)
+
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A Markdown table whose columns also line up in a terminal."""
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    """A Markdown table whose columns also line up in a terminal (untrusted cells are escaped by `printable`)."""
+    cells = [[printable(h) for h in headers]] + [[printable(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
     return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells[1:])])

@@ -1,11 +1,13 @@
 """The run history: one SQLite file (standard library), safe for several processes on one host.
 
 WAL mode lets readers run beside a writer, the busy timeout turns lock contention into waiting instead of
-"database is locked", and every write is one short `BEGIN IMMEDIATE` transaction.
+"database is locked", and every write is one short `BEGIN IMMEDIATE` transaction. Every SQLite or JSON
+failure (a damaged or foreign file, a full disk) leaves a public method as one CifarbenchError line.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -13,10 +15,10 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from cifarbench.errors import CifarbenchError
-from cifarbench.fsutil import pid_alive
+from cifarbench.fsutil import check_regular_file, pid_alive
 from cifarbench.runs.folders import resolve_runs_dir
 from cifarbench.runs.records import RunRecord
 from cifarbench.training.state import EpochMetrics
@@ -81,14 +83,43 @@ MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _to_v1, 2: _to
 SCHEMA_VERSION = max(MIGRATIONS)  # what this cifarbench writes
 _EPOCH_FIELDS = ("epoch", "train_loss", "test_loss", "test_accuracy", "seconds", "eval_seconds", "val_loss",
                  "val_accuracy")
+_TABLES = {"runs", "epochs"}
+MIN_PREFIX = 6
+"""The shortest id prefix that may name a run (shorter ones match too much by accident)."""
+_ASK = "name a run id (`cifarbench runs` lists them)"
+_T = TypeVar("_T")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _guarded(method: Callable[..., _T]) -> Callable[..., _T]:
+    """Turn SQLite's errors (and an integer too large for it) into one CifarbenchError line naming the file."""
+    @functools.wraps(method)
+    def wrapper(self: RunStore, *args: Any, **kwargs: Any) -> _T:
+        try:
+            return method(self, *args, **kwargs)
+        except (sqlite3.Error, OverflowError) as exc:
+            raise self._error(exc) from None
+    return wrapper
 
 
 class RunStore:
-    """Runs and their per-epoch metrics in `<runs_dir>/cifarbench.db`."""
+    """Runs and their per-epoch metrics in `<runs_dir>/cifarbench.db`.
 
-    def __init__(self, runs_dir: str | os.PathLike | None = None):
+    With `read_only`, nothing is ever written: the folder and file are not created, the schema is neither
+    migrated nor switched to WAL, and dead runs are not marked; a store that does not exist yet reads as empty.
+    """
+
+    def __init__(self, runs_dir: str | os.PathLike | None = None, *, read_only: bool = False):
         self.dir = resolve_runs_dir(runs_dir)
         self.path = self.dir / "cifarbench.db"
+        self.read_only = read_only
+        self._db: sqlite3.Connection | None = None
+        if read_only:
+            self._open_read_only()
+            return
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -98,35 +129,93 @@ class RunStore:
                 # Switching a new file to WAL (or migrating it) while another process does the same can answer
                 # "locked" at once, without waiting in the busy handler: wait and try again.
                 if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise CifarbenchError(f"run store {self.path} cannot be opened: {exc}") from None
+                    raise self._error(exc, "cannot be opened") from None
                 time.sleep(0.05)
-        self._mark_dead_runs()
+        try:
+            self._mark_dead_runs()
+        except BaseException:
+            self.close()
+            raise
 
     def _open(self) -> None:
         db: sqlite3.Connection | None = None
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
+            if self.path.exists() or self.path.is_symlink():  # SQLite would block on a FIFO, read a device
+                check_regular_file(self.path, what="run store", error=CifarbenchError)
             self._db = db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA busy_timeout = 60000")
-            # A newer schema is refused before anything (even the journal mode) is written to the file.
-            self._check_version(self._db.execute("PRAGMA user_version").fetchone()[0], max(MIGRATIONS))
+            # A newer schema or a foreign file is refused before anything (even the journal mode) is written to it.
+            self._check_file()
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA foreign_keys = ON")
             self._migrate()
         except BaseException as exc:
             if db is not None:
                 db.close()
+            self._db = None
             if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
                 raise
             if isinstance(exc, sqlite3.DatabaseError):
-                raise CifarbenchError(f"run store {self.path} cannot be opened: {exc}") from None
+                raise self._error(exc, "cannot be opened") from None
             if isinstance(exc, OSError):
                 raise CifarbenchError(f"run store folder {self.dir} cannot be created: {exc.strerror or exc}") from None
             raise
 
+    def _open_read_only(self) -> None:
+        if not (self.path.exists() or self.path.is_symlink()):
+            return  # no history yet: reads as empty, and nothing is created
+        check_regular_file(self.path, what="run store", error=CifarbenchError)
+        try:
+            # mode=rw never creates the file, and query_only refuses every change. (mode=ro would leave the WAL's
+            # -wal and -shm files behind, as a read-only connection cannot remove them when it closes.)
+            self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=rw", uri=True, timeout=60,
+                                       isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA query_only = ON")
+            self._db.execute("PRAGMA busy_timeout = 60000")
+            if self._check_file() == 0:  # created but never initialised (a writer died at once): no runs yet
+                self.close()
+        except BaseException as exc:
+            self.close()
+            if isinstance(exc, sqlite3.Error):
+                raise self._error(exc, "cannot be opened") from None
+            raise
+
+    def _error(self, exc: BaseException, doing: str = "") -> CifarbenchError:
+        """One line for an SQLite error: what happened to which file, and what to do about it."""
+        text = _one_line(exc)
+        if isinstance(exc, OverflowError):
+            hint = "; a number is too large to store (SQLite integers are 64-bit)"
+        elif "full" in text:
+            hint = "; free space on that disk, or point --runs-dir / $CIFARBENCH_HOME at another one"
+        elif "malformed" in text or "not a database" in text or "no such table" in text or "no such column" in text:
+            hint = ("; the file is damaged or not a cifarbench run store: move it aside (a new one is started) or "
+                    "point --runs-dir elsewhere")
+        else:
+            hint = ""
+        return CifarbenchError(f"run store {self.path}{' ' + doing if doing else ''}: {text}{hint}")
+
+    def _check_file(self) -> int:
+        """The file's schema version, refusing a newer one and an SQLite file that holds someone else's tables."""
+        assert self._db is not None
+        # One statement, so a writer initialising the file meanwhile cannot be seen half-way.
+        version, names = self._db.execute(
+            "SELECT (SELECT user_version FROM pragma_user_version),"
+            " (SELECT group_concat(name, char(31)) FROM sqlite_master WHERE type = 'table')").fetchone()
+        self._check_version(version, max(MIGRATIONS))
+        tables = {n for n in (names or "").split("\x1f") if n and not n.startswith("sqlite_")}
+        if (version == 0 and not tables <= _TABLES) or (version > 0 and not _TABLES <= tables):
+            held = ", ".join(map(repr, sorted(tables)))[:200] or "none"
+            raise CifarbenchError(f"run store {self.path} is an SQLite file but not a cifarbench run store (it holds "
+                                  f"tables {held}); point --runs-dir elsewhere")
+        return version
+
     def close(self) -> None:
-        self._db.close()
+        if self._db is not None:
+            self._db.close()
+            self._db = None
 
     def __enter__(self) -> RunStore:
         return self
@@ -136,13 +225,20 @@ class RunStore:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
+        if self.read_only or self._db is None:
+            raise CifarbenchError(f"run store {self.path} was opened read-only")
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
         try:
-            yield self._db
+            yield db
+            db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            try:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # SQLite may have rolled back itself (a full disk does); the first error is the one to report
             raise
-        self._db.execute("COMMIT")
 
     def _migrate(self) -> None:
         target = max(MIGRATIONS)
@@ -168,6 +264,7 @@ class RunStore:
             raise CifarbenchError(f"run store {self.path} has schema {version}, newer than this cifarbench "
                                   f"({target}); upgrade cifarbench, or use another --runs-dir")
 
+    @_guarded
     def _mark_dead_runs(self) -> None:
         """A run left 'running' by a process that no longer exists on this host crashed."""
         host = socket.gethostname()
@@ -179,6 +276,7 @@ class RunStore:
                                " WHERE id = ? AND status = 'running'",
                                [(time.time(), rid) for rid in dead])
 
+    @_guarded
     def start_run(self, record: RunRecord, *, model_sha256: str | None = None) -> None:
         """Record a run that starts now (status 'running', or the record's own status for an imported run)."""
         c = record.config
@@ -199,6 +297,7 @@ class RunStore:
                 for h in record.history:
                     self._add_epoch(db, record.run_id, h)
 
+    @_guarded
     def reopen_run(self, run_id: str) -> None:
         """Mark a stopped run as running again (it is being resumed by this process)."""
         with self._write() as db:
@@ -207,6 +306,7 @@ class RunStore:
         if cur.rowcount != 1:
             raise CifarbenchError(f"run {run_id!r} is not in {self.path} or is still running")
 
+    @_guarded
     def add_epoch(self, run_id: str, metrics: EpochMetrics) -> None:
         with self._write() as db:
             self._add_epoch(db, run_id, metrics)
@@ -217,6 +317,7 @@ class RunStore:
         db.execute(f"INSERT OR REPLACE INTO epochs (run_id, {', '.join(_EPOCH_FIELDS)})"
                    f" VALUES (?{', ?' * len(_EPOCH_FIELDS)})", (run_id, *(values[k] for k in _EPOCH_FIELDS)))
 
+    @_guarded
     def finish_run(self, run_id: str, status: str, *, record: RunRecord | None = None,
                    error: str | None = None) -> None:
         """Mark a run finished with `status`; a completed run brings its final `record` (accuracy, cost)."""
@@ -249,33 +350,70 @@ class RunStore:
         record.environment = row.get("environment") or {k: row[k] for k in ("code_version", "torch_version") if row[k]}
         return record
 
+    @_guarded
     def get_run(self, run_id: str) -> dict[str, Any]:
-        """One run with its config, dataset and epochs decoded; a unique id prefix is enough."""
-        rows = self._db.execute("SELECT * FROM runs WHERE id = ? OR id LIKE ? ORDER BY id = ? DESC",
-                                (run_id, run_id.replace("%", "") + "%", run_id)).fetchall()
-        exact = [r for r in rows if r["id"] == run_id]
-        if not rows or (len(rows) > 1 and not exact):
-            what = "matches several runs" if rows else "is not in"
-            raise CifarbenchError(f"run {run_id!r} {what} {self.path} (`cifarbench runs` lists them)")
-        return self._decode((exact or rows)[0])
+        """One run with its config, dataset and epochs decoded: the exact id, or a unique prefix of at least
+        MIN_PREFIX characters (compared exactly: case matters, and no character is a wildcard)."""
+        if not isinstance(run_id, str) or not run_id.strip():
+            raise CifarbenchError(_ASK)
+        if self._db is None:
+            raise CifarbenchError(f"run {run_id!r} is not in {self.path} (`cifarbench runs` lists them)")
+        row = self._db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is not None:
+            return self._decode(row)
+        if len(run_id) < MIN_PREFIX:
+            raise CifarbenchError(f"run {run_id!r} is not in {self.path}; an id prefix needs at least {MIN_PREFIX} "
+                                  "characters (`cifarbench runs` lists them)")
+        rows = self._db.execute("SELECT * FROM runs WHERE substr(id, 1, ?) = ? ORDER BY id LIMIT 6",
+                                (len(run_id), run_id)).fetchall()
+        if len(rows) == 1:
+            return self._decode(rows[0])
+        if rows:
+            shown = ", ".join(repr(r["id"]) for r in rows[:5]) + (", ..." if len(rows) > 5 else "")
+            raise CifarbenchError(f"run {run_id!r} matches several runs in {self.path} ({shown}); give more of the id")
+        raise CifarbenchError(f"run {run_id!r} is not in {self.path} (`cifarbench runs` lists them)")
 
+    @_guarded
     def list_runs(self, limit: int | None = None) -> list[dict[str, Any]]:
         """Runs, newest first."""
+        if self._db is None:
+            return []
         sql = "SELECT * FROM runs ORDER BY created_at DESC" + (f" LIMIT {int(limit)}" if limit else "")
         return [self._decode(r, with_epochs=False) for r in self._db.execute(sql).fetchall()]
 
     def _decode(self, row: sqlite3.Row, with_epochs: bool = True) -> dict[str, Any]:
+        assert self._db is not None
         run = dict(row)
-        run["config"] = json.loads(run.pop("config_json"))
-        run["dataset"] = json.loads(run.pop("dataset_json") or "null")
-        run["environment"] = json.loads(run.pop("environment_json", None) or "null")
+        try:
+            run["config"] = _json_field(run.pop("config_json"), dict, "config_json")
+            run["dataset"] = _json_field(run.pop("dataset_json") or "null", (dict, type(None)), "dataset_json")
+            run["environment"] = _json_field(run.pop("environment_json", None) or "null", (dict, type(None)),
+                                             "environment_json")
+        except KeyError as exc:
+            raise CifarbenchError(f"run store {self.path}: table runs has no column {exc}; not a cifarbench run "
+                                  "store (point --runs-dir elsewhere)") from None
+        except ValueError as exc:
+            raise CifarbenchError(f"run store {self.path}: run {run.get('id')!r} has a damaged {exc}; remove it with "
+                                  f"`cifarbench runs rm {run.get('id')}`") from None
         if with_epochs:
             run["history"] = [dict(r) for r in self._db.execute(
                 f"SELECT {', '.join(_EPOCH_FIELDS)} FROM epochs WHERE run_id = ? ORDER BY epoch", (run["id"],))]
         return run
 
+    @_guarded
     def delete_run(self, run_id: str) -> bool:
         """Remove a run's row and its epochs (exact id); False when there was no such run."""
         with self._write() as db:
             db.execute("DELETE FROM epochs WHERE run_id = ?", (run_id,))
             return db.execute("DELETE FROM runs WHERE id = ?", (run_id,)).rowcount > 0
+
+
+def _json_field(text: Any, kind: type | tuple[type, ...], column: str) -> Any:
+    """A JSON column's value, or ValueError("COLUMN (why)") when it is not JSON of the expected kind."""
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise ValueError(f"{column} (not JSON: {_one_line(exc)[:80]})") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"{column} (JSON {type(value).__name__}, not an object)")
+    return value

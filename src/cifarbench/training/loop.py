@@ -26,6 +26,8 @@ from cifarbench.device import autocast, autocast_dtype, keep_cpu_memory, kernel_
 from cifarbench.errors import CifarbenchError
 from cifarbench.evaluation.metrics import EvalResult, evaluate, sum_dtype
 from cifarbench.models import build_model as create
+from cifarbench.models.reference import label
+from cifarbench.reporting.progress import bar
 from cifarbench.training import budget
 from cifarbench.training import distributed as ddp
 from cifarbench.training.lookahead import Lookahead
@@ -102,6 +104,12 @@ class _StopAtStepBoundary:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def _close(shown: object) -> None:
+    close = getattr(shown, "close", None)
+    if close:
+        close()
+
+
 def check_settings(config: TrainConfig, device: torch.device) -> None:
     """Refuse a combination `device` cannot honour (callers check before they write anything)."""
     if config.deterministic and device.type == "cpu" and autocast_dtype(config, device) is not None:
@@ -131,7 +139,7 @@ def build_model(config: TrainConfig, dataset: ImageDataset, device: torch.device
                 whiten_images: torch.Tensor | None = None) -> nn.Module:
     """Create the model, initialise its whitening layer from training images if asked, set its layout."""
     model = create(config.model, num_classes=len(dataset.classes), in_shape=dataset.image_shape,
-                   kwargs=config.model_kwargs).to(device)
+                   kwargs=config.model_kwargs, code_sha256=config.model_sha256).to(device)
     if config.whiten and hasattr(model, "init_whitening") and whiten_images is not None:
         model.init_whitening(whiten_images)
     if config.channels_last:
@@ -187,8 +195,6 @@ def train(config: TrainConfig, dataset: ImageDataset, device: torch.device, *,
     KeyboardInterrupt. Under torchrun (`world`), each rank trains on its slice of every global batch and
     evaluates its slice of the test set; the sums are combined so every example counts exactly once.
     """
-    from tqdm.auto import tqdm  # imported here: a library import should not pay for the progress bar
-
     started = time.perf_counter()
     check_settings(config, device)
     amp = autocast_dtype(config, device)
@@ -238,10 +244,10 @@ def train(config: TrainConfig, dataset: ImageDataset, device: torch.device, *,
             loss_sum = torch.tensor(pos.loss_sum, dtype=sum_dtype(device), device=device)
             batches = train_data.batch_indices(config.batch_size, generator=epoch_generator(config.seed, pos.epoch),
                                                drop_last=config.drop_last)
-            bar = tqdm(batches, total=steps_per_epoch, initial=pos.batch, desc=f"{config.model} epoch {pos.epoch}",
-                       leave=False, unit="batch",
-                       disable=None if world.is_main and progress is not False else True)
-            for i, idx in enumerate(bar):
+            desc = f"{label(config.model)} epoch {pos.epoch}"
+            shown = bar(batches, total=steps_per_epoch, initial=pos.batch, desc=desc,
+                        enabled=world.is_main and progress is not False)
+            for i, idx in enumerate(shown):
                 if i < pos.batch:
                     continue  # done before the interruption this run resumes from
                 if pos.step >= plan.total_steps:
@@ -269,12 +275,12 @@ def train(config: TrainConfig, dataset: ImageDataset, device: torch.device, *,
                 plan.after_step(pos.step, low)
                 pos.total_steps = plan.total_steps
                 if stop.requested:
-                    bar.close()
+                    _close(shown)
                     pos.loss_sum, pos.elapsed = float(loss_sum), pos.elapsed + time.perf_counter() - epoch_start
                     if on_interrupt:
                         on_interrupt(result)
                     raise KeyboardInterrupt
-            bar.close()
+            _close(shown)
             # End of epoch: settle the averaged weights and the epoch's sums over ranks.
             if result.lookahead is not None:
                 result.lookahead.update(model, 1.0)

@@ -1,0 +1,59 @@
+"""Progress for every kind of user: one line per epoch (terminals, notebooks and log files alike) and, where a
+terminal or a notebook widget can show one, a bar within the epoch."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+from typing import IO, Any
+
+from cifarbench.config import TrainConfig
+from cifarbench.training.state import EpochMetrics
+
+
+def epoch_line(config: TrainConfig, m: EpochMetrics) -> str:
+    """'cnn seed 0 epoch   3/10  train loss 1.2345  val acc ...  test loss ...  test acc ...  12.3 s'."""
+    from cifarbench.models.reference import label
+
+    total = "" if config.budget_seconds else f"/{config.epochs}"
+    parts = [f"{label(config.model)} seed {config.seed} epoch {m.epoch:>3}{total}", f"train loss {m.train_loss:.4f}"]
+    if m.val_accuracy is not None:
+        parts += [f"val loss {m.val_loss:.4f}", f"val acc {100 * m.val_accuracy:6.2f}%"]
+    if m.test_accuracy is not None:
+        parts += [f"test loss {m.test_loss:.4f}", f"test acc {100 * m.test_accuracy:6.2f}%"]
+    parts.append(f"{m.seconds:7.1f} s")
+    return "  ".join(parts)
+
+
+class EpochPrinter:
+    """Prints `epoch_line` for every finished epoch to `stream` (default: stderr, so a script's stdout stays its
+    own), flushed at once so the lines appear live."""
+
+    def __init__(self, stream: IO[str] | None = None):
+        self.stream = stream
+
+    def __call__(self, config: TrainConfig, metrics: EpochMetrics) -> None:
+        print(epoch_line(config, metrics), file=self.stream or sys.stderr, flush=True)
+
+
+def _widgets() -> bool:
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        return False
+    return "ipykernel" in sys.modules
+
+
+def bar(iterable: Iterable[Any], *, total: int, desc: str, initial: int = 0,
+        enabled: bool | None = None) -> Iterator[Any]:
+    """A within-epoch progress bar: a notebook widget when ipywidgets is there, a terminal bar on a terminal,
+    nothing otherwise (a log file or a notebook without widgets gets the epoch lines alone, and no warning)."""
+    if enabled is False:
+        return iter(iterable)
+    if _widgets():
+        from tqdm.notebook import tqdm
+    elif sys.stderr.isatty():
+        from tqdm import tqdm
+    else:
+        return iter(iterable)
+    return tqdm(iterable, total=total, initial=initial, desc=desc, leave=False, unit="batch")
