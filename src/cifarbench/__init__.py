@@ -11,9 +11,9 @@ import importlib
 __version__ = "0.1.0"
 
 _API = ("Comparison", "Evaluation", "ModelSummary", "RunRecord", "TrainedModel", "build_report", "compare",
-        "compare_configs", "compare_runs", "config", "delete_run", "evaluate", "evaluate_checkpoint", "export_runs",
+        "compare_configs", "compare_runs", "delete_run", "evaluate", "evaluate_checkpoint", "export_runs",
         "import_runs", "load", "load_trained_model", "make_config", "predict", "predict_images", "predict_test_set",
-        "report", "report_runs", "runs", "stored_runs", "train", "train_run")
+        "report", "report_runs", "run_config", "run_history", "stored_runs", "train", "train_run")
 
 
 def __getattr__(name: str):

@@ -37,9 +37,10 @@ from cifarbench.runs.records import Comparison, ModelSummary, RunRecord
 from cifarbench.training.recipes import config_for, make_config
 
 __all__ = ["Comparison", "Evaluation", "ModelSummary", "RunRecord", "TrainedModel", "build_report", "compare",
-           "compare_configs", "compare_runs", "config", "delete_run", "evaluate", "evaluate_checkpoint",
+           "compare_configs", "compare_runs", "delete_run", "evaluate", "evaluate_checkpoint",
            "export_runs", "import_runs", "load", "load_trained_model", "make_config", "predict", "predict_images",
-           "predict_test_set", "report", "report_runs", "runs", "stored_runs", "train", "train_run"]
+           "predict_test_set", "report", "report_runs", "run_config", "run_history", "stored_runs", "train",
+           "train_run"]
 
 Model = str | type | Callable[..., Any]
 """A registered model's name, `file.py:Name`, `module:Name`, or an nn.Module subclass or factory itself."""
@@ -49,7 +50,7 @@ def _ref(model: Model) -> str:
     return model if isinstance(model, str) else reference_of(model)
 
 
-def config(model: Model, *, recipe: str | None = None, seed: int = 0, epochs: int | None = None,
+def run_config(model: Model, *, recipe: str | None = None, seed: int = 0, epochs: int | None = None,
            batch_size: int | None = None, lr: float | None = None, optimizer: str | None = None,
            precision: str | None = None, budget: float | None = None, tta: int | None = None,
            widths: list[int] | None = None, val_split: int | None = None, device: str = "auto",
@@ -64,13 +65,13 @@ def config(model: Model, *, recipe: str | None = None, seed: int = 0, epochs: in
 
 def train(model: Model, *, runs_dir: str | os.PathLike | None = None, progress: bool | None = None,
           on_epoch: Callable[[TrainConfig, Any], None] | None = None, **choices: Any) -> RunRecord:
-    """Train one model and record the run; `choices` are `config`'s keywords (epochs=, lr=, verify=False, ...).
+    """Train one model and record the run; `choices` are `run_config`'s keywords (epochs=, lr=, verify=False, ...).
 
     A class or factory you pass is recorded with its source code, so the run can be evaluated and compared later
     even after you change it; running its cell again and training again just works. One line per epoch goes to
     stderr (pass `on_epoch` to do something else with each epoch's metrics)."""
     runtime.configure()
-    cfg = config(model, **choices)
+    cfg = run_config(model, **choices)
     show = on_epoch or EpochPrinter()
     return train_run(cfg, runs_dir=runs_dir, progress=progress, on_epoch=lambda m: show(cfg, m))
 
@@ -91,7 +92,7 @@ def compare(models: Sequence[Model], *, seeds: int = 1, jobs: int = 1, target: f
         from cifarbench.errors import CifarbenchError
 
         raise CifarbenchError("compare trains seeds 0..seeds-1; pass seeds, not seed")
-    return compare_configs(refs, lambda m, s: config(m, seed=s, **choices), seeds=seeds, jobs=jobs, target=target,
+    return compare_configs(refs, lambda m, s: run_config(m, seed=s, **choices), seeds=seeds, jobs=jobs, target=target,
                            report=report, plot=plot, runs_dir=runs_dir, progress=progress,
                            on_epoch=on_epoch or EpochPrinter())
 
@@ -116,7 +117,7 @@ def load(run: str, **kwargs: Any) -> TrainedModel:
     return load_trained_model(run, **kwargs)
 
 
-def runs(*refs: str, runs_dir: str | os.PathLike | None = None, limit: int = 50) -> list[RunRecord]:
+def run_history(*refs: str, runs_dir: str | os.PathLike | None = None, limit: int = 50) -> list[RunRecord]:
     """Stored runs: the ones named, or the newest `limit` (`cifarbench runs`)."""
     if refs:
         return stored_runs(refs, runs_dir=runs_dir)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from cifarbench.data.dataset import Split
@@ -18,7 +19,7 @@ class DeviceSplit:
 
     def __init__(self, split: Split, device: torch.device, mean: Sequence[float], std: Sequence[float],
                  channels_last: bool = False):
-        self.images = torch.from_numpy(split.images).to(device)
+        self.images = torch.from_numpy(np.ascontiguousarray(split.images)).to(device)  # NCHW, whatever made it
         self.labels = torch.from_numpy(split.labels).to(device)
         self.device = device
         self.channels_last = channels_last

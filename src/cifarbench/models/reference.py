@@ -80,6 +80,8 @@ def reference_of(obj: Any) -> str:
     if "<locals>" in obj.__qualname__:
         raise CifarbenchError(f"model {obj.__qualname__} is defined inside a function; define it at the top level "
                               "of a module, file or notebook cell")
+    if not obj.__module__:
+        raise CifarbenchError(f"model {obj.__qualname__}: cannot tell which module defines it")
     ref = f"{obj.__module__}:{obj.__qualname__}"
     _LIVE[ref] = _capture(ref, obj.__qualname__, obj, sys.modules.get(obj.__module__))
     return ref
