@@ -15,8 +15,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-from collections.abc import Callable
-from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
@@ -122,83 +120,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return validate_checkpoint(payload, path)
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _str_list(v: Any) -> bool:
-    return isinstance(v, list) and bool(v) and all(isinstance(c, str) for c in v)
-
-
-def _in_shape(v: Any) -> bool:
-    return isinstance(v, (list, tuple)) and len(v) == 3 and all(_is_int(n) and n > 0 for n in v)
-
-
-def _tensor_dict(v: Any) -> bool:
-    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items())
-
-
-def _plain_record(v: Any, cls: type, required: set[str]) -> bool:
-    """A dict of a dataclass's plain fields (numbers, bools, None), as LoopPosition and EpochMetrics save."""
-    names = {f.name for f in fields(cls)}
-    required = required | {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
-    return (isinstance(v, dict) and set(v) <= names and required <= set(v)
-            and all(x is None or isinstance(x, (int, float)) for x in v.values()))
-
-
-def _resume_checks() -> dict[str, tuple[Callable[[Any], bool], str]]:
-    from cifarbench.training.loop import EpochMetrics, LoopPosition  # the loop owns these schemas
-
-    return {
-        "position": (lambda v: _plain_record(v, LoopPosition, {"step", "total_steps", "in_epoch"})
-                     and _is_int(v["step"]) and _is_int(v["total_steps"]), "the loop's position record"),
-        "optimizer": (lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict)
-                      and isinstance(v.get("param_groups"), list), "an optimizer state dict"),
-        "history": (lambda v: isinstance(v, list) and all(_plain_record(h, EpochMetrics, set()) for h in v),
-                    "a list of epoch metrics"),
-        "lookahead": (lambda v: v is None or _tensor_dict(v), "None or a dict of tensors"),
-        "rng": (_rng_states, "python, numpy, torch and cuda generator states"),
-    }
-
-
-def _rng_states(v: Any) -> bool:
-    """The shapes `set_rng_states` restores: Mersenne Twister states of 625 and 624 words, torch byte tensors."""
-    def words(x: Any, n: int) -> bool:
-        return isinstance(x, (list, tuple)) and len(x) == n and all(_is_int(w) for w in x)
-
-    if not isinstance(v, dict):
-        return False
-    python, numpy, cpu, cuda = v.get("python"), v.get("numpy"), v.get("torch"), v.get("cuda")
-    return (isinstance(python, (list, tuple)) and len(python) == 3 and words(python[1], 625)
-            and isinstance(numpy, (list, tuple)) and len(numpy) == 5 and numpy[0] == "MT19937" and words(numpy[1], 624)
-            and isinstance(cpu, torch.Tensor) and cpu.dtype == torch.uint8
-            and isinstance(cuda, (list, tuple)) and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8
-                                                        for t in cuda))
-
-
-_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "run_id": (lambda v: isinstance(v, str), "a string"),
-    "model": (lambda v: isinstance(v, str), "a string"),
-    "classes": (_str_list, "a non-empty list of strings"),
-    "in_shape": (_in_shape, "a list of 3 positive integers"),
-    "config": (lambda v: isinstance(v, dict), "a dict"),
-    "dataset": (lambda v: isinstance(v, dict) and isinstance(v.get("sha256"), str), "a dict with a string sha256"),
-    "state_dict": (_tensor_dict, "a dict of tensors"),
-}
-
-
 def validate_checkpoint(payload: Any, path: str | os.PathLike) -> dict[str, Any]:
-    """`payload` if it has every key the consumers read, of the right type (and the training state when it
-    claims to be resumable, i.e. holds `position`); else one CifarbenchError naming the first problems."""
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CifarbenchError(f"{path}: not a cifarbench checkpoint")
-    checks = dict(_CHECKS)
-    if "position" in payload:
-        checks.update(_resume_checks())
-    missing = [key for key in checks if key not in payload]
-    wrong = [f"{key} is not {expected}" for key, (ok, expected) in checks.items()
-             if key in payload and not ok(payload[key])]
-    if missing or wrong:
-        problems = ([f"lacks {', '.join(missing)}"] if missing else []) + wrong[:3]
-        raise CifarbenchError(f"{path}: damaged or foreign cifarbench checkpoint ({'; '.join(problems)})")
-    return payload
+    """`payload` if it holds what a run checkpoint must (the schema is `training.state`'s); else one line."""
+    from cifarbench.training.state import validate_payload  # the schema's owner imports this module
+
+    return validate_payload(payload, path)

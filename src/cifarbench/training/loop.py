@@ -183,6 +183,107 @@ def low_res_side(config: TrainConfig, side: int) -> int:
     return config.low_res if 0 < config.low_res < side and config.low_res_fraction > 0 else 0
 
 
+@dataclass
+class _Setup:
+    """Everything the loop works with, built once: data on the device, the model (and what the steps call),
+    augmentation, the step plan, and the result that collects the state as training goes."""
+
+    config: TrainConfig
+    device: torch.device
+    world: ddp.DistEnv
+    amp: torch.dtype | None
+    train_data: DeviceSplit
+    test_data: DeviceSplit
+    val_data: DeviceSplit | None
+    model: nn.Module
+    forward: nn.Module
+    augment: Augmenter
+    plan: budget.StepPlan
+    result: TrainResult
+    steps_per_epoch: int
+    low_res: int
+    classes: int
+
+    @classmethod
+    def build(cls, config: TrainConfig, dataset: ImageDataset, device: torch.device, world: ddp.DistEnv,
+              resume: TrainingState | None, resume_weights: dict[str, torch.Tensor] | None,
+              started: float) -> _Setup:
+        amp = autocast_dtype(config, device)
+        if device.type == "cpu":
+            keep_cpu_memory()
+        torch.manual_seed(config.seed)
+        train_split, val_split = split_validation(dataset.train, config.val_split)
+        splits = [train_split, ddp.part(dataset.test, world), ddp.part(val_split, world)]
+        train_data, test_data, val_data = (DeviceSplit(s, device, config.data.mean, config.data.std,
+                                                       config.channels_last) if s is not None else None
+                                           for s in splits)
+        whiten_images = train_data.normalise(train_data.images[:5000]) if config.whiten else None
+        model = build_model(config, dataset, device, whiten_images)
+        forward = ddp.wrap(model, world, device, config.sync_bn)
+        forward = torch.compile(forward) if config.compile else forward
+        result = TrainResult(model, make_optimizer(model, config))
+        if resume is not None:
+            model.load_state_dict(resume_weights)
+            result.restore(resume, config)
+        n = len(train_data)
+        steps_per_epoch = n // config.batch_size if config.drop_last and n >= config.batch_size else math.ceil(
+            n / config.batch_size)
+        side = min(dataset.image_shape[1:])
+        low_res = low_res_side(config, side)
+        seconds, share = budget.evaluation_seconds, budget.evaluation_share  # measured as the plan needs them
+        plan = budget.make_plan(config, steps_per_epoch=steps_per_epoch, started=started, device=device, world=world,
+                                evaluation_seconds=lambda: seconds(model, test_data, config, device, amp),
+                                evaluation_share=lambda: share(model, train_data, config, device, amp),
+                                low_res=low_res, side=side, resume=result.position if resume is not None else None)
+        result.position.total_steps = plan.total_steps
+        return cls(config, device, world, amp, train_data, test_data, val_data, model, forward,
+                   Augmenter(config.augment, n, config.seed, device), plan, result, steps_per_epoch, low_res,
+                   len(dataset.classes))
+
+    def batch(self, idx: torch.Tensor, low: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of a global batch, normalised, augmented and (progressive resizing) shrunk."""
+        idx = ddp.shard(idx, self.world, len(self.train_data))
+        x = self.train_data.normalise(self.train_data.images[idx])
+        x = self.augment(x, idx) if self.augment.active else x
+        return shrink(x, self.low_res, low), self.train_data.labels[idx]
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimiser step; the loss, detached."""
+        with autocast(self.device, self.amp):
+            loss = F.cross_entropy(self.forward(x), y, label_smoothing=self.config.label_smoothing)
+        optimizer = self.result.optimizer
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    def evaluate(self, data: DeviceSplit | None, tta: int = 0) -> EvalResult | None:
+        """A whole split, every rank's share counted once (the plain model: no gradient sync needed)."""
+        if data is None:
+            return None
+        ev = evaluate(self.model, data, num_classes=self.classes, batch_size=self.config.eval_batch_size,
+                      autocast_dtype=self.amp, tta=tta, tta_threshold=self.config.tta_threshold)
+        return ddp.merge(ev, self.world, self.device)
+
+    def end_epoch(self, loss_sum: torch.Tensor, last: bool, seconds: float) -> EpochMetrics:
+        """Settle the epoch's sums over ranks, evaluate (validation every epoch; the test set at the end with the
+        configured TTA, plain after other epochs when the config asks for learning curves) and record it."""
+        pos, c = self.result.position, self.config
+        pos.elapsed += seconds
+        pos.in_epoch, pos.loss_sum = False, float(ddp.all_sum(loss_sum, self.world))
+        pos.seen = int(ddp.all_sum(torch.tensor([pos.seen], dtype=torch.int64, device=self.device), self.world).item())
+        eval_start = time.perf_counter()
+        val = self.evaluate(self.val_data)
+        test = self.evaluate(self.test_data, c.tta) if last else self.evaluate(self.test_data) if c.eval_every_epoch \
+            else None
+        metrics = EpochMetrics(pos.epoch, pos.loss_sum / max(pos.seen, 1), test.loss if test else None,
+                               test.accuracy if test else None, pos.elapsed, time.perf_counter() - eval_start,
+                               val.loss if val else None, val.accuracy if val else None)
+        self.result.history.append(metrics)
+        self.result.final = test or self.result.final
+        return metrics
+
+
 def train(config: TrainConfig, dataset: ImageDataset, device: torch.device, *,
           on_epoch: Callable[[EpochMetrics, TrainResult], None] | None = None,
           on_interrupt: Callable[[TrainResult], None] | None = None,
@@ -197,80 +298,34 @@ def train(config: TrainConfig, dataset: ImageDataset, device: torch.device, *,
     """
     started = time.perf_counter()
     check_settings(config, device)
-    amp = autocast_dtype(config, device)
-    if device.type == "cpu":
-        keep_cpu_memory()
-    torch.manual_seed(config.seed)
-    # Setup: the data on the device, the model, its optimiser and augmentation, and the step plan.
-    train_split, val_split = split_validation(dataset.train, config.val_split)
-    splits = [train_split, ddp.part(dataset.test, world), ddp.part(val_split, world)]
-    train_data, test_data, val_data = (DeviceSplit(s, device, config.data.mean, config.data.std, config.channels_last)
-                                       if s is not None else None for s in splits)
-    whiten_images = train_data.normalise(train_data.images[:5000]) if config.whiten else None
-    model = build_model(config, dataset, device, whiten_images)
-    forward = ddp.wrap(model, world, device, config.sync_bn)
-    forward = torch.compile(forward) if config.compile else forward
-    result = TrainResult(model, make_optimizer(model, config))
-    if resume is not None:
-        model.load_state_dict(resume_weights)
-        result.restore(resume, config)
-    augment = Augmenter(config.augment, len(train_data), config.seed, device)
-    steps_per_epoch = (len(train_data) // config.batch_size if config.drop_last and len(train_data) >= config.batch_size
-                       else math.ceil(len(train_data) / config.batch_size))
-    side = min(dataset.image_shape[1:])
-    low_res = low_res_side(config, side)
-    plan = budget.make_plan(config, steps_per_epoch=steps_per_epoch, started=started, device=device, world=world,
-                            evaluation_seconds=lambda: budget.evaluation_seconds(model, test_data, config, device, amp),
-                            evaluation_share=lambda: budget.evaluation_share(model, train_data, config, device, amp),
-                            low_res=low_res, side=side, resume=result.position if resume is not None else None)
-    pos = result.position
-    pos.total_steps = plan.total_steps
-
-    def run_eval(data: DeviceSplit, tta: int = 0) -> EvalResult:
-        # The plain model, not the DDP wrapper: evaluation needs no gradient sync, and ranks see different data.
-        ev = evaluate(model, data, num_classes=len(dataset.classes), batch_size=config.eval_batch_size,
-                      autocast_dtype=amp, tta=tta, tta_threshold=config.tta_threshold)
-        return ddp.merge(ev, world, device)
-
+    run = _Setup.build(config, dataset, device, world, resume, resume_weights, started)
+    result, plan, pos = run.result, run.plan, run.result.position
     with kernel_choice(config.deterministic), _StopAtStepBoundary() as stop:
         while pos.step < plan.total_steps:
             if not pos.in_epoch:
                 pos.epoch, pos.batch, pos.in_epoch, pos.loss_sum, pos.seen = pos.epoch + 1, 0, True, 0.0, 0
-            model.train()
-            augment.start_epoch(pos.epoch)
+            run.model.train()
+            run.augment.start_epoch(pos.epoch)
             synchronize(device)
             epoch_start = time.perf_counter()
             plan.resume()
             loss_sum = torch.tensor(pos.loss_sum, dtype=sum_dtype(device), device=device)
-            batches = train_data.batch_indices(config.batch_size, generator=epoch_generator(config.seed, pos.epoch),
-                                               drop_last=config.drop_last)
-            desc = f"{label(config.model)} epoch {pos.epoch}"
-            shown = bar(batches, total=steps_per_epoch, initial=pos.batch, desc=desc,
-                        enabled=world.is_main and progress is not False)
+            order = run.train_data.batch_indices(config.batch_size, drop_last=config.drop_last,
+                                                 generator=epoch_generator(config.seed, pos.epoch))
+            shown = bar(order, total=run.steps_per_epoch, initial=pos.batch, enabled=world.is_main and progress
+                        is not False, desc=f"{label(config.model)} epoch {pos.epoch}")
             for i, idx in enumerate(shown):
                 if i < pos.batch:
                     continue  # done before the interruption this run resumes from
                 if pos.step >= plan.total_steps:
                     break
-                # Batch: this rank's share of the global batch, normalised and augmented.
-                progress_now = plan.progress(pos.step)
+                progress_now, low = plan.progress(pos.step), plan.is_low(pos.step)
                 set_learning_rate(result.optimizer, config, progress_now)
-                freeze_whitening_bias(model, config, progress_now)
-                images = len(idx)  # the global batch (a tensor: training batches are always shuffled)
-                idx = ddp.shard(idx, world, len(train_data))
-                x = train_data.normalise(train_data.images[idx])
-                x = augment(x, idx) if augment.active else x
-                low = plan.is_low(pos.step)
-                x, y = shrink(x, low_res, low), train_data.labels[idx]
-                # Step.
-                with autocast(device, amp):
-                    loss = F.cross_entropy(forward(x), y, label_smoothing=config.label_smoothing)
-                result.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                result.optimizer.step()
-                loss_sum += loss.detach().to(loss_sum.dtype) * len(y)
+                freeze_whitening_bias(run.model, config, progress_now)
+                x, y = run.batch(idx, low)
+                loss_sum += run.step(x, y).to(loss_sum.dtype) * len(y)
                 pos.step, pos.batch, pos.seen = pos.step + 1, i + 1, pos.seen + len(y)
-                pos.images, pos.low_images = pos.images + images, pos.low_images + (images if low else 0)
+                pos.images, pos.low_images = pos.images + len(idx), pos.low_images + (len(idx) if low else 0)
                 average_weights(result, config, progress_now, pos.step, plan)
                 plan.after_step(pos.step, low)
                 pos.total_steps = plan.total_steps
@@ -281,26 +336,11 @@ def train(config: TrainConfig, dataset: ImageDataset, device: torch.device, *,
                         on_interrupt(result)
                     raise KeyboardInterrupt
             _close(shown)
-            # End of epoch: settle the averaged weights and the epoch's sums over ranks.
             if result.lookahead is not None:
-                result.lookahead.update(model, 1.0)
+                result.lookahead.update(run.model, 1.0)  # every epoch ends on the averaged weights
             plan.pause()  # what follows (evaluations) is not step time
             synchronize(device)
-            pos.elapsed += time.perf_counter() - epoch_start
-            pos.in_epoch, pos.loss_sum = False, float(ddp.all_sum(loss_sum, world))
-            pos.seen = int(ddp.all_sum(torch.tensor([pos.seen], dtype=torch.int64, device=device), world).item())
-            # Evaluate: the validation split every epoch; the test set at the end with the configured TTA, and
-            # plain after other epochs when the config asks for learning curves.
-            last = pos.step >= plan.total_steps
-            eval_start = time.perf_counter()
-            val = run_eval(val_data) if val_data is not None else None
-            test = (run_eval(test_data, config.tta) if last
-                    else run_eval(test_data) if config.eval_every_epoch else None)
-            metrics = EpochMetrics(pos.epoch, pos.loss_sum / max(pos.seen, 1), test.loss if test else None,
-                                   test.accuracy if test else None, pos.elapsed, time.perf_counter() - eval_start,
-                                   val.loss if val else None, val.accuracy if val else None)
-            result.history.append(metrics)
-            result.final = test or result.final
+            metrics = run.end_epoch(loss_sum, pos.step >= plan.total_steps, time.perf_counter() - epoch_start)
             result.wall_seconds = time.perf_counter() - started
             if on_epoch:
                 on_epoch(metrics, result)

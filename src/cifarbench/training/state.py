@@ -8,8 +8,10 @@ position, the history so far and the random generators.
 
 from __future__ import annotations
 
+import os
 import random
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 
 from cifarbench.errors import CifarbenchError
-from cifarbench.training.checkpoint import load_checkpoint, save_checkpoint
+from cifarbench.training.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -88,6 +90,89 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+# --- the schema: what every consumer of a checkpoint reads, checked once when it is loaded ------------------
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _str_list(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(c, str) for c in v)
+
+
+def _in_shape(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) and len(v) == 3 and all(_is_int(n) and n > 0 for n in v)
+
+
+def _tensor_dict(v: Any) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items())
+
+
+def _plain_record(v: Any, cls: type, required: set[str]) -> bool:
+    """A dict of a dataclass's plain fields (numbers, bools, None), as LoopPosition and EpochMetrics save."""
+    names = {f.name for f in fields(cls)}
+    required = required | {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+    return (isinstance(v, dict) and set(v) <= names and required <= set(v)
+            and all(x is None or isinstance(x, (int, float)) for x in v.values()))
+
+
+def _resume_checks() -> dict[str, tuple[Callable[[Any], bool], str]]:
+    return {
+        "position": (lambda v: _plain_record(v, LoopPosition, {"step", "total_steps", "in_epoch"})
+                     and _is_int(v["step"]) and _is_int(v["total_steps"]), "the loop's position record"),
+        "optimizer": (lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict)
+                      and isinstance(v.get("param_groups"), list), "an optimizer state dict"),
+        "history": (lambda v: isinstance(v, list) and all(_plain_record(h, EpochMetrics, set()) for h in v),
+                    "a list of epoch metrics"),
+        "lookahead": (lambda v: v is None or _tensor_dict(v), "None or a dict of tensors"),
+        "rng": (_rng_states, "python, numpy, torch and cuda generator states"),
+    }
+
+
+def _rng_states(v: Any) -> bool:
+    """The shapes `set_rng_states` restores: Mersenne Twister states of 625 and 624 words, torch byte tensors."""
+    def words(x: Any, n: int) -> bool:
+        return isinstance(x, (list, tuple)) and len(x) == n and all(_is_int(w) for w in x)
+
+    if not isinstance(v, dict):
+        return False
+    python, numpy, cpu, cuda = v.get("python"), v.get("numpy"), v.get("torch"), v.get("cuda")
+    return (isinstance(python, (list, tuple)) and len(python) == 3 and words(python[1], 625)
+            and isinstance(numpy, (list, tuple)) and len(numpy) == 5 and numpy[0] == "MT19937" and words(numpy[1], 624)
+            and isinstance(cpu, torch.Tensor) and cpu.dtype == torch.uint8
+            and isinstance(cuda, (list, tuple)) and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8
+                                                        for t in cuda))
+
+
+_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "run_id": (lambda v: isinstance(v, str), "a string"),
+    "model": (lambda v: isinstance(v, str), "a string"),
+    "classes": (_str_list, "a non-empty list of strings"),
+    "in_shape": (_in_shape, "a list of 3 positive integers"),
+    "config": (lambda v: isinstance(v, dict), "a dict"),
+    "dataset": (lambda v: isinstance(v, dict) and isinstance(v.get("sha256"), str), "a dict with a string sha256"),
+    "state_dict": (_tensor_dict, "a dict of tensors"),
+}
+
+
+def validate_payload(payload: Any, path: str | os.PathLike) -> dict[str, Any]:
+    """`payload` if it has every key the consumers read, of the right type (and the training state when it
+    claims to be resumable, i.e. holds `position`); else one CifarbenchError naming the first problems."""
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CifarbenchError(f"{path}: not a cifarbench checkpoint")
+    checks = dict(_CHECKS)
+    if "position" in payload:
+        checks.update(_resume_checks())
+    missing = [key for key in checks if key not in payload]
+    wrong = [f"{key} is not {expected}" for key, (ok, expected) in checks.items()
+             if key in payload and not ok(payload[key])]
+    if missing or wrong:
+        problems = ([f"lacks {', '.join(missing)}"] if missing else []) + wrong[:3]
+        raise CifarbenchError(f"{path}: damaged or foreign cifarbench checkpoint ({'; '.join(problems)})")
+    return payload
+
+
 @dataclass
 class TrainingState:
     """What the loop needs, beyond the weights, to continue a run exactly where it stopped."""
@@ -127,42 +212,16 @@ class RunCheckpoint:
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any], source: str | Path = "checkpoint") -> RunCheckpoint:
-        """Read and check a loaded payload; a missing or mistyped entry is a one-line error naming it."""
-
-        def need(key: str, kind: type | tuple[type, ...]) -> Any:
-            value = payload.get(key)
-            if not isinstance(value, kind):
-                raise CifarbenchError(f"{source}: not a usable cifarbench checkpoint ({key!r} is missing or "
-                                      "of the wrong type)")
-            return value
-
-        classes, in_shape = need("classes", list), need("in_shape", (list, tuple))
-        if not classes or not all(isinstance(c, str) for c in classes):
-            raise CifarbenchError(f"{source}: not a usable cifarbench checkpoint ('classes' must be names)")
-        if len(in_shape) != 3 or not all(isinstance(s, int) and 0 < s <= 4096 for s in in_shape):
-            raise CifarbenchError(f"{source}: not a usable cifarbench checkpoint ('in_shape' must be C, H, W)")
-        state_dict = need("state_dict", dict)
-        if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()):
-            raise CifarbenchError(f"{source}: not a usable cifarbench checkpoint ('state_dict' must map names "
-                                  "to tensors)")
-        dataset = need("dataset", dict)
-        if not isinstance(dataset.get("sha256"), str):
-            raise CifarbenchError(f"{source}: not a usable cifarbench checkpoint (no data fingerprint)")
+        """The typed checkpoint of a payload; a missing or mistyped entry is a one-line error naming it."""
+        p = validate_payload(payload, source)
         training = None
-        if "position" in payload:
-            try:
-                position = LoopPosition(**need("position", dict))
-                history = [EpochMetrics.from_dict(h) for h in need("history", list)]
-            except TypeError:
-                raise CifarbenchError(f"{source}: not a usable cifarbench checkpoint (bad training state)") from None
-            lookahead = payload.get("lookahead")
-            if lookahead is not None and not isinstance(lookahead, dict):
-                raise CifarbenchError(f"{source}: not a usable cifarbench checkpoint (bad lookahead state)")
-            training = TrainingState(need("optimizer", dict), lookahead, position, history, need("rng", dict))
-        environment = {k: payload[k] for k in ("code_version", "torch_version", "python", "platform", "cpu")
-                       if isinstance(payload.get(k), str)}
-        return cls(need("run_id", str), need("model", str), classes, tuple(in_shape), need("config", dict),
-                   dataset, state_dict, environment, training)
+        if "position" in p:
+            training = TrainingState(p["optimizer"], p["lookahead"], LoopPosition(**p["position"]),
+                                     [EpochMetrics.from_dict(h) for h in p["history"]], p["rng"])
+        environment = {k: p[k] for k in ("code_version", "torch_version", "python", "platform", "cpu")
+                       if isinstance(p.get(k), str)}
+        return cls(p["run_id"], p["model"], list(p["classes"]), tuple(p["in_shape"]), p["config"], p["dataset"],
+                   p["state_dict"], environment, training)
 
     def save(self, path: str | Path) -> Path:
         return save_checkpoint(self.to_payload(), path)
