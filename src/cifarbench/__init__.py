@@ -10,10 +10,11 @@ import importlib
 
 __version__ = "0.1.0"
 
-_API = ("Comparison", "Evaluation", "ModelSummary", "RunRecord", "TrainedModel", "build_report", "compare",
-        "compare_configs", "compare_runs", "config", "delete_run", "evaluate", "evaluate_checkpoint", "export_runs",
-        "import_runs", "load", "load_trained_model", "make_config", "predict", "predict_images", "predict_test_set",
-        "report", "report_runs", "runs", "stored_runs", "train", "train_run")
+_API = ("Comparison", "Evaluation", "Grading", "ModelSummary", "RunRecord", "Submission", "TrainedModel",
+        "build_report", "compare", "compare_configs", "compare_runs", "config", "delete_run", "evaluate",
+        "evaluate_checkpoint", "export_runs", "grade", "import_runs", "load", "load_trained_model", "make_config",
+        "predict", "predict_images", "predict_test_set", "report", "report_runs", "runs", "score_images",
+        "stored_runs", "submit", "train", "train_run")
 
 
 def __getattr__(name: str):

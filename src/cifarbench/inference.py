@@ -13,6 +13,7 @@ import torch
 
 from cifarbench.config import TrainConfig
 from cifarbench.data import ImageDataset, load_dataset
+from cifarbench.data.dataset import Split
 from cifarbench.data.loader import DeviceSplit
 from cifarbench.device import autocast_dtype, describe_device, kernel_choice, resolve_device
 from cifarbench.errors import CifarbenchError
@@ -75,12 +76,17 @@ class TrainedModel:
 
     def evaluate(self, dataset: ImageDataset, *, keep_probabilities: bool = False) -> EvalResult:
         """The whole test set with the run's own test-time augmentation and kernels, so its figures agree."""
+        return self.evaluate_split(dataset.test, len(dataset.classes), keep_probabilities=keep_probabilities)
+
+    def evaluate_split(self, split: Split, num_classes: int | None = None, *,
+                       keep_probabilities: bool = False) -> EvalResult:
+        """Any labelled images (uint8, at the model's input size) scored as the test set is."""
         c = self.config
-        test = DeviceSplit(dataset.test, self.device, c.data.mean, c.data.std, c.channels_last)
+        data = DeviceSplit(split, self.device, c.data.mean, c.data.std, c.channels_last)
         with kernel_choice(c.deterministic):
-            return evaluate(self.model, test, num_classes=len(dataset.classes), batch_size=c.eval_batch_size,
-                            autocast_dtype=autocast_dtype(c, self.device), tta=c.tta, tta_threshold=c.tta_threshold,
-                            keep_probabilities=keep_probabilities)
+            return evaluate(self.model, data, num_classes=num_classes or len(self.classes),
+                            batch_size=c.eval_batch_size, autocast_dtype=autocast_dtype(c, self.device), tta=c.tta,
+                            tta_threshold=c.tta_threshold, keep_probabilities=keep_probabilities)
 
 
 def load_trained_model(ref: str, *, runs_dir: str | os.PathLike | None = None, device: str = "auto",
@@ -161,11 +167,13 @@ def predict_test_set(ref: str, **kwargs) -> Evaluation:
 def predict_images(ref: str, images: Sequence[str | os.PathLike], *, top: int = 3,
                    runs_dir: str | os.PathLike | None = None, device: str = "auto",
                    trust_code: bool = False) -> dict[str, Any]:
-    """Classify PNG/JPEG files with a saved model: the `top` classes and probabilities of each image."""
-    from cifarbench.predict import classify_files
+    """Classify PNG/JPEG files (a folder: the images in it) with a saved model: the `top` classes and
+    probabilities of each image."""
+    from cifarbench.predict import classify_files, expand_images
 
     if top < 1:
         raise CifarbenchError("--top must be at least 1")
+    images = expand_images(images)
     loaded = load_trained_model(ref, runs_dir=runs_dir, device=device, trust_code=trust_code)
     c = loaded.config
     predictions = classify_files(loaded.model, images, in_shape=loaded.in_shape, mean=c.data.mean, std=c.data.std,
@@ -173,3 +181,47 @@ def predict_images(ref: str, images: Sequence[str | os.PathLike], *, top: int = 
                                  tta=c.tta, tta_threshold=c.tta_threshold)
     return {"checkpoint": str(loaded.path), "run_id": loaded.checkpoint.run_id, "model": loaded.checkpoint.model,
             "classes": loaded.classes, "predictions": predictions}
+
+
+@dataclass
+class ImageScore:
+    """A saved model scored on labelled image files: accuracy, per-class accuracy, confusion, each image's verdict."""
+
+    checkpoint: str
+    run_id: str
+    model: str
+    classes: list[str]
+    labels_file: str
+    images: list[str]
+    labels: list[int]
+    predicted: list[int]
+    result: EvalResult
+
+    @property
+    def accuracy(self) -> float:
+        return self.result.accuracy
+
+    def to_dict(self) -> dict[str, Any]:
+        r = self.result
+        return {"checkpoint": self.checkpoint, "run_id": self.run_id, "model": self.model, "classes": self.classes,
+                "labels_file": self.labels_file, "accuracy": r.accuracy, "loss": r.loss, "n": r.n,
+                "per_class_accuracy": r.per_class_accuracy, "confusion": r.confusion,
+                "images": [{"image": i, "label": self.classes[y], "predicted": self.classes[p], "correct": y == p}
+                           for i, y, p in zip(self.images, self.labels, self.predicted, strict=True)]}
+
+
+def score_images(ref: str, images: Sequence[str | os.PathLike], labels: str | os.PathLike, *,
+                 runs_dir: str | os.PathLike | None = None, device: str = "auto",
+                 trust_code: bool = False) -> ImageScore:
+    """Score a saved model on PNG/JPEG files (a folder: the images in it) against a labels file of
+    `filename,label` rows (predict.read_labels), with the run's own normalisation and test-time augmentation."""
+    from cifarbench.predict import expand_images, load_images, match_labels, read_labels
+
+    files = expand_images(images)
+    loaded = load_trained_model(ref, runs_dir=runs_dir, device=device, trust_code=trust_code)
+    truth = match_labels(files, read_labels(labels, loaded.classes), labels)
+    result = loaded.evaluate_split(Split(load_images(files, loaded.in_shape), truth), keep_probabilities=True)
+    assert result.probabilities is not None
+    predicted = result.probabilities.argmax(1).tolist()
+    return ImageScore(str(loaded.path), loaded.checkpoint.run_id, loaded.checkpoint.model, loaded.classes,
+                      str(labels), [str(f) for f in files], truth.tolist(), predicted, result)
