@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -40,7 +41,7 @@ from cifarbench.running import train_run
 from cifarbench.runs.records import RunRecord
 from cifarbench.training.recipes import make_config
 from cifarbench.training.state import EpochMetrics
-from conftest import write_python_layout
+from conftest import md5_of, write_python_layout
 
 MARKER = "cifarbench-marker"
 EVIL_MODEL = f'''
@@ -331,3 +332,69 @@ def test_predict_labels_refuses_missing_extra_and_unknown_labels(tiny_py: Path, 
         assert main(["predict", run.run_dir, str(folder), "--labels", str(labels)]) == 1
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+# --- The README's teacher section, and the real data ------------------------------------------------------------
+
+def readme_teacher_commands() -> list[list[str]]:
+    """The command lines of the README's `## For teachers` block, as argument lists."""
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    section = text.split("## For teachers", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [shlex.split(line.split("  #")[0]) for line in block.splitlines() if line and not line.startswith("#")]
+
+
+@pytest.mark.slow
+def test_readme_teacher_section_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = write_python_layout(tmp_path / "data", n=1010)  # 5,050 training images: --val-split 5000 leaves 50
+    folder = data / cifar10.PY_DIR
+    monkeypatch.setattr(cifar10, "OFFICIAL_MD5", {p.name: md5_of(p) for p in folder.iterdir()})
+    monkeypatch.setenv("CIFARBENCH_DATA", str(data))
+    monkeypatch.chdir(tmp_path)
+    commands = readme_teacher_commands()
+    assert [c[:2] for c in commands] == [["cifarbench", "train"], ["cifarbench", "submit"]] * 2 + [
+        ["cifarbench", "grade"]]
+    for argv in commands:
+        assert main(argv[1:]) == 0, argv
+    table = list(csv.DictReader(io.StringIO((tmp_path / "inbox" / "leaderboard.csv").read_text())))
+    assert sorted(t["student"] for t in table) == ["Ada", "Alan"] and all(t["rank"] and not t["flags"] for t in table)
+    assert all(t["claimed_mean"] == t["rescored_mean"] for t in table)
+    assert (tmp_path / "inbox" / "leaderboard.html").is_file()
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_real_short_runs_are_graded_into_a_leaderboard_page_chromium_renders(real_data_dir: Path,
+                                                                             tmp_path: Path) -> None:
+    from test_report import Dom, chromium, require_chromium
+
+    require_chromium()
+    students, inbox = tmp_path / "students", tmp_path / "inbox"  # a second runs folder: not the teacher's
+    for model, name in (("fnn", "Ann"), ("cnn", "Ben")):
+        assert main(["train", model, "--epochs", "1", "--batch-size", "500", "--data-dir", str(real_data_dir),
+                     "--no-verify", "--runs-dir", str(students), "--device", "cpu", "--json"]) == 0
+        assert main(["submit", "--student", name, "--out", str(inbox), "--runs-dir", str(students)]) == 0
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    from cifarbench.config import DataConfig
+    from cifarbench.data import load_dataset
+
+    test = load_dataset(DataConfig(data_dir=str(real_data_dir), verify=False)).test
+    rows = ["filename,label"]
+    for i in range(0, 10_000, 50):  # 200 test images, mirrored: a stand-in for images nobody trained on
+        Image.fromarray(np.moveaxis(test.images[i], 0, -1)[:, ::-1]).save(hidden / f"h{i}.png")
+        rows.append(f"h{i}.png,{cifar10.CLASSES[test.labels[i]]}")
+    (hidden / "labels.csv").write_text("\n".join(rows) + "\n")
+
+    result = grade(inbox, data_dir=str(real_data_dir), verify=False, device="cpu", hidden=hidden)
+    assert [r.graded for r in result.runs] == [True, True]
+    assert all(r.claimed_accuracy == pytest.approx(r.rescored_accuracy, abs=1e-9) and r.test_images == 10_000
+               for r in result.runs)
+    assert all(not [f for f in r.flags if f.severity == "error"] for r in result.runs)
+    page = Path(result.html)
+    dom = Dom(chromium("--dump-dom", page.as_uri(), home=tmp_path))
+    assert dom.rows["leaderboard"] == 2 and not dom.links
+    text = " ".join(dom.text)
+    assert "hidden set" in text and "Ann" in text and "Ben" in text
+    for run in result.runs:
+        assert f"{100 * run.rescored_accuracy:.2f}%" in text and f"{100 * run.hidden_accuracy:.2f}%" in text

@@ -198,12 +198,13 @@ def check_student(name: str) -> str:
     return name
 
 
-def submit(run: str, *, student: str, out: str | os.PathLike,
+def submit(run: str | None = None, *, student: str, out: str | os.PathLike,
            runs_dir: str | os.PathLike | None = None) -> Submission:
-    """Write one completed run (id or unique prefix) as `out/<student>-<run id>.tar.gz`: checkpoint, model code,
-    config, metrics, history and provenance, with the student's name."""
+    """Write one completed run (id or unique prefix; default: the newest completed run) as
+    `out/<student>-<run id>.tar.gz`: checkpoint, model code, config, metrics, history and provenance, with the
+    student's name."""
     name = check_student(student)
-    (record,) = stored_runs([run], runs_dir=runs_dir)
+    (record,) = stored_runs([run or _newest_completed(runs_dir)], runs_dir=runs_dir)
     folder = Path(out).expanduser()
     if folder.exists() and not folder.is_dir():
         raise CifarbenchError(f"--out {folder}: not a folder")
@@ -211,6 +212,17 @@ def submit(run: str, *, student: str, out: str | os.PathLike,
     archive = export_runs([record.run_id], folder / f"{name.replace(' ', '_')}-{record.run_id}.tar.gz",
                           runs_dir=runs_dir, student=name)
     return Submission(str(archive), name, record.run_id, record.model, record.test_accuracy)
+
+
+def _newest_completed(runs_dir: str | os.PathLike | None) -> str:
+    from cifarbench.runs.store import RunStore
+
+    with RunStore(runs_dir, read_only=True) as store:
+        for row in store.list_runs():
+            if row.get("status") == "completed":
+                return row["id"]
+    raise CifarbenchError(f"no completed run in {folders.resolve_runs_dir(runs_dir)} to submit (--runs-dir names "
+                          "another runs folder)")
 
 
 # --- The rules ------------------------------------------------------------------------------------------------

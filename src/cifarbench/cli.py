@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     _trust_flag(p)
 
     p = sub.add_parser("submit", help="student: write one of your runs as a submission archive for the teacher")
-    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("run_id", metavar="RUN_ID", nargs="?", help="the run to submit (default: your newest completed run)")
     p.add_argument("--student", required=True, help="your name (letters, digits, spaces and -_.)")
     p.add_argument("--out", required=True, metavar="FOLDER",
                    help="folder to write STUDENT-RUN_ID.tar.gz into (e.g. the class inbox)")

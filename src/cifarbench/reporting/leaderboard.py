@@ -18,17 +18,23 @@ if TYPE_CHECKING:
     from cifarbench.classroom import Grading, LeaderboardEntry
     from cifarbench.evaluation.stats import Spread
 
-RULES = (
-    "Re-scored: the submitted weights rebuilt here and evaluated on the whole test set with the run's own "
-    "test-time augmentation. Rank: by the hidden set's accuracy when one was given, else by the re-scored one.",
-    "Ties: entries whose scores differ by less than 1.96 standard errors of the difference share a rank (shown "
-    "as 1=). The standard error is binomial over the images scored, plus the seed spread for several seeds.",
-    "claim-mismatch: the claimed accuracy is further from the re-scored one than evaluation noise allows "
-    "(0.25 points, and at least 3 images). claim-from-epoch: the claim is an earlier epoch's test accuracy.",
-    "test-selection (a warning, not proof): the epoch count differs from the recipe's default and no "
-    "validation split was held out, so it may have been chosen on the test set.",
-    "Parameters are counted on the rebuilt model; training compute and seconds are as each run reports them.",
-)
+def rules() -> list[str]:
+    """How the leaderboard was made, in a few sentences (from the rules' own constants)."""
+    from cifarbench.classroom import CLAIM_TOLERANCE, CLAIM_TOLERANCE_IMAGES, TIE_Z
+
+    return [
+        "Re-scored: the submitted weights rebuilt here and evaluated on the whole test set with the run's own "
+        "test-time augmentation. Rank: by the hidden set's accuracy when one was given, else by the re-scored one.",
+        f"Ties: entries whose scores differ by less than {TIE_Z:g} standard errors of the difference share a rank "
+        "(shown as 1=). The standard error is binomial over the images scored, plus the seed spread for several "
+        "seeds.",
+        "claim-mismatch: the claimed accuracy is further from the re-scored one than evaluation noise allows "
+        f"({100 * CLAIM_TOLERANCE:g} points, and at least {CLAIM_TOLERANCE_IMAGES} images). claim-from-epoch: the "
+        "claim is an earlier epoch's test accuracy, not the final model's.",
+        "test-selection (a warning, not proof): the epoch count differs from the recipe's default and no "
+        "validation split was held out, so it may have been chosen on the test set.",
+        "Parameters are counted on the rebuilt model; training compute and seconds are as each run reports them.",
+    ]
 
 
 def spread_cell(spread: Spread | None) -> str:
@@ -144,7 +150,7 @@ def leaderboard_html(grading: Grading) -> str:
     if grading.not_graded:
         parts += ["<h2>Not graded</h2>", table(["archive", "student", "run", "why"], not_graded_rows(grading),
                                                css_class="not-graded")]
-    parts += ["<h2>How this was graded</h2>", "<ul>", *(f"<li>{esc(rule)}</li>" for rule in RULES), "</ul>",
+    parts += ["<h2>How this was graded</h2>", "<ul>", *(f"<li>{esc(rule)}</li>" for rule in rules()), "</ul>",
               "</body></html>"]
     return "\n".join(parts) + "\n"
 
