@@ -171,15 +171,29 @@ def test_a_bad_submission_is_one_row_with_its_reason_and_the_others_are_graded(c
     unnamed.write_bytes(good.read_bytes())
     edit_manifest(unnamed, lambda m: m.update(student=None))
 
+    # What a student with a text editor can put in a manifest: no well-typed figures, a config that is no dict.
+    mangled = inbox / "Fay.tar.gz"
+    mangled.write_bytes(good.read_bytes())
+    edit_manifest(mangled, lambda m: (m.update(student="Fay"), m["runs"][0]["record"].update(
+        test_accuracy="99%", train_seconds="fast", train_flops="many")))
+    crafted = inbox / "Gus.tar.gz"
+    crafted.write_bytes(good.read_bytes())
+    edit_manifest(crafted, lambda m: (m.update(student="Gus"), m["runs"][0]["record"].update(config="junk")))
+
     result = grade(inbox, data_dir=str(class_data), verify=False, device="cpu")
     rows = {r.archive: r for r in result.runs}
     assert rows[good.name].graded
+    fay = rows[mangled.name]
+    assert fay.graded and fay.claimed_accuracy is None and fay.train_seconds is None
+    assert "no-claim" in [f.kind for f in fay.flags]
+    assert not rows[crafted.name].graded and rows[crafted.name].error
     assert "not a readable runs archive" in rows["garbage.tar.gz"].error
     assert rows[tampered.name].error == f"not imported: {'checkpoint.pt'} does not match the manifest"
     assert "not a submission" in rows[unnamed.name].error
-    assert [e.student for e in result.leaderboard] == ["Ann"]
+    assert sorted(e.student for e in result.leaderboard) == ["Ann", "Fay"]
     table = list(csv.DictReader(io.StringIO(Path(result.csv).read_text())))
-    assert [(t["student"], t["rank"]) for t in table if t["rank"]] == [("Ann", "1")]
+    assert sorted((t["student"], t["rank"], t["tied"]) for t in table if t["rank"]) == [("Ann", "1", "True"),
+                                                                                  ("Fay", "1", "True")]
     assert sorted(t["error"][:12] for t in table if not t["rank"]) == sorted(
         r.error[:12] for r in result.not_graded)
 

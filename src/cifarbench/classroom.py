@@ -267,11 +267,11 @@ def selection_flags(record: RunRecord, config: TrainConfig, claimed: float | Non
     """
     flags = []
     history = record.history
-    final = history[-1].test_accuracy if history else None
+    final = _number(history[-1].test_accuracy) if history else None
     same = 0.5 / max(images, 1)  # the same count of correct images
     if claimed is not None and final is not None and abs(claimed - final) > same:
         for h in history[:-1]:
-            if h.test_accuracy is not None and abs(claimed - h.test_accuracy) <= same:
+            if _number(h.test_accuracy) is not None and abs(claimed - h.test_accuracy) <= same:
                 flags.append(Flag("claim-from-epoch", "error", f"the claimed {_pct(claimed)} is epoch {h.epoch}'s "
                                   f"test accuracy, not the final model's ({_pct(final)}): a figure picked from the "
                                   "per-epoch test curve"))
@@ -435,8 +435,12 @@ def grade(inbox: str | os.PathLike, *, trust_code: bool = False, data_dir: str |
     runs: list[GradedRun] = []
     seen: dict[str, GradedRun] = {}  # checkpoint sha256 -> the first run graded with it
     for i, archive in enumerate(archives):
-        for run in _grade_archive(archive, work / f"{i:03d}", data, hidden_set, seen, trust_code=trust_code,
-                                  device=device):
+        try:
+            graded = _grade_archive(archive, work / f"{i:03d}", data, hidden_set, seen, trust_code=trust_code,
+                                    device=device)
+        except (Exception, SystemExit) as exc:  # a crafted archive must not stop the others either
+            graded = [GradedRun(archive.name, None, error=f"could not be graded ({type(exc).__name__}: {_line(exc)})")]
+        for run in graded:
             runs.append(run)
             if on_run:
                 on_run(run)
@@ -449,6 +453,17 @@ def grade(inbox: str | os.PathLike, *, trust_code: bool = False, data_dir: str |
     result.csv = str(write_csv(result, target / "leaderboard.csv"))
     result.html = str(write_html(result, target / "leaderboard.html"))
     return result
+
+
+def _number(value: Any) -> float | None:
+    """A finite number from a manifest, else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _integer(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _grade_archive(archive: Path, store: Path, data: ImageDataset, hidden: HiddenSet | None,
@@ -469,10 +484,13 @@ def _grade_archive(archive: Path, store: Path, data: ImageDataset, hidden: Hidde
     rows = [GradedRun(archive.name, student, run_id, error=f"not imported: {why}")
             for run_id, why in imported.skipped]
     for record in imported.imported:
-        row = GradedRun(archive.name, student, record.run_id, label(record.model), record.recipe, record.seed,
-                        len(record.history) or record.epochs, None, record.train_flops, record.train_seconds,
-                        record.test_accuracy, checkpoint_sha256=bundle.files[record.run_id].get(folders.CHECKPOINT),
-                        model_sha256=record.config.get("model_sha256"))
+        # The manifest is the student's text: only well-typed values go into the leaderboard.
+        code_sha = record.config.get("model_sha256") if isinstance(record.config, dict) else None
+        row = GradedRun(archive.name, student, record.run_id, label(str(record.model)), str(record.recipe),
+                        _integer(record.seed), len(record.history) or _integer(record.epochs), None,
+                        _integer(record.train_flops), _number(record.train_seconds), _number(record.test_accuracy),
+                        checkpoint_sha256=bundle.files[record.run_id].get(folders.CHECKPOINT),
+                        model_sha256=code_sha if isinstance(code_sha, str) else None)
         first = seen.get(row.checkpoint_sha256 or "")
         if first is not None and first.student == student:
             row.error = f"the same run as {first.archive}, already graded"
