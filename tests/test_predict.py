@@ -14,7 +14,8 @@ from PIL import Image
 from cifarbench.cli import main
 from cifarbench.data import load_dataset
 from cifarbench.data.images import MAX_PIXELS, ImageFileError, open_image
-from cifarbench.inference import predict_images, predict_test_set, prepare_image
+from cifarbench.image_files import prepare_image
+from cifarbench.inference import predict_images, predict_test_set
 from cifarbench.running import train_run
 from cifarbench.training.recipes import make_config
 

@@ -10,17 +10,14 @@ import importlib
 
 __version__ = "0.1.0"
 
-_API = ("Comparison", "Evaluation", "ModelSummary", "RunRecord", "TrainedModel", "build_report", "compare",
-        "compare_configs", "compare_runs", "delete_run", "evaluate", "evaluate_checkpoint", "export_runs",
-        "import_runs", "load", "load_trained_model", "make_config", "predict", "predict_images", "predict_test_set",
-        "report", "report_runs", "run_config", "run_history", "stored_runs", "train", "train_run")
 
 
 def __getattr__(name: str):
-    if name in _API:
-        return getattr(importlib.import_module("cifarbench.api"), name)
+    api = importlib.import_module("cifarbench.api")  # first use of the API: torch is imported now, not before
+    if name in api.__all__:
+        return getattr(api, name)
     raise AttributeError(f"module 'cifarbench' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_API])
+    return sorted([*globals(), *importlib.import_module("cifarbench.api").__all__])

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cifarbench import runtime
+from cifarbench.classroom import Grading, Submission, grade, submit
 from cifarbench.comparing import compare as compare_configs
 from cifarbench.comparing import compare_runs
 from cifarbench.config import TrainConfig
@@ -26,6 +27,7 @@ from cifarbench.inference import (
     load_trained_model,
     predict_images,
     predict_test_set,
+    score_images,
 )
 from cifarbench.models.reference import reference_of
 from cifarbench.reporting.progress import EpochPrinter
@@ -36,11 +38,11 @@ from cifarbench.runs.catalog import delete_run, stored_runs
 from cifarbench.runs.records import Comparison, ModelSummary, RunRecord
 from cifarbench.training.recipes import config_for, make_config
 
-__all__ = ["Comparison", "Evaluation", "ModelSummary", "RunRecord", "TrainedModel", "build_report", "compare",
-           "compare_configs", "compare_runs", "delete_run", "evaluate", "evaluate_checkpoint",
-           "export_runs", "import_runs", "load", "load_trained_model", "make_config", "predict", "predict_images",
-           "predict_test_set", "report", "report_runs", "run_config", "run_history", "stored_runs", "train",
-           "train_run"]
+__all__ = ["Comparison", "Evaluation", "Grading", "ModelSummary", "RunRecord", "Submission", "TrainedModel",
+           "build_report", "compare", "compare_configs", "compare_runs", "delete_run", "evaluate",
+           "evaluate_checkpoint", "export_runs", "grade", "import_runs", "load", "load_trained_model", "make_config",
+           "predict", "predict_images", "predict_test_set", "report", "report_runs", "run_config", "run_history",
+           "score_images", "stored_runs", "submit", "train", "train_run"]
 
 Model = str | type | Callable[..., Any]
 """A registered model's name, `file.py:Name`, `module:Name`, or an nn.Module subclass or factory itself."""
@@ -102,8 +104,12 @@ def evaluate(run: str, **kwargs: Any) -> Evaluation:
     return evaluate_checkpoint(run, **kwargs)
 
 
-def predict(run: str, images: Sequence[str | os.PathLike], **kwargs: Any) -> dict[str, Any]:
-    """Classify image files with a trained run (`cifarbench predict`)."""
+def predict(run: str, images: Sequence[str | os.PathLike], *, labels: str | os.PathLike | None = None,
+            **kwargs: Any) -> Any:
+    """Classify image files (or folders of them) with a trained run (`cifarbench predict`); with `labels` (a CSV of
+    filename,label rows), score them instead: an ImageScore with accuracy, per-class accuracy and confusion."""
+    if labels is not None:
+        return score_images(run, images, labels, **kwargs)
     return predict_images(run, images, **kwargs)
 
 

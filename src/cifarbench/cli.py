@@ -122,14 +122,41 @@ def build_parser() -> argparse.ArgumentParser:
     _trust_flag(p)
     _data_flags(p)
 
-    p = sub.add_parser("predict", help="classify PNG/JPEG files with a trained model")
+    p = sub.add_parser("predict", help="classify PNG/JPEG files with a trained model, or score them against labels")
     p.add_argument("ref", metavar="CHECKPOINT_OR_RUN")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG/JPEG files, or folders of them")
     p.add_argument("--top", type=int, default=3, help="classes to show per image (default 3)")
+    p.add_argument("--labels", metavar="FILE",
+                   help="score the images against this CSV of filename,label rows (label: class name or index): "
+                        "accuracy, per-class accuracy, confusion matrix")
     p.add_argument("--device", default="auto")
     p.add_argument("--runs-dir")
     p.add_argument("--json", action="store_true")
     _trust_flag(p)
+
+    p = sub.add_parser("submit", help="student: write one of your runs as a submission archive for the teacher")
+    p.add_argument("run_id", metavar="RUN_ID", nargs="?", help="the run to submit (default: your newest completed run)")
+    p.add_argument("--student", required=True, help="your name (letters, digits, spaces and -_.)")
+    p.add_argument("--out", required=True, metavar="FOLDER",
+                   help="folder to write STUDENT-RUN_ID.tar.gz into (e.g. the class inbox)")
+    p.add_argument("--runs-dir")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("grade", help="teacher: re-score every submission in a folder and write the leaderboard")
+    p.add_argument("inbox", metavar="INBOX", help="folder of submission archives (*.tar.gz)")
+    p.add_argument("--hidden", metavar="FOLDER", help="also score every run on these labelled images (PNG/JPEG)")
+    p.add_argument("--hidden-labels", metavar="FILE",
+                   help="their labels, rows filename,label (default: FOLDER/labels.csv)")
+    p.add_argument("--out", metavar="FOLDER", help="where leaderboard.html and leaderboard.csv go (default: INBOX)")
+    p.add_argument("--work-dir", metavar="FOLDER",
+                   help="where submissions are unpacked, one runs folder each (default: INBOX/.grading, emptied first)")
+    p.add_argument("--dataset", choices=["cifar10", "mnist", "fashion-mnist"], default="cifar10")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--trust-code", action="store_true",
+                   help="run the students' own model code (read it first; better, grade inside a container: "
+                        "docs/classroom.md)")
+    _data_flags(p)
     return parser
 
 
@@ -452,8 +479,24 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from cifarbench.inference import predict_images
+    from cifarbench.inference import predict_images, score_images
+    from cifarbench.reporting.tables import evaluation_table
 
+    if args.labels:
+        scored = score_images(args.ref, args.images, args.labels, runs_dir=args.runs_dir, device=args.device,
+                              trust_code=args.trust_code)
+        if args.json:
+            _print_json(scored.to_dict())
+            return
+        wrong = [i for i in scored.to_dict()["images"] if not i["correct"]]
+        print(f"{printable(scored.model)} ({printable(scored.checkpoint)}): accuracy {100 * scored.accuracy:.2f}% "
+              f"({scored.result.n - len(wrong)} of {scored.result.n} images)\n")
+        print(evaluation_table(scored.to_dict()))
+        for i in wrong[:20]:
+            print(f"wrong: {printable(i['image'])}: {printable(i['label'])}, predicted {printable(i['predicted'])}")
+        if len(wrong) > 20:
+            print(f"... and {len(wrong) - 20} more (--json lists every image)")
+        return
     result = predict_images(args.ref, args.images, top=args.top, runs_dir=args.runs_dir, device=args.device,
                             trust_code=args.trust_code)
     if args.json:
@@ -462,6 +505,38 @@ def cmd_predict(args: argparse.Namespace) -> None:
     for p in result["predictions"]:
         print(f"{printable(p['image'])}: "
               + ", ".join(f"{printable(t['class'])} {100 * t['probability']:.1f}%" for t in p["top"]))
+
+
+def cmd_submit(args: argparse.Namespace) -> None:
+    from cifarbench.classroom import submit
+
+    result = submit(args.run_id, student=args.student, out=args.out, runs_dir=args.runs_dir)
+    if args.json:
+        _print_json(result.to_dict())
+        return
+    acc = "-" if result.test_accuracy is None else f"{100 * result.test_accuracy:.2f}%"
+    print(f"wrote {printable(result.archive)} ({printable(result.student)}: run {printable(result.run_id)}, "
+          f"{printable(result.model)}, test accuracy {acc})")
+
+
+def cmd_grade(args: argparse.Namespace) -> None:
+    from cifarbench.classroom import grade
+    from cifarbench.reporting.leaderboard import leaderboard_text
+
+    def show(run) -> None:
+        verdict = (f"re-scored {100 * run.rescored_accuracy:.2f}%" if run.graded
+                   else f"not graded: {run.error}")
+        print(f"{printable(run.archive)}: {printable(verdict)}", file=sys.stderr, flush=True)
+
+    result = grade(args.inbox, trust_code=args.trust_code, data_dir=args.data_dir, verify=args.verify,
+                   download=args.download, dataset=args.dataset, hidden=args.hidden, hidden_labels=args.hidden_labels,
+                   out=args.out, work_dir=args.work_dir, device=args.device, on_run=show)
+    if args.json:
+        _print_json(result.to_dict())
+        return
+    _note_unverified(result.dataset)
+    print(leaderboard_text(result))
+    print(f"\nwrote {printable(result.html)} and {printable(result.csv)}")
 
 
 def _with_tensorboard(args: argparse.Namespace, show):
@@ -480,7 +555,8 @@ def _with_tensorboard(args: argparse.Namespace, show):
 
 
 COMMANDS = {"download": cmd_download, "explore": cmd_explore, "models": cmd_models, "train": cmd_train,
-            "eval": cmd_eval, "compare": cmd_compare, "runs": cmd_runs, "report": cmd_report, "predict": cmd_predict}
+            "eval": cmd_eval, "compare": cmd_compare, "runs": cmd_runs, "report": cmd_report, "predict": cmd_predict,
+            "submit": cmd_submit, "grade": cmd_grade}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

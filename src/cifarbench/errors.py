@@ -18,6 +18,7 @@ PYTHON_SPELLING = {
     "--precision": "precision", "--optimizer": "optimizer", "--deterministic": "deterministic=True",
     "--sync-bn": "sync_bn=True", "--tensorboard": "tensorboard", "--resume": "resume", "--dataset": "dataset",
     "--per-class": "per_class", "--labels": "labels", "--widths": "widths", "--tta": "tta", "--out": "out",
+    "--student": "student", "--hidden": "hidden", "--hidden-labels": "hidden_labels", "--work-dir": "work_dir",
 }
 _FLAG = re.compile(r"(?<![\w-])--[a-z][a-z-]*")
 

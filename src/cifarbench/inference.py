@@ -11,13 +11,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
-from torch import nn
 
 from cifarbench.config import TrainConfig
 from cifarbench.data import ImageDataset, load_dataset
 from cifarbench.data.dataset import Split
-from cifarbench.data.images import open_image
 from cifarbench.data.loader import DeviceSplit
 from cifarbench.device import autocast_dtype, describe_device, kernel_choice, resolve_device
 from cifarbench.errors import CifarbenchError
@@ -50,46 +47,6 @@ def resolve_checkpoint(ref: str, runs_dir: str | os.PathLike | None = None) -> t
     return folders.run_folder(runs_dir, run["id"]) / folders.CHECKPOINT, run.get("origin") is None
 
 
-def prepare_image(image: Image.Image, in_shape: Sequence[int]) -> np.ndarray:
-    """An RGB or grey PIL image -> uint8 (C, H, W) at the model's input size.
-
-    The whole image is resized (no crop), with Lanczos filtering so that large photos are averaged down
-    rather than aliased; CIFAR's own images are whole objects in a square frame too.
-    """
-    channels, height, width = in_shape
-    image = image.convert("L" if channels == 1 else "RGB")
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.Resampling.LANCZOS)
-    array = np.asarray(image, dtype=np.uint8)
-    return array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
-
-
-@torch.no_grad()
-def classify_files(model: nn.Module, paths: Sequence[str | os.PathLike], *, in_shape: Sequence[int],
-                   mean: Sequence[float], std: Sequence[float], classes: Sequence[str], device: torch.device,
-                   channels_last: bool = False, top: int = 3, tta: int = 0,
-                   tta_threshold: float = 0.0) -> list[dict[str, Any]]:
-    """The `top` classes with their probabilities for each file, in the order given.
-
-    Every file is opened (and refused, with a one-line error) before any is classified. `tta` is the test-time
-    augmentation the model was evaluated with, and `tta_threshold` its selective-TTA threshold (see
-    evaluation.metrics.predict_logits).
-    """
-    from cifarbench.evaluation.metrics import predict_logits
-
-    images = np.stack([prepare_image(open_image(p), in_shape) for p in paths])
-    # The training pipeline's own normalisation, so a file sees exactly what a test image saw.
-    data = DeviceSplit(Split(images, np.zeros(len(images), dtype=np.int64)), device, mean, std, channels_last)
-    model.eval()
-    probs = torch.cat([torch.softmax(predict_logits(model, x, tta, tta_threshold).float(), dim=1)
-                       for x, _ in data.batches(256)]).cpu()
-    k = min(top, len(classes))
-    values, indices = probs.topk(k, dim=1)
-    return [{"image": str(path), "top": [{"class": classes[int(i)], "index": int(i), "probability": float(v)}
-                                         for v, i in zip(vals, idx, strict=True)]}
-            for path, vals, idx in zip(paths, values, indices, strict=True)]
-
-
 @dataclass
 class TrainedModel:
     """A checkpoint's model with its weights loaded, in eval mode on `device`, and what it was trained with."""
@@ -120,12 +77,17 @@ class TrainedModel:
 
     def evaluate(self, dataset: ImageDataset, *, keep_probabilities: bool = False) -> EvalResult:
         """The whole test set with the run's own test-time augmentation and kernels, so its figures agree."""
+        return self.evaluate_split(dataset.test, len(dataset.classes), keep_probabilities=keep_probabilities)
+
+    def evaluate_split(self, split: Split, num_classes: int | None = None, *,
+                       keep_probabilities: bool = False) -> EvalResult:
+        """Any labelled images (uint8, at the model's input size) scored as the test set is."""
         c = self.config
-        test = DeviceSplit(dataset.test, self.device, c.data.mean, c.data.std, c.channels_last)
+        data = DeviceSplit(split, self.device, c.data.mean, c.data.std, c.channels_last)
         with kernel_choice(c.deterministic):
-            return evaluate(self.model, test, num_classes=len(dataset.classes), batch_size=c.eval_batch_size,
-                            autocast_dtype=autocast_dtype(c, self.device), tta=c.tta, tta_threshold=c.tta_threshold,
-                            keep_probabilities=keep_probabilities)
+            return evaluate(self.model, data, num_classes=num_classes or len(self.classes),
+                            batch_size=c.eval_batch_size, autocast_dtype=autocast_dtype(c, self.device), tta=c.tta,
+                            tta_threshold=c.tta_threshold, keep_probabilities=keep_probabilities)
 
 
 def load_trained_model(ref: str, *, runs_dir: str | os.PathLike | None = None, device: str = "auto",
@@ -206,9 +168,13 @@ def predict_test_set(ref: str, **kwargs) -> Evaluation:
 def predict_images(ref: str, images: Sequence[str | os.PathLike], *, top: int = 3,
                    runs_dir: str | os.PathLike | None = None, device: str = "auto",
                    trust_code: bool = False) -> dict[str, Any]:
-    """Classify PNG/JPEG files with a saved model: the `top` classes and probabilities of each image."""
+    """Classify PNG/JPEG files (a folder: the images in it) with a saved model: the `top` classes and
+    probabilities of each image."""
+    from cifarbench.image_files import classify_files, expand_images
+
     if top < 1:
         raise CifarbenchError("--top must be at least 1")
+    images = expand_images(images)
     loaded = load_trained_model(ref, runs_dir=runs_dir, device=device, trust_code=trust_code)
     c = loaded.config
     predictions = classify_files(loaded.model, images, in_shape=loaded.in_shape, mean=c.data.mean, std=c.data.std,
@@ -216,3 +182,47 @@ def predict_images(ref: str, images: Sequence[str | os.PathLike], *, top: int = 
                                  tta=c.tta, tta_threshold=c.tta_threshold)
     return {"checkpoint": str(loaded.path), "run_id": loaded.checkpoint.run_id, "model": loaded.checkpoint.model,
             "classes": loaded.classes, "predictions": predictions}
+
+
+@dataclass
+class ImageScore:
+    """A saved model scored on labelled image files: accuracy, per-class accuracy, confusion, each image's verdict."""
+
+    checkpoint: str
+    run_id: str
+    model: str
+    classes: list[str]
+    labels_file: str
+    images: list[str]
+    labels: list[int]
+    predicted: list[int]
+    result: EvalResult
+
+    @property
+    def accuracy(self) -> float:
+        return self.result.accuracy
+
+    def to_dict(self) -> dict[str, Any]:
+        r = self.result
+        return {"checkpoint": self.checkpoint, "run_id": self.run_id, "model": self.model, "classes": self.classes,
+                "labels_file": self.labels_file, "accuracy": r.accuracy, "loss": r.loss, "n": r.n,
+                "per_class_accuracy": r.per_class_accuracy, "confusion": r.confusion,
+                "images": [{"image": i, "label": self.classes[y], "predicted": self.classes[p], "correct": y == p}
+                           for i, y, p in zip(self.images, self.labels, self.predicted, strict=True)]}
+
+
+def score_images(ref: str, images: Sequence[str | os.PathLike], labels: str | os.PathLike, *,
+                 runs_dir: str | os.PathLike | None = None, device: str = "auto",
+                 trust_code: bool = False) -> ImageScore:
+    """Score a saved model on PNG/JPEG files (a folder: the images in it) against a labels file of
+    `filename,label` rows (predict.read_labels), with the run's own normalisation and test-time augmentation."""
+    from cifarbench.image_files import expand_images, load_images, match_labels, read_labels
+
+    files = expand_images(images)
+    loaded = load_trained_model(ref, runs_dir=runs_dir, device=device, trust_code=trust_code)
+    truth = match_labels(files, read_labels(labels, loaded.classes), labels)
+    result = loaded.evaluate_split(Split(load_images(files, loaded.in_shape), truth), keep_probabilities=True)
+    assert result.probabilities is not None
+    predicted = result.probabilities.argmax(1).tolist()
+    return ImageScore(str(loaded.path), loaded.checkpoint.run_id, loaded.checkpoint.model, loaded.classes,
+                      str(labels), [str(f) for f in files], truth.tolist(), predicted, result)

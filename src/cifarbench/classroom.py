@@ -1,0 +1,556 @@
+"""The classroom: students submit runs; the teacher re-scores every submission and publishes a leaderboard.
+
+`submit` writes one student run as `<student>-<run id>.tar.gz` (the runs/bundle.py archive, with the student's
+name). `grade` takes a folder of such archives and, for each one: reads it without executing anything, imports
+it into a runs folder of its own, rebuilds the model (a student's own model code only with `trust_code`), and
+re-scores it on the whole test set and, when given, on a hidden labelled image set. A bad archive becomes one
+row with its reason; the others go on. What a run claims is checked against what it scores (`claim_flags`), how
+it was selected against the test set (`selection_flags`), and the leaderboard ranks the re-scored figures,
+with entries whose gap is within noise sharing a rank (`rank_entries`). docs/classroom.md explains the rules.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from cifarbench.config import DataConfig, TrainConfig
+from cifarbench.data import ImageDataset, load_dataset
+from cifarbench.data.dataset import Split
+from cifarbench.errors import CifarbenchError
+from cifarbench.evaluation.stats import Spread, mean_spread
+from cifarbench.models import count_parameters
+from cifarbench.models.reference import is_reference, label
+from cifarbench.runs import folders
+from cifarbench.runs.bundle import Bundle, export_runs, import_runs, read_bundle
+from cifarbench.runs.catalog import stored_runs
+from cifarbench.runs.records import RunRecord
+
+STUDENT = re.compile(r"[^\W_](?:[\w .-]{0,62}[\w.-])?")
+"""A student's name: letters, digits, spaces and `-_.`, starting with a letter or digit (it becomes part of a
+file name)."""
+CLAIM_TOLERANCE = 0.0025
+"""Re-scoring the same weights with the same test-time augmentation on the same images is deterministic up to
+floating-point noise (other kernels, thread counts or bf16 on other hardware flip a few near-tie images): a
+claim may differ from the re-scored accuracy by a quarter of a percentage point..."""
+CLAIM_TOLERANCE_IMAGES = 3
+"""...and never by less than three images, so a tiny test set does not turn one flipped image into a flag."""
+TIE_Z = 1.96
+"""Two leaderboard entries tie when their scores differ by less than this many standard errors of the
+difference (a two-sided 95% test; see `standard_error`)."""
+WORK_MARK = ".cifarbench-grading"
+"""The file that marks a grading folder as ours, so that re-grading may empty it and nothing else."""
+
+
+@dataclass
+class Submission:
+    """One student run written as a submission archive."""
+
+    archive: str
+    student: str
+    run_id: str
+    model: str
+    test_accuracy: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Flag:
+    """Something the grader noticed about a run, in words a student can act on."""
+
+    kind: str
+    """claim-mismatch | claim-from-epoch | data-mismatch | test-selection | duplicate | no-claim"""
+    severity: str
+    """"error": the claim cannot stand as submitted; "warning": worth a look, not proof of anything."""
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+@dataclass
+class GradedRun:
+    """One run of one submission: what it claims, what it re-scores, its flags, or why it was not graded."""
+
+    archive: str
+    student: str | None
+    run_id: str | None = None
+    model: str | None = None
+    recipe: str | None = None
+    seed: int | None = None
+    epochs: int | None = None
+    params: int | None = None
+    """Counted on the rebuilt model."""
+    train_flops: int | None = None
+    """As the run reports it (training compute cannot be re-measured without training again)."""
+    train_seconds: float | None = None
+    """As the run reports it, on the student's machine."""
+    claimed_accuracy: float | None = None
+    rescored_accuracy: float | None = None
+    hidden_accuracy: float | None = None
+    tta: int | None = None
+    test_images: int | None = None
+    flags: list[Flag] = field(default_factory=list)
+    error: str | None = None
+    """Why the run was not graded (None when it was)."""
+    checkpoint_sha256: str | None = field(default=None, repr=False)
+    model_sha256: str | None = field(default=None, repr=False)
+
+    @property
+    def graded(self) -> bool:
+        return self.error is None and self.rescored_accuracy is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**{k: v for k, v in asdict(self).items() if k != "flags"}, "graded": self.graded,
+                "flags": [f.to_dict() for f in self.flags]}
+
+
+@dataclass
+class LeaderboardEntry:
+    """One student's runs of one model (several seeds: mean ± spread), ranked by their re-scored accuracy (on the
+    hidden set when there is one)."""
+
+    rank: int
+    tied: bool
+    student: str
+    model: str
+    recipe: str
+    run_ids: list[str]
+    params: int | None
+    train_flops: float | None
+    train_seconds: Spread | None
+    claimed: Spread | None
+    rescored: Spread
+    hidden: Spread | None
+    images: int
+    """Images the score was measured on (the test set's, or the hidden set's)."""
+    flags: list[str]
+
+    @property
+    def score(self) -> float:
+        return (self.hidden or self.rescored).mean
+
+    @property
+    def noise(self) -> float:
+        return standard_error(self.hidden or self.rescored, self.images)
+
+    @property
+    def rank_label(self) -> str:
+        return f"{self.rank}=" if self.tied else str(self.rank)
+
+    def to_dict(self) -> dict[str, Any]:
+        spread = lambda s: None if s is None else s.to_dict()  # noqa: E731
+        return {"rank": self.rank, "tied": self.tied, "student": self.student, "model": self.model,
+                "recipe": self.recipe, "run_ids": self.run_ids, "seeds": len(self.run_ids), "params": self.params,
+                "train_flops": self.train_flops, "train_seconds": spread(self.train_seconds),
+                "claimed_accuracy": spread(self.claimed), "rescored_accuracy": spread(self.rescored),
+                "hidden_accuracy": spread(self.hidden), "score": self.score, "standard_error": self.noise,
+                "images": self.images, "flags": self.flags}
+
+
+@dataclass
+class Grading:
+    """A graded inbox: every run (graded or not, with reasons), the leaderboard, and where it was written."""
+
+    inbox: str
+    runs: list[GradedRun]
+    leaderboard: list[LeaderboardEntry]
+    dataset: dict
+    hidden: dict | None
+    trust_code: bool
+    work_dir: str
+    html: str | None = None
+    csv: str | None = None
+
+    @property
+    def not_graded(self) -> list[GradedRun]:
+        return [r for r in self.runs if not r.graded]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"inbox": self.inbox, "leaderboard": [e.to_dict() for e in self.leaderboard],
+                "runs": [r.to_dict() for r in self.runs], "dataset": self.dataset, "hidden": self.hidden,
+                "trust_code": self.trust_code, "work_dir": self.work_dir, "html": self.html, "csv": self.csv}
+
+    def __repr__(self) -> str:
+        return (f"Grading({self.inbox}: {len(self.leaderboard)} entries, {sum(r.graded for r in self.runs)} runs "
+                f"graded, {len(self.not_graded)} not)")
+
+
+# --- Submitting ---------------------------------------------------------------------------------------------
+
+def check_student(name: str) -> str:
+    """`name` if it can name a student (and a file), else a one-line error."""
+    if not isinstance(name, str) or not STUDENT.fullmatch(name):
+        raise CifarbenchError(f"--student {name!r}: use letters, digits, spaces and -_. (up to 64 characters, "
+                              "starting with a letter or digit)")
+    return name
+
+
+def submit(run: str | None = None, *, student: str, out: str | os.PathLike,
+           runs_dir: str | os.PathLike | None = None) -> Submission:
+    """Write one completed run (id or unique prefix; default: the newest completed run) as
+    `out/<student>-<run id>.tar.gz`: checkpoint, model code, config, metrics, history and provenance, with the
+    student's name."""
+    name = check_student(student)
+    (record,) = stored_runs([run or _newest_completed(runs_dir)], runs_dir=runs_dir)
+    folder = Path(out).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise CifarbenchError(f"--out {folder}: not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    archive = export_runs([record.run_id], folder / f"{name.replace(' ', '_')}-{record.run_id}.tar.gz",
+                          runs_dir=runs_dir, student=name)
+    return Submission(str(archive), name, record.run_id, record.model, record.test_accuracy)
+
+
+def _newest_completed(runs_dir: str | os.PathLike | None) -> str:
+    from cifarbench.runs.store import RunStore
+
+    with RunStore(runs_dir, read_only=True) as store:
+        for row in store.list_runs():
+            if row.get("status") == "completed":
+                return row["id"]
+    raise CifarbenchError(f"no completed run in {folders.resolve_runs_dir(runs_dir)} to submit (--runs-dir names "
+                          "another runs folder)")
+
+
+# --- The rules ------------------------------------------------------------------------------------------------
+
+def claim_tolerance(images: int) -> float:
+    """How far a claim may sit from the re-scored accuracy on `images` images (see CLAIM_TOLERANCE)."""
+    return max(CLAIM_TOLERANCE, CLAIM_TOLERANCE_IMAGES / max(images, 1))
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def claim_flags(claimed: float | None, rescored: float, images: int, *, same_data: bool,
+                tta_matches: Callable[[float], str | None] | None = None) -> list[Flag]:
+    """The claim against the re-scored accuracy: a claim beyond `claim_tolerance` is flagged (with, when
+    `tta_matches` finds one, the evaluation setting that does give the claimed figure). A run trained on other
+    data cannot have its claim checked on this test set: that is flagged instead."""
+    if claimed is None:
+        return [Flag("no-claim", "warning", "the submission claims no test accuracy")]
+    if not same_data:
+        return [Flag("data-mismatch", "warning", f"trained and claimed ({_pct(claimed)}) on a data set other than "
+                     f"this test set (different fingerprint); re-scored here: {_pct(rescored)}")]
+    tolerance = claim_tolerance(images)
+    if abs(claimed - rescored) <= tolerance + 1e-9:  # exactly at the tolerance passes, float rounding aside
+        return []
+    hint = tta_matches(claimed) if tta_matches else None
+    return [Flag("claim-mismatch", "error", f"claims {_pct(claimed)} but re-scores {_pct(rescored)} "
+                 f"({100 * (claimed - rescored):+.2f} points; evaluation noise is at most "
+                 f"{100 * tolerance:.2f})" + (f"; {hint}" if hint else ""))]
+
+
+def selection_flags(record: RunRecord, config: TrainConfig, claimed: float | None, images: int,
+                    recipe_epochs: int | None) -> list[Flag]:
+    """Signs that the test set took part in choosing the model.
+
+    - claim-from-epoch (error): the claim is not the final model's test accuracy but equals an earlier epoch's,
+      i.e. a figure picked from the per-epoch test curve (which cifarbench prints after every epoch).
+    - test-selection (warning): the run trained for another number of epochs than its recipe's default with
+      no validation split (`--val-split`), so the only per-epoch accuracies the student could have chosen the
+      epoch count on were the test set's. It says the choice may have looked at the test set, not that it did.
+    """
+    flags = []
+    history = record.history
+    final = _number(history[-1].test_accuracy) if history else None
+    same = 0.5 / max(images, 1)  # the same count of correct images
+    if claimed is not None and final is not None and abs(claimed - final) > same:
+        for h in history[:-1]:
+            if _number(h.test_accuracy) is not None and abs(claimed - h.test_accuracy) <= same:
+                flags.append(Flag("claim-from-epoch", "error", f"the claimed {_pct(claimed)} is epoch {h.epoch}'s "
+                                  f"test accuracy, not the final model's ({_pct(final)}): a figure picked from the "
+                                  "per-epoch test curve"))
+                break
+    if (config.val_split == 0 and not config.budget_seconds and recipe_epochs is not None
+            and config.epochs != recipe_epochs):
+        epochs = f"{config.epochs} epoch" + ("s" if config.epochs != 1 else "")
+        flags.append(Flag("test-selection", "warning", f"trained {epochs} (the {config.recipe} recipe's default is "
+                          f"{recipe_epochs}) with no validation split: if the epoch count was chosen by watching the "
+                          "per-epoch test accuracy, the test figure is optimistic (choose on --val-split 5000 "
+                          "instead)"))
+    return flags
+
+
+def recipe_epochs(config: TrainConfig, model: nn.Module) -> int | None:
+    """The epochs the run's recipe gives its model (what it trains without `--epochs`). An own model is treated
+    as the recipes treat one: like a registered model of its kind (convolutional or not)."""
+    from cifarbench.training.recipes import make_config
+
+    name = config.model
+    if is_reference(name):
+        name = "cnn" if any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()) else "fnn"
+    try:
+        return make_config(name, config.recipe).epochs
+    except CifarbenchError:
+        return None
+
+
+def standard_error(spread: Spread, images: int) -> float:
+    """The standard error of an entry's score: the binomial error of measuring an accuracy on `images` images
+    (would the ranking hold on a fresh set of that size?), plus, with several seeds, the seed-to-seed spread of
+    their mean (std / sqrt(seeds))."""
+    p = min(max(spread.mean, 0.0), 1.0)
+    seeds = (spread.std or 0.0) ** 2 / spread.n if spread.n > 1 else 0.0
+    return math.sqrt(p * (1 - p) / max(images, 1) + seeds)
+
+
+def rank_entries(entries: Sequence[LeaderboardEntry]) -> list[LeaderboardEntry]:
+    """Entries sorted by score, best first, with competition ranks (1, 1, 3). An entry shares the rank of the
+    best entry of its group while its score is within TIE_Z standard errors of that entry's (the root sum of
+    both squared errors): such gaps are noise, and the table shows them as ties."""
+    ordered = sorted(entries, key=lambda e: (-e.score, e.student, e.model))
+    leader = None
+    for i, entry in enumerate(ordered):
+        if leader is not None and leader.score - entry.score <= TIE_Z * math.hypot(leader.noise, entry.noise):
+            entry.rank = leader.rank
+        else:
+            entry.rank, leader = i + 1, entry
+    for entry in ordered:
+        entry.tied = sum(e.rank == entry.rank for e in ordered) > 1
+    return ordered
+
+
+def _spread(values: Sequence[float | None]) -> Spread | None:
+    """Mean and spread when every run has the value, else None (a partial mean would mislead)."""
+    known = [v for v in values if v is not None]
+    return mean_spread(known) if known and len(known) == len(values) else None
+
+
+def leaderboard(runs: Sequence[GradedRun], *, test_images: int, hidden_images: int | None = None
+                ) -> list[LeaderboardEntry]:
+    """One entry per student and model (several seeds pooled: mean ± spread), ranked by `rank_entries` on the
+    hidden set's accuracy when there is one, else on the re-scored test accuracy."""
+    groups: dict[tuple, list[GradedRun]] = {}
+    for run in runs:
+        if run.graded:
+            groups.setdefault((run.student, run.model, run.recipe, run.model_sha256), []).append(run)
+    entries = []
+    for (student, model, recipe, _), rs in groups.items():
+        hidden = _spread([r.hidden_accuracy for r in rs]) if hidden_images else None
+        flops = [r.train_flops for r in rs if r.train_flops is not None]
+        kinds = list(dict.fromkeys(f.kind for r in rs for f in r.flags))
+        entries.append(LeaderboardEntry(0, False, student or "?", model or "?", recipe or "?",
+                                        [r.run_id or "?" for r in rs], rs[0].params,
+                                        statistics.fmean(flops) if flops else None,
+                                        _spread([r.train_seconds for r in rs]),
+                                        _spread([r.claimed_accuracy for r in rs]),
+                                        mean_spread([r.rescored_accuracy for r in rs]),  # type: ignore[misc]
+                                        hidden, hidden_images if hidden is not None else test_images, kinds))
+    return rank_entries(entries)
+
+
+# --- Grading ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class HiddenSet:
+    """A labelled image folder the students never saw, decoded once per model input size."""
+
+    folder: Path
+    labels_file: Path
+    files: list[Path]
+    labels: np.ndarray
+    _decoded: dict[tuple, np.ndarray] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, labels_file: str | os.PathLike | None,
+             classes: Sequence[str]) -> HiddenSet:
+        from cifarbench.image_files import expand_images, match_labels, read_labels
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise CifarbenchError(f"--hidden {folder}: not a folder of images")
+        labels_file = Path(labels_file) if labels_file else folder / "labels.csv"
+        files = expand_images([folder])
+        return cls(folder, labels_file, files, match_labels(files, read_labels(labels_file, classes), labels_file))
+
+    def split(self, in_shape: tuple[int, int, int]) -> Split:
+        from cifarbench.image_files import load_images
+
+        key = tuple(in_shape)
+        if key not in self._decoded:
+            self._decoded[key] = load_images(self.files, in_shape)
+        return Split(self._decoded[key], self.labels)
+
+    def info(self) -> dict[str, Any]:
+        return {"folder": str(self.folder), "labels": str(self.labels_file), "images": len(self.files)}
+
+
+def _work_folder(path: Path) -> Path:
+    """An empty grading folder at `path`: created, or emptied when an earlier grading made it (and only then)."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise CifarbenchError(f"--work-dir {path}: not a plain folder")
+    if path.exists() and any(path.iterdir()):
+        if not (path / WORK_MARK).is_file():
+            raise CifarbenchError(f"--work-dir {path} holds files that no grading wrote; name an empty or new folder")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / WORK_MARK).write_text("made by `cifarbench grade`; emptied when grading runs again\n")
+    return path
+
+
+def _line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
+
+
+def grade(inbox: str | os.PathLike, *, trust_code: bool = False, data_dir: str | None = None,
+          verify: bool | None = None, download: bool | None = None, dataset: str = "cifar10",
+          hidden: str | os.PathLike | None = None, hidden_labels: str | os.PathLike | None = None,
+          out: str | os.PathLike | None = None, work_dir: str | os.PathLike | None = None, device: str = "auto",
+          progress: bool | None = None, on_run: Callable[[GradedRun], None] | None = None,
+          data: ImageDataset | None = None) -> Grading:
+    """Grade every submission (`*.tar.gz`) in `inbox`: re-score each run on the whole test set (and the hidden
+    set), flag claims and selections that do not hold, and write `leaderboard.html` and `leaderboard.csv` into
+    `out` (default: the inbox). Each archive is imported into a runs folder of its own under `work_dir` (default
+    INBOX/.grading, emptied first). Student model code runs only with `trust_code` (see docs/classroom.md for
+    running it in a container). A bad submission is reported with its reason and never stops the others."""
+    from cifarbench.reporting.leaderboard import write_csv, write_html
+
+    inbox = Path(inbox).expanduser()
+    if not inbox.is_dir():
+        raise CifarbenchError(f"{inbox} is not a folder of submissions")
+    if hidden_labels is not None and hidden is None:
+        raise CifarbenchError("--hidden-labels needs --hidden FOLDER")
+    archives = sorted(p for p in inbox.iterdir() if p.name.endswith(".tar.gz") and not p.name.startswith("."))
+    if not archives:
+        raise CifarbenchError(f"{inbox} holds no .tar.gz submissions (students make them with `cifarbench submit`)")
+    data = data or load_dataset(DataConfig(dataset=dataset, data_dir=data_dir, verify=verify is not False,
+                                           download=download is not False), progress=progress)
+    hidden_set = HiddenSet.load(hidden, hidden_labels, data.classes) if hidden is not None else None
+    work = _work_folder(Path(work_dir).expanduser() if work_dir else inbox / ".grading")
+    runs: list[GradedRun] = []
+    seen: dict[str, GradedRun] = {}  # checkpoint sha256 -> the first run graded with it
+    for i, archive in enumerate(archives):
+        try:
+            graded = _grade_archive(archive, work / f"{i:03d}", data, hidden_set, seen, trust_code=trust_code,
+                                    device=device)
+        except (Exception, SystemExit) as exc:  # a crafted archive must not stop the others either
+            graded = [GradedRun(archive.name, None, error=f"could not be graded ({type(exc).__name__}: {_line(exc)})")]
+        for run in graded:
+            runs.append(run)
+            if on_run:
+                on_run(run)
+    _flag_shared_checkpoints(runs)
+    board = leaderboard(runs, test_images=len(data.test), hidden_images=len(hidden_set.files) if hidden_set else None)
+    result = Grading(str(inbox), runs, board, data.info(), hidden_set.info() if hidden_set else None, trust_code,
+                     str(work))
+    target = Path(out).expanduser() if out else inbox
+    target.mkdir(parents=True, exist_ok=True)
+    result.csv = str(write_csv(result, target / "leaderboard.csv"))
+    result.html = str(write_html(result, target / "leaderboard.html"))
+    return result
+
+
+def _number(value: Any) -> float | None:
+    """A finite number from a manifest, else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _integer(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _grade_archive(archive: Path, store: Path, data: ImageDataset, hidden: HiddenSet | None,
+                   seen: dict[str, GradedRun], *, trust_code: bool, device: str) -> list[GradedRun]:
+    """Every run of one archive, graded; or one row saying why the archive could not be."""
+    try:
+        bundle = read_bundle(archive)
+        if bundle.student is None:
+            raise CifarbenchError(f"{archive.name}: not a submission (no student name; students make them with "
+                                  "`cifarbench submit`)")
+        student = check_student(bundle.student)
+    except CifarbenchError as exc:
+        return [GradedRun(archive.name, None, error=str(exc))]
+    try:
+        imported = import_runs(archive, runs_dir=store)
+    except CifarbenchError as exc:
+        return [GradedRun(archive.name, student, error=str(exc))]
+    rows = [GradedRun(archive.name, student, run_id, error=f"not imported: {why}")
+            for run_id, why in imported.skipped]
+    for record in imported.imported:
+        # The manifest is the student's text: only well-typed values go into the leaderboard.
+        code_sha = record.config.get("model_sha256") if isinstance(record.config, dict) else None
+        row = GradedRun(archive.name, student, record.run_id, label(str(record.model)), str(record.recipe),
+                        _integer(record.seed), len(record.history) or _integer(record.epochs), None,
+                        _integer(record.train_flops), _number(record.train_seconds), _number(record.test_accuracy),
+                        checkpoint_sha256=bundle.files[record.run_id].get(folders.CHECKPOINT),
+                        model_sha256=code_sha if isinstance(code_sha, str) else None)
+        first = seen.get(row.checkpoint_sha256 or "")
+        if first is not None and first.student == student:
+            row.error = f"the same run as {first.archive}, already graded"
+        else:
+            seen.setdefault(row.checkpoint_sha256 or "", row)
+            _score(row, record, bundle, store, data, hidden, trust_code=trust_code, device=device)
+        rows.append(row)
+    return rows
+
+
+def _score(row: GradedRun, record: RunRecord, bundle: Bundle, store: Path, data: ImageDataset,
+           hidden: HiddenSet | None, *, trust_code: bool, device: str) -> None:
+    """Rebuild one imported run and fill in its scores and flags, or its error."""
+    from cifarbench.inference import load_trained_model
+
+    try:
+        loaded = load_trained_model(str(folders.run_folder(store, record.run_id)), runs_dir=store, device=device,
+                                    trust_code=trust_code)
+        ckpt = loaded.checkpoint
+        if tuple(loaded.classes) != tuple(data.classes) or tuple(loaded.in_shape) != tuple(data.image_shape):
+            raise CifarbenchError(f"trained on {ckpt.dataset.get('name', 'another data set')} "
+                                  f"({len(loaded.classes)} classes, input {tuple(loaded.in_shape)}), not on "
+                                  f"{data.name} ({len(data.classes)} classes, input {data.image_shape})")
+        result = loaded.evaluate(data)
+        row.model, row.params, row.tta = label(loaded.config.model), count_parameters(loaded.model), loaded.config.tta
+        row.rescored_accuracy, row.test_images = result.accuracy, result.n
+        if hidden is not None:
+            row.hidden_accuracy = loaded.evaluate_split(hidden.split(loaded.in_shape)).accuracy
+
+        def tta_matches(claimed: float) -> str | None:
+            for tta in (0, 1, 2):
+                if tta != loaded.config.tta:
+                    other = replace(loaded, config=replace(loaded.config, tta=tta, tta_threshold=0.0))
+                    if abs(other.evaluate(data).accuracy - claimed) <= claim_tolerance(result.n) + 1e-9:
+                        return (f"that is this model's accuracy with test-time augmentation {tta}, while its "
+                                f"run evaluates with {loaded.config.tta}")
+            return None
+
+        same_data = ckpt.dataset.get("sha256") == data.sha256
+        row.flags = claim_flags(row.claimed_accuracy, result.accuracy, result.n, same_data=same_data,
+                                tta_matches=tta_matches)
+        row.flags += selection_flags(record, loaded.config, row.claimed_accuracy, result.n,
+                                     recipe_epochs(loaded.config, loaded.model))
+    except CifarbenchError as exc:
+        row.error = str(exc)
+    except (Exception, SystemExit) as exc:  # a student's model that crashes while building or scoring
+        row.error = f"crashed while being rebuilt or scored ({type(exc).__name__}: {_line(exc)})"
+    if row.error:
+        row.rescored_accuracy = row.hidden_accuracy = None
+
+
+def _flag_shared_checkpoints(runs: Sequence[GradedRun]) -> None:
+    """Runs of different students with the very same checkpoint: one of them is not their own."""
+    by_sha: dict[str, list[GradedRun]] = {}
+    for run in runs:
+        if run.checkpoint_sha256 and run.error is None:
+            by_sha.setdefault(run.checkpoint_sha256, []).append(run)
+    for group in by_sha.values():
+        for run in group:
+            others = sorted({f"{r.student} ({r.archive})" for r in group if r.student != run.student})
+            if others:
+                run.flags.append(Flag("duplicate", "error", "the same checkpoint as the submission of "
+                                      + ", ".join(others)))
