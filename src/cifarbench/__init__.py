@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import importlib
 
+# Light, and what a notebook catches: `except cb.DataError`.
+from cifarbench.errors import CifarbenchError as CifarbenchError
+from cifarbench.errors import DataError as DataError
+
 __version__ = "0.1.0"
 
-_API = ("Comparison", "Evaluation", "ModelSummary", "RunRecord", "TrainedModel", "build_report", "compare",
-        "compare_configs", "compare_runs", "config", "delete_run", "evaluate", "evaluate_checkpoint", "export_runs",
-        "import_runs", "load", "load_trained_model", "make_config", "predict", "predict_images", "predict_test_set",
-        "report", "report_runs", "runs", "stored_runs", "train", "train_run")
+_API = ("Comparison", "DataOverview", "Evaluation", "ModelSummary", "RunRecord", "TrainedModel", "build_report",
+        "compare", "compare_configs", "compare_runs", "config", "delete_run", "evaluate", "evaluate_checkpoint",
+        "explore", "export_runs", "import_runs", "load", "load_trained_model", "make_config", "predict",
+        "predict_images", "predict_test_set", "report", "report_runs", "runs", "stored_runs", "train", "train_run")
 
 
 def __getattr__(name: str):

@@ -16,6 +16,7 @@ from cifarbench.evaluation.analysis import confident_mistakes
 from cifarbench.inference import load_trained_model
 from cifarbench.provenance import environment
 from cifarbench.reporting import html, plots
+from cifarbench.reporting.progress import say
 from cifarbench.reporting.tables import comparison_headers, comparison_rows, percent, time_to_target_cell
 from cifarbench.runs.catalog import stored_runs
 from cifarbench.runs.folders import CHECKPOINT
@@ -95,6 +96,8 @@ def build_report(runs: Sequence[RunRecord], results: Sequence[ModelSummary], out
         raise CifarbenchError(f"these runs were trained on different data sets ({', '.join(map(str, names))}); "
                               "report them separately")
     groups = group_runs(runs)
+    say(f"building the report: evaluating {len(runs)} run{'s' * (len(runs) != 1)} on the test set...",
+        enabled=progress)
     evidence = _Evidence(gallery, runs_dir, trust_code)
     evidence.dataset = dataset
     for label, group in groups.items():

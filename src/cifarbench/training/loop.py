@@ -27,7 +27,7 @@ from cifarbench.errors import CifarbenchError
 from cifarbench.evaluation.metrics import EvalResult, evaluate, sum_dtype
 from cifarbench.models import build_model as create
 from cifarbench.models.reference import label
-from cifarbench.reporting.progress import bar
+from cifarbench.reporting.progress import bar, say, tta_views
 from cifarbench.training import budget
 from cifarbench.training import distributed as ddp
 from cifarbench.training.lookahead import Lookahead
@@ -294,6 +294,10 @@ def train(config: TrainConfig, dataset: ImageDataset, device: torch.device, *,
             last = pos.step >= plan.total_steps
             eval_start = time.perf_counter()
             val = run_eval(val_data) if val_data is not None else None
+            if last and config.tta:
+                unsure = " (the images the model is unsure of)" if config.tta_threshold > 0 else ""
+                say(f"evaluating the test set ({tta_views(config.tta)} TTA views{unsure})...",
+                    enabled=world.is_main and progress is not False)
             test = (run_eval(test_data, config.tta) if last
                     else run_eval(test_data) if config.eval_every_epoch else None)
             metrics = EpochMetrics(pos.epoch, pos.loss_sum / max(pos.seen, 1), test.loss if test else None,
