@@ -38,7 +38,6 @@ if os.environ.get("CIFARBENCH_EXAMPLE_BUDGET"):
     SHORT = {"budget": float(os.environ["CIFARBENCH_EXAMPLE_BUDGET"])}'''
 
 IMPROVED = '''\
-import torch
 from torch import nn
 
 

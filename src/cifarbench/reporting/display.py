@@ -11,6 +11,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from cifarbench.models.reference import label
 from cifarbench.reporting import html, plots
 from cifarbench.reporting.tables import comparison_headers, comparison_rows, flops, percent
 
@@ -65,7 +66,7 @@ def curves_figure(histories: Mapping[str, Sequence[Sequence[Mapping]]], kind: st
 
 def run_figure(run: RunRecord, kind: str = "accuracy"):
     """One run's learning curve."""
-    return curves_figure({run.model: [[h.to_dict() for h in run.history]]}, kind)
+    return curves_figure({label(run.model): [[h.to_dict() for h in run.history]]}, kind)
 
 
 def comparison_figure(comparison: Comparison, kind: str = "accuracy"):
@@ -73,7 +74,8 @@ def comparison_figure(comparison: Comparison, kind: str = "accuracy"):
     from cifarbench.runs.records import group_runs
 
     groups = group_runs(comparison.runs)
-    curves = {label: [[h.to_dict() for h in r.history] for r in rs] for label, rs in groups.items()}
+    # Short names (`Net`, not `__main__:Net`): matplotlib leaves labels that start with "_" out of legends.
+    curves = {label(name): [[h.to_dict() for h in r.history] for r in rs] for name, rs in groups.items()}
     return curves_figure(curves, kind, comparison.target)
 
 
@@ -108,23 +110,24 @@ def run_html(run: RunRecord) -> str:
     params = "-" if run.params is None else f"{run.params:,}"
     table = html.table(["model", "recipe", "seed", "epochs", "test accuracy", "test loss", "params", "FLOPs/image",
                         "train s", "status"],
-                       [[run.model, run.recipe, run.seed, len(run.history), percent(run.test_accuracy), loss, params,
-                         flops(run.flops_per_image), secs, run.status]])
+                       [[label(run.model), run.recipe, run.seed, len(run.history), percent(run.test_accuracy), loss,
+                         params, flops(run.flops_per_image), secs, run.status]])
     notes = [f"run {run.run_id}", _data_note(run.dataset)] + ([f"error: {run.error}"] if run.error else [])
     figure = run_figure(run) if _has_points(run.history) else None
-    return _block(f"Run of {run.model}", table, figure, [n for n in notes if n])
+    return _block(f"Run of {label(run.model)}", table, figure, [n for n in notes if n])
 
 
 def comparison_html(comparison: Comparison) -> str:
     """The comparison table (mean ± std over seeds, cost) and the learning curves of every model."""
-    table = html.table(comparison_headers(comparison.results), comparison_rows(comparison.results))
+    rows = [[label(row[0]), *row[1:]] for row in comparison_rows(comparison.results)]
+    table = html.table(comparison_headers(comparison.results), rows)
     notes = [f"{f.get('model', '?')} seed {f.get('seed', '?')} failed: {f.get('error', '')}"
              for f in comparison.failures]
     notes += [f"report: {comparison.report}"] if comparison.report else []
     notes.append(_data_note(comparison.dataset or (comparison.runs[0].dataset if comparison.runs else {})))
     with_points = any(_has_points(r.history) for r in comparison.runs)
     figure = comparison_figure(comparison) if with_points else None
-    return _block(f"Comparison of {', '.join(r.model for r in comparison.results)}", table, figure,
+    return _block(f"Comparison of {', '.join(label(r.model) for r in comparison.results)}", table, figure,
                   [n for n in notes if n])
 
 
@@ -135,10 +138,10 @@ def evaluation_figure(evaluation: Evaluation, kind: str = "per_class"):
     from cifarbench.errors import CifarbenchError
 
     if kind == "per_class":
-        return inline(plots.per_class_figure({evaluation.model: [evaluation.result.per_class_accuracy]},
+        return inline(plots.per_class_figure({label(evaluation.model): [evaluation.result.per_class_accuracy]},
                                              evaluation.classes))
     if kind == "confusion":
-        return inline(plots.confusion_figure({evaluation.model: np.asarray(evaluation.result.confusion)},
+        return inline(plots.confusion_figure({label(evaluation.model): np.asarray(evaluation.result.confusion)},
                                              evaluation.classes))
     raise CifarbenchError(f"unknown plot kind {kind!r}; choose one of: per_class, confusion")
 
@@ -147,11 +150,12 @@ def evaluation_html(evaluation: Evaluation) -> str:
     """An evaluation's accuracy row and its per-class accuracy as a bar chart."""
     r = evaluation.result
     table = html.table(["model", "test accuracy", "test loss", "images", "TTA level"],
-                       [[evaluation.model, percent(r.accuracy), f"{r.loss:.4f}", f"{r.n:,}", evaluation.tta]])
+                       [[label(evaluation.model), percent(r.accuracy), f"{r.loss:.4f}", f"{r.n:,}", evaluation.tta]])
     notes = [f"run {evaluation.run_id}", _data_note(evaluation.dataset)]
     if not evaluation.dataset_matches_training:
         notes.append("this test set is not the copy the model was trained with (another fingerprint)")
-    return _block(f"Evaluation of {evaluation.model}", table, evaluation_figure(evaluation), [n for n in notes if n])
+    return _block(f"Evaluation of {label(evaluation.model)}", table, evaluation_figure(evaluation),
+                  [n for n in notes if n])
 
 
 def overview_html(overview: DataOverview) -> str:
