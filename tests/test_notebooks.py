@@ -99,7 +99,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory):
     data = write_python_layout(tmp / "data")
     write_idx_set(data / "mnist")
     env = kernel_env(tmp, CIFARBENCH_DATA=str(data), CIFARBENCH_EXAMPLE_QUICK="1")
-    return run_notebook(EXAMPLES / "01_notebook_reproduced.ipynb", tmp, env, rerun="wider = cb.train(")
+    return run_notebook(EXAMPLES / "01_notebook_reproduced.ipynb", tmp, env, rerun="narrow = cb.train(")
 
 
 @pytest.mark.slow
@@ -131,7 +131,7 @@ def test_notebook_training_cells_show_epoch_lines_and_no_tqdm_warning(tiny_run) 
 @pytest.mark.slow
 def test_rerunning_the_cell_that_redefines_and_retrains_a_class_succeeds(tiny_run) -> None:
     nb, again = tiny_run
-    first = cell_with(nb, "wider = cb.train(")
+    first = cell_with(nb, "narrow = cb.train(")
     assert not [o for o in again.outputs if o.output_type == "error"]
     assert again.execution_count > first.execution_count
     run_ids = [re.search(r"RunRecord\('([^']+)'", texts(c)).group(1) for c in (first, again)]
@@ -142,8 +142,8 @@ def test_rerunning_the_cell_that_redefines_and_retrains_a_class_succeeds(tiny_ru
 @pytest.mark.slow
 def test_notebook_01_runs_on_the_real_data(real_data_dir: Path, tmp_path: Path) -> None:
     # A few seconds per model: the point is that every cell runs on the real files, not the accuracies.
-    env = kernel_env(tmp_path, CIFARBENCH_DATA=str(real_data_dir), CIFARBENCH_EXAMPLE_BUDGET="4")
-    nb, again = run_notebook(EXAMPLES / "01_notebook_reproduced.ipynb", tmp_path, env, rerun="wider = cb.train(")
+    env = kernel_env(tmp_path, CIFARBENCH_DATA=str(real_data_dir), CIFARBENCH_EXAMPLE_BUDGET="3")
+    nb, again = run_notebook(EXAMPLES / "01_notebook_reproduced.ipynb", tmp_path, env, rerun="narrow = cb.train(")
     errors = [o for c in [*nb.cells, again] if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
     assert "test accuracy (mean ± std)" in texts(cell_with(nb, 'cb.compare(["cnn", ImprovedCNN]'))
