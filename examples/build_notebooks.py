@@ -189,7 +189,7 @@ much smaller on MNIST: the notebook's point holds. Its 55% is far from what a CN
 to the architecture (section 4) already help, and the training matters as much as the model:
 `cb.train("speedrun", budget=120)` trains a network built for speed with a modern recipe (augmentation, a
 learning-rate schedule, weight averaging) for two minutes; the README lists what such budgets reached on a
-2-core CPU (about 87% in 120 seconds). Every result above is stored: `cb.runs()` lists them."""),
+2-core CPU (about 87% in 120 seconds). Every result above is stored: `cb.run_history()` lists them."""),
 ]
 
 

@@ -227,6 +227,39 @@ def test_a_returned_figure_displays_as_an_image_in_ipython() -> None:
         type(shell).clear_instance()
 
 
+def test_a_class_defined_in_a_cell_keeps_its_source_and_its_runs_survive_a_redefinition(
+        tiny_py: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Jupyter cell: code compiled under a cell name whose text IPython keeps in linecache, run in a `__main__`
+    without a file (where `inspect.getsource` cannot find a class before Python 3.13)."""
+    import linecache
+    import types
+
+    main = types.ModuleType("__main__")
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    cell = textwrap.dedent("""\
+        from torch import nn
+
+        class CellNet(nn.Module):
+            def __init__(self, num_classes=10, in_shape=(3, 32, 32), width=4):
+                super().__init__()
+                self.net = nn.Sequential(nn.Flatten(), nn.Linear(3072, width), nn.ReLU(), nn.Linear(width, num_classes))
+
+            def forward(self, x):
+                return self.net(x)
+    """)
+    runs = []
+    for i, width in enumerate((4, 6)):
+        code = cell.replace("width=4", f"width={width}")
+        name = f"/tmp/ipykernel_0/cell{i}.py"
+        linecache.cache[name] = (len(code), None, code.splitlines(True), name)
+        exec(compile(code, name, "exec"), main.__dict__)
+        runs.append(cb.train(main.CellNet, epochs=1, data_dir=str(tiny_py), verify=False, progress=False))
+    assert [r.params for r in runs] == [3072 * w + w + w * 10 + 10 for w in (4, 6)]
+    code = Path(runs[0].run_dir, "model.py").read_text()
+    assert "class CellNet" in code and "width=4" in code
+    assert cb.evaluate(runs[0].run_id, data_dir=str(tiny_py), verify=False).test_accuracy == runs[0].test_accuracy
+
+
 # --- progress and errors for Python callers -----------------------------------------------------------------------
 
 @pytest.mark.slow
