@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import importlib
 
+# Light, and what a notebook catches: `except cb.DataError`.
+from cifarbench.errors import CifarbenchError as CifarbenchError
+from cifarbench.errors import DataError as DataError
+
 __version__ = "0.1.0"
 
 

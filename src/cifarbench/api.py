@@ -20,6 +20,8 @@ from cifarbench.classroom import Grading, Submission, grade, submit
 from cifarbench.comparing import compare as compare_configs
 from cifarbench.comparing import compare_runs
 from cifarbench.config import TrainConfig
+from cifarbench.data.overview import DataOverview
+from cifarbench.data.overview import explore as explore_data
 from cifarbench.inference import (
     Evaluation,
     TrainedModel,
@@ -38,11 +40,11 @@ from cifarbench.runs.catalog import delete_run, stored_runs
 from cifarbench.runs.records import Comparison, ModelSummary, RunRecord
 from cifarbench.training.recipes import config_for, make_config
 
-__all__ = ["Comparison", "Evaluation", "Grading", "ModelSummary", "RunRecord", "Submission", "TrainedModel",
-           "build_report", "compare", "compare_configs", "compare_runs", "delete_run", "evaluate",
-           "evaluate_checkpoint", "export_runs", "grade", "import_runs", "load", "load_trained_model", "make_config",
-           "predict", "predict_images", "predict_test_set", "report", "report_runs", "run_config", "run_history",
-           "score_images", "stored_runs", "submit", "train", "train_run"]
+__all__ = ["Comparison", "DataOverview", "Evaluation", "Grading", "ModelSummary", "RunRecord", "Submission",
+           "TrainedModel", "build_report", "compare", "compare_configs", "compare_runs", "delete_run", "evaluate",
+           "evaluate_checkpoint", "explore", "export_runs", "grade", "import_runs", "load", "load_trained_model",
+           "make_config", "predict", "predict_images", "predict_test_set", "report", "report_runs", "run_config",
+           "run_history", "score_images", "stored_runs", "submit", "train", "train_run"]
 
 Model = str | type | Callable[..., Any]
 """A registered model's name, `file.py:Name`, `module:Name`, or an nn.Module subclass or factory itself."""
@@ -65,6 +67,20 @@ def run_config(model: Model, *, recipe: str | None = None, seed: int = 0, epochs
                       verify=verify, download=download)
 
 
+def _check_keywords(function: Callable[..., Any], given: dict[str, Any], *, extra: Sequence[str] = (),
+                    where: str | None = None) -> None:
+    """Refuse a keyword `function` does not take with a CifarbenchError that suggests the right one, instead of
+    the TypeError Python would raise from deep inside (`no_verify=True` -> `verify=False`)."""
+    import inspect
+
+    from cifarbench.errors import unknown_keyword
+
+    known = [*(n for n in inspect.signature(function).parameters if n != "model"), *extra]
+    for name in given:
+        if name not in known:
+            raise unknown_keyword(name, known, where or function.__name__)
+
+
 def train(model: Model, *, runs_dir: str | os.PathLike | None = None, progress: bool | None = None,
           on_epoch: Callable[[TrainConfig, Any], None] | None = None, **choices: Any) -> RunRecord:
     """Train one model and record the run; `choices` are `run_config`'s keywords (epochs=, lr=, verify=False, ...).
@@ -72,6 +88,7 @@ def train(model: Model, *, runs_dir: str | os.PathLike | None = None, progress: 
     A class or factory you pass is recorded with its source code, so the run can be evaluated and compared later
     even after you change it; running its cell again and training again just works. One line per epoch goes to
     stderr (pass `on_epoch` to do something else with each epoch's metrics)."""
+    _check_keywords(run_config, choices, extra=("runs_dir", "progress", "on_epoch"), where="train")
     runtime.configure()
     cfg = run_config(model, **choices)
     show = on_epoch or EpochPrinter()
@@ -83,6 +100,8 @@ def compare(models: Sequence[Model], *, seeds: int = 1, jobs: int = 1, target: f
             runs_dir: str | os.PathLike | None = None, progress: bool | None = None,
             on_epoch: Callable[[TrainConfig, Any], None] | None = None, **choices: Any) -> Comparison:
     """Train every model for `seeds` seeds on the same data and compare them (`cifarbench compare`)."""
+    _check_keywords(run_config, choices, extra=("seeds", "jobs", "target", "report", "plot", "runs_dir", "progress",
+                                            "on_epoch"), where="compare")
     refs = [_ref(m) for m in models]
     if jobs > 1 and any(r.startswith("__main__:") for r in refs):
         from cifarbench.errors import CifarbenchError
@@ -101,6 +120,7 @@ def compare(models: Sequence[Model], *, seeds: int = 1, jobs: int = 1, target: f
 
 def evaluate(run: str, **kwargs: Any) -> Evaluation:
     """A trained run (id, folder or checkpoint) scored on the whole test set (`cifarbench eval`)."""
+    _check_keywords(evaluate_checkpoint, kwargs, where="evaluate")
     return evaluate_checkpoint(run, **kwargs)
 
 
@@ -110,17 +130,29 @@ def predict(run: str, images: Sequence[str | os.PathLike], *, labels: str | os.P
     filename,label rows), score them instead: an ImageScore with accuracy, per-class accuracy and confusion."""
     if labels is not None:
         return score_images(run, images, labels, **kwargs)
+    _check_keywords(predict_images, kwargs, where="predict")
     return predict_images(run, images, **kwargs)
 
 
 def report(runs: Sequence[str], out: str | os.PathLike, **kwargs: Any) -> Comparison:
     """One self-contained HTML report of stored runs (`cifarbench report`)."""
+    _check_keywords(report_runs, kwargs, where="report")
     return report_runs(runs, out, **kwargs)
 
 
 def load(run: str, **kwargs: Any) -> TrainedModel:
     """A trained run's model, ready for inference (its `.model` is an ordinary nn.Module)."""
+    _check_keywords(load_trained_model, kwargs, where="load")
     return load_trained_model(run, **kwargs)
+
+
+def explore(*, dataset: str = "cifar10", data_dir: str | os.PathLike | None = None, verify: bool = True,
+            download: bool = True, per_class: int = 10, split: str = "train", seed: int = 0,
+            out: str | os.PathLike | None = None, progress: bool | None = None) -> DataOverview:
+    """A first look at the data (`cifarbench explore`): images per class, and a grid of examples of each class
+    that shows itself in a notebook (`.plot()` returns it as a matplotlib Figure)."""
+    return explore_data(dataset=dataset, data_dir=data_dir, verify=verify, download=download, per_class=per_class,
+                        split=split, seed=seed, out=out, progress=progress)
 
 
 def run_history(*refs: str, runs_dir: str | os.PathLike | None = None, limit: int = 50) -> list[RunRecord]:

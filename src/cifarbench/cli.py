@@ -366,7 +366,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         return
     _note_unverified(report.dataset)
     print(comparison_table(report.results))
-    print(f"\nlearning curves: {report.plot}")
+    print(f"\nlearning curves: {report.plot_file}")
     if report.report:
         print(f"report: {report.report}")
 

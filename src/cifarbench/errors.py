@@ -5,7 +5,9 @@ while Python code is the caller (the default interface), each flag is spelled as
 (`verify=False`), so a notebook user is never told to pass a flag."""
 
 import contextvars
+import difflib
 import re
+from collections.abc import Sequence
 
 INTERFACE: contextvars.ContextVar[str] = contextvars.ContextVar("cifarbench_interface", default="python")
 """'python' (the library's callers) or 'cli' (set by the command line's entry point)."""
@@ -46,3 +48,14 @@ class DataError(CifarbenchError):
 
 class DownloadError(DataError):
     """A download failed, or what arrived is not what was expected."""
+
+
+def unknown_keyword(name: str, known: Sequence[str], function: str) -> CifarbenchError:
+    """The error for a keyword a Python API function does not take, with the likeliest one it meant: a CLI-style
+    `no_verify` is `verify=False`, a near miss (`epoch`) the closest name (`epochs`)."""
+    if name.startswith("no_") and name[3:] in known:
+        hint = f"; pass {name[3:]}=False"
+    else:
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else f"; it takes: {', '.join(known)}"
+    return CifarbenchError(f"{function}() has no keyword {name!r}{hint}")

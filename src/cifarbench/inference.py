@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -21,9 +22,13 @@ from cifarbench.errors import CifarbenchError
 from cifarbench.evaluation.metrics import EvalResult, evaluate
 from cifarbench.models import build_model
 from cifarbench.models.reference import load_run_code
+from cifarbench.reporting.progress import say, tta_views
 from cifarbench.runs import folders
 from cifarbench.runs.store import RunStore
 from cifarbench.training.state import RunCheckpoint
+
+MANY_FILES = 50
+"""From this many image files on, prediction says what it is doing before it starts."""
 
 
 def resolve_checkpoint(ref: str, runs_dir: str | os.PathLike | None = None) -> tuple[Path, bool]:
@@ -142,6 +147,25 @@ class Evaluation:
         return {**d, "test_accuracy": r.accuracy, "test_loss": r.loss, "per_class_accuracy": r.per_class_accuracy,
                 "confusion": r.confusion, "n": r.n}
 
+    def to_json(self) -> str:
+        """`to_dict` as JSON text (what `cifarbench eval --json` prints)."""
+        return json.dumps(self.to_dict(), indent=2)
+
+    def plot(self, kind: str = "per_class"):
+        """Per-class accuracy as a matplotlib Figure, or `kind="confusion"` for the confusion matrix."""
+        from cifarbench.reporting.display import evaluation_figure
+
+        return evaluation_figure(self, kind)
+
+    def __repr__(self) -> str:
+        return (f"Evaluation({self.run_id!r}, {self.model}, test {100 * self.test_accuracy:.2f}% of "
+                f"{self.result.n:,} images)")
+
+    def _repr_html_(self) -> str:
+        from cifarbench.reporting.display import evaluation_html
+
+        return evaluation_html(self)
+
 
 def evaluate_checkpoint(ref: str, *, runs_dir: str | os.PathLike | None = None, data_dir: str | None = None,
                         verify: bool | None = None, download: bool | None = None, device: str = "auto",
@@ -152,8 +176,10 @@ def evaluate_checkpoint(ref: str, *, runs_dir: str | os.PathLike | None = None, 
     loaded = load_trained_model(ref, runs_dir=runs_dir, device=device, trust_code=trust_code)
     dataset = loaded.test_dataset(data_dir=data_dir, verify=verify, download=download, dataset=dataset,
                                   progress=progress)
-    result = loaded.evaluate(dataset, keep_probabilities=keep_probabilities)
     c = loaded.config
+    if c.tta:
+        say(f"evaluating the test set ({tta_views(c.tta)} TTA views)...", enabled=progress)
+    result = loaded.evaluate(dataset, keep_probabilities=keep_probabilities)
     return Evaluation(str(loaded.path), loaded.checkpoint.run_id, loaded.checkpoint.model, loaded.classes, c.tta,
                       c.tta_threshold, result, describe_device(loaded.device), dataset.info(),
                       dataset.sha256 == loaded.checkpoint.dataset["sha256"], result.probabilities,
@@ -167,7 +193,7 @@ def predict_test_set(ref: str, **kwargs) -> Evaluation:
 
 def predict_images(ref: str, images: Sequence[str | os.PathLike], *, top: int = 3,
                    runs_dir: str | os.PathLike | None = None, device: str = "auto",
-                   trust_code: bool = False) -> dict[str, Any]:
+                   trust_code: bool = False, progress: bool | None = None) -> dict[str, Any]:
     """Classify PNG/JPEG files (a folder: the images in it) with a saved model: the `top` classes and
     probabilities of each image."""
     from cifarbench.image_files import classify_files, expand_images
@@ -177,6 +203,8 @@ def predict_images(ref: str, images: Sequence[str | os.PathLike], *, top: int = 
     images = expand_images(images)
     loaded = load_trained_model(ref, runs_dir=runs_dir, device=device, trust_code=trust_code)
     c = loaded.config
+    if len(images) >= MANY_FILES:
+        say(f"predicting {len(images)} files...", enabled=progress)
     predictions = classify_files(loaded.model, images, in_shape=loaded.in_shape, mean=c.data.mean, std=c.data.std,
                                  classes=loaded.classes, device=loaded.device, channels_last=c.channels_last, top=top,
                                  tta=c.tta, tta_threshold=c.tta_threshold)

@@ -20,6 +20,7 @@ from cifarbench.data.dataset import ImageDataset, Split, fingerprint
 from cifarbench.data.safe_pickle import safe_load_pickle
 from cifarbench.errors import DataError
 from cifarbench.fsutil import MiB, atomic_write, check_zip_archive, file_digest, open_regular_file, read_regular_file
+from cifarbench.reporting.progress import say
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -50,6 +51,8 @@ CACHE_VERSION = 2  # 2: keyed by the files' content, not their size and mtime
 BATCH_MAX_BYTES = 64 * MiB
 META_MAX_BYTES = MiB
 ARCHIVE_MAX_BYTES = 1024 * MiB
+# Decoding this much (a real copy, not a test fixture) takes long enough to say so first.
+LONG_LOAD_BYTES = 16 * MiB
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -154,14 +157,16 @@ def load_cifar10(data_dir: str | os.PathLike | None = None, *, verify: bool = Tr
             for name, payload in payloads.items()} if layout.kind == "python" else {}
     # Keyed by the bytes just read, so any change to a file (whatever its size and mtime say) is a miss. A hit
     # still reads and hashes every file, and re-checks the arrays' fingerprint: it saves the decoding only.
+    official = _check_md5(layout, md5s, strict=verify)  # before the decoding: a refusal costs no time
     key = _cache_key(layout.kind, payloads)
     cached = _read_cache(cache, key)
     if cached is None:
+        if sum(len(p) for p in payloads.values()) >= LONG_LOAD_BYTES:
+            say(f"loading CIFAR-10 from {layout.folder} (decoded once, then cached)...", enabled=progress)
         cached = _decode(layout, payloads)
         _write_cache(cache, key, cached)
     del payloads
     train, test, sha256 = cached
-    official = _check_md5(layout, md5s, strict=verify)
     return ImageDataset("cifar10", CLASSES, train, test, sha256, official, str(layout.folder.resolve()), layout.kind)
 
 

@@ -143,10 +143,9 @@ def _capture(ref: str, name: str, obj: Any, module: types.ModuleType | None) -> 
         except OSError:
             pass
     if code is None:
-        try:
-            code = HEADER.format(origin=f"{module.__name__ if module else '?'} ({name})") + inspect.getsource(obj)
-        except (OSError, TypeError):
-            code = None
+        source = _source(obj)
+        origin = f"{module.__name__ if module else '?'} ({name})"
+        code = None if source is None else HEADER.format(origin=origin) + source
         if code is not None:
             try:  # does the captured text stand alone (no names from other cells)?
                 standalone = _buildable(getattr(run_code(code, f"<{ref}>"), name.split(".")[-1], None))
@@ -155,6 +154,36 @@ def _capture(ref: str, name: str, obj: Any, module: types.ModuleType | None) -> 
     if code is not None:
         _CODE.setdefault(code_sha256(code), (code, ref))
     return ModelSource(ref, name, obj, code, standalone)
+
+
+def _source(obj: Any) -> str | None:
+    """The source text of a class or function, or None when it cannot be found."""
+    try:
+        return inspect.getsource(obj)
+    except (OSError, TypeError):
+        return _cell_source(obj) if inspect.isclass(obj) else None
+
+
+def _cell_source(cls: type) -> str | None:
+    """The source of a class defined in a Jupyter cell. Before Python 3.13 `inspect` looks for a class in its
+    module's file, and a kernel's `__main__` has none; the class's methods do know their cell (their code's file
+    name, whose text IPython keeps in `linecache`), so the class is found there by name and line."""
+    import ast
+    import linecache
+
+    methods = [f for f in vars(cls).values() if inspect.isfunction(f)]
+    for method in methods:
+        lines = linecache.getlines(method.__code__.co_filename)
+        try:
+            tree = ast.parse("".join(lines))
+        except (SyntaxError, ValueError):
+            continue
+        line = method.__code__.co_firstlineno
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef) and node.name == cls.__name__ and node.lineno <= line <= node.end_lineno:
+                start = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                return "".join(lines[start - 1:node.end_lineno])
+    return None
 
 
 def _buildable(obj: Any) -> bool:

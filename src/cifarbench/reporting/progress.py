@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Iterator
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from cifarbench.config import TrainConfig
-from cifarbench.training.state import EpochMetrics
+if TYPE_CHECKING:  # annotations only: the data loaders import `say` without pulling in torch
+    from cifarbench.config import TrainConfig
+    from cifarbench.training.state import EpochMetrics
 
 
 def epoch_line(config: TrainConfig, m: EpochMetrics) -> str:
@@ -57,3 +58,15 @@ def bar(iterable: Iterable[Any], *, total: int, desc: str, initial: int = 0,
     else:
         return iter(iterable)
     return tqdm(iterable, total=total, initial=initial, desc=desc, leave=False, unit="batch")
+
+
+def say(message: str, *, enabled: bool | None = None) -> None:
+    """One line on stderr saying what a long phase is doing ('building the report...'), so that a notebook, a
+    terminal or a log never sits silent; `enabled=False` (the callers' `progress=False`) keeps it quiet."""
+    if enabled is not False:
+        print(message, file=sys.stderr, flush=True)
+
+
+def tta_views(tta: int) -> int:
+    """How many views of each image test-time augmentation level `tta` looks at (plain, flipped, translated)."""
+    return {0: 1, 1: 2}.get(tta, 6)

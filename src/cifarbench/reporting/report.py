@@ -14,8 +14,10 @@ from cifarbench.data import ImageDataset
 from cifarbench.errors import CifarbenchError
 from cifarbench.evaluation.analysis import confident_mistakes
 from cifarbench.inference import load_trained_model
+from cifarbench.models.reference import label as short_name
 from cifarbench.provenance import environment
 from cifarbench.reporting import html, plots
+from cifarbench.reporting.progress import say
 from cifarbench.reporting.tables import comparison_headers, comparison_rows, percent, time_to_target_cell
 from cifarbench.runs.catalog import stored_runs
 from cifarbench.runs.folders import CHECKPOINT
@@ -94,7 +96,9 @@ def build_report(runs: Sequence[RunRecord], results: Sequence[ModelSummary], out
     if len(names) > 1:
         raise CifarbenchError(f"these runs were trained on different data sets ({', '.join(map(str, names))}); "
                               "report them separately")
-    groups = group_runs(runs)
+    groups = _short_labels(group_runs(runs))
+    say(f"building the report: evaluating {len(runs)} run{'s' * (len(runs) != 1)} on the test set...",
+        enabled=progress)
     evidence = _Evidence(gallery, runs_dir, trust_code)
     evidence.dataset = dataset
     for label, group in groups.items():
@@ -120,6 +124,15 @@ def build_report(runs: Sequence[RunRecord], results: Sequence[ModelSummary], out
                                             ("device", runs[0].device)) if v},
         notes=evidence.notes)
     return html.write_report(document, out)
+
+
+def _short_labels(groups: dict[str, list[RunRecord]]) -> dict[str, list[RunRecord]]:
+    """The groups keyed by their models' short names (`Net` for `__main__:Net`) where those stay distinct:
+    matplotlib leaves a name that starts with "_" out of a figure's legend."""
+    short = {name: short_name(name) for name in groups}
+    if len(set(short.values())) < len(short):
+        return groups
+    return {short[name]: runs for name, runs in groups.items()}
 
 
 def _run_table(runs: Sequence[RunRecord], target: float | None) -> tuple[list[str], list[list[str]]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -79,6 +80,21 @@ class RunRecord:
         acc = "-" if self.test_accuracy is None else f"{100 * self.test_accuracy:.2f}%"
         return f"RunRecord({self.run_id!r}, {self.model}/{self.recipe}, seed {self.seed}, {self.status}, test {acc})"
 
+    def to_json(self) -> str:
+        """`to_dict` as JSON text (what `cifarbench train --json` prints)."""
+        return json.dumps(self.to_dict(), indent=2)
+
+    def plot(self, kind: str = "accuracy"):
+        """The learning curve as a matplotlib Figure: test accuracy per epoch and second, or `kind="loss"`."""
+        from cifarbench.reporting.display import run_figure
+
+        return run_figure(self, kind)
+
+    def _repr_html_(self) -> str:
+        from cifarbench.reporting.display import run_html
+
+        return run_html(self)
+
 
 @dataclass
 class ModelSummary:
@@ -130,20 +146,36 @@ class Comparison:
     target: float | None = None
     dataset: dict | None = None
     failures: list[dict[str, Any]] = field(default_factory=list)
-    plot: str | None = None
+    plot_file: str | None = None
+    """The learning-curve PNG `compare` wrote (`"plot"` in JSON); `plot()` draws the figure."""
     report: str | None = None
     jobs: int = 1
     environment: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"results": [r.to_dict() for r in self.results], "runs": [r.summary(self.target) for r in self.runs],
-                "plot": self.plot, "report": self.report, "target": self.target, "dataset": self.dataset,
+                "plot": self.plot_file, "report": self.report, "target": self.target, "dataset": self.dataset,
                 "failures": self.failures, "jobs": self.jobs, **self.environment}
 
     def __repr__(self) -> str:
         rows = ", ".join(f"{r.model} {'-' if r.test_accuracy_mean is None else f'{100 * r.test_accuracy_mean:.2f}%'}"
                          for r in self.results)
         return f"Comparison({rows}; {len(self.runs)} runs)"
+
+    def to_json(self) -> str:
+        """`to_dict` as JSON text (what `cifarbench compare --json` prints)."""
+        return json.dumps(self.to_dict(), indent=2)
+
+    def plot(self, kind: str = "accuracy"):
+        """The models' learning curves as a matplotlib Figure (mean over seeds, band = min-max), or `kind="loss"`."""
+        from cifarbench.reporting.display import comparison_figure
+
+        return comparison_figure(self, kind)
+
+    def _repr_html_(self) -> str:
+        from cifarbench.reporting.display import comparison_html
+
+        return comparison_html(self)
 
 
 def group_runs(runs: Sequence[RunRecord]) -> dict[str, list[RunRecord]]:

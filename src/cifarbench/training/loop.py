@@ -27,7 +27,7 @@ from cifarbench.errors import CifarbenchError
 from cifarbench.evaluation.metrics import EvalResult, evaluate, sum_dtype
 from cifarbench.models import build_model as create
 from cifarbench.models.reference import label
-from cifarbench.reporting.progress import bar
+from cifarbench.reporting.progress import bar, say, tta_views
 from cifarbench.training import budget
 from cifarbench.training import distributed as ddp
 from cifarbench.training.lookahead import Lookahead
@@ -265,7 +265,7 @@ class _Setup:
                       autocast_dtype=self.amp, tta=tta, tta_threshold=self.config.tta_threshold)
         return ddp.merge(ev, self.world, self.device)
 
-    def end_epoch(self, loss_sum: torch.Tensor, last: bool, seconds: float) -> EpochMetrics:
+    def end_epoch(self, loss_sum: torch.Tensor, last: bool, seconds: float, announce: bool) -> EpochMetrics:
         """Settle the epoch's sums over ranks, evaluate (validation every epoch; the test set at the end with the
         configured TTA, plain after other epochs when the config asks for learning curves) and record it."""
         pos, c = self.result.position, self.config
@@ -274,6 +274,9 @@ class _Setup:
         pos.seen = int(ddp.all_sum(torch.tensor([pos.seen], dtype=torch.int64, device=self.device), self.world).item())
         eval_start = time.perf_counter()
         val = self.evaluate(self.val_data)
+        if last and c.tta:
+            unsure = " (the images the model is unsure of)" if c.tta_threshold > 0 else ""
+            say(f"evaluating the test set ({tta_views(c.tta)} TTA views{unsure})...", enabled=announce)
         test = self.evaluate(self.test_data, c.tta) if last else self.evaluate(self.test_data) if c.eval_every_epoch \
             else None
         metrics = EpochMetrics(pos.epoch, pos.loss_sum / max(pos.seen, 1), test.loss if test else None,
@@ -340,7 +343,8 @@ def train(config: TrainConfig, dataset: ImageDataset, device: torch.device, *,
                 result.lookahead.update(run.model, 1.0)  # every epoch ends on the averaged weights
             plan.pause()  # what follows (evaluations) is not step time
             synchronize(device)
-            metrics = run.end_epoch(loss_sum, pos.step >= plan.total_steps, time.perf_counter() - epoch_start)
+            metrics = run.end_epoch(loss_sum, pos.step >= plan.total_steps, time.perf_counter() - epoch_start,
+                                    announce=world.is_main and progress is not False)
             result.wall_seconds = time.perf_counter() - started
             if on_epoch:
                 on_epoch(metrics, result)

@@ -1,0 +1,166 @@
+"""How results look in a notebook: a compact HTML summary (a table and an inline figure) for each result's
+`_repr_html_`, and matplotlib figures that display themselves when a cell returns them.
+
+Nothing here runs outside a notebook unless asked: the records call these builders only when Jupyter (or a
+caller) asks for their HTML or a plot.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from cifarbench.models.reference import label
+from cifarbench.reporting import html, plots
+from cifarbench.reporting.tables import comparison_headers, comparison_rows, flops, percent
+
+if TYPE_CHECKING:
+    from cifarbench.data.overview import DataOverview
+    from cifarbench.inference import Evaluation
+    from cifarbench.runs.records import Comparison, RunRecord
+
+KINDS = ("accuracy", "loss")
+TABLE_STYLE = "font-size:0.9em;border-collapse:collapse"
+IMAGE_STYLE = "max-width:100%;height:auto"
+
+
+def inline(fig):
+    """`fig`, made to show as an image when a notebook cell returns it.
+
+    A figure built without pyplot (as every figure here is, so nothing piles up in pyplot's global state)
+    displays as text in Jupyter until a PNG formatter is registered for the Figure type; pyplot's inline
+    backend registers one, and this does the same when it has not."""
+    shell = _ipython()
+    if shell is not None:
+        from matplotlib.figure import Figure
+
+        formatter = shell.display_formatter.formatters["image/png"]
+        try:
+            formatter.lookup_by_type(Figure)
+        except KeyError:
+            formatter.for_type(Figure, plots.png_bytes)
+    return fig
+
+
+def _ipython():
+    ipython = sys.modules.get("IPython")
+    return ipython.get_ipython() if ipython is not None else None
+
+
+def _check_kind(kind: str) -> None:
+    from cifarbench.errors import CifarbenchError
+
+    if kind not in KINDS:
+        raise CifarbenchError(f"unknown plot kind {kind!r}; choose one of: {', '.join(KINDS)}")
+
+
+def curves_figure(histories: Mapping[str, Sequence[Sequence[Mapping]]], kind: str = "accuracy",
+                  target: float | None = None):
+    """Learning curves of models over seeds: test accuracy per epoch and second, or the losses per epoch."""
+    _check_kind(kind)
+    fig = (plots.learning_curves_figure(histories, target=target) if kind == "accuracy"
+           else plots.loss_curves_figure(histories))
+    return inline(fig)
+
+
+def run_figure(run: RunRecord, kind: str = "accuracy"):
+    """One run's learning curve."""
+    return curves_figure({label(run.model): [[h.to_dict() for h in run.history]]}, kind)
+
+
+def comparison_figure(comparison: Comparison, kind: str = "accuracy"):
+    """The compared models' learning curves (mean over seeds, band = min-max)."""
+    from cifarbench.runs.records import group_runs
+
+    groups = group_runs(comparison.runs)
+    # Short names (`Net`, not `__main__:Net`): matplotlib leaves labels that start with "_" out of legends.
+    curves = {label(name): [[h.to_dict() for h in r.history] for r in rs] for name, rs in groups.items()}
+    return curves_figure(curves, kind, comparison.target)
+
+
+def _block(title: str, table: str, figure=None, notes: Sequence[str] = ()) -> str:
+    """A title, a table, notes and an optional figure as one `<div>` (figures as inline data: PNGs)."""
+    table = table.replace("<table>", f'<table style="{TABLE_STYLE}">', 1)
+    parts = [f"<div class=\"cifarbench\"><p><b>{html.esc(title)}</b></p>", table]
+    parts += [f"<p style=\"color:#666\">{html.esc(n)}</p>" for n in notes]
+    if figure is not None:
+        parts.append(f'<img src="{html.png_data_uri(plots.png_bytes(figure))}" style="{IMAGE_STYLE}" '
+                     f'alt="{html.esc(title)}">')
+    return "".join(parts) + "</div>"
+
+
+def _has_points(histories: Sequence[Any], key: str = "test_accuracy") -> bool:
+    return any(getattr(h, key, None) is not None for h in histories)
+
+
+def _data_note(dataset: Mapping[str, Any]) -> str:
+    if not dataset:
+        return ""
+    sha = str(dataset.get("sha256") or "-")[:12]
+    verified = "official files" if dataset.get("verified") else "not the official files (verify=False)"
+    return f"data: {dataset.get('name', '?')}, {dataset.get('train_size', '?')} train / " \
+           f"{dataset.get('test_size', '?')} test images, fingerprint {sha}, {verified}"
+
+
+def run_html(run: RunRecord) -> str:
+    """A run's summary row (accuracy, loss, cost) and its learning curve."""
+    secs = "-" if run.train_seconds is None else f"{run.train_seconds:.1f}"
+    loss = "-" if run.test_loss is None else f"{run.test_loss:.4f}"
+    params = "-" if run.params is None else f"{run.params:,}"
+    table = html.table(["model", "recipe", "seed", "epochs", "test accuracy", "test loss", "params", "FLOPs/image",
+                        "train s", "status"],
+                       [[label(run.model), run.recipe, run.seed, len(run.history), percent(run.test_accuracy), loss,
+                         params, flops(run.flops_per_image), secs, run.status]])
+    notes = [f"run {run.run_id}", _data_note(run.dataset)] + ([f"error: {run.error}"] if run.error else [])
+    figure = run_figure(run) if _has_points(run.history) else None
+    return _block(f"Run of {label(run.model)}", table, figure, [n for n in notes if n])
+
+
+def comparison_html(comparison: Comparison) -> str:
+    """The comparison table (mean ± std over seeds, cost) and the learning curves of every model."""
+    rows = [[label(row[0]), *row[1:]] for row in comparison_rows(comparison.results)]
+    table = html.table(comparison_headers(comparison.results), rows)
+    notes = [f"{f.get('model', '?')} seed {f.get('seed', '?')} failed: {f.get('error', '')}"
+             for f in comparison.failures]
+    notes += [f"report: {comparison.report}"] if comparison.report else []
+    notes.append(_data_note(comparison.dataset or (comparison.runs[0].dataset if comparison.runs else {})))
+    with_points = any(_has_points(r.history) for r in comparison.runs)
+    figure = comparison_figure(comparison) if with_points else None
+    return _block(f"Comparison of {', '.join(label(r.model) for r in comparison.results)}", table, figure,
+                  [n for n in notes if n])
+
+
+def evaluation_figure(evaluation: Evaluation, kind: str = "per_class"):
+    """One evaluation's per-class accuracy (`per_class`) or confusion matrix (`confusion`)."""
+    import numpy as np
+
+    from cifarbench.errors import CifarbenchError
+
+    if kind == "per_class":
+        return inline(plots.per_class_figure({label(evaluation.model): [evaluation.result.per_class_accuracy]},
+                                             evaluation.classes))
+    if kind == "confusion":
+        return inline(plots.confusion_figure({label(evaluation.model): np.asarray(evaluation.result.confusion)},
+                                             evaluation.classes))
+    raise CifarbenchError(f"unknown plot kind {kind!r}; choose one of: per_class, confusion")
+
+
+def evaluation_html(evaluation: Evaluation) -> str:
+    """An evaluation's accuracy row and its per-class accuracy as a bar chart."""
+    r = evaluation.result
+    table = html.table(["model", "test accuracy", "test loss", "images", "TTA level"],
+                       [[label(evaluation.model), percent(r.accuracy), f"{r.loss:.4f}", f"{r.n:,}", evaluation.tta]])
+    notes = [f"run {evaluation.run_id}", _data_note(evaluation.dataset)]
+    if not evaluation.dataset_matches_training:
+        notes.append("this test set is not the copy the model was trained with (another fingerprint)")
+    return _block(f"Evaluation of {label(evaluation.model)}", table, evaluation_figure(evaluation),
+                  [n for n in notes if n])
+
+
+def overview_html(overview: DataOverview) -> str:
+    """A data set's images per class (train and test) and a grid of examples of each class."""
+    rows = [[c, overview.counts["train"][i], overview.counts["test"][i]] for i, c in enumerate(overview.classes)]
+    rows.append(["total", sum(overview.counts["train"]), sum(overview.counts["test"])])
+    table = html.table(["class", "train", "test"], rows)
+    return _block(f"{overview.name}: images per class", table, overview.plot(), [_data_note(overview.info)])
