@@ -87,38 +87,19 @@ class TorchvisionLikeCIFAR10(Dataset):
 # --------------------------------------------------------------------------
 
 
-class FNNModel(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(3 * 32 * 32, 128)
-        self.fc2 = nn.Linear(128, 10)
+def _notebook_models():
+    """The notebook's two classes, verbatim, from examples/notebook_models.py (one copy in the repository)."""
+    import importlib.util
+    from pathlib import Path
 
-    def forward(self, x):
-        x = x.view(x.size(0), -1)
-        x = torch.relu(self.fc1(x))
-        x = self.fc2(x)
-        return x
-
-
-class CNNModel(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 32, kernel_size=3)
-        self.conv2 = nn.Conv2d(32, 64, kernel_size=3)
-        self.fc1 = nn.Linear(64 * 6 * 6, 128)
-        self.fc2 = nn.Linear(128, 10)
-
-    def forward(self, x):
-        x = torch.relu(self.conv1(x))
-        x = torch.max_pool2d(x, 2)
-        x = torch.relu(self.conv2(x))
-        x = torch.max_pool2d(x, 2)
-        x = x.view(x.size(0), -1)
-        x = torch.relu(self.fc1(x))
-        x = self.fc2(x)
-        return x
+    path = Path(__file__).resolve().parents[1] / "examples" / "notebook_models.py"
+    spec = importlib.util.spec_from_file_location("notebook_models", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.FNNModel, module.CNNModel
 
 
+FNNModel, CNNModel = _notebook_models()
 MODELS = {"fnn": FNNModel, "cnn": CNNModel}
 
 
