@@ -60,10 +60,14 @@ class Bundle:
             try:
                 record = RunRecord.from_dict(entry["record"])
                 names = dict(entry["files"])
+                if not all(isinstance(getattr(record, k), dict) for k in ("config", "dataset")) or not isinstance(
+                        record.run_id, str):
+                    raise TypeError
             except (KeyError, TypeError, ValueError):
                 raise CifarbenchError(f"{source}: its manifest lists a run it does not describe") from None
             folders.check_run_id(record.run_id)
-            if not set(names) <= set(BUNDLE_FILES) or folders.CHECKPOINT not in names or record.run_id in files:
+            if (not set(names) <= set(BUNDLE_FILES) or not {folders.CHECKPOINT, folders.CONFIG} <= set(names)
+                    or record.run_id in files):
                 raise CifarbenchError(f"{source}: run {record.run_id} lists unexpected or missing files")
             runs.append(record)
             files[record.run_id] = {str(k): str(v) for k, v in names.items()}
@@ -189,9 +193,12 @@ def _import_one(record: RunRecord, files: dict[str, str], staging: Path, runs_di
         pass
     if target.exists() or target.is_symlink():
         return f"{target} already exists"
-    config = json.loads((source / folders.CONFIG).read_text()) if (source / folders.CONFIG).is_file() else {}
-    if config.get("run_id") != record.run_id:
-        (source / folders.CONFIG).write_text(json.dumps({"run_id": record.run_id, "config": record.config}))
+    try:
+        named = json.loads((source / folders.CONFIG).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        named = None
+    if named != record.run_id:
+        return f"its {folders.CONFIG} does not name the run"
     os.replace(source, target)
     record.origin, record.run_dir = "imported", str(target)
     try:
