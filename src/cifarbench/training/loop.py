@@ -47,7 +47,10 @@ class TrainResult:
     position: LoopPosition = field(default_factory=LoopPosition)
     lookahead: Lookahead | None = None
     wall_seconds: float = 0.0
-    """Everything from model creation to the end of the final evaluation (what a budget limits)."""
+    """Everything from model creation (or `train`'s `started`) to the end of the final evaluation (what a budget
+    limits)."""
+    budget: budget.BudgetReport | None = None
+    """A budgeted run's plan against what it used, and what it gave up."""
 
     @property
     def steps(self) -> int:
@@ -187,15 +190,17 @@ def train(config: TrainConfig, dataset: ImageDataset, device: torch.device, *,
           on_epoch: Callable[[EpochMetrics, TrainResult], None] | None = None,
           on_interrupt: Callable[[TrainResult], None] | None = None,
           progress: bool | None = None, resume: TrainingState | None = None,
-          resume_weights: dict[str, torch.Tensor] | None = None, world: ddp.DistEnv = ddp.SINGLE) -> TrainResult:
+          resume_weights: dict[str, torch.Tensor] | None = None, world: ddp.DistEnv = ddp.SINGLE,
+          started: float | None = None) -> TrainResult:
     """Train `config.model` on the training set; evaluate after every epoch (if configured) and at the end.
 
     `resume` (with `resume_weights`) is a state saved earlier: training continues from that exact point. On
     Ctrl-C the loop stops after the current step, calls `on_interrupt` (to save the state) and raises
     KeyboardInterrupt. Under torchrun (`world`), each rank trains on its slice of every global batch and
     evaluates its slice of the test set; the sums are combined so every example counts exactly once.
+    `started` (a time.perf_counter() value) is when the budget's clock started, if before this call.
     """
-    started = time.perf_counter()
+    started = time.perf_counter() if started is None else started
     check_settings(config, device)
     amp = autocast_dtype(config, device)
     if device.type == "cpu":
@@ -226,11 +231,29 @@ def train(config: TrainConfig, dataset: ImageDataset, device: torch.device, *,
     pos = result.position
     pos.total_steps = plan.total_steps
 
-    def run_eval(data: DeviceSplit, tta: int = 0) -> EvalResult:
+    def run_eval(data: DeviceSplit, tta: int = 0, threshold: float = config.tta_threshold) -> EvalResult:
         # The plain model, not the DDP wrapper: evaluation needs no gradient sync, and ranks see different data.
         ev = evaluate(model, data, num_classes=len(dataset.classes), batch_size=config.eval_batch_size,
-                      autocast_dtype=amp, tta=tta, tta_threshold=config.tta_threshold)
+                      autocast_dtype=amp, tta=tta, tta_threshold=threshold)
         return ddp.merge(ev, world, device)
+
+    def final_eval() -> EvalResult:
+        # A budget's final evaluation: what it can afford now (re-measured), giving up TTA views, not steps.
+        if plan.budget is None:
+            return run_eval(test_data, config.tta)
+        seconds, confident = budget.measure_evaluation_batch(model, train_data, config, device, amp)
+        batches = math.ceil(len(test_data) / config.eval_batch_size)
+        index, choice = budget.choose_final_evaluation(config.tta, config.tta_threshold, plan.seconds_left(),
+                                                       seconds, batches, confident)
+        index = ddp.broadcast_int(index, world, device)  # every rank evaluates its slice the same way
+        choice.tta, choice.threshold = budget.evaluation_options(config.tta, config.tta_threshold)[index]
+        t = time.perf_counter()
+        ev = run_eval(test_data, choice.tta, choice.threshold)
+        result.budget = budget.report(plan, config, pos, choice, time.perf_counter() - t,
+                                      time.perf_counter() - started)
+        if result.budget.cuts and world.is_main:
+            budget.note(f"budget {config.budget_seconds:g} s: {'; '.join(result.budget.cuts)}")
+        return ev
 
     with kernel_choice(config.deterministic), _StopAtStepBoundary() as stop:
         while pos.step < plan.total_steps:
@@ -294,7 +317,7 @@ def train(config: TrainConfig, dataset: ImageDataset, device: torch.device, *,
             last = pos.step >= plan.total_steps
             eval_start = time.perf_counter()
             val = run_eval(val_data) if val_data is not None else None
-            test = (run_eval(test_data, config.tta) if last
+            test = (final_eval() if last
                     else run_eval(test_data) if config.eval_every_epoch else None)
             metrics = EpochMetrics(pos.epoch, pos.loss_sum / max(pos.seen, 1), test.loss if test else None,
                                    test.accuracy if test else None, pos.elapsed, time.perf_counter() - eval_start,
