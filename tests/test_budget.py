@@ -19,8 +19,8 @@ from cifarbench.training.budget import BudgetReport, StepPlan, choose_final_eval
 from cifarbench.training.loop import train
 from cifarbench.training.recipes import (
     CPU_SPEEDRUN,
-    REFERENCE_IMAGES_PER_SECOND,
     PROBE_TO_LOOP,
+    REFERENCE_IMAGES_PER_SECOND,
     cpu_speedrun_for_compute,
     cpu_speedrun_settings,
     make_config,
@@ -53,7 +53,8 @@ def test_final_evaluation_keeps_full_tta_when_it_fits_and_cuts_it_when_not() -> 
     index, kept = choose_final_evaluation(2, 0.6, left=6.5, batch_seconds=0.1, batches=10, confidences=unsure)
     assert (index, kept.tta, kept.cut) == (0, 2, None)
     _, mirror = choose_final_evaluation(2, 0.6, left=2.5, batch_seconds=0.1, batches=10, confidences=unsure)
-    assert (mirror.tta, mirror.threshold) == (1, 0.6) and mirror.cut == "TTA level 2 (threshold 0.6) -> level 1 (threshold 0.6)"
+    assert (mirror.tta, mirror.threshold) == (1, 0.6)
+    assert mirror.cut == "TTA level 2 (threshold 0.6) -> level 1 (threshold 0.6)"
     _, plain = choose_final_evaluation(2, 0.6, left=0.5, batch_seconds=0.1, batches=10, confidences=unsure)
     assert (plain.tta, plain.cut) == (0, "TTA level 2 (threshold 0.6) -> off")  # even when plain does not fit
     # Confident images skip the extra views: full selective TTA costs the plain pass only.
@@ -167,7 +168,8 @@ def test_rows_are_keyed_by_compute() -> None:
     bounds = [row.up_to for row in CPU_SPEEDRUN]
     assert bounds == sorted(bounds)
     for i, row in enumerate(CPU_SPEEDRUN[:-1]):
-        assert cpu_speedrun_for_compute(row.up_to) == row and cpu_speedrun_for_compute(row.up_to * 1.01) == CPU_SPEEDRUN[i + 1]
+        assert cpu_speedrun_for_compute(row.up_to) == row
+        assert cpu_speedrun_for_compute(row.up_to * 1.01) == CPU_SPEEDRUN[i + 1]
 
 
 def test_user_chosen_shape_is_kept() -> None:
