@@ -214,3 +214,13 @@ def test_budgeted_cpu_run_records_probe_and_shape(tiny_py: Path, monkeypatch, tm
     assert b is not None and b.probe["factor"] == 0.5 and b.shape["by"] == "compute"
     assert b.shape["probe_images_per_second"] == pytest.approx(b.probe["images_per_second"])
     assert record.config["model_kwargs"]["widths"] == b.shape["row"]["widths"]
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "fast"])
+def test_throughput_factor_refuses_what_is_not_a_positive_number(value: str, monkeypatch) -> None:
+    from cifarbench.errors import CifarbenchError
+    from cifarbench.training import shape
+
+    monkeypatch.setenv(shape.THROUGHPUT_FACTOR_ENV, value)
+    with pytest.raises(CifarbenchError, match=shape.THROUGHPUT_FACTOR_ENV):
+        shape.throughput_factor()

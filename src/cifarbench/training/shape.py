@@ -6,6 +6,7 @@ The probe runs at the start of a budgeted run, before its model is built, and it
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -15,15 +16,16 @@ import torch
 import torch.nn.functional as F
 
 from cifarbench.device import keep_cpu_memory
+from cifarbench.errors import CifarbenchError
 
 PROBE_BATCH = 128
 """Small, so the probe costs a fraction of a second on an idle machine; images/s at the run's batch is higher by
 a roughly constant factor, which `recipes.PROBE_TO_LOOP` carries."""
 PROBE_STEPS = 2
-"""Timed steps per thread count, after one untimed step (allocations, kernel selection)."""
-CONTENDED = 4.0
-"""A multi-threaded warm-up step this many times slower than a one-thread step means another process holds a
-core: each parallel region then waits for the descheduled thread, and one thread is faster."""
+"""Timed steps of PROBE_BATCH images after one untimed one (allocations, kernel selection); the thread check
+times one step of CHECK_BATCH per thread count, also after an untimed one."""
+CHECK_BATCH = 32
+"""The thread count is chosen on steps of this many images (cheap even when the multi-thread step is slow)."""
 THROUGHPUT_FACTOR_ENV = "CIFARBENCH_THROUGHPUT_FACTOR"
 """Multiplies the measured throughput: emulates a slower (0.5) or faster (2) processor for tests and what-ifs."""
 
@@ -35,27 +37,29 @@ class Throughput:
     images_per_second: float
     threads: int
     tried: dict[str, float]
-    """images/s per thread count tried (0 where the warm-up step already showed contention)."""
+    """images/s per thread count tried, on steps of CHECK_BATCH images."""
     seconds: float
     factor: float = 1.0
+    others_running: int | None = None
+    """Threads of other processes ready to run when the probe started (Linux), which caps the thread count."""
     """The emulation factor applied to `images_per_second` (1 = as measured)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _reference_step(threads: int) -> Callable[[], None]:
-    """One bf16 channels-last training step of the reference net (speedrun 32-64-256, SiLU) on random data."""
+def _reference_steps() -> Callable[[int], None]:
+    """Training steps of the reference net (speedrun 32-64-256, SiLU, bf16, channels-last) on random batches of
+    a given size."""
     from cifarbench.models import build_model
 
-    torch.set_num_threads(threads)
     model = build_model("speedrun", num_classes=10, in_shape=(3, 32, 32),
                         kwargs={"widths": [32, 64, 256], "act": "silu"}).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    x = torch.randn(PROBE_BATCH, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (PROBE_BATCH,))
 
-    def step() -> None:
+    def step(batch: int) -> None:
+        x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 10, (batch,))
         with torch.autocast("cpu", torch.bfloat16):
             loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
@@ -65,35 +69,66 @@ def _reference_step(threads: int) -> Callable[[], None]:
     return step
 
 
-def _timed(step: Callable[[], None]) -> float:
-    t = time.perf_counter()
-    step()
-    return time.perf_counter() - t
+def _seconds(step: Callable[[int], None], batch: int, repeat: int) -> float:
+    """The fastest of `repeat` timed steps, after one untimed one."""
+    step(batch)
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        step(batch)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def throughput_factor() -> float:
+    """The emulation factor from CIFARBENCH_THROUGHPUT_FACTOR (1 when unset)."""
+    text = os.environ.get(THROUGHPUT_FACTOR_ENV, "").strip()
+    try:
+        factor = float(text) if text else 1.0
+    except ValueError:
+        factor = math.nan
+    if not (math.isfinite(factor) and factor > 0):
+        raise CifarbenchError(f"{THROUGHPUT_FACTOR_ENV} must be a positive number (got {text!r})")
+    return factor
+
+
+def others_running(samples: int = 20, interval: float = 0.01) -> int | None:
+    """How many threads of other processes were ready to run, the median of `samples` readings of Linux's
+    /proc/stat (None elsewhere). Counted before any multi-thread step: on a machine where another process holds
+    a core, one multi-thread step can take seconds (each parallel region waits for the descheduled thread)."""
+    counts = []
+    try:
+        for _ in range(samples):
+            with open("/proc/stat") as f:
+                line = next(x for x in f if x.startswith("procs_running"))
+            counts.append(int(line.split()[1]) - 1)  # less this process's own running thread
+            time.sleep(interval)
+    except (OSError, StopIteration, ValueError):
+        return None
+    return sorted(counts)[len(counts) // 2]
 
 
 def probe_throughput(threads: int | None = None) -> Throughput:
-    """Time the reference net's training step with one thread and with `threads` (default: torch's count), keep
-    the faster count set (torch.set_num_threads) and return its images/s. A busy machine shows in the multi-thread
-    warm-up step, which then ends the probe early."""
+    """Pick the thread count (one, or `threads`, default torch's) whose small steps are faster, set it
+    (torch.set_num_threads), and measure the reference net's training images/s with it. On a machine where
+    another process holds a core, the multi-thread steps are many times slower, and one thread wins."""
     start = time.perf_counter()
+    factor = throughput_factor()
     keep_cpu_memory()
     threads = threads or torch.get_num_threads()
+    busy = others_running()
+    if busy is not None:  # leave the cores that other work is using
+        threads = max(1, min(threads, (os.cpu_count() or 1) - busy))
     with torch.random.fork_rng():  # the run's seeded random stream stays as it would be without the probe
         torch.manual_seed(0)
-        step = _reference_step(1)
-        warm = _timed(step)
-        one = min(_timed(step) for _ in range(PROBE_STEPS))
-        tried = {"1": PROBE_BATCH / one}
-        best = 1
+        step = _reference_steps()
+        tried, best = {}, 1
         if threads > 1:
-            step = _reference_step(threads)
-            warm_many = _timed(step)
-            if warm_many < CONTENDED * max(one, warm / 2):
-                many = min(_timed(step) for _ in range(PROBE_STEPS))
-                tried[str(threads)] = PROBE_BATCH / many
-                best = threads if many < one else 1
-            else:
-                tried[str(threads)] = 0.0
-    torch.set_num_threads(best)
-    factor = float(os.environ.get(THROUGHPUT_FACTOR_ENV) or 1.0)
-    return Throughput(tried[str(best)] * factor, best, tried, time.perf_counter() - start, factor)
+            torch.set_num_threads(1)
+            tried["1"] = CHECK_BATCH / _seconds(step, CHECK_BATCH, 1)
+            torch.set_num_threads(threads)
+            tried[str(threads)] = CHECK_BATCH / _seconds(step, CHECK_BATCH, 1)
+            best = threads if tried[str(threads)] > tried["1"] else 1
+        torch.set_num_threads(best)
+        rate = PROBE_BATCH / _seconds(step, PROBE_BATCH, PROBE_STEPS)
+    return Throughput(rate * factor, best, tried, time.perf_counter() - start, factor, busy)
