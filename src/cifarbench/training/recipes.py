@@ -108,7 +108,8 @@ REFERENCE_TRAIN_FLOPS = 0.1649e9
 """Training FLOPs per image of the reference net (three forward passes, `evaluation.analysis.training_flops`)."""
 PROBE_TO_LOOP = 1.0
 """The loop's images/s at a row's batch over the start-of-run probe's (`training.shape`, batch 128, plain SGD):
-converts the probe into the loop's rate. Measured on the AMD machine of docs/results.md."""
+converts the probe into the loop's rate. A 30 s run measured 1.05 (docs/cpu-performance.md#shape-by-compute),
+within the noise of a shared machine, so the probe's rate is taken as the loop's."""
 
 
 def budget_compute(seconds: float, images_per_second: float = REFERENCE_IMAGES_PER_SECOND) -> float:

@@ -119,12 +119,13 @@ def probe_throughput(threads: int | None = None) -> Throughput:
     busy = others_running()
     if busy is not None:  # leave the cores that other work is using
         threads = max(1, min(threads, (os.cpu_count() or 1) - busy))
+    # Even building the net's parameters runs parallel kernels: one thread until the check has chosen.
+    torch.set_num_threads(1)
     with torch.random.fork_rng():  # the run's seeded random stream stays as it would be without the probe
         torch.manual_seed(0)
         step = _reference_steps()
         tried, best = {}, 1
         if threads > 1:
-            torch.set_num_threads(1)
             tried["1"] = CHECK_BATCH / _seconds(step, CHECK_BATCH, 1)
             torch.set_num_threads(threads)
             tried[str(threads)] = CHECK_BATCH / _seconds(step, CHECK_BATCH, 1)
