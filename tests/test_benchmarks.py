@@ -102,3 +102,30 @@ def test_weight_grad_alternates_both_kernels_on_the_last_block() -> None:
     out = json.loads(done.stdout)
     assert out["switched_convs"] == 2 and len(out["per_round_ratio"]) == 2
     assert out["ratio"] == pytest.approx(out["matmul_step_ms"] / out["onednn_step_ms"])
+
+
+def test_same_budget_compares_three_recipes_and_writes_the_docs_table(tiny_py: Path, tmp_path: Path) -> None:
+    docs = tmp_path / "results.md"
+    docs.write_text("# Results\n\n<!-- same-budget:start -->\nold table\n<!-- same-budget:end -->\n\nafter\n")
+    done = run_benchmark("same_budget.py", "--budgets", "3", "--data-dir", str(tiny_py), "--docs", str(docs))
+    assert done.returncode == 0, done.stderr
+    (row,) = json.loads(done.stdout)["results"]
+    acc = {r["recipe"]: r["test_accuracy_mean"] for r in row["recipes"]}
+    assert list(acc) == ["fast", "airbench94", "seed"]
+    assert row["fast_minus_airbench94"] == pytest.approx(acc["fast"] - acc["airbench94"])
+    assert row["fast_minus_cnn"] == pytest.approx(acc["fast"] - acc["seed"])
+    airbench = row["recipes"][1]["runs"][0]
+    assert airbench["widths"] == [64, 256, 256] and airbench["batch"] == 1024
+    text = docs.read_text()
+    assert "old table" not in text and "| 3 s |" in text and text.endswith("after\n")
+
+
+def test_under_load_reports_wall_steps_and_accuracy_idle_and_loaded(tiny_py: Path, tmp_path: Path) -> None:
+    docs = tmp_path / "results.md"
+    done = run_benchmark("under_load.py", "--budgets", "3", "--data-dir", str(tiny_py), "--docs", str(docs))
+    assert done.returncode == 0, done.stderr
+    (row,) = json.loads(done.stdout)["results"]
+    assert row["steps_ratio"] == pytest.approx(row["loaded"]["steps"] / row["idle"]["steps"])
+    assert row["wall_over_budget"] == pytest.approx(row["loaded"]["used_seconds"] / 3)
+    assert row["loaded"]["probe"]["images_per_second"] > 0 and row["idle"]["steps"] >= 1
+    assert "<!-- under-load:start -->" in docs.read_text()

@@ -124,7 +124,11 @@ def test_stored_configs_of_every_recipe_still_load() -> None:
         for recipe in list_recipes():
             for overrides in ({}, {"budget_seconds": 30.0}, {"budget_seconds": 600.0}, {"epochs": 2},
                               {"device": "cpu", "dataset": "mnist"}):
-                config = make_config(model, recipe, **overrides)
+                try:
+                    config = make_config(model, recipe, **overrides)
+                except CifarbenchError:  # airbench94's recipe is for its own net only
+                    assert (recipe, model != "speedrun") == ("airbench94", True)
+                    continue
                 stored = json.loads(json.dumps(config.to_dict(), allow_nan=False))
                 assert TrainConfig.from_dict(stored) == config
 

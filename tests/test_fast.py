@@ -25,6 +25,7 @@ from cifarbench.training.recipes import (
     CPU_EVAL_BATCH,
     CPU_SPEEDRUN,
     CPU_TTA_THRESHOLD,
+    budget_compute,
     cpu_speedrun_settings,
     make_config,
 )
@@ -184,7 +185,8 @@ def test_fast_recipe_on_cpu_is_budgeted_and_scales_lr_with_batch() -> None:
 
 def budgets_around_each_row_boundary() -> list[float]:
     """A budget well inside the first row, then for each finite bound: just under it, on it, just over it."""
-    bounds = [row.up_to for row in CPU_SPEEDRUN if math.isfinite(row.up_to)]
+    # The rows are keyed by compute; a budget in seconds buys the reference machine's compute per second.
+    bounds = [row.up_to / budget_compute(1.0) for row in CPU_SPEEDRUN if math.isfinite(row.up_to)]
     near = [b for bound in bounds for b in (bound - 1.0, bound, math.nextafter(bound, math.inf))]
     return [bounds[0] / 2, *near, bounds[-1] * 10]
 
@@ -198,8 +200,9 @@ def test_cpu_speedrun_rows_are_sorted_and_the_last_covers_any_budget() -> None:
 
 @pytest.mark.parametrize("budget", budgets_around_each_row_boundary())
 def test_cpu_speedrun_settings_pick_the_first_row_that_covers_the_budget(budget: float) -> None:
+    pflop = budget_compute(budget)
     (covering,) = [i for i, row in enumerate(CPU_SPEEDRUN)
-                   if budget <= row.up_to and (i == 0 or budget > CPU_SPEEDRUN[i - 1].up_to)]
+                   if pflop <= row.up_to and (i == 0 or pflop > CPU_SPEEDRUN[i - 1].up_to)]
     assert cpu_speedrun_settings(budget) == CPU_SPEEDRUN[covering]
 
 

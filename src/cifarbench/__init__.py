@@ -7,6 +7,7 @@ Importing the package does no work: the public API (`cifarbench.api`) loads on f
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 # Light, and what a notebook catches: `except cb.DataError`.
 from cifarbench.errors import CifarbenchError as CifarbenchError
@@ -15,8 +16,9 @@ from cifarbench.errors import DataError as DataError
 __version__ = "0.1.0"
 
 
-
 def __getattr__(name: str):
+    if name.startswith("_") or importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        raise AttributeError(name)  # a submodule (`from cifarbench import runtime`): the import system loads it
     api = importlib.import_module("cifarbench.api")  # first use of the API: torch is imported now, not before
     if name in api.__all__:
         return getattr(api, name)

@@ -399,6 +399,9 @@ class TrainConfig:
     the plain prediction, and only the others get the extra views (0 = every image gets them)."""
     budget_seconds: float | None = setting(None, gt=0, le=MAX_BUDGET_SECONDS)
     """Wall-clock budget for training plus the final evaluation; the schedule length is fitted to it."""
+    budget_shape: str = setting("fixed", choices=("fixed", "compute"))
+    """With a budget: "compute" re-picks speedrun's CPU shape (widths, batch, activation) at the run's start from
+    the compute the budget buys on this machine (training.shape, recipes.shape_by_compute); "fixed" keeps it."""
     eval_every_epoch: bool = True
     """Evaluate after every epoch (learning curves). Budgeted runs turn it off to spend the time on training."""
     val_split: int = setting(0, ge=0, le=1_000_000)

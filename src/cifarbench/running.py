@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +25,8 @@ from cifarbench.runs.records import RunRecord
 from cifarbench.runs.store import RunStore
 from cifarbench.training import distributed as ddp
 from cifarbench.training.loop import TrainResult, build_model, check_settings, low_res_side, split_validation, train
+from cifarbench.training.recipes import shape_by_compute
+from cifarbench.training.shape import probe_throughput
 from cifarbench.training.state import EpochMetrics, RunCheckpoint
 
 
@@ -50,13 +53,27 @@ def train_run(config: TrainConfig | None = None, *, runs_dir: str | os.PathLike 
     check_settings(config, requested)  # before the run is recorded
     world, device = ddp.setup(requested)
     finished = False
+    threads = torch.get_num_threads()  # a budget's probe may pick fewer for this run; the caller keeps its own
     try:
         record = _train(config, world, device, saved, runs_dir=runs_dir, dataset=dataset, progress=progress,
                         on_epoch=on_epoch)
         finished = True
         return record
     finally:
+        torch.set_num_threads(threads)
         ddp.teardown(world, finished=finished)
+
+
+def budget_start(config: TrainConfig) -> tuple[TrainConfig, float, dict, dict]:
+    """The start of a budgeted CPU run: its clock starts, a short probe of this machine picks the thread count
+    and measures throughput, and speedrun's shape is re-picked for the compute that buys (`budget_shape`
+    "compute"). Returns the config to train, the clock's start, the probe and the shape choice as recorded."""
+    started = time.perf_counter()
+    throughput = probe_throughput()
+    shape = {"by": "config", "widths": config.model_kwargs.get("widths")}
+    if config.budget_shape == "compute":
+        config, shape = shape_by_compute(config, throughput.images_per_second)
+    return config, started, throughput.to_dict(), shape
 
 
 def resumable_config(ref: str, runs_dir: str | os.PathLike | None = None, trust_code: bool = False) -> TrainConfig:
@@ -93,6 +110,9 @@ def _train(config: TrainConfig, world: ddp.DistEnv, device: torch.device, saved:
         result = train(config, dataset, device, progress=False, resume=training, resume_weights=weights, world=world)
         return RunRecord("", config.model, config.recipe, config.seed, config.epochs,
                          test_accuracy=result.final.accuracy if result.final else None, world_size=world.world_size)
+    started, probe, shape = None, None, None
+    if config.budget_seconds and device.type == "cpu" and saved is None and not world.enabled:
+        config, started, probe, shape = budget_start(config)
     config, model = preflight(config, dataset)  # before anything is written: a refusal leaves nothing behind
     cost = cost_of(model, dataset.image_shape)
     record = RunRecord("", config.model, config.recipe, config.seed, config.epochs, status="running",
@@ -115,7 +135,7 @@ def _train(config: TrainConfig, world: ddp.DistEnv, device: torch.device, saved:
         if saved is None:
             _start(store, record, run_dir)
         return _loop(config, dataset, device, world, record, store, run_dir, model, training, weights, progress,
-                     on_epoch)
+                     on_epoch, started, probe, shape)
     finally:
         store.close()
 
@@ -191,7 +211,8 @@ def _start(store: RunStore, record: RunRecord, run_dir: Path) -> None:
 
 def _loop(config: TrainConfig, dataset: ImageDataset, device: torch.device, world: ddp.DistEnv, record: RunRecord,
           store: RunStore, run_dir: Path, model: torch.nn.Module, training, weights, progress: bool | None,
-          on_epoch: Callable[[EpochMetrics], None] | None) -> RunRecord:
+          on_epoch: Callable[[EpochMetrics], None] | None, started: float | None = None, probe: dict | None = None,
+          shape: dict | None = None) -> RunRecord:
     def checkpoint(result: TrainResult) -> None:
         RunCheckpoint(record.run_id, config.model, list(dataset.classes), dataset.image_shape, record.config,
                       record.dataset, result.model.state_dict(), record.environment,
@@ -205,7 +226,7 @@ def _loop(config: TrainConfig, dataset: ImageDataset, device: torch.device, worl
 
     try:
         result = train(config, dataset, device, on_epoch=after_epoch, on_interrupt=checkpoint, progress=progress,
-                       resume=training, resume_weights=weights, world=world)
+                       resume=training, resume_weights=weights, world=world, started=started)
     except KeyboardInterrupt:
         store.finish_run(record.run_id, "interrupted", error="interrupted by the user; `cifarbench train --resume "
                          f"{record.run_id}` continues it")
@@ -220,6 +241,9 @@ def _loop(config: TrainConfig, dataset: ImageDataset, device: torch.device, worl
     record.train_seconds, record.wall_seconds, record.steps = result.train_seconds, result.wall_seconds, result.steps
     record.history, record.per_class_accuracy = result.history, final.per_class_accuracy
     record.confusion = final.confusion
+    record.budget = result.budget
+    if record.budget is not None:
+        record.budget.probe, record.budget.shape = probe, shape
     record.train_flops = training_flops(model, dataset.image_shape, result.position.images,
                                         low_res_side(config, side), result.position.low_images)
     folders.write_json(run_dir / folders.METRICS, record.to_dict())

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from cifarbench.evaluation.analysis import summarise_time_to_target, time_to_target
+from cifarbench.training.budget import BudgetReport
 from cifarbench.training.state import EpochMetrics
 
 ENVIRONMENT_KEYS = ("code_version", "torch_version", "python", "platform", "cpu")
@@ -48,11 +49,14 @@ class RunRecord:
     error: str | None = None
     origin: str | None = None
     """None for a run trained into this store; 'imported' for one that arrived from elsewhere."""
+    budget: BudgetReport | None = None
+    """A budgeted run's planned and used seconds, measured throughput, shape choice and what it gave up."""
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON shape (`--json`, metrics.json): flat provenance keys, the budget and TTA settings."""
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("environment", "history")}
         d["history"] = [h.to_dict() for h in self.history]
+        d["budget"] = self.budget.to_dict() if self.budget is not None else None
         d.update(tta=self.config.get("tta"), tta_threshold=self.config.get("tta_threshold"),
                  budget_seconds=self.config.get("budget_seconds"), **self.environment)
         return d
@@ -60,8 +64,9 @@ class RunRecord:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunRecord:
         """Inverse of `to_dict` (unknown keys ignored, so older files load)."""
-        known = {f.name for f in fields(cls)} - {"environment", "history"}
+        known = {f.name for f in fields(cls)} - {"environment", "history", "budget"}
         record = cls(**{k: v for k, v in d.items() if k in known})
+        record.budget = BudgetReport.from_dict(d.get("budget"))
         record.history = [EpochMetrics.from_dict(h) for h in d.get("history") or []]
         record.environment = {k: d[k] for k in ENVIRONMENT_KEYS if isinstance(d.get(k), str)}
         return record

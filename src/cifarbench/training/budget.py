@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING
 
 import torch
@@ -50,12 +51,19 @@ class StepPlan:
     CALIBRATION_STEPS = 3  # the first step pays for allocations and kernel selection; time the next ones
     SAFETY = 0.03  # fraction of the budget kept back for the noise of a shared machine
     REPLANS = 12  # re-plans over a run; each asks `eval_share`, which costs one forward pass of a batch
+    EVAL_CAP = 0.15
+    """The most of the budget the plan reserves for test-time augmentation's extra views: beyond it, training
+    steps are worth more than the views, so the final evaluation will use fewer (see `choose_final_evaluation`)."""
 
     def __init__(self, total_steps: int, budget: float | None = None, started: float | None = None,
                  eval_seconds: Callable[[], float] | None = None, sync: Callable[[], None] = lambda: None,
                  guard_every_step: bool = False, agree: Callable[[int], int] = lambda steps: steps,
-                 low_fraction: float = 0.0, low_cost: float = 1.0, eval_share: Callable[[], float] | None = None):
+                 low_fraction: float = 0.0, low_cost: float = 1.0, eval_share: Callable[[], float] | None = None,
+                 eval_views: int = 1):
         self.budget = budget
+        # Of the evaluation's forward passes per image, the first (plain) one is always paid; the other
+        # `eval_views - 1` (TTA) are what the final evaluation gives up first when time is short.
+        self.eval_views = eval_views
         self.started = time.perf_counter() if started is None else started
         self.eval_seconds = eval_seconds or (lambda: 0.0)
         self.eval_share = eval_share or (lambda: 1.0)
@@ -75,6 +83,8 @@ class StepPlan:
         self._eval_share = 1.0
         self._eval_timed_at: tuple[bool, float] | None = None  # (small-image?, step seconds) when it was timed
         self._stretch = _Stretch()
+        self.stopped: int | None = None
+        """The step at which the per-step guard stopped training because the time ran out (None if it never did)."""
 
     @property
     def calibrated(self) -> bool:
@@ -112,7 +122,10 @@ class StepPlan:
                 self._stretch = _Stretch()
                 self.resume()
             elif self.guard_every_step and self._time_left() < 0:
-                self.total_steps = step
+                self.total_steps = self.stopped = step
+            return
+        if self.guard_every_step and step > 1 and self._elapsed() > self.budget * (1 - self.SAFETY):
+            self.total_steps = self.stopped = step  # so slow a machine that calibrating used the budget up
             return
         if step == 1:
             self.sync()
@@ -178,12 +191,33 @@ class StepPlan:
         # Both were recorded by `calibrate` (and only re-measured since), so neither is None here.
         return max(1.0, (self._low_seconds if low else self._full_seconds) / then)
 
+    def _elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def reserved_evaluation(self) -> float:
+        """Seconds the plan keeps for the final evaluation: the plain pass at the current speed, plus the TTA
+        views at the speed they were timed at, within `EVAL_CAP` of the budget."""
+        # The evaluation was timed once, at the start; if the (shared) machine has slowed down since, as the
+        # re-measured step times show, its plain pass will take longer by as much. The extra views are not
+        # re-priced upwards: when time is short the final evaluation drops views rather than training drop
+        # steps (`choose_final_evaluation` re-measures and decides at the end).
+        expected = self._eval_estimate * self._eval_share
+        plain = min(expected, self._eval_estimate / self.eval_views)
+        plain_now = plain * self._slowdown()
+        extra = min(expected - plain, max(0.0, self.EVAL_CAP * self.budget - plain_now))
+        return plain_now + extra
+
     def _time_left(self) -> float:
         """Seconds left for training steps: the budget less the margin, time spent, and the final evaluation."""
-        # The evaluation was timed once, at the start; if the (shared) machine has slowed down since, as the
-        # re-measured step times show, it will take longer by as much, and the run would overrun its budget.
-        evaluation = self._eval_estimate * self._eval_share * self._slowdown()
-        return self.budget * (1 - self.SAFETY) - (time.perf_counter() - self.started) - evaluation
+        return self.budget * (1 - self.SAFETY) - self._elapsed() - self.reserved_evaluation()
+
+    def step_seconds(self) -> float | None:
+        """The latest measured seconds of a full-size step (None until calibrated)."""
+        return self._step_seconds()[0] if self.calibrated else None
+
+    def seconds_left(self) -> float:
+        """Seconds of the budget not yet spent (inf without a budget)."""
+        return math.inf if self.budget is None else self.budget - self._elapsed()
 
     def progress(self, step: int) -> float:
         return min(step / self.total_steps, 1.0)
@@ -206,7 +240,7 @@ def make_plan(config: TrainConfig, *, steps_per_epoch: int, started: float, devi
                     # A first guess at a small step's cost (its share of pixels plus a fixed part), replaced by
                     # measured times as the run goes; see docs/cpu-performance.md.
                     low_fraction=low_fraction, low_cost=0.1 + 0.9 * (low_res / side) ** 2,
-                    eval_share=evaluation_share)
+                    eval_share=evaluation_share, eval_views=TTA_VIEWS[config.tta])
 
 
 def evaluation_seconds(model: nn.Module, test: DeviceSplit, config: TrainConfig, device: torch.device,
@@ -240,3 +274,136 @@ def evaluation_share(model: nn.Module, train: DeviceSplit, config: TrainConfig, 
     model.train()
     unsure = min(1.0, 1.5 * float((top < config.tta_threshold).float().mean()))
     return (1 + unsure * (views - 1)) / views
+
+
+@dataclass
+class FinalEvaluation:
+    """How a budgeted run's final evaluation is done: the TTA level and selective-TTA threshold it can afford
+    in the time left, next to the configured ones."""
+
+    tta: int
+    threshold: float
+    planned_tta: int
+    planned_threshold: float
+    estimate_seconds: float
+    """Expected seconds of the chosen evaluation, from one batch timed just before it."""
+    left_seconds: float
+    """Seconds of the budget left when it was chosen."""
+
+    @property
+    def cut(self) -> str | None:
+        """What was given up, in words, or None."""
+        if (self.tta, self.threshold) == (self.planned_tta, self.planned_threshold):
+            return None
+        return f"TTA {_level(self.planned_tta, self.planned_threshold)} -> {_level(self.tta, self.threshold)}"
+
+
+def _level(tta: int, threshold: float) -> str:
+    return "off" if tta == 0 else f"level {tta}" + (f" (threshold {threshold:g})" if threshold > 0 else "")
+
+
+def evaluation_options(tta: int, threshold: float) -> list[tuple[int, float]]:
+    """(TTA level, threshold) from the configured one down to plain evaluation, in the order a short budget gives
+    them up: with selective TTA first a lower threshold (fewer images get the extra views), then fewer views."""
+    options = []
+    for level in range(tta, -1, -1):
+        if level == 0:
+            options.append((0, 0.0))
+        elif threshold > 0:
+            options += [(level, t) for t in (threshold, round(threshold - 0.1, 2), round(threshold - 0.2, 2)) if t > 0]
+        else:
+            options.append((level, 0.0))
+    return options
+
+
+def choose_final_evaluation(tta: int, threshold: float, left: float, batch_seconds: float, batches: int,
+                            confidences: torch.Tensor) -> tuple[int, FinalEvaluation]:
+    """The first of `evaluation_options` whose expected cost fits in `left` seconds (plain evaluation if none
+    does: a run always ends with its result), and its index in that list. `batch_seconds` is one plain
+    evaluation batch timed now; `confidences` the model's top-class probabilities on training images, from which
+    the share of test images that selective TTA will give the extra views is estimated (with a margin of 1.5x,
+    as in `evaluation_share`)."""
+    options = evaluation_options(tta, threshold)
+    plain = batch_seconds * batches
+    for index, (level, t) in enumerate(options):
+        views = TTA_VIEWS[level]
+        unsure = 1.0 if t <= 0 else min(1.0, 1.5 * float((confidences < t).float().mean()))
+        cost = plain * (1 + unsure * (views - 1))
+        if cost <= left or level == 0:
+            return index, FinalEvaluation(level, t, tta, threshold, cost, left)
+    raise AssertionError("evaluation_options always ends with plain evaluation")
+
+
+def measure_evaluation_batch(model: nn.Module, train: DeviceSplit, config: TrainConfig, device: torch.device,
+                             amp: torch.dtype | None) -> tuple[float, torch.Tensor]:
+    """Seconds of one plain evaluation batch at the machine's speed now, and the model's confidence on it
+    (un-augmented training images: the test set is never looked at to decide how to evaluate it)."""
+    x = train.normalise(train.images[:config.eval_batch_size])
+    model.eval()
+    with torch.no_grad(), autocast(device, amp):
+        synchronize(device)
+        t = time.perf_counter()
+        top = confidence(model(x))
+        synchronize(device)
+        seconds = time.perf_counter() - t
+    model.train()
+    return seconds * config.eval_batch_size / len(x), top
+
+
+def note(message: str) -> None:
+    """One line on stderr about the run's budget (not an error)."""
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class BudgetReport:
+    """What a budgeted run planned, measured and gave up: recorded in its metrics.json and `--json`."""
+
+    budget_seconds: float
+    used_seconds: float = 0.0
+    """From the start of the run's timing (the throughput probe, when there is one) to the final result."""
+    steps: int = 0
+    steps_per_second: float = 0.0
+    images_per_second: float = 0.0
+    """Training throughput measured over the run's steps."""
+    step_seconds: float | None = None
+    """The plan's last measurement of a step's seconds."""
+    eval_reserved_seconds: float = 0.0
+    """What the plan kept for the final evaluation at its last re-plan."""
+    eval_estimate_seconds: float = 0.0
+    """The chosen final evaluation's expected seconds, from a batch timed just before it."""
+    eval_seconds: float = 0.0
+    tta_planned: int = 0
+    tta_threshold_planned: float = 0.0
+    tta_used: int = 0
+    tta_threshold_used: float = 0.0
+    cuts: list[str] = field(default_factory=list)
+    """What the run gave up to keep its budget (empty when nothing)."""
+    threads: int | None = None
+    probe: dict | None = None
+    """The throughput probe at the start: images/s per thread count tried, the seconds it took."""
+    shape: dict | None = None
+    """How the net's shape was chosen: by compute (the expected training PFLOP and the row) or fixed."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> BudgetReport | None:
+        if not isinstance(d, dict):
+            return None
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def report(plan: StepPlan, config: TrainConfig, position: LoopPosition, final: FinalEvaluation,
+           eval_seconds: float, used_seconds: float) -> BudgetReport:
+    """The budget report of a run that just finished its final evaluation."""
+    cuts = [final.cut] if final.cut else []
+    if plan.stopped is not None:
+        cuts.insert(0, f"training stopped at step {plan.stopped} as the time ran out")
+    seconds = max(position.elapsed, 1e-9)
+    return BudgetReport(config.budget_seconds, used_seconds, position.step, position.step / seconds,
+                        position.images / seconds, plan.step_seconds(), plan.reserved_evaluation(),
+                        final.estimate_seconds, eval_seconds, final.planned_tta, final.planned_threshold, final.tta,
+                        final.threshold, cuts, torch.get_num_threads())

@@ -47,7 +47,10 @@ class TrainResult:
     position: LoopPosition = field(default_factory=LoopPosition)
     lookahead: Lookahead | None = None
     wall_seconds: float = 0.0
-    """Everything from model creation to the end of the final evaluation (what a budget limits)."""
+    """Everything from model creation (or `train`'s `started`) to the end of the final evaluation (what a budget
+    limits)."""
+    budget: budget.BudgetReport | None = None
+    """A budgeted run's plan against what it used, and what it gave up."""
 
     @property
     def steps(self) -> int:
@@ -203,6 +206,8 @@ class _Setup:
     steps_per_epoch: int
     low_res: int
     classes: int
+    started: float
+    """When the budget's clock started."""
 
     @classmethod
     def build(cls, config: TrainConfig, dataset: ImageDataset, device: torch.device, world: ddp.DistEnv,
@@ -238,7 +243,7 @@ class _Setup:
         result.position.total_steps = plan.total_steps
         return cls(config, device, world, amp, train_data, test_data, val_data, model, forward,
                    Augmenter(config.augment, n, config.seed, device), plan, result, steps_per_epoch, low_res,
-                   len(dataset.classes))
+                   len(dataset.classes), started)
 
     def batch(self, idx: torch.Tensor, low: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's share of a global batch, normalised, augmented and (progressive resizing) shrunk."""
@@ -257,13 +262,34 @@ class _Setup:
         optimizer.step()
         return loss.detach()
 
-    def evaluate(self, data: DeviceSplit | None, tta: int = 0) -> EvalResult | None:
+    def evaluate(self, data: DeviceSplit | None, tta: int = 0, threshold: float | None = None) -> EvalResult | None:
         """A whole split, every rank's share counted once (the plain model: no gradient sync needed)."""
         if data is None:
             return None
         ev = evaluate(self.model, data, num_classes=self.classes, batch_size=self.config.eval_batch_size,
-                      autocast_dtype=self.amp, tta=tta, tta_threshold=self.config.tta_threshold)
+                      autocast_dtype=self.amp, tta=tta,
+                      tta_threshold=self.config.tta_threshold if threshold is None else threshold)
         return ddp.merge(ev, self.world, self.device)
+
+    def final_evaluation(self) -> EvalResult:
+        """The test set at the end: with a budget, what it can afford now (re-measured), giving up TTA views
+        rather than steps; the choice and what it cut are recorded (and a cut is said in one line)."""
+        c, plan, result = self.config, self.plan, self.result
+        if plan.budget is None:
+            return self.evaluate(self.test_data, c.tta)
+        seconds, confident = budget.measure_evaluation_batch(self.model, self.train_data, c, self.device, self.amp)
+        batches = math.ceil(len(self.test_data) / c.eval_batch_size)
+        index, choice = budget.choose_final_evaluation(c.tta, c.tta_threshold, plan.seconds_left(), seconds, batches,
+                                                       confident)
+        index = ddp.broadcast_int(index, self.world, self.device)  # every rank evaluates its slice the same way
+        choice.tta, choice.threshold = budget.evaluation_options(c.tta, c.tta_threshold)[index]
+        t = time.perf_counter()
+        ev = self.evaluate(self.test_data, choice.tta, choice.threshold)
+        result.budget = budget.report(plan, c, result.position, choice, time.perf_counter() - t,
+                                      time.perf_counter() - self.started)
+        if result.budget.cuts and self.world.is_main:
+            budget.note(f"budget {c.budget_seconds:g} s: {'; '.join(result.budget.cuts)}")
+        return ev
 
     def end_epoch(self, loss_sum: torch.Tensor, last: bool, seconds: float, announce: bool) -> EpochMetrics:
         """Settle the epoch's sums over ranks, evaluate (validation every epoch; the test set at the end with the
@@ -277,8 +303,7 @@ class _Setup:
         if last and c.tta:
             unsure = " (the images the model is unsure of)" if c.tta_threshold > 0 else ""
             say(f"evaluating the test set ({tta_views(c.tta)} TTA views{unsure})...", enabled=announce)
-        test = self.evaluate(self.test_data, c.tta) if last else self.evaluate(self.test_data) if c.eval_every_epoch \
-            else None
+        test = self.final_evaluation() if last else self.evaluate(self.test_data) if c.eval_every_epoch else None
         metrics = EpochMetrics(pos.epoch, pos.loss_sum / max(pos.seen, 1), test.loss if test else None,
                                test.accuracy if test else None, pos.elapsed, time.perf_counter() - eval_start,
                                val.loss if val else None, val.accuracy if val else None)
@@ -291,15 +316,17 @@ def train(config: TrainConfig, dataset: ImageDataset, device: torch.device, *,
           on_epoch: Callable[[EpochMetrics, TrainResult], None] | None = None,
           on_interrupt: Callable[[TrainResult], None] | None = None,
           progress: bool | None = None, resume: TrainingState | None = None,
-          resume_weights: dict[str, torch.Tensor] | None = None, world: ddp.DistEnv = ddp.SINGLE) -> TrainResult:
+          resume_weights: dict[str, torch.Tensor] | None = None, world: ddp.DistEnv = ddp.SINGLE,
+          started: float | None = None) -> TrainResult:
     """Train `config.model` on the training set; evaluate after every epoch (if configured) and at the end.
 
     `resume` (with `resume_weights`) is a state saved earlier: training continues from that exact point. On
     Ctrl-C the loop stops after the current step, calls `on_interrupt` (to save the state) and raises
     KeyboardInterrupt. Under torchrun (`world`), each rank trains on its slice of every global batch and
     evaluates its slice of the test set; the sums are combined so every example counts exactly once.
+    `started` (a time.perf_counter() value) is when the budget's clock started, if before this call.
     """
-    started = time.perf_counter()
+    started = time.perf_counter() if started is None else started
     check_settings(config, device)
     run = _Setup.build(config, dataset, device, world, resume, resume_weights, started)
     result, plan, pos = run.result, run.plan, run.result.position

@@ -1,0 +1,81 @@
+"""A budget under load: each budgeted speedrun trained once on the machine as it is, then again beside one
+CPU-bound process (a Python busy loop, stopped when the run ends).
+
+    python benchmarks/under_load.py [--budgets 30 60 120] [--seed 0] [--data-dir DIR] [--docs PATH | --no-docs]
+
+Prints one JSON object (per budget: wall seconds against the budget, steps loaded against idle, accuracy, what
+the loaded run gave up) and writes the table into docs/results.md between the `under-load` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import budget_runs
+
+BUSY = "import time\nend = time.time() + {limit}\nwhile time.time() < end:\n    pass\n"
+
+
+def loaded(budget: float, seed: int, runs_dir: str, data_dir: str | None) -> dict:
+    """The run with one busy-looping process beside it (bounded in time, killed when the run ends)."""
+    busy = subprocess.Popen([sys.executable, "-c", BUSY.format(limit=3 * budget + 120)])
+    try:
+        return budget_runs.train("speedrun", "fast", budget, seed, runs_dir, data_dir)
+    finally:
+        busy.kill()
+        busy.wait()
+
+
+def table(rows: list[dict], cpu: str) -> str:
+    lines = [f"Machine: {cpu}.", "",
+             "| budget | idle: accuracy, steps, seconds used | loaded: accuracy, steps, seconds used | "
+             "loaded / idle steps | loaded: within budget + 5% | threads idle / loaded | what the loaded run cut "
+             "| load average before |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        i, lo = row["idle"], row["loaded"]
+        lines.append(f"| {row['budget_seconds']:g} s | {100 * i['test_accuracy']:.2f}%, {i['steps']}, "
+                     f"{i['used_seconds']:.1f} s | {100 * lo['test_accuracy']:.2f}%, {lo['steps']}, "
+                     f"{lo['used_seconds']:.1f} s | {row['steps_ratio']:.2f} | {'yes' if row['within'] else 'NO'} | "
+                     f"{i['threads']} / {lo['threads']} | {'; '.join(lo['cuts']) or '-'} | {row['load_average']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budgets", type=float, nargs="+", default=[30, 60, 120])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data-dir", default=os.environ.get("CIFARBENCH_DATA"))
+    ap.add_argument("--docs", type=Path, default=budget_runs.DOCS, help="page to write the table into")
+    ap.add_argument("--no-docs", action="store_true", help="print the JSON only")
+    args = ap.parse_args()
+    runs_dir = tempfile.mkdtemp(prefix="cifarbench-under-load-")
+    rows = []
+    for budget in args.budgets:
+        load = budget_runs.load_average()
+        idle = budget_runs.train("speedrun", "fast", budget, args.seed, runs_dir, args.data_dir)
+        busy = loaded(budget, args.seed, runs_dir, args.data_dir)
+        row = {"budget_seconds": budget, "load_average": load, "idle": idle, "loaded": busy,
+               "steps_ratio": busy["steps"] / max(idle["steps"], 1),
+               "wall_over_budget": busy["used_seconds"] / budget,
+               "within": busy["used_seconds"] <= 1.05 * budget and idle["used_seconds"] <= 1.05 * budget}
+        print(f"budget {budget:g}s: idle {100 * idle['test_accuracy']:.2f}% {idle['steps']} steps "
+              f"{idle['used_seconds']:.1f}s; loaded {100 * busy['test_accuracy']:.2f}% {busy['steps']} steps "
+              f"{busy['used_seconds']:.1f}s", file=sys.stderr, flush=True)
+        rows.append(row)
+    from cifarbench.provenance import cpu_description
+
+    cpu = cpu_description()
+    if not args.no_docs:
+        budget_runs.write_table("under-load", table(rows, cpu), args.docs)
+    print(json.dumps({"benchmark": "under_load", "cpu": cpu, "results": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""A budget is a promise: the final evaluation gives up TTA views (not training steps) when time is short, the plan
+stops on time however slow the machine, and a budgeted speedrun's shape follows the compute this machine buys."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from cifarbench.data.cifar10 import load_cifar10
+from cifarbench.runs.records import RunRecord
+from cifarbench.training import budget as budget_module
+from cifarbench.training import loop as loop_module
+from cifarbench.training.budget import BudgetReport, StepPlan, choose_final_evaluation, evaluation_options
+from cifarbench.training.loop import train
+from cifarbench.training.recipes import (
+    CPU_SPEEDRUN,
+    PROBE_TO_LOOP,
+    REFERENCE_IMAGES_PER_SECOND,
+    cpu_speedrun_for_compute,
+    cpu_speedrun_settings,
+    make_config,
+    shape_by_compute,
+)
+
+SMALL = {"widths": [8, 16, 16]}
+
+
+class FakeClock:
+    """A stand-in for time.perf_counter: advances only when told."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_evaluation_options_give_up_threshold_then_views_then_tta() -> None:
+    assert evaluation_options(2, 0.6) == [(2, 0.6), (2, 0.5), (2, 0.4), (1, 0.6), (1, 0.5), (1, 0.4), (0, 0.0)]
+    assert evaluation_options(2, 0.0) == [(2, 0.0), (1, 0.0), (0, 0.0)]
+    assert evaluation_options(0, 0.0) == [(0, 0.0)]
+
+
+def test_final_evaluation_keeps_full_tta_when_it_fits_and_cuts_it_when_not() -> None:
+    sure = torch.full((100,), 0.9)
+    unsure = torch.full((100,), 0.3)
+    # Every image unsure: 6 views of 10 batches at 0.1 s = 6 s.
+    index, kept = choose_final_evaluation(2, 0.6, left=6.5, batch_seconds=0.1, batches=10, confidences=unsure)
+    assert (index, kept.tta, kept.cut) == (0, 2, None)
+    _, mirror = choose_final_evaluation(2, 0.6, left=2.5, batch_seconds=0.1, batches=10, confidences=unsure)
+    assert (mirror.tta, mirror.threshold) == (1, 0.6)
+    assert mirror.cut == "TTA level 2 (threshold 0.6) -> level 1 (threshold 0.6)"
+    _, plain = choose_final_evaluation(2, 0.6, left=0.5, batch_seconds=0.1, batches=10, confidences=unsure)
+    assert (plain.tta, plain.cut) == (0, "TTA level 2 (threshold 0.6) -> off")  # even when plain does not fit
+    # Confident images skip the extra views: full selective TTA costs the plain pass only.
+    _, cheap = choose_final_evaluation(2, 0.6, left=1.1, batch_seconds=0.1, batches=10, confidences=sure)
+    assert cheap.tta == 2 and cheap.cut is None
+
+
+def test_plan_reserves_tta_at_the_timed_price_and_plain_evaluation_at_the_current_one(monkeypatch) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr(budget_module, "time", clock)
+    clock.now = 2.0
+    # Full TTA (6 views) timed at 6 s: 1 s plain, 5 s extra views; steps then slow down twofold.
+    plan = StepPlan(10**9, budget=100.0, started=0.0, eval_seconds=lambda: 6.0, eval_views=6)
+    plan.calibrate(step=20, step_seconds=0.1)
+    assert plan.reserved_evaluation() == pytest.approx(6.0)
+    plan.replan(40, seconds=4.0, steps=20)
+    assert plan.reserved_evaluation() == pytest.approx(2.0 + 5.0)  # plain doubled, the views not re-priced up
+    # TTA beyond EVAL_CAP of the budget is not reserved: training steps come first.
+    capped = StepPlan(10**9, budget=10.0, started=0.0, eval_seconds=lambda: 6.0, eval_views=6)
+    capped.calibrate(step=20, step_seconds=0.1)
+    assert capped.reserved_evaluation() == pytest.approx(1.0 + 0.5)  # 15% of 10 s, plain included
+
+
+def test_guard_stops_a_run_whose_calibration_steps_use_the_budget_up(monkeypatch) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr(budget_module, "time", clock)
+    plan = StepPlan(10**9, budget=10.0, started=0.0, guard_every_step=True)
+    clock.now = 6.0
+    plan.after_step(1)
+    clock.now = 9.9  # the second step took 3.9 s: nothing left for more
+    plan.after_step(2)
+    assert plan.total_steps == 2 and plan.stopped == 2
+
+
+@pytest.mark.slow
+def test_slowed_evaluation_cuts_tta_not_training_and_ends_in_budget(tiny_py: Path, monkeypatch) -> None:
+    # A fake clock advances 0.5 s per optimiser step and, for every image an evaluation forward pass sees, a set
+    # cost: planning times the evaluation at that cost, then it turns three times slower. The run must train the
+    # steps it planned, give up TTA views to make up the difference, record the cut and end inside the budget.
+    fake = FakeClock()
+    monkeypatch.setattr(time, "perf_counter", fake.perf_counter)
+    step_seconds, budget_seconds, per_image = 0.5, 20.0, {"cost": 0.01}
+    plan_box: dict[str, StepPlan] = {}
+    make_plan = budget_module.make_plan
+
+    def spy_plan(*args, **kwargs) -> StepPlan:
+        plan_box["plan"] = make_plan(*args, **kwargs)
+        return plan_box["plan"]
+
+    monkeypatch.setattr(loop_module.budget, "make_plan", spy_plan)
+    build = loop_module.build_model
+
+    def slow_eval_model(*args, **kwargs):
+        model = build(*args, **kwargs)
+
+        def cost(module, inputs, output) -> None:
+            if not module.training:
+                plan = plan_box.get("plan")
+                slower = 3.0 if plan is not None and plan.calibrated and plan._eval_estimate > 0 else 1.0
+                fake.now += per_image["cost"] * slower * len(inputs[0])
+
+        model.register_forward_hook(cost)
+        return model
+
+    monkeypatch.setattr(loop_module, "build_model", slow_eval_model)
+
+    def tick(*_: object) -> None:
+        fake.now += step_seconds
+
+    dataset = load_cifar10(tiny_py, verify=False, download=False)
+    config = make_config("speedrun", data_dir=str(tiny_py), verify=False, batch_size=16, device="cpu",
+                         budget_seconds=budget_seconds, model_kwargs=SMALL, eval_batch_size=10)
+    assert (config.tta, config.tta_threshold) == (2, 0.0)  # full TTA: every test image pays for 6 views
+    hook = register_optimizer_step_post_hook(tick)
+    try:
+        result = train(config, dataset, torch.device("cpu"), progress=False)
+    finally:
+        hook.remove()
+    plan, report = plan_box["plan"], result.budget
+    assert report is not None and plan.stopped is None  # training was never cut short
+    # The plan reserved the evaluation as timed (20 images x 6 views x 10 ms = 1.2 s; timing it cost 0.2 s) and
+    # trained its steps; at 3x the price full TTA no longer fits in what is left, so fewer views were used.
+    assert result.steps == plan.total_steps
+    assert result.steps == pytest.approx((budget_seconds * (1 - StepPlan.SAFETY) - 1.2 - 0.2) / step_seconds, abs=1)
+    assert (report.tta_planned, report.tta_used) == (2, 1) and report.cuts == ["TTA level 2 -> level 1"]
+    assert result.wall_seconds <= budget_seconds and report.used_seconds == pytest.approx(result.wall_seconds)
+    assert report.steps == result.steps and report.eval_seconds > 0
+
+
+def test_half_the_throughput_picks_the_row_tuned_for_half_the_compute() -> None:
+    config = make_config("speedrun", "fast", budget_seconds=120, device="cpu")
+    assert config.budget_shape == "compute"
+    as_tuned = REFERENCE_IMAGES_PER_SECOND / PROBE_TO_LOOP  # a probe reading of the machine the rows were tuned on
+    same, chosen = shape_by_compute(config, as_tuned)
+    assert same.model_kwargs == config.model_kwargs and chosen["reference_seconds"] == pytest.approx(120)
+    for budget in (60, 120, 300, 600):
+        config = make_config("speedrun", "fast", budget_seconds=budget, device="cpu")
+        half, chosen = shape_by_compute(config, as_tuned / 2)
+        row = cpu_speedrun_settings(budget / 2)  # what the rows were tuned to do with half the compute
+        assert half.model_kwargs == {"widths": list(row.widths), "act": row.act} and half.batch_size == row.batch
+        assert chosen["row"]["widths"] == list(row.widths)
+        assert chosen["expected_pflop"] == pytest.approx(shape_by_compute(config, as_tuned)[1]["expected_pflop"] / 2)
+        # The SGD rate is per example: it follows the batch.
+        assert half.optimizer.lr / half.batch_size == pytest.approx(config.optimizer.lr / config.batch_size)
+    # At 60 s, half the compute crosses a boundary: the narrow net of short budgets.
+    half60, _ = shape_by_compute(make_config("speedrun", "fast", budget_seconds=60, device="cpu"), as_tuned / 2)
+    assert half60.model_kwargs["widths"] == list(CPU_SPEEDRUN[0].widths)
+
+
+def test_rows_are_keyed_by_compute() -> None:
+    bounds = [row.up_to for row in CPU_SPEEDRUN]
+    assert bounds == sorted(bounds)
+    for i, row in enumerate(CPU_SPEEDRUN[:-1]):
+        assert cpu_speedrun_for_compute(row.up_to) == row
+        assert cpu_speedrun_for_compute(row.up_to * 1.01) == CPU_SPEEDRUN[i + 1]
+
+
+def test_user_chosen_shape_is_kept() -> None:
+    assert make_config("speedrun", "fast", budget_seconds=60, device="cpu", model_kwargs=SMALL).budget_shape == "fixed"
+    assert make_config("speedrun", "fast", budget_seconds=60, device="cpu", batch_size=256).budget_shape == "fixed"
+    assert make_config("speedrun", "airbench94", budget_seconds=60, device="cpu").budget_shape == "fixed"
+
+
+def test_airbench94_recipe_is_airbench94_on_every_device() -> None:
+    for device in ("cpu", "cuda"):
+        c = make_config("speedrun", "airbench94", budget_seconds=30, device=device)
+        assert (c.batch_size, c.model_kwargs, c.optimizer.name, c.tta, c.tta_threshold) == \
+            (1024, {"widths": [64, 256, 256]}, "sgd", 2, 0.0)
+        assert (c.optimizer.momentum, c.optimizer.nesterov, c.label_smoothing) == (0.85, True, 0.2)
+        assert c.optimizer.lr == pytest.approx(1.5) and c.optimizer.weight_decay == pytest.approx(0.0153 / 11.5)
+        assert c.optimizer.bias_lr_scale == 64 and c.eval_batch_size == 2000 and c.whiten
+
+
+def test_budget_report_travels_in_the_run_record() -> None:
+    report = BudgetReport(30.0, 29.1, 100, 3.4, 1740.8, 0.29, 1.0, 0.8, 0.9, 2, 0.6, 1, 0.6,
+                          ["TTA level 2 (threshold 0.6) -> level 1 (threshold 0.6)"], 1,
+                          {"images_per_second": 900.0}, {"by": "compute", "expected_pflop": 0.01})
+    record = RunRecord("r", "speedrun", "fast", 0, 1, budget=report)
+    d = record.to_dict()
+    assert d["budget"]["cuts"] == report.cuts and d["budget"]["shape"]["by"] == "compute"
+    assert RunRecord.from_dict(d).budget == report
+    assert RunRecord.from_dict({**d, "budget": None}).budget is None
+
+
+@pytest.mark.slow
+def test_budgeted_cpu_run_records_probe_and_shape(tiny_py: Path, monkeypatch, tmp_path: Path) -> None:
+    from cifarbench.running import train_run
+    from cifarbench.training import shape
+
+    monkeypatch.setenv(shape.THROUGHPUT_FACTOR_ENV, "0.5")
+    config = make_config("speedrun", data_dir=str(tiny_py), verify=False, device="cpu", budget_seconds=4)
+    config = replace(config, batch_size=16)
+    threads = torch.get_num_threads()
+    record = train_run(config, runs_dir=tmp_path / "runs", progress=False)
+    assert torch.get_num_threads() == threads  # the probe's choice was for the run only
+    b = record.budget
+    assert b is not None and b.probe["factor"] == 0.5 and b.shape["by"] == "compute"
+    assert b.shape["probe_images_per_second"] == pytest.approx(b.probe["images_per_second"])
+    assert record.config["model_kwargs"]["widths"] == b.shape["row"]["widths"]
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "fast"])
+def test_throughput_factor_refuses_what_is_not_a_positive_number(value: str, monkeypatch) -> None:
+    from cifarbench.errors import CifarbenchError
+    from cifarbench.training import shape
+
+    monkeypatch.setenv(shape.THROUGHPUT_FACTOR_ENV, value)
+    with pytest.raises(CifarbenchError, match=shape.THROUGHPUT_FACTOR_ENV):
+        shape.throughput_factor()
