@@ -10,10 +10,12 @@ import importlib
 
 __version__ = "0.1.0"
 
-_API = ("Comparison", "Evaluation", "ModelSummary", "RunRecord", "TrainedModel", "build_report", "compare",
-        "compare_configs", "compare_runs", "config", "delete_run", "evaluate", "evaluate_checkpoint", "export_runs",
-        "import_runs", "load", "load_trained_model", "make_config", "predict", "predict_images", "predict_test_set",
-        "report", "report_runs", "runs", "stored_runs", "train", "train_run")
+_API = ("Comparison", "Evaluation", "ExperimentReport", "Explanation", "ModelSummary", "PermutationReport",
+        "RunRecord", "TrainedModel", "build_report", "compare", "compare_configs", "compare_runs", "config",
+        "delete_run", "evaluate", "evaluate_checkpoint", "experiment", "explain", "explain_runs", "export_runs",
+        "import_runs", "load", "load_trained_model", "make_config", "permutation", "permutation_experiment",
+        "predict", "predict_images", "predict_test_set", "report", "report_runs", "run_experiment", "runs",
+        "stored_runs", "train", "train_run")
 
 
 def __getattr__(name: str):
