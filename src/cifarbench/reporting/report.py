@@ -198,13 +198,16 @@ def _experiment_results(runs: Sequence[RunRecord], runs_dir: str | os.PathLike |
 
 
 def _run_table(runs: Sequence[RunRecord], target: float | None) -> tuple[list[str], list[list[str]]]:
-    headers = ["run", "model", "recipe", "seed", "status", "test accuracy", "train s", "epochs",
+    validation = any(h.val_accuracy is not None for r in runs for h in r.history)
+    headers = ["run", "model", "recipe", "seed", "status", "test accuracy",
+               *(["validation accuracy (last epoch)"] if validation else []), "train s", "epochs",
                *([f"time to {100 * target:g}%"] if target is not None else []), "data sha256", "verified data"]
     rows = []
     for r in runs:
         secs = "-" if r.train_seconds is None else f"{r.train_seconds:.1f}"
         ttt = [time_to_target_cell(r.time_to_target(target))] if target is not None else []
-        rows.append([r.run_id, r.model, r.recipe, str(r.seed), r.status, percent(r.test_accuracy), secs,
-                     str(len(r.history)), *ttt,
+        val = [percent(next((h.val_accuracy for h in reversed(r.history) if h.val_accuracy is not None), None))]
+        rows.append([r.run_id, r.model, r.recipe, str(r.seed), r.status, percent(r.test_accuracy),
+                     *(val if validation else []), secs, str(len(r.history)), *ttt,
                      str(r.dataset.get("sha256", "-"))[:16], "yes" if r.dataset.get("verified") else "no"])
     return headers, rows
