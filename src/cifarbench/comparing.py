@@ -120,6 +120,9 @@ def per_example_correctness(runs: Sequence[RunRecord], dataset: ImageDataset | N
         if checkpoint is None or not checkpoint.is_file():
             continue
         loaded = load_trained_model(str(checkpoint), device=device, runs_dir=runs_dir, trust_code=trust_code)
+        if dataset is not None and dataset.name != loaded.config.data.dataset:
+            raise CifarbenchError(f"run {run.run_id} was trained on {loaded.config.data.dataset}, not "
+                                  f"{dataset.name}; McNemar's test compares predictions on one test set")
         seen = loaded.test_dataset(dataset=dataset, progress=progress, **data)
         dataset = original(seen)  # one copy as read serves every run, permuted or not
         result = loaded.evaluate(seen, keep_probabilities=True)

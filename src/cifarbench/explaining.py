@@ -47,6 +47,16 @@ def _test_split(loaded: TrainedModel, dataset: ImageDataset) -> DeviceSplit:
     return DeviceSplit(dataset.test, loaded.device, c.data.mean, c.data.std, c.channels_last)
 
 
+def _test_data(loaded: TrainedModel, copies: dict[str, ImageDataset], **data: Any) -> ImageDataset:
+    """The test data as `loaded`'s run saw it, read once per data set: `copies` holds the copies read so far (as
+    read, by fingerprint), and a run trained on another copy, or another data set, gets its own."""
+    recorded = loaded.checkpoint.dataset
+    seen = loaded.test_dataset(dataset=copies.get(recorded.get("base_sha256") or recorded.get("sha256")), **data)
+    base = original(seen)
+    copies[base.sha256] = base
+    return seen
+
+
 def explain_trained(loaded: TrainedModel, dataset: ImageDataset, *, label: str, examples: int = 4, seed: int = 0,
                     experiments: bool = False, **settings: Any) -> ModelExplanation:
     """`explain_model` for a loaded run on `dataset` (as that run sees it: `loaded.test_dataset`)."""
@@ -101,12 +111,10 @@ def explain_runs(refs: Sequence[str], out: str | os.PathLike, *, runs_dir: str |
     labels = {r.run_id: label for label, rs in group_runs(runs).items() for r in rs}
     root = Path(out)
     result = Explanation(str(root), [], [])
-    dataset: ImageDataset | None = None
+    copies: dict[str, ImageDataset] = {}
     for run in runs:
         loaded = _loaded(run, device=device, runs_dir=runs_dir, trust_code=trust_code)
-        seen = loaded.test_dataset(dataset=dataset, data_dir=data_dir, verify=verify, download=download,
-                                   progress=progress)
-        dataset = original(seen)
+        seen = _test_data(loaded, copies, data_dir=data_dir, verify=verify, download=download, progress=progress)
         explained = explain_trained(loaded, seen, label=f"{labels[run.run_id]} seed {run.seed}", examples=examples)
         files = [str(save_figure(f.figure, root / run.run_id / f"{f.key}.png")) for f in explained.figures]
         result.runs.append(ExplainedRun(run.run_id, labels[run.run_id], run.seed, explained.accuracy, files,
@@ -202,12 +210,10 @@ def run_experiment(name: str, refs: Sequence[str], *, shifts: int = 4, flip: boo
     runs = stored_runs(refs, runs_dir=runs_dir)
     groups = group_runs(runs)
     results: dict[str, dict[str, Any]] = {}
-    dataset: ImageDataset | None = None
+    copies: dict[str, ImageDataset] = {}
     for run in runs:
         loaded = _loaded(run, device=device, runs_dir=runs_dir, trust_code=trust_code)
-        seen = loaded.test_dataset(dataset=dataset, data_dir=data_dir, verify=verify, download=download,
-                                   progress=progress)
-        dataset = original(seen)
+        seen = _test_data(loaded, copies, data_dir=data_dir, verify=verify, download=download, progress=progress)
         c = loaded.config
         common = dict(mean=c.data.mean, std=c.data.std, batch_size=c.eval_batch_size,
                       autocast_dtype=autocast_dtype(c, loaded.device), channels_last=c.channels_last)
