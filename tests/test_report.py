@@ -97,6 +97,17 @@ def test_compare_json_keeps_its_keys_and_adds_cost_and_time_to_target(compared: 
     assert (fnn["model"], fnn["macs_per_image"], cnn["macs_per_image"]) == ("fnn", 394_496, 4_188_800)
     table = comparison_table([ModelSummary.from_dict(r) for r in out["results"]])
     assert "time to 30% (mean)" in table and "788.99 k" in table and "8.38 M" in table
+    (pair,) = out["pairs"]
+    assert (pair["a"], pair["b"], pair["seeds"]) == ("fnn", "cnn", [0, 1])
+    acc = {(r["model"], r["seed"]): r["test_accuracy"] for r in out["runs"]}
+    diffs = [acc["cnn", s] - acc["fnn", s] for s in (0, 1)]
+    assert pair["difference"]["mean_difference"] == pytest.approx(sum(diffs) / 2)
+    low, high = pair["difference"]["low"], pair["difference"]["high"]
+    assert low <= min(diffs) and high >= max(diffs)
+    n = out["dataset"]["test_size"]
+    for seed, diff in zip(("0", "1"), diffs, strict=True):  # McNemar's discordant counts explain the difference
+        test = pair["mcnemar"][seed]
+        assert test["c"] - test["b"] == round(diff * n) and 0 < test["p_value"] <= 1
 
 
 @pytest.mark.slow
@@ -104,7 +115,9 @@ def test_report_is_self_contained_with_table_figures_configs_and_fingerprint(com
     text = compared["html"].read_text()
     dom = Dom(text)
     assert dom.rows["summary"] == 2 and dom.rows["runs"] == 4 and dom.rows["datasets"] == 1
-    assert len(dom.imgs) == 5 and all(src.startswith("data:image/png;base64,") for src in dom.imgs)
+    # 6 figures for the comparison, the capacity figure, and the gallery: fnn templates and saliency, cnn
+    # filters, feature maps and saliency
+    assert len(dom.imgs) == 12 and all(src.startswith("data:image/png;base64,") for src in dom.imgs)
     for src in dom.imgs:
         assert base64.b64decode(src.split(",", 1)[1])[:8] == PNG
     assert dom.links == [] and "script" not in dom.tags and "link" not in dom.tags  # nothing to fetch, nothing to run
@@ -113,9 +126,12 @@ def test_report_is_self_contained_with_table_figures_configs_and_fingerprint(com
     for run_id in compared["out"]["results"][0]["run_ids"] + compared["out"]["results"][1]["run_ids"]:
         assert run_id in body
     assert compared["out"]["dataset"]["sha256"] in body and '"batch_size": 25' in body
-    for heading in ("Learning curves", "Per-class accuracy", "Confusion matrices", "Most confident mistakes",
-                    "Test images by class", "time to 30%"):
+    for heading in ("Learning curves", "Loss curves", "Per-class accuracy", "Confusion matrices",
+                    "Most confident mistakes", "Test images by class", "time to 30%", "Differences between models",
+                    "fnn seed 0: what the weights look for", "cnn seed 0: first-layer filters",
+                    "cnn seed 0: feature maps", "cnn seed 0: saliency", "Capacity"):
         assert heading in body
+    assert dom.rows["extra"] == 1  # the pairwise table: one pair
 
 
 @pytest.mark.slow
@@ -128,7 +144,7 @@ def test_report_command_from_stored_runs(compared: dict, tmp_path: Path) -> None
     assert out["report"] == str(tmp_path / "r.html") and [r["model"] for r in out["results"]] == ["cnn"]
     assert out["results"][0]["test_accuracy_mean"] == compared["out"]["results"][1]["test_accuracy_mean"]
     dom = Dom((tmp_path / "r.html").read_text())
-    assert dom.rows["summary"] == 1 and dom.rows["runs"] == 2 and len(dom.imgs) == 5
+    assert dom.rows["summary"] == 1 and dom.rows["runs"] == 2 and len(dom.imgs) == 10
 
 
 def test_every_string_from_runs_is_escaped(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -188,7 +204,9 @@ def test_chromium_renders_the_table_and_decodes_every_image(compared: dict, tmp_
     report = compared["html"]
     dom = Dom(chromium("--dump-dom", report.as_uri(), home=tmp_path))
     assert dom.rows["summary"] == 2 and dom.rows["runs"] == 4
-    assert len(dom.imgs) == 5 and all(src.startswith("data:image/png;base64,") for src in dom.imgs)
+    # 6 figures for the comparison, the capacity figure, and the gallery: fnn templates and saliency, cnn
+    # filters, feature maps and saliency
+    assert len(dom.imgs) == 12 and all(src.startswith("data:image/png;base64,") for src in dom.imgs)
 
     # The report itself runs no script (its CSP forbids it); a test copy without the CSP adds one that
     # records what the browser decoded: every image's natural size.
@@ -200,7 +218,7 @@ def test_chromium_renders_the_table_and_decodes_every_image(compared: dict, tmp_
     variant.write_text(text.replace("</body>", probe))
     out = chromium("--dump-dom", variant.as_uri(), home=tmp_path)
     sizes = json.loads(re.search(r'<pre id="probe">(.*?)</pre>', out).group(1))
-    assert len(sizes) == 5 and all(done and w > 100 and h > 100 for done, w, h in sizes), sizes
+    assert len(sizes) == len(dom.imgs) and all(done and w > 100 and h > 100 for done, w, h in sizes), sizes
 
     shot = tmp_path / "shot.png"
     chromium(f"--screenshot={shot}", "--window-size=1280,2000", report.as_uri(), home=tmp_path)

@@ -22,6 +22,14 @@ from cifarbench.comparing import compare_runs
 from cifarbench.config import TrainConfig
 from cifarbench.data.overview import DataOverview
 from cifarbench.data.overview import explore as explore_data
+from cifarbench.explaining import (
+    ExperimentReport,
+    Explanation,
+    PermutationReport,
+    explain_runs,
+    permutation_experiment,
+    run_experiment,
+)
 from cifarbench.inference import (
     Evaluation,
     TrainedModel,
@@ -40,11 +48,13 @@ from cifarbench.runs.catalog import delete_run, stored_runs
 from cifarbench.runs.records import Comparison, ModelSummary, RunRecord
 from cifarbench.training.recipes import config_for, make_config
 
-__all__ = ["Comparison", "DataOverview", "Evaluation", "Grading", "ModelSummary", "RunRecord", "Submission",
-           "TrainedModel", "build_report", "compare", "compare_configs", "compare_runs", "delete_run", "evaluate",
-           "evaluate_checkpoint", "explore", "export_runs", "grade", "import_runs", "load", "load_trained_model",
-           "make_config", "predict", "predict_images", "predict_test_set", "report", "report_runs", "run_config",
-           "run_history", "score_images", "stored_runs", "submit", "train", "train_run"]
+__all__ = ["Comparison", "DataOverview", "Evaluation", "ExperimentReport", "Explanation", "Grading", "ModelSummary",
+           "PermutationReport", "RunRecord", "Submission", "TrainedModel", "build_report", "compare",
+           "compare_configs", "compare_runs", "delete_run", "evaluate", "evaluate_checkpoint", "experiment", "explain",
+           "explain_runs", "explore", "export_runs", "grade", "import_runs", "load", "load_trained_model",
+           "make_config", "permutation", "permutation_experiment", "predict", "predict_images", "predict_test_set",
+           "report", "report_runs", "run_config", "run_experiment", "run_history", "score_images", "stored_runs",
+           "submit", "train", "train_run"]
 
 Model = str | type | Callable[..., Any]
 """A registered model's name, `file.py:Name`, `module:Name`, or an nn.Module subclass or factory itself."""
@@ -59,12 +69,13 @@ def run_config(model: Model, *, recipe: str | None = None, seed: int = 0, epochs
            precision: str | None = None, budget: float | None = None, tta: int | None = None,
            widths: list[int] | None = None, val_split: int | None = None, device: str = "auto",
            dataset: str | None = None, data_dir: str | None = None, verify: bool | None = None,
-           download: bool | None = None, set: dict[str, Any] | None = None) -> TrainConfig:  # noqa: A002
+           download: bool | None = None, permute_pixels: int | None = None,
+           set: dict[str, Any] | None = None) -> TrainConfig:  # noqa: A002
     """The full typed config a run would train with (the same choices as `cifarbench train` and its flags)."""
     return config_for(_ref(model), recipe=recipe, seed=seed, device=device, optimizer=optimizer, lr=lr,
                       widths=widths, set=set, epochs=epochs, batch_size=batch_size, precision=precision,
                       budget_seconds=budget, tta=tta, val_split=val_split, dataset=dataset, data_dir=data_dir,
-                      verify=verify, download=download)
+                      verify=verify, download=download, permute_pixels=permute_pixels)
 
 
 def _check_keywords(function: Callable[..., Any], given: dict[str, Any], *, extra: Sequence[str] = (),
@@ -116,6 +127,30 @@ def compare(models: Sequence[Model], *, seeds: int = 1, jobs: int = 1, target: f
     return compare_configs(refs, lambda m, s: run_config(m, seed=s, **choices), seeds=seeds, jobs=jobs, target=target,
                            report=report, plot=plot, runs_dir=runs_dir, progress=progress,
                            on_epoch=on_epoch or EpochPrinter())
+
+
+def explain(runs: Sequence[str], out: str | os.PathLike, **kwargs: Any) -> Explanation:
+    """Draw what stored runs learnt into the folder `out` (`cifarbench explain`): FNN templates, conv filters and
+    feature maps, saliency maps (Captum: the `interpret` extra), the capacity and robustness figures."""
+    return explain_runs(runs, out, **kwargs)
+
+
+def experiment(name: str, runs: Sequence[str], **kwargs: Any) -> ExperimentReport:
+    """The translation or corruption experiment on stored runs (`cifarbench experiment translation|corruption`);
+    each result is kept in its run's experiments.json."""
+    return run_experiment(name, runs, **kwargs)
+
+
+def permutation(models: Sequence[Model], *, seeds: int = 3, permutation_seed: int = 0, reuse: bool = True,
+                runs_dir: str | os.PathLike | None = None, progress: bool | None = None,
+                on_epoch: Callable[[TrainConfig, Any], None] | None = None, **choices: Any) -> PermutationReport:
+    """Train each model on plain and on pixel-permuted images over `seeds` seeds and compare
+    (`cifarbench experiment permutation`); `choices` are `config`'s keywords (recipe=, epochs=, verify=False)."""
+    runtime.configure()
+    refs = [_ref(m) for m in models]
+    return permutation_experiment(refs, lambda m, s: run_config(m, seed=s, **choices), seeds=seeds,
+                                  permutation_seed=permutation_seed, reuse=reuse, runs_dir=runs_dir,
+                                  progress=progress, on_epoch=on_epoch or EpochPrinter())
 
 
 def evaluate(run: str, **kwargs: Any) -> Evaluation:

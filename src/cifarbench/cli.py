@@ -47,6 +47,9 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                    help="progressive resizing: train the first half of the steps on SIDExSIDE images (0 = off)")
     p.add_argument("--val-split", type=int, metavar="N",
                    help="hold out N training images for validation (tune on these, never on the test set)")
+    p.add_argument("--permute-pixels", type=int, metavar="SEED",
+                   help="train and test on images under one fixed random permutation of the pixel positions, drawn "
+                        "from SEED (the permuted-pixels experiment)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--sync-bn", action="store_true", default=None,
                    help="under torchrun on GPUs: BatchNorm statistics over the global batch")
@@ -122,6 +125,36 @@ def build_parser() -> argparse.ArgumentParser:
     _trust_flag(p)
     _data_flags(p)
 
+    p = sub.add_parser("explain", help="draw what stored runs learnt: FNN templates, conv filters, feature maps, saliency")
+    p.add_argument("run_ids", nargs="+", metavar="RUN_ID")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the PNGs (one subfolder per run)")
+    p.add_argument("--examples", type=int, default=4, help="right and wrong test predictions in the saliency maps (default 4 each)")
+    _stored_flags(p)
+
+    p = sub.add_parser("experiment", help="controlled experiments: translation, corruption, permuted pixels")
+    kinds = p.add_subparsers(dest="experiment", required=True, parser_class=_Parser)
+    q = kinds.add_parser("translation", help="accuracy of stored runs on test images shifted by 0..K pixels, and mirrored")
+    q.add_argument("run_ids", nargs="+", metavar="RUN_ID")
+    q.add_argument("--shifts", type=int, default=4, metavar="K", help="largest shift in pixels (default 4)")
+    q.add_argument("--fill", choices=["reflect", "zero"], default="reflect", help="what fills the uncovered border (default reflect)")
+    q.add_argument("--no-flip", dest="flip", action="store_false", help="leave out the mirrored images")
+    q.add_argument("--out", metavar="DIR", help="also write DIR/translation.png")
+    _stored_flags(q)
+    q = kinds.add_parser("corruption", help="accuracy of stored runs under CIFAR-10-C style noise, blur, contrast, JPEG")
+    q.add_argument("run_ids", nargs="+", metavar="RUN_ID")
+    q.add_argument("--severities", default="1,3,5", help="severity levels 1-5, comma-separated (default 1,3,5)")
+    q.add_argument("--kinds", help="corruptions, comma-separated (default: gaussian_noise,gaussian_blur,contrast,jpeg)")
+    q.add_argument("--seed", type=int, default=0, help="seeds the noise (default 0)")
+    q.add_argument("--out", metavar="DIR", help="also write DIR/corruption.png")
+    _stored_flags(q)
+    q = kinds.add_parser("permutation", help="train models on plain and on pixel-permuted images over seeds and compare")
+    q.add_argument("models", nargs="+", metavar="MODEL", help=MODEL_HELP)
+    q.add_argument("--seeds", type=int, default=3, help="seeds per model and condition (0..N-1; default 3)")
+    q.add_argument("--permutation-seed", type=int, default=0, help="seed of the fixed pixel permutation (default 0)")
+    q.add_argument("--no-reuse", dest="reuse", action="store_false",
+                   help="train every run again instead of reusing stored runs with the same config and data")
+    _run_flags(q)
+
     p = sub.add_parser("predict", help="classify PNG/JPEG files with a trained model, or score them against labels")
     p.add_argument("ref", metavar="CHECKPOINT_OR_RUN")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG/JPEG files, or folders of them")
@@ -163,6 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
 MODEL_HELP = "a registered model (`cifarbench models`), or your own: path/to/file.py:Name or package.module:Name"
 
 
+def _stored_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of commands that load stored runs and their test set."""
+    p.add_argument("--device", default="auto")
+    p.add_argument("--runs-dir")
+    p.add_argument("--json", action="store_true")
+    _trust_flag(p)
+    _data_flags(p)
+
+
 def _trust_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-code", action="store_true",
                    help="run model code that came with a run from elsewhere (read its model.py first)")
@@ -187,6 +229,11 @@ def _runs_actions(runs: argparse.ArgumentParser) -> None:
     q = actions.add_parser("compare", help="table of stored runs (no retraining)")
     q.add_argument("run_ids", nargs="+", metavar="RUN_ID")
     q.add_argument("--target", type=float, metavar="FRACTION", help="time-to-accuracy target, e.g. 0.9")
+    q.add_argument("--mcnemar", action="store_true",
+                   help="also score each run's checkpoint on the test set for McNemar's test (implied by --data-dir)")
+    q.add_argument("--device", default="auto")
+    _trust_flag(q)
+    _data_flags(q)
     common(q)
     q = actions.add_parser("rm", help="delete runs: their history rows and run folders")
     q.add_argument("run_ids", nargs="+", metavar="RUN_ID")
@@ -226,7 +273,7 @@ def _config(args: argparse.Namespace, model: str, seed: int):
                       precision=args.precision, data_dir=args.data_dir, verify=args.verify, download=args.download,
                       budget_seconds=args.budget, tta=args.tta, val_split=args.val_split, compile=args.compile,
                       sync_bn=args.sync_bn, deterministic=args.deterministic, low_res=args.low_res,
-                      dataset=args.dataset)
+                      dataset=args.dataset, permute_pixels=getattr(args, "permute_pixels", None))
 
 
 def _epoch_printer(args: argparse.Namespace):
@@ -312,7 +359,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 # Flags a resumed run keeps from its own config: changing them would no longer continue the same run.
 _RESUME_FIXED = ("seed", "epochs", "batch_size", "lr", "optimizer", "precision", "budget", "tta", "widths", "low_res",
-                 "val_split", "compile", "sync_bn", "deterministic", "dataset", "recipe")
+                 "val_split", "compile", "sync_bn", "deterministic", "dataset", "recipe", "permute_pixels")
 
 
 def _resume(args: argparse.Namespace):
@@ -366,9 +413,102 @@ def cmd_compare(args: argparse.Namespace) -> None:
         return
     _note_unverified(report.dataset)
     print(comparison_table(report.results))
+    _print_pairs(report)
     print(f"\nlearning curves: {report.plot_file}")
     if report.report:
         print(f"report: {report.report}")
+
+
+def _print_pairs(comparison, hint: str = "") -> None:
+    """The pairwise table (difference with its interval, McNemar) under a comparison, and its warnings."""
+    from cifarbench.reporting.tables import PAIRWISE_HEADERS, format_table, pairwise_rows
+
+    if comparison.pairs:
+        print("\n" + format_table(PAIRWISE_HEADERS, pairwise_rows(comparison.pairs)))
+        if hint:
+            print(hint)
+    for warning in comparison.warnings:
+        print(f"warning: {printable(warning)}")
+
+
+def cmd_explain(args: argparse.Namespace) -> None:
+    from cifarbench.explaining import explain_runs
+
+    result = explain_runs(args.run_ids, args.out, runs_dir=args.runs_dir, data_dir=args.data_dir, verify=args.verify,
+                          download=args.download, device=args.device, examples=args.examples,
+                          trust_code=args.trust_code)
+    if args.json:
+        _print_json(result.to_dict())
+        return
+    for run in result.runs:
+        print(f"{printable(run.label)} seed {run.seed} ({printable(run.run_id)}): plain-view test accuracy "
+              f"{100 * run.accuracy:.2f}%; " + ", ".join(printable(f) for f in run.files))
+    for note in result.notes:
+        print(f"note: {printable(note)}")
+    print(f"wrote {len(result.files)} figures in {printable(result.out)}")
+
+
+def _integers(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CifarbenchError(f"{flag} {text!r}: expected comma-separated integers such as 1,3,5") from None
+
+
+def cmd_experiment(args: argparse.Namespace) -> None:
+    from cifarbench.reporting.tables import experiment_table, format_table
+
+    if args.experiment == "permutation":
+        _experiment_permutation(args)
+        return
+    from cifarbench.explaining import run_experiment
+
+    settings = ({"shifts": args.shifts, "fill": args.fill, "flip": args.flip} if args.experiment == "translation" else
+                {"severities": _integers(args.severities, "--severities"), "seed": args.seed,
+                 **({"kinds": [k.strip() for k in args.kinds.split(",") if k.strip()]} if args.kinds else {})})
+    out = sys.stderr if args.json else sys.stdout
+
+    def show(run, result) -> None:
+        print(f"{printable(run.model)} seed {run.seed}: {args.experiment} done ({printable(run.run_id)})", file=out,
+              flush=True)
+
+    report = run_experiment(args.experiment, args.run_ids, out=args.out, runs_dir=args.runs_dir,
+                            data_dir=args.data_dir, verify=args.verify, download=args.download, device=args.device,
+                            trust_code=args.trust_code, on_run=show, **settings)
+    if args.json:
+        _print_json(report.to_dict())
+        return
+    print(format_table(*experiment_table(report.models, report.rows)))
+    print("\nstored in each run's experiments.json" + (f"; figure: {printable(report.figure)}" if report.figure else ""))
+
+
+def _experiment_permutation(args: argparse.Namespace) -> None:
+    from cifarbench.explaining import permutation_experiment
+    from cifarbench.reporting.tables import (
+        PAIRWISE_HEADERS,
+        PERMUTATION_HEADERS,
+        format_table,
+        pairwise_rows,
+        permutation_rows,
+    )
+    from cifarbench.runs.records import permutation_of
+
+    out = sys.stderr if args.json else sys.stdout
+    report = permutation_experiment(
+        args.models, lambda m, s: _config(args, m, s), seeds=args.seeds, permutation_seed=args.permutation_seed,
+        reuse=args.reuse, runs_dir=args.runs_dir, on_epoch=_epoch_printer(args),
+        on_reuse=lambda r: print(f"reusing stored run {printable(r.run_id)} ({printable(r.model)} seed {r.seed}"
+                                 f"{', permuted pixels' if permutation_of(r) is not None else ''})", file=out,
+                                 flush=True))
+    if args.json:
+        _print_json(report.to_dict())
+        return
+    print(format_table(PERMUTATION_HEADERS, permutation_rows(report.rows)))
+    for heading, pairs in (("plain pixels", report.plain_pairs), ("permuted pixels", report.permuted_pairs)):
+        if pairs:
+            print(f"\n{heading}:\n" + format_table(PAIRWISE_HEADERS, pairwise_rows(pairs)))
+    for warning in report.warnings:
+        print(f"warning: {printable(warning)}")
 
 
 def cmd_runs(args: argparse.Namespace) -> None:
@@ -416,11 +556,16 @@ def _runs_compare(args: argparse.Namespace) -> None:
     from cifarbench.comparing import compare_runs
     from cifarbench.reporting.tables import comparison_table, format_table, percent, time_to_target_cell
 
-    result = compare_runs(args.run_ids, runs_dir=args.runs_dir, target=args.target)
+    result = compare_runs(args.run_ids, runs_dir=args.runs_dir, target=args.target, mcnemar=args.mcnemar,
+                          data_dir=args.data_dir, verify=args.verify, download=args.download, device=args.device,
+                          trust_code=args.trust_code)
     if args.json:
         _print_json(result.to_dict())
         return
-    print(comparison_table(result.results) + "\n")
+    print(comparison_table(result.results))
+    _print_pairs(result, "" if args.mcnemar or args.data_dir else "McNemar's test needs each run's test predictions: "
+                 "add --mcnemar (or --data-dir DIR)")
+    print()
     with_target = args.target is not None
     rows = [(r.run_id, r.model, r.recipe, r.seed, r.status, percent(r.test_accuracy),
              "-" if r.train_seconds is None else f"{r.train_seconds:.1f}",
@@ -556,7 +701,7 @@ def _with_tensorboard(args: argparse.Namespace, show):
 
 COMMANDS = {"download": cmd_download, "explore": cmd_explore, "models": cmd_models, "train": cmd_train,
             "eval": cmd_eval, "compare": cmd_compare, "runs": cmd_runs, "report": cmd_report, "predict": cmd_predict,
-            "submit": cmd_submit, "grade": cmd_grade}
+            "submit": cmd_submit, "grade": cmd_grade, "explain": cmd_explain, "experiment": cmd_experiment}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,18 +11,20 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from cifarbench import runtime
 from cifarbench.config import TrainConfig
-from cifarbench.data import ImageDataset, load_dataset
+from cifarbench.data import ImageDataset, load_dataset, original
 from cifarbench.device import resolve_device
 from cifarbench.errors import INTERFACE, CifarbenchError
+from cifarbench.evaluation.stats import PairComparison, pairwise_comparisons, training_warnings
 from cifarbench.provenance import environment
 from cifarbench.running import train_run
 from cifarbench.runs.catalog import stored_runs
 from cifarbench.runs.folders import resolve_runs_dir
-from cifarbench.runs.records import Comparison, RunRecord, summarise
+from cifarbench.runs.records import Comparison, RunRecord, group_runs, summarise
 from cifarbench.training.loop import check_settings
 from cifarbench.training.state import EpochMetrics
 
@@ -76,6 +78,8 @@ def compare(models: Sequence[str], make: Callable[[str, int], TrainConfig], *, s
     plot_learning_curves({s.model: [[h.to_dict() for h in r.history] for r in runs if r.run_id in s.run_ids]
                           for s in results}, plot_path, target=target)
     comparison = Comparison(results, runs, target, dataset.info(), failures, str(plot_path), None, jobs, environment())
+    correct = per_example_correctness(runs, dataset, device=first.device, runs_dir=runs_dir, progress=progress)
+    comparison.pairs, comparison.warnings = pairwise(runs, correct), run_warnings(runs)
     if report:
         from cifarbench.reporting.report import build_report
 
@@ -84,12 +88,70 @@ def compare(models: Sequence[str], make: Callable[[str, int], TrainConfig], *, s
     return comparison
 
 
-def compare_runs(refs: Sequence[str], *, runs_dir: str | os.PathLike | None = None,
-                 target: float | None = None) -> Comparison:
-    """The comparison table of stored runs, from the run history alone (no training, no data needed)."""
+def compare_runs(refs: Sequence[str], *, runs_dir: str | os.PathLike | None = None, target: float | None = None,
+                 mcnemar: bool = False, data_dir: str | None = None, verify: bool | None = None,
+                 download: bool | None = None, device: str = "auto", trust_code: bool = False,
+                 progress: bool | None = None) -> Comparison:
+    """The comparison table of stored runs, from the run history alone (no training, no data needed), with each
+    pair's accuracy difference over paired seeds. With `mcnemar` (or a `data_dir`) each run's checkpoint is also
+    scored on the test set, for McNemar's test of each pair's predictions."""
     check_target(target)
     runs = stored_runs(refs, runs_dir=runs_dir)
-    return Comparison(summarise(runs, target), runs, target, environment=environment())
+    correct = None
+    if mcnemar or data_dir is not None:
+        correct = per_example_correctness(runs, None, device=device, runs_dir=runs_dir, trust_code=trust_code,
+                                   progress=progress, data_dir=data_dir, verify=verify, download=download)
+    return Comparison(summarise(runs, target), runs, target, environment=environment(), pairs=pairwise(runs, correct),
+                      warnings=run_warnings(runs))
+
+
+def per_example_correctness(runs: Sequence[RunRecord], dataset: ImageDataset | None, *, device: str = "auto",
+                     runs_dir: str | os.PathLike | None = None, trust_code: bool = False,
+                     progress: bool | None = None, **data: Any) -> dict[str, np.ndarray]:
+    """Each run's per-example correctness on the test set (its checkpoint, its own test-time augmentation), by
+    run id: what McNemar's test compares. Runs without a checkpoint are left out. `data` (data_dir, verify,
+    download) says where the test set is when `dataset` is None."""
+    from cifarbench.inference import load_trained_model
+    from cifarbench.runs.folders import CHECKPOINT
+
+    out: dict[str, np.ndarray] = {}
+    for run in runs:
+        checkpoint = Path(run.run_dir) / CHECKPOINT if run.run_dir else None
+        if checkpoint is None or not checkpoint.is_file():
+            continue
+        loaded = load_trained_model(str(checkpoint), device=device, runs_dir=runs_dir, trust_code=trust_code)
+        if dataset is not None and dataset.name != loaded.config.data.dataset:
+            raise CifarbenchError(f"run {run.run_id} was trained on {loaded.config.data.dataset}, not "
+                                  f"{dataset.name}; McNemar's test compares predictions on one test set")
+        seen = loaded.test_dataset(dataset=dataset, progress=progress, **data)
+        dataset = original(seen)  # one copy as read serves every run, permuted or not
+        result = loaded.evaluate(seen, keep_probabilities=True)
+        assert result.probabilities is not None
+        out[run.run_id] = result.probabilities.argmax(1) == seen.test.labels
+    return out
+
+
+def pairwise(runs: Sequence[RunRecord], correct: dict[str, np.ndarray] | None = None) -> list[PairComparison]:
+    """Every pair of the runs' models (as `group_runs` labels them): the difference of test accuracy over their
+    common seeds with a 95% Student-t interval, and McNemar's exact test per seed where `correct` has both runs."""
+    groups = group_runs(runs)
+    accuracy = {label: {r.seed: r.test_accuracy for r in rs if r.test_accuracy is not None}
+                for label, rs in groups.items()}
+    per_example = None
+    if correct:
+        per_example = {label: {r.seed: correct[r.run_id] for r in rs if r.run_id in correct}
+                       for label, rs in groups.items()}
+    return pairwise_comparisons(accuracy, per_example)
+
+
+def run_warnings(runs: Sequence[RunRecord]) -> list[str]:
+    """One line per warning about a run's training (under-trained, near chance, diverged)."""
+    lines = []
+    for label, group in group_runs(runs).items():
+        for run in group:
+            classes = len(run.per_class_accuracy or []) or 10  # every data set cifarbench reads has 10 classes
+            lines += [f"{label} seed {run.seed} ({run.run_id}): {w}" for w in training_warnings(run.history, classes)]
+    return lines
 
 
 def _worker_init(threads: int, gpus: int, interface: str) -> None:

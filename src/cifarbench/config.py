@@ -268,6 +268,9 @@ class DataConfig:
     """Per-channel mean subtracted after scaling pixels to [0, 1] (the notebook's Normalize(0.5, 0.5))."""
     std: tuple[float, ...] = setting((0.5, 0.5, 0.5), gt=0, length=(1, 4))
     """Per-channel std divided by; with mean 0.5 this maps pixels to [-1, 1]."""
+    permute_pixels: int | None = setting(None, ge=0, le=MAX_SEED)
+    """Seed of one fixed random permutation of the pixel positions applied to every train and test image (the
+    permuted-pixels experiment); None leaves the images as they are."""
 
     def __post_init__(self) -> None:
         check_fields(self)

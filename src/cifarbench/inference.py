@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from cifarbench.config import TrainConfig
-from cifarbench.data import ImageDataset, load_dataset
+from cifarbench.data import ImageDataset, load_dataset, prepare
 from cifarbench.data.dataset import Split
 from cifarbench.data.loader import DeviceSplit
 from cifarbench.device import autocast_dtype, describe_device, kernel_choice, resolve_device
@@ -72,13 +72,14 @@ class TrainedModel:
 
     def test_dataset(self, *, data_dir: str | None = None, verify: bool | None = None, download: bool | None = None,
                      dataset: ImageDataset | None = None, progress: bool | None = None) -> ImageDataset:
-        """The data set the model was trained on (its config's, with `data_dir`, `verify`, `download` overriding)."""
-        if dataset is not None:
-            return dataset
+        """The data set the model was trained on (its config's, with `data_dir`, `verify`, `download` overriding),
+        as the run saw it: `dataset`, when given, is prepared the same way (its pixels permuted if the run's were)."""
         data = self.config.data
-        data = replace(data, data_dir=data_dir or data.data_dir, verify=data.verify if verify is None else verify,
-                       download=data.download if download is None else download)
-        return load_dataset(data, progress=progress)
+        if dataset is None:
+            data = replace(data, data_dir=data_dir or data.data_dir, verify=data.verify if verify is None else verify,
+                           download=data.download if download is None else download)
+            dataset = load_dataset(data, progress=progress)
+        return prepare(dataset, data)
 
     def evaluate(self, dataset: ImageDataset, *, keep_probabilities: bool = False) -> EvalResult:
         """The whole test set with the run's own test-time augmentation and kernels, so its figures agree."""

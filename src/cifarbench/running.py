@@ -13,7 +13,7 @@ import torch
 
 from cifarbench import runtime
 from cifarbench.config import DataConfig, TrainConfig
-from cifarbench.data import ImageDataset, fit_normalisation, load_dataset
+from cifarbench.data import ImageDataset, fit_normalisation, load_dataset, prepare
 from cifarbench.device import describe_device, resolve_device
 from cifarbench.errors import CifarbenchError
 from cifarbench.evaluation.analysis import cost_of, training_flops
@@ -104,6 +104,7 @@ def _train(config: TrainConfig, world: ddp.DistEnv, device: torch.device, saved:
            on_epoch: Callable[[EpochMetrics], None] | None) -> RunRecord:
     # Under torchrun only rank 0 downloads (and shows progress); the others wait for its files (data.download).
     dataset = dataset or load_dataset(config.data, progress=progress if world.is_main else False)
+    dataset = prepare(dataset, config.data)  # e.g. the permuted-pixels experiment's scrambled images
     config = replace(config, data=fit_normalisation(config.data, dataset.image_shape[0]))  # e.g. 0.5/0.5 on MNIST
     training, weights = (saved.training, saved.state_dict) if saved is not None else (None, None)
     if not world.is_main:  # the other ranks train their shares; rank 0 alone writes the run

@@ -29,6 +29,8 @@ class ExplainFigure:
     caption: str
     figure: Any
     """A matplotlib Figure (reporting.plots.png_bytes / save_figure turn it into a PNG)."""
+    key: str = "figure"
+    """A short file-name stem: templates, filters, feature-maps, saliency."""
 
 
 @dataclass
@@ -92,16 +94,16 @@ def explain_model(model: nn.Module, test: DeviceSplit, *, label: str, classes: S
             f"{label}: what the weights look for",
             "Each class's template: the product of the fully connected layers' weights, drawn as an image "
             "(ReLUs and biases left out). One fixed template per class, tied to pixel positions.",
-            interpret.fnn_templates(model, in_shape, classes)))
+            interpret.fnn_templates(model, in_shape, classes), "templates"))
     if any(isinstance(m, nn.Conv2d) for _, m in layers):
         result.figures.append(ExplainFigure(
             f"{label}: first-layer filters",
             "The first convolution's filters: small patterns matched at every position of the image.",
-            interpret.first_layer_filters(model, in_shape=in_shape)))
+            interpret.first_layer_filters(model, in_shape=in_shape), "filters"))
         result.figures.append(ExplainFigure(
             f"{label}: feature maps",
             "Activations after each convolution for two test images: where each filter responded.",
-            interpret.feature_maps(model, images[:2], display=display[:2])))
+            interpret.feature_maps(model, images[:2], display=display[:2]), "feature-maps"))
     if len(chosen):
         try:
             result.figures.append(ExplainFigure(
@@ -109,7 +111,7 @@ def explain_model(model: nn.Module, test: DeviceSplit, *, label: str, classes: S
                 "Right and wrong test predictions with the pixels the predicted class's score is most sensitive "
                 "to (and, for a conv net, Grad-CAM of its last convolution).",
                 interpret.saliency_maps(model, images, labels[chosen].tolist(), predicted[chosen].tolist(), classes,
-                                        display=display)))
+                                        display=display), "saliency"))
         except CifarbenchError as exc:
             if str(exc) != interpret.CAPTUM_MISSING:
                 raise

@@ -57,8 +57,9 @@ def render_report(*, title: str, summary: tuple[Sequence[str], Sequence[Sequence
                   runs: tuple[Sequence[str], Sequence[Sequence[Any]]],
                   figures: Sequence[tuple[str, str, bytes]], configs: Mapping[str, Any],
                   datasets: Sequence[Mapping[str, Any]], environment: Mapping[str, Any] | None = None,
-                  notes: Sequence[str] = ()) -> str:
-    """The whole report as one HTML string. `figures` are (heading, caption, PNG bytes)."""
+                  notes: Sequence[str] = (), tables: Sequence[Sequence[Any]] = ()) -> str:
+    """The whole report as one HTML string. `figures` are (heading, caption, PNG bytes); `tables` are further
+    tables after the comparison, each (heading, headers, rows) or (heading, headers, rows, caption)."""
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -73,6 +74,11 @@ def render_report(*, title: str, summary: tuple[Sequence[str], Sequence[Sequence
         "<p>Test accuracy as mean ± sample standard deviation over seeds; FLOPs per image count each "
         "multiply-accumulate of the Conv2d and Linear layers as two; training seconds exclude evaluation.</p>",
         table(*summary, css_class="summary"),
+    ]
+    for heading, headers, rows, *caption in tables:
+        parts += [f"<h2>{esc(heading)}</h2>", *(f"<p>{esc(c)}</p>" for c in caption),
+                  table(headers, rows, css_class="extra")]
+    parts += [
         "<h2>Runs</h2>",
         table(*runs, css_class="runs"),
     ]

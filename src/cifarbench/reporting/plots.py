@@ -42,14 +42,14 @@ def _to_rgb(image: np.ndarray) -> np.ndarray:
     return np.repeat(hwc, 3, axis=-1) if hwc.shape[-1] == 1 else hwc[..., :3]
 
 
-def _curve_stats(seeds: Sequence[Sequence[Mapping]]
+def _curve_stats(seeds: Sequence[Sequence[Mapping]], key: str = "test_accuracy"
                  ) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per evaluated epoch over the seeds: epochs, mean seconds, and mean/min/max test accuracy (%)."""
+    """Per evaluated epoch over the seeds: epochs, mean seconds, and mean/min/max of `key` (an accuracy, %)."""
     by_epoch: dict[int, list[tuple[float, float]]] = {}
     for history in seeds:
         for h in history:
-            if h.get("test_accuracy") is not None:
-                by_epoch.setdefault(int(h["epoch"]), []).append((float(h["seconds"]), 100 * float(h["test_accuracy"])))
+            if h.get(key) is not None:
+                by_epoch.setdefault(int(h["epoch"]), []).append((float(h["seconds"]), 100 * float(h[key])))
     epochs = sorted(by_epoch)
     secs = np.array([np.mean([s for s, _ in by_epoch[e]]) for e in epochs])
     acc = [np.array([a for _, a in by_epoch[e]]) for e in epochs]
@@ -58,27 +58,33 @@ def _curve_stats(seeds: Sequence[Sequence[Mapping]]
 
 
 def learning_curves_figure(histories: Mapping[str, Sequence[Sequence[Mapping]]], *, target: float | None = None):
-    """Test accuracy per epoch and per training second, one colour per model.
+    """Test accuracy per epoch and per training second, one colour per model; runs with a validation split
+    (`--val-split`) add their validation accuracy as a dashed line.
 
     With several seeds: the mean over seeds as a line and the min-max range as a band (x per second is
     the seeds' mean cumulative training time at that epoch). One seed: just its line.
     """
     fig = _figure(11, 4.2)
     by_epoch, by_time = fig.subplots(1, 2)
+    validation = False
     for i, (model, seeds) in enumerate(histories.items()):
         color = f"C{i}"
-        epochs, secs, mean, low, high = _curve_stats(seeds)
-        if not epochs:
-            continue
-        label = model if len(seeds) == 1 else f"{model} (mean of {len(seeds)} seeds, band = min-max)"
-        for ax, x in ((by_epoch, epochs), (by_time, secs)):
-            ax.plot(x, mean, marker="o", ms=3, color=color, label=label)
-            if len(seeds) > 1:
-                ax.fill_between(x, low, high, color=color, alpha=0.2, linewidth=0)
-    by_epoch.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy per epoch")
+        for key, style, name in (("test_accuracy", "-", ""), ("val_accuracy", "--", " validation")):
+            epochs, secs, mean, low, high = _curve_stats(seeds, key)
+            if not epochs:
+                continue
+            validation |= key == "val_accuracy"
+            label = (f"{model}{name}" if len(seeds) == 1
+                     else f"{model}{name} (mean of {len(seeds)} seeds, band = min-max)")
+            for ax, x in ((by_epoch, epochs), (by_time, secs)):
+                ax.plot(x, mean, style, marker="o", ms=3, color=color, label=label)
+                if len(seeds) > 1:
+                    ax.fill_between(x, low, high, color=color, alpha=0.2, linewidth=0)
+    what = "Test and validation accuracy" if validation else "Test accuracy"
+    by_epoch.set(xlabel="epoch", ylabel="accuracy (%)", title=f"{what} per epoch")
     by_epoch.xaxis.get_major_locator().set_params(integer=True)
-    by_time.set(xlabel="training seconds (evaluation excluded)", ylabel="test accuracy (%)",
-                title="Test accuracy per second")
+    by_time.set(xlabel="training seconds (evaluation excluded)", ylabel="accuracy (%)",
+                title=f"{what} per second")
     for ax in (by_epoch, by_time):
         if target is not None:
             ax.axhline(100 * target, color="0.4", linestyle="--", linewidth=1, label=f"target {100 * target:g}%")

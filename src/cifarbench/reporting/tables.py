@@ -107,13 +107,13 @@ def comparison_table(results: Sequence[ModelSummary]) -> str:
 
 def history_table(history: Sequence[dict[str, Any]]) -> str:
     """One line per epoch of a run (evaluations that did not happen show as '-')."""
-    val = any(h.get("val_accuracy") is not None for h in history)
+    val = any(h.get("val_accuracy") is not None or h.get("val_loss") is not None for h in history)
     num = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
     rows = [(h["epoch"], num(h.get("train_loss"), ".4f"), num(h.get("test_loss"), ".4f"),
              percent(h.get("test_accuracy")),
-             *((percent(h.get("val_accuracy")),) if val else ()), num(h.get("seconds"), ".1f"),
-             num(h.get("eval_seconds"), ".1f")) for h in history]
-    return format_table(["epoch", "train loss", "test loss", "test acc", *(("val acc",) if val else ()),
+             *((num(h.get("val_loss"), ".4f"), percent(h.get("val_accuracy"))) if val else ()),
+             num(h.get("seconds"), ".1f"), num(h.get("eval_seconds"), ".1f")) for h in history]
+    return format_table(["epoch", "train loss", "test loss", "test acc", *(("val loss", "val acc") if val else ()),
                          "train s (cumulative)", "eval s"], rows)
 
 
@@ -155,3 +155,29 @@ def pairwise_rows(comparisons: Sequence[Any]) -> list[list[str]]:
         rows.append([f"{pair.b} vs {pair.a}", str(len(pair.seeds)), pair.difference.format_percent(),
                      p_value(pair.p_value_max), counts])
     return rows
+
+
+def spread_cell(spread: Any) -> str:
+    """An accuracy over seeds (evaluation.stats.Spread): mean ± sample std, or the mean with '1 seed: spread
+    unknown'."""
+    if spread is None:
+        return "-"
+    return accuracy_cell(spread.mean, spread.std, spread.n)
+
+
+def experiment_table(models: Sequence[str], rows: Sequence[Any]) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of an experiment (explaining.ExperimentRow): a row per condition, a column per model
+    with its accuracy mean ± std over the seeds."""
+    seeds = {m: max((r.accuracy[m].n for r in rows if m in r.accuracy), default=0) for m in models}
+    headers = ["condition", *(f"{m} ({seeds[m]} seed{'s' if seeds[m] != 1 else ''})" for m in models)]
+    return headers, [[r.condition, *(spread_cell(r.accuracy.get(m)) for m in models)] for r in rows]
+
+
+PERMUTATION_HEADERS = ["model", "seeds", "plain pixels (mean ± std)", "permuted pixels (mean ± std)",
+                       "permuted - plain (95% interval)"]
+
+
+def permutation_rows(rows: Sequence[Any]) -> list[list[str]]:
+    """One row per model of the permuted-pixels experiment (explaining.PermutationRow)."""
+    return [[r.model, str(r.plain.n if r.plain else 0), spread_cell(r.plain), spread_cell(r.permuted),
+             r.change.format_percent() if r.change else "-"] for r in rows]

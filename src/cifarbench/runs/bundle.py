@@ -33,7 +33,7 @@ FORMAT = "cifarbench-runs-v1"
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 16 * 2**20
 MAX_MEMBER_BYTES = 1 << 30
-BUNDLE_FILES = (folders.CONFIG, folders.CHECKPOINT, folders.METRICS, folders.MODEL_CODE)
+BUNDLE_FILES = (folders.CONFIG, folders.CHECKPOINT, folders.METRICS, folders.MODEL_CODE, folders.EXPERIMENTS)
 
 
 @dataclass

@@ -15,14 +15,17 @@ import time
 from pathlib import Path
 
 from cifarbench.errors import CifarbenchError
-from cifarbench.fsutil import atomic_write_json
+from cifarbench.fsutil import atomic_write_json, read_regular_file
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
 METRICS = "metrics.json"
 MODEL_CODE = "model.py"
-RUN_FILES = {CONFIG, CHECKPOINT, METRICS, MODEL_CODE}
-"""Everything `train_run` writes into a run folder (deletion refuses a folder holding anything else)."""
+EXPERIMENTS = "experiments.json"
+"""The controlled experiments run on the trained model (translation, corruption), by name."""
+RUN_FILES = {CONFIG, CHECKPOINT, METRICS, MODEL_CODE, EXPERIMENTS}
+"""Everything cifarbench writes into a run folder (deletion refuses a folder holding anything else)."""
+MAX_EXPERIMENTS_BYTES = 16 * 2**20
 
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 """What a run id may look like: a plain file name (no separators, no leading dot), so it is safe as a folder."""
@@ -57,6 +60,23 @@ def run_folder(runs_dir: str | os.PathLike | None, run_id: str) -> Path:
 def write_json(path: str | os.PathLike, obj: object) -> None:
     """Write JSON atomically; NaN or infinity is refused rather than written as invalid JSON."""
     atomic_write_json(path, obj)
+
+
+def read_experiments(run_dir: str | os.PathLike) -> dict[str, dict]:
+    """The experiments stored with a run ({name: result}); empty when there are none or the file is damaged."""
+    path = Path(run_dir) / EXPERIMENTS
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(read_regular_file(path, MAX_EXPERIMENTS_BYTES, "experiments file"))
+    except (CifarbenchError, ValueError, RecursionError):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, dict)} if isinstance(data, dict) else {}
+
+
+def store_experiment(run_dir: str | os.PathLike, name: str, result: dict) -> None:
+    """Keep one experiment's result with the run (replacing an earlier one of the same name), atomically."""
+    write_json(Path(run_dir) / EXPERIMENTS, {**read_experiments(run_dir), name: result})
 
 
 def delete_run_folder(folder: Path, run_id: str) -> list[str]:

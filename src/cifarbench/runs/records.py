@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from cifarbench.evaluation.analysis import summarise_time_to_target, time_to_target
+from cifarbench.evaluation.stats import PairComparison
 from cifarbench.training.budget import BudgetReport
 from cifarbench.training.state import EpochMetrics
 
@@ -156,9 +157,15 @@ class Comparison:
     report: str | None = None
     jobs: int = 1
     environment: dict[str, str] = field(default_factory=dict)
+    pairs: list[PairComparison] = field(default_factory=list)
+    """Every pair of models: the accuracy difference over paired seeds with its 95% interval, and McNemar's
+    exact test per seed when the runs' test predictions were available."""
+    warnings: list[str] = field(default_factory=list)
+    """Runs that look under-trained, near chance or diverged (`stats.training_warnings`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"results": [r.to_dict() for r in self.results], "runs": [r.summary(self.target) for r in self.runs],
+                "pairs": [p.to_dict() for p in self.pairs], "warnings": list(self.warnings),
                 "plot": self.plot_file, "report": self.report, "target": self.target, "dataset": self.dataset,
                 "failures": self.failures, "jobs": self.jobs, **self.environment}
 
@@ -183,12 +190,27 @@ class Comparison:
         return comparison_html(self)
 
 
+def permutation_of(run: RunRecord) -> int | None:
+    """The seed of the pixel permutation a run trained and tested under (None: the images as they are)."""
+    value = (run.config.get("data") or {}).get("permute_pixels")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def group_runs(runs: Sequence[RunRecord]) -> dict[str, list[RunRecord]]:
-    """Runs grouped by (model, recipe), labelled by the model alone unless it comes with several recipes."""
-    keys = list(dict.fromkeys((r.model, r.recipe) for r in runs))
-    models = [m for m, _ in keys]
-    return {(model if models.count(model) == 1 else f"{model} ({recipe})"):
-            [r for r in runs if (r.model, r.recipe) == (model, recipe)] for model, recipe in keys}
+    """Runs grouped by (model, recipe, pixel permutation), labelled by the model alone unless it comes with
+    several recipes, and marked "permuted" when trained on permuted pixels."""
+    key = lambda r: (r.model, r.recipe, permutation_of(r))  # noqa: E731
+    keys = list(dict.fromkeys(key(r) for r in runs))
+    recipes = {m: {rc for mm, rc, _ in keys if mm == m} for m, _, _ in keys}
+    permutations = {m: {p for mm, _, p in keys if mm == m and p is not None} for m, _, _ in keys}
+
+    def label(model: str, recipe: str, permutation: int | None) -> str:
+        parts = [recipe] if len(recipes[model]) > 1 else []
+        if permutation is not None:
+            parts.append("permuted" if len(permutations[model]) == 1 else f"permuted {permutation}")
+        return model + (f" ({', '.join(parts)})" if parts else "")
+
+    return {label(*k): [r for r in runs if key(r) == k] for k in keys}
 
 
 def summarise(runs: Sequence[RunRecord], target: float | None = None) -> list[ModelSummary]:

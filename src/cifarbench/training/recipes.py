@@ -184,7 +184,8 @@ def shape_by_compute(config: TrainConfig, images_per_second: float) -> tuple[Tra
 def make_config(model: str, recipe: str | None = None, **overrides) -> TrainConfig:
     """The recipe's config for `model` (the model's default recipe when None), with `overrides` applied.
 
-    `overrides` may name TrainConfig fields, and `dataset`, `data_dir`, `verify`, `download` for the data config.
+    `overrides` may name TrainConfig fields, and `dataset`, `data_dir`, `verify`, `download`, `permute_pixels` for
+    the data config.
     None values are ignored, so CLI flags that were not given leave the recipe alone. Recipes that differ by
     device (the fast recipe is budgeted on a CPU) take the device from `device`: pass the resolved one
     (`device.resolve_device`); with "auto" a config is the same on every machine and gets no CPU settings.
@@ -196,7 +197,7 @@ def make_config(model: str, recipe: str | None = None, **overrides) -> TrainConf
     if own:  # your own model: its code now, whose sha256 the run records (and whose copy it keeps)
         overrides.setdefault("model_sha256", resolve(model).sha256)
     config = _RECIPES[name](model)
-    data_keys = {"dataset", "data_dir", "verify", "download"}
+    data_keys = {"dataset", "data_dir", "verify", "download", "permute_pixels"}
     # Checked before the recipe computes with them (a NaN budget picks no CPU row, a zero batch scales the lr
     # to zero), so a refusal names the override itself.
     given = {k: check_field(DataConfig if k in data_keys else TrainConfig, k, v) for k, v in overrides.items()
