@@ -20,7 +20,8 @@ class _Parser(argparse.ArgumentParser):
 def _data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="folder with CIFAR-10 (default: $CIFARBENCH_DATA, then ./data)")
     p.add_argument("--no-verify", dest="verify", action="store_false", default=None,
-                   help="accept files whose md5 is not the official one (e.g. the JPEG-q75 copy); recorded with the run")
+                   help="accept files whose md5 is not the official one (e.g. the JPEG-q75 copy); recorded with the "
+                        "run")
     p.add_argument("--no-download", dest="download", action="store_false", default=None,
                    help="never fetch the data set; fail if no local copy is found")
 
@@ -58,7 +59,8 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | mps (default: auto)")
     p.add_argument("--dataset", choices=["cifar10", "mnist", "fashion-mnist"],
                    help="data set to train and test on (default: cifar10)")
-    p.add_argument("--tensorboard", metavar="DIR", help="also log every epoch to TensorBoard in DIR (needs tensorboard)")
+    p.add_argument("--tensorboard", metavar="DIR", help="also log every epoch to TensorBoard in DIR (needs "
+                                                        "tensorboard)")
     p.add_argument("--runs-dir", help="run history folder (default: $CIFARBENCH_HOME, then ./runs)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     _data_flags(p)
@@ -67,10 +69,16 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cifarbench", description="Train, compare and understand image classifiers on CIFAR-10.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_data_commands, _training_commands, _history_commands, _inspection_commands, _classroom_commands):
+        add(sub)
+    return parser
 
+
+def _data_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("download", help="fetch and verify the official CIFAR-10 archive")
     p.add_argument("--data-dir", help="destination folder (default: $CIFARBENCH_DATA, then ./data)")
-    p.add_argument("--url", help="mirror URL (https only; still verified against the official md5; default: $CIFARBENCH_MIRROR, then the official URL)")
+    p.add_argument("--url", help="mirror URL (https only; still verified against the official md5; default: "
+                                 "$CIFARBENCH_MIRROR, then the official URL)")
 
     p = sub.add_parser("explore", help="per-class image grids and class counts")
     p.add_argument("--per-class", type=int, default=10, help="images per class (default 10)")
@@ -83,20 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list registered models and recipes")
 
+
+def _training_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train one model and record the run")
     p.add_argument("model", nargs="?", help=f"{MODEL_HELP} (omit with --resume)")
     p.add_argument("--seed", type=int, help="seeds the weights and the data order (default 0)")
     p.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted or crashed run from its last checkpoint")
     _trust_flag(p)
     _run_flags(p)
-
-    p = sub.add_parser("eval", help="evaluate a run or checkpoint on the whole test set")
-    p.add_argument("ref", metavar="RUN_ID_OR_CHECKPOINT")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--runs-dir")
-    p.add_argument("--json", action="store_true")
-    _trust_flag(p)
-    _data_flags(p)
 
     p = sub.add_parser("compare", help="train several models over seeds and compare them (the main job)")
     p.add_argument("models", nargs="+", metavar="MODEL", help=MODEL_HELP)
@@ -105,15 +107,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs in parallel worker processes, each with its share of the cores or its own GPU")
     p.add_argument("--plot", help="learning-curve PNG (default: RUNS_DIR/compare-TIMESTAMP.png)")
     p.add_argument("--target", type=float, metavar="FRACTION",
-                   help="also report the epoch and training second each seed first reached this test accuracy (e.g. 0.9)")
+                   help="also report the epoch and training second each seed first reached this test accuracy (e.g. "
+                        "0.9)")
     p.add_argument("--report", metavar="HTML", help="also write a self-contained HTML report there")
     _run_flags(p)
 
+
+def _history_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("runs", help="the run history: list (the default), show, compare, rm")
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--runs-dir")
     p.add_argument("--json", action="store_true")
     _runs_actions(p)
+
+
+def _inspection_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a run or checkpoint on the whole test set")
+    p.add_argument("ref", metavar="RUN_ID_OR_CHECKPOINT")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--runs-dir")
+    p.add_argument("--json", action="store_true")
+    _trust_flag(p)
+    _data_flags(p)
 
     p = sub.add_parser("report", help="one self-contained HTML report of stored runs")
     p.add_argument("run_ids", nargs="+", metavar="RUN_ID")
@@ -125,29 +140,35 @@ def build_parser() -> argparse.ArgumentParser:
     _trust_flag(p)
     _data_flags(p)
 
-    p = sub.add_parser("explain", help="draw what stored runs learnt: FNN templates, conv filters, feature maps, saliency")
+    p = sub.add_parser("explain", help="draw what stored runs learnt: FNN templates, conv filters, feature maps, "
+                                       "saliency")
     p.add_argument("run_ids", nargs="+", metavar="RUN_ID")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the PNGs (one subfolder per run)")
-    p.add_argument("--examples", type=int, default=4, help="right and wrong test predictions in the saliency maps (default 4 each)")
+    p.add_argument("--examples", type=int, default=4, help="right and wrong test predictions in the saliency maps "
+                                                           "(default 4 each)")
     _stored_flags(p)
 
     p = sub.add_parser("experiment", help="controlled experiments: translation, corruption, permuted pixels")
     kinds = p.add_subparsers(dest="experiment", required=True, parser_class=_Parser)
-    q = kinds.add_parser("translation", help="accuracy of stored runs on test images shifted by 0..K pixels, and mirrored")
+    q = kinds.add_parser("translation", help="accuracy of stored runs on test images shifted by 0..K pixels, and "
+                                             "mirrored")
     q.add_argument("run_ids", nargs="+", metavar="RUN_ID")
     q.add_argument("--shifts", type=int, default=4, metavar="K", help="largest shift in pixels (default 4)")
-    q.add_argument("--fill", choices=["reflect", "zero"], default="reflect", help="what fills the uncovered border (default reflect)")
+    q.add_argument("--fill", choices=["reflect", "zero"], default="reflect", help="what fills the uncovered border "
+                                                                                  "(default reflect)")
     q.add_argument("--no-flip", dest="flip", action="store_false", help="leave out the mirrored images")
     q.add_argument("--out", metavar="DIR", help="also write DIR/translation.png")
     _stored_flags(q)
-    q = kinds.add_parser("corruption", help="accuracy of stored runs under CIFAR-10-C style noise, blur, contrast, JPEG")
+    q = kinds.add_parser("corruption", help="accuracy of stored runs under CIFAR-10-C style noise, blur, contrast, "
+                                            "JPEG")
     q.add_argument("run_ids", nargs="+", metavar="RUN_ID")
     q.add_argument("--severities", default="1,3,5", help="severity levels 1-5, comma-separated (default 1,3,5)")
     q.add_argument("--kinds", help="corruptions, comma-separated (default: gaussian_noise,gaussian_blur,contrast,jpeg)")
     q.add_argument("--seed", type=int, default=0, help="seeds the noise (default 0)")
     q.add_argument("--out", metavar="DIR", help="also write DIR/corruption.png")
     _stored_flags(q)
-    q = kinds.add_parser("permutation", help="train models on plain and on pixel-permuted images over seeds and compare")
+    q = kinds.add_parser("permutation", help="train models on plain and on pixel-permuted images over seeds and "
+                                             "compare")
     q.add_argument("models", nargs="+", metavar="MODEL", help=MODEL_HELP)
     q.add_argument("--seeds", type=int, default=3, help="seeds per model and condition (0..N-1; default 3)")
     q.add_argument("--permutation-seed", type=int, default=0, help="seed of the fixed pixel permutation (default 0)")
@@ -167,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _trust_flag(p)
 
+
+def _classroom_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("submit", help="student: write one of your runs as a submission archive for the teacher")
     p.add_argument("run_id", metavar="RUN_ID", nargs="?", help="the run to submit (default: your newest completed run)")
     p.add_argument("--student", required=True, help="your name (letters, digits, spaces and -_.)")
@@ -190,7 +213,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the students' own model code (read it first; better, grade inside a container: "
                         "docs/classroom.md)")
     _data_flags(p)
-    return parser
 
 
 MODEL_HELP = "a registered model (`cifarbench models`), or your own: path/to/file.py:Name or package.module:Name"
@@ -254,7 +276,8 @@ def _print_json(obj: Any) -> None:
 
 def _note_unverified(dataset: dict) -> None:
     if not dataset.get("verified"):
-        print(f"note: the data in {printable(dataset['source'])} does not match the official {dataset.get('name', 'cifar10')} checksums; accepted "
+        print(f"note: the data in {printable(dataset['source'])} does not match the official "
+              f"{dataset.get('name', 'cifar10')} checksums; accepted "
               "because of --no-verify and recorded as unverified", file=sys.stderr)
 
 
@@ -267,7 +290,8 @@ def _config(args: argparse.Namespace, model: str, seed: int):
         try:
             widths = [int(w) for w in args.widths.split(",")]
         except ValueError:
-            raise CifarbenchError(f"--widths {args.widths!r}: expected comma-separated integers such as 64,256,256") from None
+            raise CifarbenchError(f"--widths {args.widths!r}: expected comma-separated integers such as "
+                                  f"64,256,256") from None
     return config_for(model, recipe=args.recipe, seed=seed, device=args.device, optimizer=args.optimizer, lr=args.lr,
                       widths=widths, set=parse_changes(args.set), epochs=args.epochs, batch_size=args.batch_size,
                       precision=args.precision, data_dir=args.data_dir, verify=args.verify, download=args.download,
@@ -328,8 +352,8 @@ def cmd_models(args: argparse.Namespace) -> None:
     from cifarbench.reporting.tables import format_table
     from cifarbench.training.recipes import list_recipes
 
-    rows = [(n, f"{count_parameters(create_model(n)):,}", get_model_spec(n).default_recipe, get_model_spec(n).description)
-            for n in list_models()]
+    specs = [get_model_spec(n) for n in list_models()]
+    rows = [(m.name, f"{count_parameters(create_model(m.name)):,}", m.default_recipe, m.description) for m in specs]
     print(format_table(["model", "params", "default recipe", "description"], rows))
     print(f"\nrecipes: {', '.join(list_recipes())}")
 
@@ -391,7 +415,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.json:
         _print_json(result)
         return
-    print(f"{printable(result['model'])} ({printable(result['checkpoint'])}): test accuracy {100 * result['test_accuracy']:.2f}%, "
+    print(f"{printable(result['model'])} ({printable(result['checkpoint'])}): test accuracy "
+          f"{100 * result['test_accuracy']:.2f}%, "
           f"test loss {result['test_loss']:.4f} over {result['n']} images\n")
     print(evaluation_table(result))
     if not result["dataset_matches_training"]:
@@ -406,7 +431,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
                      plot=args.plot, on_epoch=_with_tensorboard(args, _epoch_printer(args)), target=args.target,
                      report=args.report, jobs=args.jobs, on_run=_run_printer(args) if args.jobs > 1 else None)
     for failure in report.failures:
-        print(f"cifarbench: warning: {printable(failure['model'])} seed {failure['seed']} failed: {printable(failure['error'])}",
+        print(f"cifarbench: warning: {printable(failure['model'])} seed {failure['seed']} failed: "
+              f"{printable(failure['error'])}",
               file=sys.stderr)
     if args.json:
         _print_json(report.to_dict())
@@ -479,7 +505,8 @@ def cmd_experiment(args: argparse.Namespace) -> None:
         _print_json(report.to_dict())
         return
     print(format_table(*experiment_table(report.models, report.rows)))
-    print("\nstored in each run's experiments.json" + (f"; figure: {printable(report.figure)}" if report.figure else ""))
+    figure = f"; figure: {printable(report.figure)}" if report.figure else ""
+    print(f"\nstored in each run's experiments.json{figure}")
 
 
 def _experiment_permutation(args: argparse.Namespace) -> None:
@@ -540,13 +567,16 @@ def _runs_show(args: argparse.Namespace) -> None:
         return
     acc = "-" if run.test_accuracy is None else f"{100 * run.test_accuracy:.2f}%"
     env = run.environment
-    print(f"run {printable(run.run_id)}: {printable(run.status)}, {printable(run.model)} / {printable(run.recipe)} / seed {run.seed}, test accuracy "
-          f"{acc}, on {printable(run.device)}, code {printable(env.get('code_version'))}, torch {printable(env.get('torch_version'))}")
+    print(f"run {printable(run.run_id)}: {printable(run.status)}, {printable(run.model)} / {printable(run.recipe)} / "
+          f"seed {run.seed}, test accuracy "
+          f"{acc}, on {printable(run.device)}, code {printable(env.get('code_version'))}, torch "
+          f"{printable(env.get('torch_version'))}")
     print(f"folder: {run.run_dir}")
     if run.error:
         print(f"error: {printable(run.error)}")
     data = run.dataset
-    print(f"dataset: {printable(data.get('name'))} sha256 {data.get('sha256')} ({'official' if data.get('verified') else 'unverified'}"
+    print(f"dataset: {printable(data.get('name'))} sha256 {data.get('sha256')} "
+          f"({'official' if data.get('verified') else 'unverified'}"
           f" copy in {printable(data.get('source'))}, {data.get('train_size')} train / {data.get('test_size')} test)")
     print(f"config: {json.dumps(run.config, indent=2)}\n")
     print(history_table([h.to_dict() for h in run.history]) if run.history else "no finished epochs")
@@ -582,7 +612,8 @@ def _runs_rm(args: argparse.Namespace) -> None:
         result = delete_run(ref, runs_dir=args.runs_dir)
         removed.append(result.to_dict())
         if not args.json:
-            print(f"removed run {printable(result.run_id)} (folder {printable(result.run_dir)}: {printable(result.folder)})")
+            print(f"removed run {printable(result.run_id)} (folder {printable(result.run_dir)}: "
+                  f"{printable(result.folder)})")
     if args.json:
         _print_json({"removed": removed})
 

@@ -256,8 +256,14 @@ Method = Literal["saliency", "integrated_gradients"]
 
 
 def _captum_attr():
+    import warnings
+
+    from tqdm import TqdmWarning
+
     try:
-        import captum.attr as attr
+        with warnings.catch_warnings():  # captum imports tqdm.auto, which warns in a notebook without ipywidgets
+            warnings.simplefilter("ignore", TqdmWarning)
+            import captum.attr as attr
     except ImportError:
         raise CifarbenchError(CAPTUM_MISSING) from None
     return attr
