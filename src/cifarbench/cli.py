@@ -125,29 +125,35 @@ def build_parser() -> argparse.ArgumentParser:
     _trust_flag(p)
     _data_flags(p)
 
-    p = sub.add_parser("explain", help="draw what stored runs learnt: FNN templates, conv filters, feature maps, saliency")
+    p = sub.add_parser("explain",
+                       help="draw what stored runs learnt: FNN templates, conv filters, feature maps, saliency")
     p.add_argument("run_ids", nargs="+", metavar="RUN_ID")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the PNGs (one subfolder per run)")
-    p.add_argument("--examples", type=int, default=4, help="right and wrong test predictions in the saliency maps (default 4 each)")
+    p.add_argument("--examples", type=int, default=4,
+                   help="right and wrong test predictions in the saliency maps (default 4 each)")
     _stored_flags(p)
 
     p = sub.add_parser("experiment", help="controlled experiments: translation, corruption, permuted pixels")
     kinds = p.add_subparsers(dest="experiment", required=True, parser_class=_Parser)
-    q = kinds.add_parser("translation", help="accuracy of stored runs on test images shifted by 0..K pixels, and mirrored")
+    q = kinds.add_parser("translation",
+                         help="accuracy of stored runs on test images shifted by 0..K pixels, and mirrored")
     q.add_argument("run_ids", nargs="+", metavar="RUN_ID")
     q.add_argument("--shifts", type=int, default=4, metavar="K", help="largest shift in pixels (default 4)")
-    q.add_argument("--fill", choices=["reflect", "zero"], default="reflect", help="what fills the uncovered border (default reflect)")
+    q.add_argument("--fill", choices=["reflect", "zero"], default="reflect",
+                   help="what fills the uncovered border (default reflect)")
     q.add_argument("--no-flip", dest="flip", action="store_false", help="leave out the mirrored images")
     q.add_argument("--out", metavar="DIR", help="also write DIR/translation.png")
     _stored_flags(q)
-    q = kinds.add_parser("corruption", help="accuracy of stored runs under CIFAR-10-C style noise, blur, contrast, JPEG")
+    q = kinds.add_parser("corruption",
+                         help="accuracy of stored runs under CIFAR-10-C style noise, blur, contrast, JPEG")
     q.add_argument("run_ids", nargs="+", metavar="RUN_ID")
     q.add_argument("--severities", default="1,3,5", help="severity levels 1-5, comma-separated (default 1,3,5)")
     q.add_argument("--kinds", help="corruptions, comma-separated (default: gaussian_noise,gaussian_blur,contrast,jpeg)")
     q.add_argument("--seed", type=int, default=0, help="seeds the noise (default 0)")
     q.add_argument("--out", metavar="DIR", help="also write DIR/corruption.png")
     _stored_flags(q)
-    q = kinds.add_parser("permutation", help="train models on plain and on pixel-permuted images over seeds and compare")
+    q = kinds.add_parser("permutation",
+                         help="train models on plain and on pixel-permuted images over seeds and compare")
     q.add_argument("models", nargs="+", metavar="MODEL", help=MODEL_HELP)
     q.add_argument("--seeds", type=int, default=3, help="seeds per model and condition (0..N-1; default 3)")
     q.add_argument("--permutation-seed", type=int, default=0, help="seed of the fixed pixel permutation (default 0)")
@@ -452,7 +458,8 @@ def cmd_experiment(args: argparse.Namespace) -> None:
         _print_json(report.to_dict())
         return
     print(format_table(*experiment_table(report.models, report.rows)))
-    print("\nstored in each run's experiments.json" + (f"; figure: {printable(report.figure)}" if report.figure else ""))
+    figure = f"; figure: {printable(report.figure)}" if report.figure else ""
+    print(f"\nstored in each run's experiments.json{figure}")
 
 
 def _experiment_permutation(args: argparse.Namespace) -> None:
