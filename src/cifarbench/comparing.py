@@ -100,14 +100,14 @@ def compare_runs(refs: Sequence[str], *, runs_dir: str | os.PathLike | None = No
     correct = None
     if mcnemar or data_dir is not None:
         correct = per_example_correctness(runs, None, device=device, runs_dir=runs_dir, trust_code=trust_code,
-                                   progress=progress, data_dir=data_dir, verify=verify, download=download)
+                                          progress=progress, data_dir=data_dir, verify=verify, download=download)
     return Comparison(summarise(runs, target), runs, target, environment=environment(), pairs=pairwise(runs, correct),
                       warnings=run_warnings(runs))
 
 
 def per_example_correctness(runs: Sequence[RunRecord], dataset: ImageDataset | None, *, device: str = "auto",
-                     runs_dir: str | os.PathLike | None = None, trust_code: bool = False,
-                     progress: bool | None = None, **data: Any) -> dict[str, np.ndarray]:
+                            runs_dir: str | os.PathLike | None = None, trust_code: bool = False,
+                            progress: bool | None = None, **data: Any) -> dict[str, np.ndarray]:
     """Each run's per-example correctness on the test set (its checkpoint, its own test-time augmentation), by
     run id: what McNemar's test compares. Runs without a checkpoint are left out. `data` (data_dir, verify,
     download) says where the test set is when `dataset` is None."""
