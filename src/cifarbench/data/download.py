@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-from cifarbench.errors import DataError, DownloadError
+from cifarbench.errors import CifarbenchError, DataError, DownloadError
 from cifarbench.fsutil import atomic_write, file_hash, fsync_dir
 
 _CHUNK = 2**20
@@ -213,12 +213,13 @@ def download(url: str, dest: Path, md5: str, *, cafile: str | None = None, progr
 def is_download_rank() -> bool:
     """False only for a non-zero rank of a multi-process job (torchrun sets WORLD_SIZE > 1 and RANK):
     rank 0 downloads, the other ranks wait for its files instead of racing it for the same paths."""
+    from cifarbench.training.distributed import env_world  # the one reader of torchrun's environment
+
     try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ["RANK"])
-    except (KeyError, ValueError):
+        world = env_world()
+    except CifarbenchError:  # malformed rank variables: not a torchrun rank, so this process downloads
         return True
-    return world <= 1 or rank == 0
+    return not world.enabled or world.is_main
 
 
 def wait_for_files(paths: Collection[Path], *, timeout: float, poll: float = 0.25, what: str = "the files") -> None:

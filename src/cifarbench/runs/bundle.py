@@ -9,7 +9,6 @@ against the manifest, and never executes anything: model code that arrives this 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cifarbench.errors import CifarbenchError
-from cifarbench.fsutil import atomic_write
+from cifarbench.fsutil import atomic_write, file_digest
 from cifarbench.provenance import environment
 from cifarbench.runs import folders
 from cifarbench.runs.catalog import stored_runs
@@ -77,11 +76,7 @@ class Bundle:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path, "sha256", max_bytes=MAX_MEMBER_BYTES, what="run file", error=CifarbenchError)
 
 
 def export_runs(refs: Sequence[str], out: str | os.PathLike, *, runs_dir: str | os.PathLike | None = None,
