@@ -107,7 +107,9 @@ def main() -> None:
         val = out["history"][-1]["val_accuracy"]
         rows.append({"variant": name, **v, "recorded": {k: recorded(out["config"], k) for k in changes},
                      "val_accuracy": val, "epochs": len(out["history"]), "steps": out["steps"],
-                     "wall_seconds": out["wall_seconds"], "test_accuracy_for_the_record": out["test_accuracy"]})
+                     "wall_seconds": out["wall_seconds"], "train_pflops": (out.get("train_flops") or 0) / 1e15,
+                     "probe_images_per_second": ((out.get("budget") or {}).get("probe") or {}).get("images_per_second"),
+                     "test_accuracy_for_the_record": out["test_accuracy"]})
         print(f"{name}: val {100 * val:.2f}% ({len(out['history'])} epochs, {out['wall_seconds']:.0f} s)",
               file=sys.stderr, flush=True)
     print(json.dumps({"benchmark": "tune_budget", "budget_seconds": args.budget, "val_split": args.val_split,

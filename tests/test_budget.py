@@ -224,3 +224,30 @@ def test_throughput_factor_refuses_what_is_not_a_positive_number(value: str, mon
     monkeypatch.setenv(shape.THROUGHPUT_FACTOR_ENV, value)
     with pytest.raises(CifarbenchError, match=shape.THROUGHPUT_FACTOR_ENV):
         shape.throughput_factor()
+
+
+def test_thread_check_is_not_decided_by_one_step_a_passing_process_slowed(monkeypatch) -> None:
+    """Two threads take 10 ms a step and one thread 16 ms, but the first timed two-thread step is slowed to
+    40 ms (another process passed by): the fastest of the alternated rounds still picks two threads, where a
+    single timing per count would have picked one. Under real contention every two-thread step is slow."""
+    from cifarbench.training import shape
+
+    clock = [0.0]
+    monkeypatch.setattr(shape.time, "perf_counter", lambda: clock[0])
+    threads = torch.get_num_threads()
+    try:
+        def step_with(slow_steps: list[float]):
+            def step(batch: int) -> None:
+                n = torch.get_num_threads()
+                clock[0] += slow_steps.pop(0) if n == 2 and slow_steps else (0.010 if n == 2 else 0.016)
+            return step
+
+        # untimed two-thread warm-up at normal speed, then its first timed step slowed
+        tried = shape.check_threads(step_with([0.010, 0.040]), 2)
+        assert tried["2"] == pytest.approx(shape.CHECK_BATCH / 0.010) and tried["2"] > tried["1"]
+        once = shape.check_threads(step_with([0.010, 0.040]), 2, rounds=1)
+        assert once["1"] > once["2"]  # what the probe did before: one timing per count
+        contended = shape.check_threads(step_with([0.040] * 10), 2)
+        assert contended["1"] > contended["2"]
+    finally:
+        torch.set_num_threads(threads)

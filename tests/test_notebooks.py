@@ -47,21 +47,28 @@ def _kernel_manager(folder: Path):
                          kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(folder / "kernels")]))
 
 
-def run_notebook(path: Path, workdir: Path, env: dict[str, str], rerun: str) -> tuple[Any, Any]:
+def run_notebook(path: Path, workdir: Path, env: dict[str, str], rerun: str | None = None) -> tuple[Any, Any]:
     """Execute every cell of the notebook at `path` in a fresh kernel (stopping at the first error cell), then
-    execute once more the first code cell whose source contains `rerun`. Returns the executed notebook and the
-    re-run cell."""
+    execute once more the first code cell whose source contains `rerun`, if given. Returns the executed notebook
+    and the re-run cell (None without `rerun`)."""
     nb = nbformat.read(path, as_version=4)
     km = _kernel_manager(workdir / "jupyter")
     client = nbclient.NotebookClient(nb, km=km, timeout=600, resources={"metadata": {"path": str(workdir)}})
-    index = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code" and rerun in c.source)
     with client.setup_kernel(env=env, cwd=str(workdir)):
         for i, cell in enumerate(nb.cells):
             client.execute_cell(cell, i)
+        if rerun is None:
+            return nb, None
+        index = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code" and rerun in c.source)
         first, again = nb.cells[index], copy.deepcopy(nb.cells[index])
         client.execute_cell(again, index)
     nb.cells[index] = first  # the notebook keeps its first pass (nbclient stores the re-run in its place)
     return nb, again
+
+
+def error_outputs(*cells) -> list:
+    return [o for c in cells if c is not None and c.cell_type == "code" for o in c.outputs
+            if o.output_type == "error"]
 
 
 def kernel_env(tmp: Path, **settings: str) -> dict[str, str]:
@@ -106,8 +113,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory):
 def test_notebook_01_runs_in_a_kernel_without_an_error_cell(tiny_run) -> None:
     nb, _ = tiny_run
     code = [c for c in nb.cells if c.cell_type == "code"]
-    assert all(c.execution_count for c in code)
-    assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+    assert all(c.execution_count for c in code) and not error_outputs(*code)
     # Every step happened: the data, both comparisons (MNIST included, from its tiny files), the exercise.
     assert "images per class" in texts(cell_with(nb, "cb.explore(")) and has_image(cell_with(nb, "cb.explore("))
     assert "not available" not in texts(cell_with(nb, 'dataset="mnist"'))
@@ -144,9 +150,53 @@ def test_notebook_01_runs_on_the_real_data(real_data_dir: Path, tmp_path: Path) 
     # A few seconds per model: the point is that every cell runs on the real files, not the accuracies.
     env = kernel_env(tmp_path, CIFARBENCH_DATA=str(real_data_dir), CIFARBENCH_EXAMPLE_BUDGET="3")
     nb, again = run_notebook(EXAMPLES / "01_notebook_reproduced.ipynb", tmp_path, env, rerun="narrow = cb.train(")
-    errors = [o for c in [*nb.cells, again] if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
-    assert not errors
+    assert not error_outputs(*nb.cells, again)
     assert "test accuracy (mean ± std)" in texts(cell_with(nb, 'cb.compare(["cnn", ImprovedCNN]'))
+
+
+@pytest.fixture(scope="module")
+def why_cnn_run(tmp_path_factory: pytest.TempPathFactory):
+    """Notebook 02 executed in a kernel on tiny CIFAR-10 files, one epoch per model, three seeds."""
+    tmp = tmp_path_factory.mktemp("nb02")
+    data = write_python_layout(tmp / "data")
+    env = kernel_env(tmp, CIFARBENCH_DATA=str(data), CIFARBENCH_EXAMPLE_QUICK="1")
+    nb, _ = run_notebook(EXAMPLES / "02_why_cnn.ipynb", tmp, env)
+    return nb, tmp
+
+
+@pytest.mark.slow
+def test_notebook_02_shows_each_step_of_why_a_cnn_wins(why_cnn_run) -> None:
+    nb, tmp = why_cnn_run
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.execution_count for c in code) and not error_outputs(*code)
+    compared = texts(cell_with(nb, 'cb.compare(["fnn", "cnn"]'))
+    assert "test accuracy (mean ± std)" in compared and "cnn vs fnn" in compared and "(95%, 3 seeds)" in compared
+    assert re.search(r"seed 2: only fnn right on \d+ test images, only cnn right on \d+; McNemar p = ",
+                     texts(cell_with(nb, "pair = nn_vs_cnn.pairs[0]")))
+    learnt = cell_with(nb, "cb.explain(")
+    for figure in ("templates", "filters", "feature-maps", "saliency", "capacity"):
+        assert figure in texts(learnt)
+    assert texts(learnt).count(PNG_URI) == 6  # fnn: templates, saliency; cnn: filters, maps, saliency; capacity
+    assert sorted(p.name for p in (tmp / "why-cnn").glob("*/*.png")) == sorted(
+        ["templates.png", "saliency.png", "filters.png", "feature-maps.png", "saliency.png"])
+    shifted, corrupted = cell_with(nb, 'cb.experiment("translation"'), cell_with(nb, 'cb.experiment("corruption"')
+    assert "shift 4 px" in texts(shifted) and "mirrored" in texts(shifted) and has_image(shifted)
+    assert "gaussian blur 5" in texts(corrupted) and "jpeg 1" in texts(corrupted) and has_image(corrupted)
+    scrambled = texts(cell_with(nb, "cb.permutation("))
+    assert "permuted - plain (95% interval)" in scrambled and "cnn (permuted) vs fnn (permuted)" in scrambled
+    assert "6 reused from the store" in scrambled and has_image(cell_with(nb, "cb.permutation("))
+    handout = re.search(r"The report is in (\S+)", texts(cell_with(nb, "cb.report(")))
+    html = Path(tmp, handout.group(1)).read_text()
+    assert "Experiment: translation" in html and "fnn (permuted)" in html
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_notebook_02_runs_on_the_real_data(real_data_dir: Path, tmp_path: Path) -> None:
+    env = kernel_env(tmp_path, CIFARBENCH_DATA=str(real_data_dir), CIFARBENCH_EXAMPLE_BUDGET="3")
+    nb, _ = run_notebook(EXAMPLES / "02_why_cnn.ipynb", tmp_path, env)
+    assert not error_outputs(*nb.cells)
+    assert "permuted - plain (95% interval)" in texts(cell_with(nb, "cb.permutation("))
 
 
 # --- the stored notebooks ----------------------------------------------------------------------------------------

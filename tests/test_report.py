@@ -223,3 +223,17 @@ def test_chromium_renders_the_table_and_decodes_every_image(compared: dict, tmp_
     shot = tmp_path / "shot.png"
     chromium(f"--screenshot={shot}", "--window-size=1280,2000", report.as_uri(), home=tmp_path)
     assert shot.read_bytes()[:8] == PNG and shot.stat().st_size > 20_000
+
+
+def test_seed_whiskers_of_equal_accuracies_draw_although_the_mean_rounds_outside_them() -> None:
+    # 0.1% three times: the float mean lies 1e-17 above the maximum, which matplotlib refuses as a negative bar.
+    from cifarbench.evaluation.stats import mean_spread
+    from cifarbench.explaining import PermutationRow
+    from cifarbench.reporting import plots
+
+    same = [0.001] * 3
+    assert plots.per_class_figure({"fnn": [[0.001] * 10] * 3}, [f"c{i}" for i in range(10)]).axes[0].patches
+    row = PermutationRow("fnn", mean_spread(same), mean_spread(same), None, [], [])
+    assert [round(b.get_height(), 9) for b in plots.permutation_figure([row]).axes[0].patches] == [0.1, 0.1]
+    band = plots.learning_curves_figure({"fnn": [[{"epoch": 1, "seconds": 1.0, "test_accuracy": 0.001}]] * 3})
+    assert band.axes[0].lines

@@ -18,6 +18,7 @@ from cifarbench.data.dataset import permuted_fingerprint
 from cifarbench.errors import CifarbenchError
 from cifarbench.evaluation.experiments import pixel_permutation
 from cifarbench.explaining import summarise_experiment
+from cifarbench.models.reference import label
 from cifarbench.runs import folders
 from cifarbench.runs.records import RunRecord, group_runs
 from conftest import write_python_layout
@@ -80,6 +81,18 @@ def test_permuted_runs_are_their_own_group() -> None:
     runs = [record("fnn", 0, 0.4), record("fnn", 0, 0.41, permute=0), record("cnn", 0, 0.5)]
     assert {k: [r.run_id for r in v] for k, v in group_runs(runs).items()} == {
         "fnn": ["fnn-0-None"], "fnn (permuted)": ["fnn-0-0"], "cnn": ["cnn-0-None"]}
+
+
+def test_a_class_edited_and_trained_again_is_its_own_group() -> None:
+    runs = [record("__main__:Net", 0, 0.5, run_id="a"), record("__main__:Net", 1, 0.5, run_id="b"),
+            record("__main__:Net", 0, 0.6, run_id="c"), record("cnn", 0, 0.5, run_id="d")]
+    for run, code in zip(runs, ["1a2b3c4d5e", "1a2b3c4d5e", "9f8e7d6c5b", None], strict=True):
+        run.config["model_sha256"] = code
+    assert {k: [r.run_id for r in v] for k, v in group_runs(runs).items()} == {
+        "__main__:Net (code 1a2b3c4d)": ["a", "b"], "__main__:Net (code 9f8e7d6c)": ["c"], "cnn": ["d"]}
+    assert list(group_runs(runs[:2])) == ["__main__:Net"]  # one version: no code in the label
+    # figures and tables show the short name with its qualifier (a leading "_" would drop it from a legend)
+    assert [label(name) for name in group_runs(runs)] == ["Net (code 1a2b3c4d)", "Net (code 9f8e7d6c)", "cnn"]
 
 
 def test_pairwise_pairs_seeds_and_counts_disagreements() -> None:
@@ -240,6 +253,32 @@ def test_permutation_trains_plain_and_permuted_runs_and_reuses_them(trained: dic
     assert evaluated["dataset_matches_training"] and evaluated["dataset"]["permute_pixels"] == 5
     assert evaluated["test_accuracy"] == pytest.approx(
         next(r["test_accuracy"] for r in again["runs"] if r["run_id"] == row["permuted_runs"][0]))
+
+
+@pytest.mark.slow
+def test_from_python_the_experiments_take_records_and_display_their_tables_and_figures(trained: dict) -> None:
+    import cifarbench as cb
+
+    where = {"runs_dir": trained["runs"], "data_dir": trained["data"], "verify": False, "device": "cpu"}
+    records = cb.stored_runs(trained["ids"], runs_dir=trained["runs"])
+    shifted = cb.experiment("corruption", records, kinds=["contrast"], severities=[5], **where)
+    assert shifted.runs_by_model == {"fnn": trained["ids"][:2], "cnn": trained["ids"][2:]}
+    html = shifted._repr_html_()
+    assert "<table" in html and "contrast 5" in html and html.count('<img src="data:image/png;base64,') == 1
+    assert len(repr(shifted)) < 200 and type(shifted.plot()).__name__ == "Figure"
+    with pytest.raises(CifarbenchError, match="experiment\\(\\) has no keyword 'no_verify'; pass verify=False"):
+        cb.experiment("translation", records, no_verify=True)
+    with pytest.raises(CifarbenchError, match="did you mean examples"):
+        cb.explain(records, trained["root"] / "x", example=2)
+
+    scrambled = cb.permutation(["fnn"], seeds=2, recipe="seed", epochs=2, batch_size=20, permutation_seed=5,
+                               progress=False, on_epoch=lambda *_: None, **where)
+    html = scrambled._repr_html_()
+    assert "permuted - plain (95% interval)" in html and f"{scrambled.rows[0].change.format_percent()}" in html
+    assert html.count('<img src="data:image/png;base64,') == 1 and "fnn" in repr(scrambled)
+    bars = scrambled.plot().axes[0]
+    assert [round(b.get_height(), 6) for b in bars.patches] == [
+        round(100 * scrambled.rows[0].plain.mean, 6), round(100 * scrambled.rows[0].permuted.mean, 6)]
 
 
 @pytest.mark.slow

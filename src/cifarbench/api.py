@@ -60,6 +60,10 @@ Model = str | type | Callable[..., Any]
 """A registered model's name, `file.py:Name`, `module:Name`, or an nn.Module subclass or factory itself."""
 
 
+Runs = str | os.PathLike | RunRecord | Comparison | PermutationReport | Sequence[str | os.PathLike | RunRecord]
+"""Stored runs: run ids or folders, RunRecords, or a Comparison or PermutationReport (all its runs)."""
+
+
 def _ref(model: Model) -> str:
     return model if isinstance(model, str) else reference_of(model)
 
@@ -129,16 +133,28 @@ def compare(models: Sequence[Model], *, seeds: int = 1, jobs: int = 1, target: f
                            on_epoch=on_epoch or EpochPrinter())
 
 
-def explain(runs: Sequence[str], out: str | os.PathLike, **kwargs: Any) -> Explanation:
+def _run_ids(runs: Runs) -> list[str]:
+    """Run ids from what a notebook has at hand: ids or folders, RunRecords, or a result's runs."""
+    if isinstance(runs, (str, os.PathLike, RunRecord)):
+        runs = [runs]
+    elif isinstance(runs, (Comparison, PermutationReport)):
+        runs = runs.runs
+    return [r.run_id if isinstance(r, RunRecord) else os.fspath(r) for r in runs]
+
+
+def explain(runs: Runs, out: str | os.PathLike, **kwargs: Any) -> Explanation:
     """Draw what stored runs learnt into the folder `out` (`cifarbench explain`): FNN templates, conv filters and
-    feature maps, saliency maps (Captum: the `interpret` extra), the capacity and robustness figures."""
-    return explain_runs(runs, out, **kwargs)
+    feature maps, saliency maps (Captum: the `interpret` extra), the capacity and robustness figures. `runs`: run
+    ids, RunRecords, or a Comparison's runs."""
+    _check_keywords(explain_runs, kwargs, where="explain")
+    return explain_runs(_run_ids(runs), out, **kwargs)
 
 
-def experiment(name: str, runs: Sequence[str], **kwargs: Any) -> ExperimentReport:
+def experiment(name: str, runs: Runs, **kwargs: Any) -> ExperimentReport:
     """The translation or corruption experiment on stored runs (`cifarbench experiment translation|corruption`);
-    each result is kept in its run's experiments.json."""
-    return run_experiment(name, runs, **kwargs)
+    each result is kept in its run's experiments.json. `runs`: run ids, RunRecords, or a Comparison's runs."""
+    _check_keywords(run_experiment, kwargs, where="experiment")
+    return run_experiment(name, _run_ids(runs), **kwargs)
 
 
 def permutation(models: Sequence[Model], *, seeds: int = 3, permutation_seed: int = 0, reuse: bool = True,
@@ -169,10 +185,11 @@ def predict(run: str, images: Sequence[str | os.PathLike], *, labels: str | os.P
     return predict_images(run, images, **kwargs)
 
 
-def report(runs: Sequence[str], out: str | os.PathLike, **kwargs: Any) -> Comparison:
-    """One self-contained HTML report of stored runs (`cifarbench report`)."""
+def report(runs: Runs, out: str | os.PathLike, **kwargs: Any) -> Comparison:
+    """One self-contained HTML report of stored runs (`cifarbench report`); `runs`: run ids, RunRecords, or a
+    Comparison's runs."""
     _check_keywords(report_runs, kwargs, where="report")
-    return report_runs(runs, out, **kwargs)
+    return report_runs(_run_ids(runs), out, **kwargs)
 
 
 def load(run: str, **kwargs: Any) -> TrainedModel:

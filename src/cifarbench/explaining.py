@@ -93,6 +93,14 @@ class Explanation:
     def to_dict(self) -> dict[str, Any]:
         return {"out": self.out, "runs": [vars(r) for r in self.runs], "files": self.files, "notes": self.notes}
 
+    def __repr__(self) -> str:
+        return f"Explanation({len(self.runs)} runs, {len(self.files)} figures in {self.out!r})"
+
+    def _repr_html_(self) -> str:
+        from cifarbench.reporting.display import explanation_html
+
+        return explanation_html(self)
+
 
 def explain_runs(refs: Sequence[str], out: str | os.PathLike, *, runs_dir: str | os.PathLike | None = None,
                  data_dir: str | None = None, verify: bool | None = None, download: bool | None = None,
@@ -153,10 +161,26 @@ class ExperimentReport:
     results: dict[str, dict[str, Any]]
     """By run id."""
     figure: str | None = None
+    runs_by_model: dict[str, list[str]] = field(default_factory=dict)
+    """Each model's run ids, in seed order."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "models": self.models, "rows": [r.to_dict() for r in self.rows],
-                "results": self.results, "figure": self.figure}
+                "results": self.results, "figure": self.figure, "runs_by_model": self.runs_by_model}
+
+    def __repr__(self) -> str:
+        return f"ExperimentReport({self.name!r}, models {', '.join(self.models)}; {len(self.rows)} conditions)"
+
+    def plot(self):
+        """Accuracy against the shift or the severity as a matplotlib Figure, one line per model."""
+        from cifarbench.reporting.display import experiment_figure
+
+        return experiment_figure(self)
+
+    def _repr_html_(self) -> str:
+        from cifarbench.reporting.display import experiment_html
+
+        return experiment_html(self)
 
 
 def _conditions(name: str, result: Mapping[str, Any]) -> Iterable[tuple[str, float]]:
@@ -229,7 +253,8 @@ def run_experiment(name: str, refs: Sequence[str], *, shifts: int = 4, flip: boo
         if on_run:
             on_run(run, result)
     by_label = {label: [results[r.run_id] for r in rs] for label, rs in groups.items()}
-    report = ExperimentReport(name, list(groups), summarise_experiment(name, by_label), results)
+    report = ExperimentReport(name, list(groups), summarise_experiment(name, by_label), results,
+                              runs_by_model={label: [r.run_id for r in rs] for label, rs in groups.items()})
     if out is not None:
         from cifarbench.reporting.plots import robustness_figure, save_figure
 
@@ -299,6 +324,22 @@ class PermutationReport:
                 "plain_pairs": [p.to_dict() for p in self.plain_pairs],
                 "permuted_pairs": [p.to_dict() for p in self.permuted_pairs],
                 "runs": [r.summary() for r in self.runs], "reused": self.reused, "warnings": self.warnings}
+
+    def __repr__(self) -> str:
+        rows = ", ".join(f"{r.model} {'-' if r.change is None else f'{100 * r.change.mean_difference:+.2f} points'}"
+                         for r in self.rows)
+        return f"PermutationReport(permuted - plain: {rows})"
+
+    def plot(self):
+        """Each model's accuracy on plain and on permuted pixels as a matplotlib Figure."""
+        from cifarbench.reporting.display import permutation_figure
+
+        return permutation_figure(self)
+
+    def _repr_html_(self) -> str:
+        from cifarbench.reporting.display import permutation_html
+
+        return permutation_html(self)
 
 
 def _stored_match(config: TrainConfig, dataset: ImageDataset, candidates: Sequence[RunRecord]) -> RunRecord | None:

@@ -66,9 +66,14 @@ def is_reference(model: str) -> bool:
 
 
 def label(model: str) -> str:
-    """A short name for tables and run ids: `Name` of a reference, the registered name otherwise."""
+    """A short name for tables and run ids: `Name` of a reference, the registered name otherwise; a group's
+    qualifier stays (`Name (code 1a2b3c4d)` for `__main__:Name (code 1a2b3c4d)`)."""
     match = REFERENCE.fullmatch(model)
-    return match["name"] if match else model
+    if match:
+        return match["name"]
+    head, sep, rest = model.rpartition(" (")
+    match = REFERENCE.fullmatch(head) if sep and rest.endswith(")") else None
+    return match["name"] + sep + rest if match else model
 
 
 def reference_of(obj: Any) -> str:

@@ -13,10 +13,21 @@ from typing import TYPE_CHECKING, Any
 
 from cifarbench.models.reference import label
 from cifarbench.reporting import html, plots
-from cifarbench.reporting.tables import comparison_headers, comparison_rows, flops, percent
+from cifarbench.reporting.tables import (
+    PAIRWISE_HEADERS,
+    PERMUTATION_HEADERS,
+    comparison_headers,
+    comparison_rows,
+    experiment_table,
+    flops,
+    pairwise_rows,
+    percent,
+    permutation_rows,
+)
 
 if TYPE_CHECKING:
     from cifarbench.data.overview import DataOverview
+    from cifarbench.explaining import ExperimentReport, Explanation, PermutationReport
     from cifarbench.inference import Evaluation
     from cifarbench.runs.records import Comparison, RunRecord
 
@@ -79,15 +90,27 @@ def comparison_figure(comparison: Comparison, kind: str = "accuracy"):
     return curves_figure(curves, kind, comparison.target)
 
 
-def _block(title: str, table: str, figure=None, notes: Sequence[str] = ()) -> str:
-    """A title, a table, notes and an optional figure as one `<div>` (figures as inline data: PNGs)."""
-    table = table.replace("<table>", f'<table style="{TABLE_STYLE}">', 1)
-    parts = [f"<div class=\"cifarbench\"><p><b>{html.esc(title)}</b></p>", table]
+def _block(title: str, table: str, figure=None, notes: Sequence[str] = (), more: Sequence[str] = ()) -> str:
+    """A title, a table, notes, an optional figure and `more` (HTML: further tables, images) as one `<div>`
+    (figures as inline data: PNGs)."""
+    style = f'<table style="{TABLE_STYLE}">'
+    parts = [f"<div class=\"cifarbench\"><p><b>{html.esc(title)}</b></p>", table.replace("<table>", style, 1)]
     parts += [f"<p style=\"color:#666\">{html.esc(n)}</p>" for n in notes]
     if figure is not None:
-        parts.append(f'<img src="{html.png_data_uri(plots.png_bytes(figure))}" style="{IMAGE_STYLE}" '
-                     f'alt="{html.esc(title)}">')
+        parts.append(_image(plots.png_bytes(figure), title))
+    parts += [m.replace("<table>", style) for m in more]
     return "".join(parts) + "</div>"
+
+
+def _image(png: bytes, alt: str) -> str:
+    return f'<img src="{html.png_data_uri(png)}" style="{IMAGE_STYLE}" alt="{html.esc(alt)}">'
+
+
+def _pairs_html(pairs: Sequence[Any], heading: str) -> str:
+    """The pairwise table (difference with its interval, McNemar) under a heading; empty without pairs."""
+    if not pairs:
+        return ""
+    return f"<p><b>{html.esc(heading)}</b></p>" + html.table(PAIRWISE_HEADERS, pairwise_rows(pairs))
 
 
 def _has_points(histories: Sequence[Any], key: str = "test_accuracy") -> bool:
@@ -125,10 +148,11 @@ def comparison_html(comparison: Comparison) -> str:
              for f in comparison.failures]
     notes += [f"report: {comparison.report}"] if comparison.report else []
     notes.append(_data_note(comparison.dataset or (comparison.runs[0].dataset if comparison.runs else {})))
+    notes += [f"warning: {w}" for w in comparison.warnings]
     with_points = any(_has_points(r.history) for r in comparison.runs)
     figure = comparison_figure(comparison) if with_points else None
     return _block(f"Comparison of {', '.join(label(r.model) for r in comparison.results)}", table, figure,
-                  [n for n in notes if n])
+                  [n for n in notes if n], [_pairs_html(comparison.pairs, "Is the difference real? (pairs of models)")])
 
 
 def evaluation_figure(evaluation: Evaluation, kind: str = "per_class"):
@@ -164,3 +188,52 @@ def overview_html(overview: DataOverview) -> str:
     rows.append(["total", sum(overview.counts["train"]), sum(overview.counts["test"])])
     table = html.table(["class", "train", "test"], rows)
     return _block(f"{overview.name}: images per class", table, overview.plot(), [_data_note(overview.info)])
+
+
+def explanation_html(explanation: Explanation) -> str:
+    """Each explained run's accuracy and the figures drawn for it (templates or filters and feature maps,
+    saliency), then the capacity and robustness figures."""
+    from pathlib import Path
+
+    rows = [[r.label, r.seed, percent(r.accuracy), ", ".join(Path(f).stem for f in r.files)]
+            for r in explanation.runs]
+    table = html.table(["model", "seed", "test accuracy (plain)", "figures"], rows)
+    captions = {f: f"{r.label} seed {r.seed}: {Path(f).stem}" for r in explanation.runs for f in r.files}
+    more, gone = [], []
+    for file in explanation.files:
+        caption = captions.get(file, Path(file).stem)
+        try:
+            more.append(f"<p>{html.esc(caption)}</p>" + _image(Path(file).read_bytes(), caption))
+        except OSError:  # deleted or moved since: the rest still shows
+            gone.append(f"{caption}: {file} can no longer be read")
+    return _block(f"What the models learnt (figures in {explanation.out})", table, None,
+                  sorted(set(explanation.notes)) + gone, more)
+
+
+def experiment_figure(report: ExperimentReport):
+    """Accuracy against the shift or the severity, one line per model (mean over seeds, whiskers min-max)."""
+    return inline(plots.robustness_figure({m: [{report.name: report.results[r]} for r in runs]
+                                           for m, runs in report.runs_by_model.items()}))
+
+
+def experiment_html(report: ExperimentReport) -> str:
+    """The experiment's table (a row per condition, a column per model) and its figure."""
+    title = {"translation": "Shifted and mirrored test images", "corruption": "Corrupted test images"}[report.name]
+    notes = ["kept in each run's experiments.json"] + ([f"figure: {report.figure}"] if report.figure else [])
+    figure = experiment_figure(report) if report.runs_by_model else None
+    return _block(title, html.table(*experiment_table(report.models, report.rows)), figure, notes)
+
+
+def permutation_figure(report: PermutationReport):
+    """Each model's accuracy on plain and on permuted pixels (mean over seeds, whiskers min-max)."""
+    return inline(plots.permutation_figure(report.rows))
+
+
+def permutation_html(report: PermutationReport) -> str:
+    """Each model's accuracy plain and permuted, the change with its interval, and the pairs in each condition."""
+    table = html.table(PERMUTATION_HEADERS, permutation_rows(report.rows))
+    notes = [f"permutation seed {report.permutation_seed}; {len(report.runs)} runs, {len(report.reused)} reused "
+             "from the store"] + [f"warning: {w}" for w in report.warnings]
+    more = [_pairs_html(report.plain_pairs, "plain pixels: pairs of models"),
+            _pairs_html(report.permuted_pairs, "permuted pixels: pairs of models")]
+    return _block("Scrambled pixels: plain against permuted", table, permutation_figure(report), notes, more)

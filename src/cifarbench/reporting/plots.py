@@ -36,6 +36,13 @@ def png_bytes(fig) -> bytes:
     return buf.getvalue()
 
 
+def _whiskers(mean: np.ndarray, per_seed: np.ndarray) -> np.ndarray:
+    """Min-max error bars around `mean` (rows of `per_seed` are seeds), for matplotlib's yerr. Clipped at 0: with
+    equal values the rounding of the mean can put it a hair outside the range, and matplotlib refuses a
+    negative bar."""
+    return np.clip(np.vstack([mean - per_seed.min(0), per_seed.max(0) - mean]), 0.0, None)
+
+
 def _to_rgb(image: np.ndarray) -> np.ndarray:
     """(C, H, W) uint8 -> (H, W, 3), grey images repeated over the three channels."""
     hwc = np.moveaxis(np.asarray(image), 0, -1)
@@ -137,7 +144,7 @@ def per_class_figure(per_class: Mapping[str, Sequence[Sequence[float]]], classes
     for i, (model, seeds) in enumerate(per_class.items()):
         acc = 100 * np.asarray(seeds, dtype=float).reshape(-1, len(classes))
         mean = acc.mean(0)
-        err = np.vstack([mean - acc.min(0), acc.max(0) - mean]) if len(acc) > 1 else None
+        err = _whiskers(mean, acc) if len(acc) > 1 else None
         ax.bar(x + (i - (len(per_class) - 1) / 2) * width, mean, width, yerr=err, capsize=2, color=f"C{i}",
                error_kw={"ecolor": "0.35", "elinewidth": 0.8},
                label=model if len(acc) == 1 else f"{model} ({len(acc)} seeds)")
@@ -246,7 +253,7 @@ def _seed_band(ax, x: Sequence[float], per_seed: np.ndarray, color: str, label: 
     """Mean over the rows (seeds) as a line with markers; with several seeds, min-max error bars."""
     mean = per_seed.mean(0)
     if len(per_seed) > 1:
-        err = np.vstack([mean - per_seed.min(0), per_seed.max(0) - mean])
+        err = _whiskers(mean, per_seed)
         ax.errorbar(x, mean, yerr=err, color=color, capsize=2, marker="o", ms=3, label=label, **style)
     else:
         ax.plot(x, mean, color=color, marker="o", ms=3, label=label, **style)
@@ -324,4 +331,24 @@ def capacity_figure(rows: Sequence[Mapping[str, Any]]):
         ax.grid(alpha=0.3, which="both")
     axes[0].set_title("Accuracy against size")
     axes[1].set_title("Accuracy against compute")
+    return fig
+
+
+def permutation_figure(rows: Sequence[Any]):
+    """Bars of each model's accuracy on plain and on permuted pixels (mean over seeds, whiskers min-max);
+    `rows` are explaining.PermutationRow."""
+    rows = [r for r in rows if r.plain or r.permuted]
+    fig = _figure(max(4.0, 1.6 * len(rows) + 1.5), 3.2)
+    ax = fig.subplots()
+    for offset, key, colour in ((-0.2, "plain", "#4477aa"), (0.2, "permuted", "#ee6677")):
+        for i, row in enumerate(rows):
+            spread = getattr(row, key)
+            if spread is None:
+                continue
+            whisker = _whiskers(np.array([100 * spread.mean]), np.array([[100 * spread.min], [100 * spread.max]]))
+            ax.bar(i + offset, 100 * spread.mean, width=0.4, color=colour, yerr=whisker, capsize=3,
+                   label=f"{key} pixels" if i == 0 else None)
+    ax.set_xticks(range(len(rows)), [r.model for r in rows])
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend(loc="lower right")
     return fig

@@ -197,15 +197,18 @@ def permutation_of(run: RunRecord) -> int | None:
 
 
 def group_runs(runs: Sequence[RunRecord]) -> dict[str, list[RunRecord]]:
-    """Runs grouped by (model, recipe, pixel permutation), labelled by the model alone unless it comes with
-    several recipes, and marked "permuted" when trained on permuted pixels."""
-    key = lambda r: (r.model, r.recipe, permutation_of(r))  # noqa: E731
+    """Runs grouped by (model, code, recipe, pixel permutation), labelled by the model alone unless it comes
+    with several versions of its code (a class edited and trained again: "code 1a2b3c4d"), several recipes, or
+    permuted pixels."""
+    key = lambda r: (r.model, r.config.get("model_sha256"), r.recipe, permutation_of(r))  # noqa: E731
     keys = list(dict.fromkeys(key(r) for r in runs))
-    recipes = {m: {rc for mm, rc, _ in keys if mm == m} for m, _, _ in keys}
-    permutations = {m: {p for mm, _, p in keys if mm == m and p is not None} for m, _, _ in keys}
+    codes = {k[0]: {kk[1] for kk in keys if kk[0] == k[0]} for k in keys}
+    recipes = {k[0]: {kk[2] for kk in keys if kk[0] == k[0]} for k in keys}
+    permutations = {k[0]: {kk[3] for kk in keys if kk[0] == k[0] and kk[3] is not None} for k in keys}
 
-    def label(model: str, recipe: str, permutation: int | None) -> str:
-        parts = [recipe] if len(recipes[model]) > 1 else []
+    def label(model: str, code: str | None, recipe: str, permutation: int | None) -> str:
+        parts = [f"code {code[:8]}"] if len(codes[model]) > 1 and code else []
+        parts += [recipe] if len(recipes[model]) > 1 else []
         if permutation is not None:
             parts.append("permuted" if len(permutations[model]) == 1 else f"permuted {permutation}")
         return model + (f" ({', '.join(parts)})" if parts else "")

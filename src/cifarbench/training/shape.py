@@ -21,11 +21,14 @@ from cifarbench.errors import CifarbenchError
 PROBE_BATCH = 128
 """Small, so the probe costs a fraction of a second on an idle machine; images/s at the run's batch is higher by
 a roughly constant factor, which `recipes.PROBE_TO_LOOP` carries."""
-PROBE_STEPS = 2
-"""Timed steps of PROBE_BATCH images after one untimed one (allocations, kernel selection); the thread check
-times one step of CHECK_BATCH per thread count, also after an untimed one."""
+PROBE_STEPS = 3
+"""Timed steps of PROBE_BATCH images after one untimed one (allocations, kernel selection); the fastest counts."""
 CHECK_BATCH = 32
 """The thread count is chosen on steps of this many images (cheap even when the multi-thread step is slow)."""
+CHECK_ROUNDS = 3
+"""Rounds of the thread check, each timing one step per thread count, alternated; the fastest step per count
+counts, so a single step slowed by a passing process does not decide (it once made an idle machine's 120 s run
+take one thread and half the steps)."""
 THROUGHPUT_FACTOR_ENV = "CIFARBENCH_THROUGHPUT_FACTOR"
 """Multiplies the measured throughput: emulates a slower (0.5) or faster (2) processor for tests and what-ifs."""
 
@@ -40,9 +43,9 @@ class Throughput:
     """images/s per thread count tried, on steps of CHECK_BATCH images."""
     seconds: float
     factor: float = 1.0
+    """The emulation factor applied to `images_per_second` (1 = as measured)."""
     others_running: int | None = None
     """Threads of other processes ready to run when the probe started (Linux), which caps the thread count."""
-    """The emulation factor applied to `images_per_second` (1 = as measured)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,6 +81,22 @@ def _seconds(step: Callable[[int], None], batch: int, repeat: int) -> float:
         step(batch)
         best = min(best, time.perf_counter() - t)
     return best
+
+
+def check_threads(step: Callable[[int], None], threads: int, rounds: int = CHECK_ROUNDS) -> dict[str, float]:
+    """images/s of CHECK_BATCH steps with one thread and with `threads`: one untimed step each, then `rounds`
+    alternated rounds, keeping each count's fastest step."""
+    best = {1: math.inf, threads: math.inf}
+    for n in best:
+        torch.set_num_threads(n)
+        step(CHECK_BATCH)  # untimed: the thread pool and kernels for this count
+    for _ in range(rounds):
+        for n in best:
+            torch.set_num_threads(n)
+            t = time.perf_counter()
+            step(CHECK_BATCH)
+            best[n] = min(best[n], time.perf_counter() - t)
+    return {str(n): CHECK_BATCH / seconds for n, seconds in best.items()}
 
 
 def throughput_factor() -> float:
@@ -126,9 +145,7 @@ def probe_throughput(threads: int | None = None) -> Throughput:
         step = _reference_steps()
         tried, best = {}, 1
         if threads > 1:
-            tried["1"] = CHECK_BATCH / _seconds(step, CHECK_BATCH, 1)
-            torch.set_num_threads(threads)
-            tried[str(threads)] = CHECK_BATCH / _seconds(step, CHECK_BATCH, 1)
+            tried = check_threads(step, threads)
             best = threads if tried[str(threads)] > tried["1"] else 1
         torch.set_num_threads(best)
         rate = PROBE_BATCH / _seconds(step, PROBE_BATCH, PROBE_STEPS)
