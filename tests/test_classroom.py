@@ -196,6 +196,10 @@ def test_a_bad_submission_is_one_row_with_its_reason_and_the_others_are_graded(c
                                                                                   ("Fay", "1", "True")]
     assert sorted(t["error"][:12] for t in table if not t["rank"]) == sorted(
         r.error[:12] for r in result.not_graded)
+    # in a notebook the grading shows itself: the leaderboard, the flags and every submission not graded
+    shown = result._repr_html_()
+    assert shown.count("<table") == 3 and ">Ann<" in shown and ">no-claim<" in shown
+    assert "garbage.tar.gz" in shown and "not a readable runs archive" in shown
 
     with pytest.raises(CifarbenchError, match="not a folder of submissions"):
         grade(tmp_path / "missing", data_dir=str(class_data), verify=False)

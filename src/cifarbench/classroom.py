@@ -187,6 +187,11 @@ class Grading:
         return (f"Grading({self.inbox}: {len(self.leaderboard)} entries, {sum(r.graded for r in self.runs)} runs "
                 f"graded, {len(self.not_graded)} not)")
 
+    def _repr_html_(self) -> str:
+        from cifarbench.reporting.display import grading_html
+
+        return grading_html(self)
+
 
 # --- Submitting ---------------------------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from cifarbench.reporting.tables import (
 )
 
 if TYPE_CHECKING:
+    from cifarbench.classroom import Grading
     from cifarbench.data.overview import DataOverview
     from cifarbench.explaining import ExperimentReport, Explanation, PermutationReport
     from cifarbench.inference import Evaluation
@@ -237,3 +238,21 @@ def permutation_html(report: PermutationReport) -> str:
     more = [_pairs_html(report.plain_pairs, "plain pixels: pairs of models"),
             _pairs_html(report.permuted_pairs, "permuted pixels: pairs of models")]
     return _block("Scrambled pixels: plain against permuted", table, permutation_figure(report), notes, more)
+
+
+def grading_html(grading: Grading) -> str:
+    """The leaderboard, then every flag and every submission not graded, each with its reason."""
+    from cifarbench.reporting import leaderboard as board
+
+    hidden = grading.hidden is not None
+    table = (html.table(board.leaderboard_headers(hidden), board.leaderboard_rows(grading.leaderboard, hidden))
+             if grading.leaderboard else "<p>no submission could be graded</p>")
+    more = []
+    if any(r.flags for r in grading.runs):
+        more.append("<p><b>flags</b></p>" + html.table(["student", "run", "severity", "flag", "why"],
+                                                       board.flag_rows(grading)))
+    if grading.not_graded:
+        more.append("<p><b>not graded</b></p>" + html.table(["archive", "student", "run", "why"],
+                                                            board.not_graded_rows(grading)))
+    notes = [f"written: {path}" for path in (grading.html, grading.csv) if path]
+    return _block(f"Leaderboard of {grading.inbox}", table, None, notes, more)
