@@ -3,7 +3,9 @@ written into a docs page between markers."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -37,10 +39,18 @@ def train(model: str, recipe: str, budget: float, seed: int, runs_dir: str, data
             "probe": b.get("probe"), "shape": b.get("shape"), "notes": notes}
 
 
+def arguments(description: str) -> argparse.ArgumentParser:
+    """The flags the side-by-side benchmarks share: --budgets, --data-dir, --docs, --no-docs."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--budgets", type=float, nargs="+", default=[30, 60, 120])
+    ap.add_argument("--data-dir", default=os.environ.get("CIFARBENCH_DATA"))
+    ap.add_argument("--docs", type=Path, default=DOCS, help="page to write the table into")
+    ap.add_argument("--no-docs", action="store_true", help="print the JSON only")
+    return ap
+
+
 def load_average() -> list[float]:
     """The machine's 1, 5 and 15 minute load averages (what else was running)."""
-    import os
-
     return [round(x, 2) for x in os.getloadavg()]
 
 

@@ -9,13 +9,10 @@ the loaded run gave up) and writes the table into docs/results.md between the `u
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 import budget_runs
 
@@ -48,12 +45,8 @@ def table(rows: list[dict], cpu: str) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--budgets", type=float, nargs="+", default=[30, 60, 120])
+    ap = budget_runs.arguments(__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--data-dir", default=os.environ.get("CIFARBENCH_DATA"))
-    ap.add_argument("--docs", type=Path, default=budget_runs.DOCS, help="page to write the table into")
-    ap.add_argument("--no-docs", action="store_true", help="print the JSON only")
     args = ap.parse_args()
     runs_dir = tempfile.mkdtemp(prefix="cifarbench-under-load-")
     rows = []
