@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "results.md"
@@ -47,6 +48,18 @@ def arguments(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--docs", type=Path, default=DOCS, help="page to write the table into")
     ap.add_argument("--no-docs", action="store_true", help="print the JSON only")
     return ap
+
+
+def publish(benchmark: str, args: argparse.Namespace, rows: list[dict], table: Callable[[list[dict], str], str],
+            **extra: object) -> None:
+    """Name the processor, write `table(rows, cpu)` into the docs page between the benchmark's markers (unless
+    --no-docs), and print the JSON object: benchmark, cpu, `extra`, results."""
+    from cifarbench.provenance import cpu_description
+
+    cpu = cpu_description()
+    if not args.no_docs:
+        write_table(benchmark.replace("_", "-"), table(rows, cpu), args.docs)
+    print(json.dumps({"benchmark": benchmark, "cpu": cpu, **extra, "results": rows}, indent=2))
 
 
 def load_average() -> list[float]:

@@ -10,7 +10,6 @@ the table into docs/results.md between the `same-budget` markers.
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import tempfile
@@ -57,12 +56,7 @@ def main() -> None:
         rows.append({"budget_seconds": budget, "load_average": load, "recipes": per_recipe,
                      "fast_minus_airbench94": acc["fast"] - acc["airbench94"],
                      "fast_minus_cnn": acc["fast"] - acc["seed"]})
-    from cifarbench.provenance import cpu_description
-
-    cpu = cpu_description()
-    if not args.no_docs:
-        budget_runs.write_table("same-budget", table(rows, cpu), args.docs)
-    print(json.dumps({"benchmark": "same_budget", "cpu": cpu, "seeds": args.seeds, "results": rows}, indent=2))
+    budget_runs.publish("same_budget", args, rows, table, seeds=args.seeds)
 
 
 if __name__ == "__main__":

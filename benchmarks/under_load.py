@@ -9,7 +9,6 @@ the loaded run gave up) and writes the table into docs/results.md between the `u
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import tempfile
@@ -62,12 +61,7 @@ def main() -> None:
               f"{idle['used_seconds']:.1f}s; loaded {100 * busy['test_accuracy']:.2f}% {busy['steps']} steps "
               f"{busy['used_seconds']:.1f}s", file=sys.stderr, flush=True)
         rows.append(row)
-    from cifarbench.provenance import cpu_description
-
-    cpu = cpu_description()
-    if not args.no_docs:
-        budget_runs.write_table("under-load", table(rows, cpu), args.docs)
-    print(json.dumps({"benchmark": "under_load", "cpu": cpu, "results": rows}, indent=2))
+    budget_runs.publish("under_load", args, rows, table)
 
 
 if __name__ == "__main__":
