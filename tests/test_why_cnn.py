@@ -270,6 +270,10 @@ def test_from_python_the_experiments_take_records_and_display_their_tables_and_f
         cb.experiment("translation", records, no_verify=True)
     with pytest.raises(CifarbenchError, match="did you mean examples"):
         cb.explain(records, trained["root"] / "x", example=2)
+    with pytest.raises(CifarbenchError, match="runs: expected run ids, RunRecords or a Comparison, not int"):
+        cb.report([records[0], 7], trained["root"] / "r.html")
+    with pytest.raises(CifarbenchError, match="not int"):
+        cb.experiment("translation", 7)
 
     scrambled = cb.permutation(["fnn"], seeds=2, recipe="seed", epochs=2, batch_size=20, permutation_seed=5,
                                progress=False, on_epoch=lambda *_: None, **where)

@@ -12,7 +12,7 @@ Results display themselves in a notebook and have `to_dict()` for scripts. Error
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from cifarbench import runtime
@@ -135,10 +135,15 @@ def compare(models: Sequence[Model], *, seeds: int = 1, jobs: int = 1, target: f
 
 def _run_ids(runs: Runs) -> list[str]:
     """Run ids from what a notebook has at hand: ids or folders, RunRecords, or a result's runs."""
-    if isinstance(runs, (str, os.PathLike, RunRecord)):
+    if isinstance(runs, (str, os.PathLike, RunRecord)) or not isinstance(runs, Iterable):
         runs = [runs]
     elif isinstance(runs, (Comparison, PermutationReport)):
         runs = runs.runs
+    bad = [r for r in runs if not isinstance(r, (str, os.PathLike, RunRecord))]
+    if bad:
+        from cifarbench.errors import CifarbenchError
+
+        raise CifarbenchError(f"runs: expected run ids, RunRecords or a Comparison, not {type(bad[0]).__name__}")
     return [r.run_id if isinstance(r, RunRecord) else os.fspath(r) for r in runs]
 
 
