@@ -262,6 +262,9 @@ def test_from_python_the_experiments_take_records_and_display_their_tables_and_f
     where = {"runs_dir": trained["runs"], "data_dir": trained["data"], "verify": False, "device": "cpu"}
     records = cb.stored_runs(trained["ids"], runs_dir=trained["runs"])
     shifted = cb.experiment("corruption", records, kinds=["contrast"], severities=[5], **where)
+    comparison = cb.Comparison([], records)  # a result's runs are taken as they are
+    assert cb.experiment("corruption", comparison, kinds=["contrast"], severities=[5], **where).results == \
+        shifted.results
     assert shifted.runs_by_model == {"fnn": trained["ids"][:2], "cnn": trained["ids"][2:]}
     html = shifted._repr_html_()
     assert "<table" in html and "contrast 5" in html and html.count('<img src="data:image/png;base64,') == 1

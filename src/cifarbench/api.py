@@ -135,10 +135,10 @@ def compare(models: Sequence[Model], *, seeds: int = 1, jobs: int = 1, target: f
 
 def _run_ids(runs: Runs) -> list[str]:
     """Run ids from what a notebook has at hand: ids or folders, RunRecords, or a result's runs."""
-    if isinstance(runs, (str, os.PathLike, RunRecord)) or not isinstance(runs, Iterable):
-        runs = [runs]
-    elif isinstance(runs, (Comparison, PermutationReport)):
+    if isinstance(runs, (Comparison, PermutationReport)):
         runs = runs.runs
+    elif isinstance(runs, (str, os.PathLike, RunRecord)) or not isinstance(runs, Iterable):
+        runs = [runs]
     bad = [r for r in runs if not isinstance(r, (str, os.PathLike, RunRecord))]
     if bad:
         from cifarbench.errors import CifarbenchError
