@@ -208,8 +208,8 @@ RESUMABLE = {"position": {"step": 1, "total_steps": 4, "in_epoch": False, "epoch
 
 @pytest.mark.parametrize("change, complaint", [
     ({"run_id": None}, "run_id is not a string"),
-    ({"classes": "airplane"}, "classes is not a non-empty list of strings"),
-    ({"in_shape": [3, 32]}, "in_shape is not a list of 3 positive integers"),
+    ({"classes": "airplane"}, "classes is not a list of 1 to 1000 names"),
+    ({"in_shape": [3, 32]}, "in_shape is not [channels, height, width]"),
     ({"dataset": {"name": "cifar10"}}, "dataset is not a dict with a string sha256"),
     ({"state_dict": {"w": 1.0}}, "state_dict is not a dict of tensors"),
     ({"config": None, "model": 3}, "model is not a string"),

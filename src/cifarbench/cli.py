@@ -10,6 +10,8 @@ from typing import Any
 
 from cifarbench.errors import CifarbenchError
 from cifarbench.reporting.tables import printable
+from cifarbench.runs.limits import BundleLimits
+from cifarbench.sandbox import ISOLATIONS, Limits, choose_isolation
 
 
 class _Parser(argparse.ArgumentParser):
@@ -210,9 +212,38 @@ def _classroom_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
     p.add_argument("--trust-code", action="store_true",
-                   help="run the students' own model code (read it first; better, grade inside a container: "
-                        "docs/classroom.md)")
+                   help="run the students' own model code, each submission in a sandboxed process (docs/classroom.md)")
+    p.add_argument("--roster", metavar="FILE", help="the expected students, one name per line: others are flagged, "
+                                                    "and names with no submission listed")
+    p.add_argument("--timeout", type=float, default=Limits.timeout, metavar="SECONDS",
+                   help=f"with --trust-code: wall-clock limit per submission (default {Limits.timeout:g})")
+    p.add_argument("--memory", type=int, default=Limits.memory_mib, metavar="MIB",
+                   help=f"with --trust-code: memory limit per submission in MiB (default {Limits.memory_mib})")
+    p.add_argument("--isolation", choices=ISOLATIONS, default="auto",
+                   help="with --trust-code: bubblewrap (no network, read-only, private folders hidden), process "
+                        "(limits only), or auto: bubblewrap where it works (default)")
+    _bundle_flags(p)
     _data_flags(p)
+
+
+def _bundle_flags(p: argparse.ArgumentParser) -> None:
+    """Caps on what one archive from elsewhere may cost (runs/bundle.BundleLimits)."""
+    p.add_argument("--max-bundle-mib", type=int, default=BundleLimits.max_bytes >> 20, metavar="MIB",
+                   help=f"refuse an archive whose files inflate beyond this (default {BundleLimits.max_bytes >> 20})")
+    p.add_argument("--max-bundle-members", type=int, default=BundleLimits.max_members, metavar="N",
+                   help=f"refuse an archive of more members (default {BundleLimits.max_members})")
+    p.add_argument("--max-bundle-runs", type=int, default=BundleLimits.max_runs, metavar="N",
+                   help=f"refuse an archive of more runs (default {BundleLimits.max_runs})")
+
+
+def _bundle_limits(args: argparse.Namespace) -> BundleLimits:
+    if args.max_bundle_mib < 1 or args.max_bundle_mib > 1 << 20:
+        raise CifarbenchError(f"--max-bundle-mib {args.max_bundle_mib}: must be in [1, {1 << 20}]")
+    for flag, value in (("--max-bundle-members", args.max_bundle_members), ("--max-bundle-runs",
+                                                                             args.max_bundle_runs)):
+        if value < 1:
+            raise CifarbenchError(f"{flag} {value}: must be at least 1")
+    return BundleLimits(args.max_bundle_mib << 20, args.max_bundle_members, args.max_bundle_runs)
 
 
 MODEL_HELP = "a registered model (`cifarbench models`), or your own: path/to/file.py:Name or package.module:Name"
@@ -266,6 +297,7 @@ def _runs_actions(runs: argparse.ArgumentParser) -> None:
     common(q)
     q = actions.add_parser("import", help="bring the runs of an exported archive into this runs folder")
     q.add_argument("archive", metavar="FILE")
+    _bundle_flags(q)
     common(q)
 
 
@@ -387,8 +419,6 @@ _RESUME_FIXED = ("seed", "epochs", "batch_size", "lr", "optimizer", "precision",
 
 
 def _resume(args: argparse.Namespace):
-    from dataclasses import replace
-
     from cifarbench.running import resumable_config, train_run
 
     given = [name for name in _RESUME_FIXED if getattr(args, name, None) not in (None, False)]
@@ -399,8 +429,7 @@ def _resume(args: argparse.Namespace):
     config = resumable_config(args.resume, args.runs_dir, args.trust_code)
     if args.model and args.model != config.model:
         raise CifarbenchError(f"run {args.resume} trains {config.model!r}, not {args.model!r}")
-    data = replace(config.data, **{k: v for k, v in (("data_dir", args.data_dir), ("verify", args.verify),
-                                                     ("download", args.download)) if v is not None})
+    data = config.data.for_loading(foreign=False, data_dir=args.data_dir, verify=args.verify, download=args.download)
     show = _with_tensorboard(args, _epoch_printer(args))
     return train_run(runs_dir=args.runs_dir, on_epoch=lambda m: show(config, m), resume=args.resume, data=data,
                      trust_code=args.trust_code)
@@ -631,16 +660,18 @@ def _runs_export(args: argparse.Namespace) -> None:
 def _runs_import(args: argparse.Namespace) -> None:
     from cifarbench.runs.bundle import import_runs
 
-    result = import_runs(args.archive, runs_dir=args.runs_dir)
+    result = import_runs(args.archive, runs_dir=args.runs_dir, limits=_bundle_limits(args))
     if args.json:
-        _print_json(result.to_dict())
+        _print_json({**result.to_dict(), "with_code": [r.run_id for r in result.with_code]})
         return
     for record in result.imported:
-        print(f"imported run {printable(record.run_id)} ({printable(record.model)}, seed {record.seed})")
+        code = ": carries its own model code (model.py)" if record in result.with_code else ""
+        print(f"imported run {printable(record.run_id)} ({printable(record.model)}, seed {record.seed}){code}")
     for run_id, why in result.skipped:
         print(f"skipped run {printable(run_id)}: {printable(why)}")
-    if any(r.config.get("model_sha256") for r in result.imported):
-        print("note: imported runs with their own model code run it only with --trust-code (read model.py first)")
+    if result.with_code:
+        print(f"note: {len(result.with_code)} imported run(s) carry model code; it runs only with --trust-code (read "
+              "each model.py first)")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -704,14 +735,20 @@ def cmd_grade(args: argparse.Namespace) -> None:
                    else f"not graded: {run.error}")
         print(f"{printable(run.archive)}: {printable(verdict)}", file=sys.stderr, flush=True)
 
+    limits = Limits(args.timeout, args.memory)
+    if args.trust_code:
+        print(f"isolation: {choose_isolation(args.isolation).describe()}", file=sys.stderr, flush=True)
     result = grade(args.inbox, trust_code=args.trust_code, data_dir=args.data_dir, verify=args.verify,
                    download=args.download, dataset=args.dataset, hidden=args.hidden, hidden_labels=args.hidden_labels,
-                   out=args.out, work_dir=args.work_dir, device=args.device, on_run=show)
+                   out=args.out, work_dir=args.work_dir, device=args.device, on_run=show, roster=args.roster,
+                   isolation=args.isolation, limits=limits, bundle_limits=_bundle_limits(args))
     if args.json:
         _print_json(result.to_dict())
         return
     _note_unverified(result.dataset)
     print(leaderboard_text(result))
+    if result.missing:
+        print(f"\non the roster, no submission: {', '.join(printable(n) for n in result.missing)}")
     print(f"\nwrote {printable(result.html)} and {printable(result.csv)}")
 
 

@@ -272,6 +272,16 @@ class DataConfig:
     """Seed of one fixed random permutation of the pixel positions applied to every train and test image (the
     permuted-pixels experiment); None leaves the images as they are."""
 
+    def for_loading(self, *, foreign: bool, data_dir: str | None = None, verify: bool | None = None,
+                    download: bool | None = None) -> DataConfig:
+        """This config with where its data is read from now: the caller's `data_dir`, `verify` and `download`
+        where given, else the config's own; for a config from elsewhere (an imported or copied run), the local
+        defaults instead, since its settings are provenance and never choose a local folder, a download or an
+        unverified copy."""
+        base = DataConfig() if foreign else self
+        return replace(self, data_dir=data_dir or base.data_dir, verify=base.verify if verify is None else verify,
+                       download=base.download if download is None else download)
+
     def __post_init__(self) -> None:
         check_fields(self)
         if len(self.mean) != len(self.std):

@@ -22,6 +22,7 @@ from cifarbench.errors import CifarbenchError
 from cifarbench.evaluation.metrics import EvalResult, evaluate
 from cifarbench.models import build_model
 from cifarbench.models.reference import load_run_code
+from cifarbench.models.registry import check_foreign_model, weights_misfit
 from cifarbench.reporting.progress import say, tta_views
 from cifarbench.runs import folders
 from cifarbench.runs.store import RunStore
@@ -29,6 +30,7 @@ from cifarbench.training.state import RunCheckpoint
 
 MANY_FILES = 50
 """From this many image files on, prediction says what it is doing before it starts."""
+_TOLD: set[tuple] = set()  # (run's, copy's) fingerprints already said once in this process
 
 
 def resolve_checkpoint(ref: str, runs_dir: str | os.PathLike | None = None) -> tuple[Path, bool]:
@@ -61,6 +63,9 @@ class TrainedModel:
     config: TrainConfig
     model: torch.nn.Module
     device: torch.device
+    own: bool = True
+    """Trained into this store; False for a run from elsewhere (imported, copied, a checkpoint file), whose
+    settings never choose local resources (`DataConfig.for_loading`)."""
 
     @property
     def classes(self) -> list[str]:
@@ -72,18 +77,32 @@ class TrainedModel:
 
     def test_dataset(self, *, data_dir: str | None = None, verify: bool | None = None, download: bool | None = None,
                      dataset: ImageDataset | None = None, progress: bool | None = None) -> ImageDataset:
-        """The data set the model was trained on (its config's, with `data_dir`, `verify`, `download` overriding),
-        as the run saw it: `dataset`, when given, is prepared the same way (its pixels permuted if the run's were)."""
+        """The data set the model was trained on, as the run saw it (its pixels permuted if the run's were):
+        `dataset` when given, else read where `DataConfig.for_loading` says. A copy whose fingerprint differs from
+        the run's is said in one line."""
         data = self.config.data
         if dataset is None:
-            data = replace(data, data_dir=data_dir or data.data_dir, verify=data.verify if verify is None else verify,
-                           download=data.download if download is None else download)
-            dataset = load_dataset(data, progress=progress)
-        return prepare(dataset, data)
+            dataset = load_dataset(data.for_loading(foreign=not self.own, data_dir=data_dir, verify=verify,
+                                                    download=download), progress=progress)
+        seen = prepare(dataset, data)
+        recorded = self.checkpoint.dataset.get("sha256")
+        if seen.sha256 != recorded and (recorded, seen.sha256) not in _TOLD:
+            _TOLD.add((recorded, seen.sha256))
+            say(f"note: run {self.checkpoint.run_id} was trained on data with fingerprint {str(recorded)[:12]}..., "
+                f"not this copy's ({seen.sha256[:12]}...)", enabled=progress)
+        return seen
 
     def evaluate(self, dataset: ImageDataset, *, keep_probabilities: bool = False) -> EvalResult:
         """The whole test set with the run's own test-time augmentation and kernels, so its figures agree."""
         return self.evaluate_split(dataset.test, len(dataset.classes), keep_probabilities=keep_probabilities)
+
+    def predicted_classes(self, images: np.ndarray, *, tta: int | None = None) -> np.ndarray:
+        """The class each uint8 image (at the model's input size) is given, with the run's own test-time
+        augmentation or `tta` views (0, 1, 2; selective TTA off). Needs no labels: what a grader's sandbox returns."""
+        trained = self if tta is None else replace(self, config=replace(self.config, tta=tta, tta_threshold=0.0))
+        result = trained.evaluate_split(Split(images, np.zeros(len(images), dtype=np.int64)), keep_probabilities=True)
+        assert result.probabilities is not None
+        return result.probabilities.argmax(1).astype(np.int64)
 
     def evaluate_split(self, split: Split, num_classes: int | None = None, *,
                        keep_probabilities: bool = False) -> EvalResult:
@@ -105,11 +124,24 @@ def load_trained_model(ref: str, *, runs_dir: str | os.PathLike | None = None, d
     path, own = resolve_checkpoint(ref, runs_dir)
     ckpt = RunCheckpoint.load(path)
     config = TrainConfig.from_dict(ckpt.config)
+    if not own:
+        source = f"run {ckpt.run_id!r} ({path})"
+        if config.model != ckpt.model:
+            raise CifarbenchError(f"{source}: its checkpoint names model {ckpt.model!r} but its config "
+                                  f"{config.model!r}; refusing a run that does not agree with itself")
+        check_foreign_model(ckpt.model, config.model_sha256, source=source)
     if config.model_sha256:
         load_run_code(path.parent, ckpt.model, config.model_sha256, trusted=own or trust_code)
+
+    def build() -> torch.nn.Module:
+        return build_model(ckpt.model, num_classes=len(ckpt.classes), in_shape=ckpt.in_shape,
+                           kwargs=config.model_kwargs, code_sha256=config.model_sha256)
+
+    misfit = weights_misfit(build, ckpt.state_dict)
+    if misfit:
+        raise CifarbenchError(f"{path}: weights do not fit model {ckpt.model!r} ({misfit})")
     dev = resolve_device(device)
-    model = build_model(ckpt.model, num_classes=len(ckpt.classes), in_shape=ckpt.in_shape, kwargs=config.model_kwargs,
-                        code_sha256=config.model_sha256)
+    model = build()
     try:
         model.load_state_dict(ckpt.state_dict)
     except RuntimeError as exc:
@@ -118,7 +150,7 @@ def load_trained_model(ref: str, *, runs_dir: str | os.PathLike | None = None, d
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.eval()
-    return TrainedModel(path, ckpt, config, model, dev)
+    return TrainedModel(path, ckpt, config, model, dev, own)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from cifarbench.errors import CifarbenchError
 from cifarbench.evaluation.analysis import cost_of, training_flops
 from cifarbench.fsutil import atomic_write_text
 from cifarbench.models.reference import code_of, label, load_run_code
+from cifarbench.models.registry import check_foreign_model
 from cifarbench.provenance import environment
 from cifarbench.runs import folders
 from cifarbench.runs.records import RunRecord
@@ -94,8 +95,15 @@ def _resumable(ref: str, runs_dir: str | os.PathLike | None, trust_code: bool) -
     if saved.training.position.finished:
         raise CifarbenchError(f"run {saved.run_id} already finished; nothing to resume")
     config = TrainConfig.from_dict(saved.config)
+    own = run.get("origin") is None
+    if not own:  # a run from elsewhere: data never names code, and its settings never choose local data
+        if config.model != saved.model:
+            raise CifarbenchError(f"run {saved.run_id}: its checkpoint names model {saved.model!r} but its config "
+                                  f"{config.model!r}; refusing a run that does not agree with itself")
+        check_foreign_model(config.model, config.model_sha256, source=f"run {saved.run_id!r}")
+        config = replace(config, data=config.data.for_loading(foreign=True))
     if config.model_sha256:  # the run's own copy of its code; someone else's only with consent
-        load_run_code(folder, config.model, config.model_sha256, trusted=run.get("origin") is None or trust_code)
+        load_run_code(folder, config.model, config.model_sha256, trusted=own or trust_code)
     return saved, config
 
 

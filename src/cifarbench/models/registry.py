@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from cifarbench.errors import CifarbenchError
@@ -77,6 +78,50 @@ def build_model(ref: str, *, num_classes: int = 10, in_shape: tuple[int, int, in
         get_model_spec(ref)  # the one-line error that lists the registered models
     factory = spec.factory if spec is not None else reference.factory_for(ref, code_sha256)
     return call_factory(factory, ref, num_classes=num_classes, in_shape=tuple(in_shape), kwargs=dict(kwargs or {}))
+
+
+def check_foreign_model(ref: str, code_sha256: str | None, *, source: str) -> None:
+    """The rule for a model named by a run this store did not train (imported, a copied folder, a bundle, a
+    checkpoint file): data never names code. Only a registered name, or the run's own code recorded by its sha256
+    (its model.py, which `reference.load_run_code` runs only with consent) may be built: never an importable
+    callable or a file path, with or without --trust-code."""
+    if ref in _REGISTRY and code_sha256 is None:
+        return
+    if reference.is_reference(ref) and code_sha256 is not None:
+        return
+    if ref in _REGISTRY:
+        asked = f"registered model {ref!r} with code attached (sha256 {code_sha256[:12]}...)"
+    elif reference.is_reference(ref):
+        asked = f"{ref!r}, an importable callable or file, with no code of its own (no model_sha256)"
+    else:
+        asked = f"{ref!r}, which is no registered model"
+    raise CifarbenchError(f"{source} came from elsewhere and names model {asked}; refusing to build it: a run from "
+                          "elsewhere may name a registered model or bring its own model.py (run with --trust-code)")
+
+
+def weights_misfit(build: Callable[[], nn.Module], state_dict: Mapping[str, Any]) -> str | None:
+    """Why `state_dict` cannot load into the model `build` makes, found by building it on the meta device first:
+    no memory is allocated, so a checkpoint that claims a huge input shape or width costs nothing before it is
+    refused. None when the weights fit, or when the model's own code cannot be built on the meta device (it is
+    then built for real and `load_state_dict` checks)."""
+    try:
+        with torch.device("meta"):
+            skeleton = build()
+    except CifarbenchError:
+        raise
+    except Exception:
+        return None
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    given = {k: tuple(v.shape) for k, v in state_dict.items()}
+    missing, unexpected = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+    if missing or unexpected:
+        return (f"missing {', '.join(missing[:3])}" if missing else "") + ("; " if missing and unexpected else "") + (
+            f"unexpected {', '.join(unexpected[:3])}" if unexpected else "")
+    wrong = [k for k in expected if expected[k] != given[k]]
+    if wrong:
+        k = wrong[0]
+        return f"{k} has shape {list(given[k])}, the model's is {list(expected[k])}"
+    return None
 
 
 def is_fully_connected(ref: str, code_sha256: str | None = None) -> bool:
