@@ -183,6 +183,11 @@ def run_boxed(command: Sequence[str], *, isolation: Isolation, limits: Limits, r
             reader.join(timeout=10)
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
+    if isolation.kind == "bubblewrap" and returncode is not None and returncode > 128:
+        try:  # bubblewrap's init reports a child killed by signal N as status 128 + N
+            returncode = -signal.Signals(returncode - 128).value
+        except ValueError:
+            pass
     if returncode == 0 and len(out) > MAX_OUTPUT_BYTES:
         returncode, err = 1, err + b"\nits output is larger than the limit"
     return Outcome(returncode, bytes(out), err[-4000:].decode("utf-8", "replace"), time.monotonic() - started)
