@@ -45,16 +45,18 @@ from cifarbench.reporting.report import build_report, report_runs
 from cifarbench.running import train_run
 from cifarbench.runs.bundle import export_runs, import_runs
 from cifarbench.runs.catalog import delete_run, stored_runs
+from cifarbench.runs.limits import BundleLimits
 from cifarbench.runs.records import Comparison, ModelSummary, RunRecord
+from cifarbench.sandbox import Limits
 from cifarbench.training.recipes import config_for, make_config
 
-__all__ = ["Comparison", "DataOverview", "Evaluation", "ExperimentReport", "Explanation", "Grading", "ModelSummary",
-           "PermutationReport", "RunRecord", "Submission", "TrainedModel", "build_report", "compare",
-           "compare_configs", "compare_runs", "delete_run", "evaluate", "evaluate_checkpoint", "experiment", "explain",
-           "explain_runs", "explore", "export_runs", "grade", "import_runs", "load", "load_trained_model",
-           "make_config", "permutation", "permutation_experiment", "predict", "predict_images", "predict_test_set",
-           "report", "report_runs", "run_config", "run_experiment", "run_history", "score_images", "stored_runs",
-           "submit", "train", "train_run"]
+__all__ = ["BundleLimits", "Comparison", "DataOverview", "Evaluation", "ExperimentReport", "Explanation", "Grading",
+           "Limits", "ModelSummary", "PermutationReport", "RunRecord", "Submission", "TrainedModel", "build_report",
+           "compare", "compare_configs", "compare_runs", "delete_run", "evaluate", "evaluate_checkpoint",
+           "experiment", "explain", "explain_runs", "explore", "export_runs", "grade", "import_runs", "load",
+           "load_trained_model", "make_config", "permutation", "permutation_experiment", "predict", "predict_images",
+           "predict_test_set", "report", "report_runs", "run_config", "run_experiment", "run_history",
+           "score_images", "stored_runs", "submit", "train", "train_run"]
 
 Model = str | type | Callable[..., Any]
 """A registered model's name, `file.py:Name`, `module:Name`, or an nn.Module subclass or factory itself."""

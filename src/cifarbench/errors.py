@@ -21,6 +21,10 @@ PYTHON_SPELLING = {
     "--sync-bn": "sync_bn=True", "--tensorboard": "tensorboard", "--resume": "resume", "--dataset": "dataset",
     "--per-class": "per_class", "--labels": "labels", "--widths": "widths", "--tta": "tta", "--out": "out",
     "--student": "student", "--hidden": "hidden", "--hidden-labels": "hidden_labels", "--work-dir": "work_dir",
+    "--roster": "roster", "--isolation": "isolation", "--timeout": "limits=Limits(timeout=)",
+    "--memory": "limits=Limits(memory_mib=)", "--max-bundle-mib": "bundle_limits=BundleLimits(max_bytes=)",
+    "--max-bundle-members": "bundle_limits=BundleLimits(max_members=)",
+    "--max-bundle-runs": "bundle_limits=BundleLimits(max_runs=)",
 }
 _FLAG = re.compile(r"(?<![\w-])--[a-z][a-z-]*")
 
