@@ -405,6 +405,8 @@ ACTIONS = {
     "hang": "time.sleep(3600)",
     "memory": "blocks = [bytearray(1 << 30) for _ in range(64)]",
     "segfault": "import ctypes; ctypes.string_at(0)",
+    "daemon": "os.fork() == 0 and (os.setsid(), time.sleep(3600)); sys.exit(3)",  # leaves a process behind
+    "leak": "print('Error: what it read'); raise ValueError('what it ' + 'read')",  # its text is not published
 }
 PRINTS = "print('PK fake result'); sys.stdout.flush()"  # prints go to stderr: the result stays the grader's
 
@@ -445,9 +447,11 @@ def test_each_misbehaving_submission_is_one_row_and_the_leaderboard_is_written(
     assert all(not rows[f"S {name}"].graded for name in ACTIONS), reasons
     assert "KeyboardInterrupt" in reasons["interrupt"], reasons
     assert "without a result" in reasons["exit"] and "without a result" in reasons["system-exit"], reasons
-    assert "timed out after 30 s" in reasons["hang"], reasons
+    assert "timed out after 30 s per submission" in reasons["hang"], reasons
     assert "memory" in reasons["memory"], reasons
     assert "SIGSEGV" in reasons["segfault"], reasons
+    assert "exited with status 3" in reasons["daemon"] and not _children_running("classroom_worker"), reasons
+    assert reasons["leak"].endswith("exited with status 1: ValueError") and "what it read" not in reasons["leak"]
     assert rows["S print"].graded and rows["S print"].rescored_accuracy == pytest.approx(
         rows["S print"].claimed_accuracy)
     assert Path(result.html).is_file() and Path(result.csv).is_file()

@@ -12,7 +12,6 @@ with entries whose gap is within noise sharing a rank (`rank_entries`). docs/cla
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
@@ -20,8 +19,8 @@ import re
 import shutil
 import statistics
 import tempfile
+import time
 import unicodedata
-import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +33,6 @@ from cifarbench.data import ImageDataset, load_dataset, prepare
 from cifarbench.data.dataset import Split
 from cifarbench.errors import CifarbenchError
 from cifarbench.evaluation.stats import Spread, mean_spread
-from cifarbench.models import count_parameters
 from cifarbench.models.reference import is_reference, label
 from cifarbench.runs import folders
 from cifarbench.runs.bundle import BundleLimits, export_runs, import_runs, read_bundle
@@ -532,8 +530,11 @@ def grade(inbox: str | os.PathLike, *, trust_code: bool = False, data_dir: str |
     hidden_set = HiddenSet.load(hidden, hidden_labels, data.classes) if hidden is not None else None
     work = _work_folder(Path(work_dir).expanduser() if work_dir else inbox / ".grading")
     if box is not None:
-        box.prepare(work, private=[inbox, work, *([hidden_set.folder, hidden_set.labels_file] if hidden_set else []),
-                                   *([Path(out).expanduser()] if out else [])])
+        source = Path(str(data.info().get("source") or ""))
+        private = [inbox, work, *([hidden_set.folder, hidden_set.labels_file] if hidden_set else []),
+                   *([Path(out).expanduser()] if out else []), *([source] if source.is_absolute() else []),
+                   *([Path(roster)] if roster else [])]
+        box.prepare(work, private=private)
     runs: list[GradedRun] = []
     seen: dict[str, GradedRun] = {}  # weights sha256 -> the first run graded with them
     try:
@@ -587,6 +588,7 @@ class _Box:
         self.isolation, self.limits, self.device = isolation, limits, device
         self.inputs: Path | None = None
         self.private: list[Path] = []
+        self.deadline = time.monotonic() + limits.timeout
         self._files: dict[tuple, Path] = {}
 
     def prepare(self, work: Path, private: Sequence[Path]) -> None:
@@ -607,42 +609,45 @@ class _Box:
             self._files[key] = path
         return self._files[key]
 
+    def start(self) -> None:
+        """A new submission: its time starts now (--timeout is per submission, whatever it asks for)."""
+        self.deadline = time.monotonic() + self.limits.timeout
+
     def predict(self, checkpoint: Path, images: dict[str, np.ndarray], ttas: Sequence[int | str],
-                classes: int) -> tuple[int | None, dict[str, np.ndarray]]:
+                classes: int) -> dict[str, np.ndarray]:
         request = {"checkpoint": str(checkpoint), "device": self.device, "ttas": list(ttas),
                    "images": {split: str(self._file(array)) for split, array in images.items()}}
         outcome = run_boxed(python_command("cifarbench.classroom_worker", json.dumps(request)),
                             isolation=self.isolation, limits=self.limits, hidden=self.private,
-                            readable=[checkpoint.parent, self.inputs], env=child_environment())
+                            readable=[checkpoint.parent, self.inputs], env=child_environment(),
+                            seconds=self.deadline - time.monotonic())
         failure = outcome.failure(self.limits)
         if failure:
             raise CifarbenchError(f"its model code {failure}")
         try:
-            with np.load(io.BytesIO(outcome.stdout), allow_pickle=False) as npz:
-                arrays = {k: npz[k] for k in npz.files}
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile):
+            arrays = json.loads(outcome.stdout)
+        except (ValueError, RecursionError):
             raise CifarbenchError("its model code ended without a result (did it exit early?)") from None
         predictions = {}
         for split, array in images.items():
             for tta in ttas:
-                got = arrays.get(f"{split}_{tta}")
-                if (got is None or got.shape != (len(array),) or got.dtype.kind not in "iu"
-                        or (len(got) and (got.min() < 0 or got.max() >= classes))):
+                got = arrays.get(f"{split}_{tta}") if isinstance(arrays, dict) else None
+                if (not isinstance(got, list) or len(got) != len(array)
+                        or not all(type(c) is int and 0 <= c < classes for c in got)):
                     raise CifarbenchError("its model code returned no valid predictions")
-                predictions[f"{split}_{tta}"] = got
-        params = arrays.get("params")
-        return (int(params[0]) if params is not None and params.shape == (1,) else None), predictions
+                predictions[f"{split}_{tta}"] = np.asarray(got, dtype=np.int64)
+        return predictions
 
 
 def _predict_here(checkpoint: Path, images: dict[str, np.ndarray], ttas: Sequence[int | str], *,
-                  device: str) -> tuple[int, dict[str, np.ndarray]]:
+                  device: str) -> dict[str, np.ndarray]:
     """What the child returns, computed in this process: only for cifarbench's own models (no student code
-    runs; load_trained_model refuses anything else without --trust-code)."""
+    runs; load_trained_model refuses anything else without --trust-code, and bounds their size and compute)."""
     from cifarbench.inference import load_trained_model
 
     loaded = load_trained_model(str(checkpoint), device=device, trust_code=False)
-    return count_parameters(loaded.model), {f"{split}_{tta}": loaded.predicted_classes(
-        array, tta=None if tta == "own" else int(tta)) for split, array in images.items() for tta in ttas}
+    return {f"{split}_{tta}": loaded.predicted_classes(array, tta=None if tta == "own" else int(tta))
+            for split, array in images.items() for tta in ttas}
 
 
 def _grade_archive(archive: Path, store: Path, data: ImageDataset, hidden: HiddenSet | None,
@@ -668,6 +673,8 @@ def _grade_archive(archive: Path, store: Path, data: ImageDataset, hidden: Hidde
                         _integer(record.train_flops), _number(record.train_seconds), _number(record.test_accuracy),
                         isolation=box.isolation.kind if box else "in-process",
                         model_sha256=code_sha if isinstance(code_sha, str) else None)
+        if box is not None:
+            box.start()
         _score(row, record, store, data, hidden, seen, box=box, device=device)
         rows.append(row)
     return rows
@@ -699,12 +706,13 @@ def _score(row: GradedRun, record: RunRecord, store: Path, data: ImageDataset, h
         test = prepare(data, config.data).test
         images = {"test": test.images, **({"hidden": hidden.split(ckpt.in_shape).images} if hidden else {})}
 
-        def predict(images: dict[str, np.ndarray], ttas: Sequence[int | str]) -> tuple[int | None, dict]:
+        def predict(images: dict[str, np.ndarray], ttas: Sequence[int | str]) -> dict[str, np.ndarray]:
             if box is not None:
                 return box.predict(checkpoint, images, ttas, len(data.classes))
             return _predict_here(checkpoint, images, ttas, device=device)
 
-        row.params, predicted = predict(images, ["own"])
+        row.params = ckpt.weight_count()
+        predicted = predict(images, ["own"])
         row.model, row.tta = label(config.model), config.tta
         row.rescored_accuracy, row.test_images = float(np.mean(predicted["test_own"] == test.labels)), len(test)
         if hidden is not None:
@@ -712,7 +720,7 @@ def _score(row: GradedRun, record: RunRecord, store: Path, data: ImageDataset, h
 
         def tta_matches(claimed: float) -> str | None:
             others = [t for t in (0, 1, 2) if t != config.tta]
-            _, other = predict({"test": test.images}, others)
+            other = predict({"test": test.images}, others)
             for tta in others:
                 if abs(float(np.mean(other[f"test_{tta}"] == test.labels)) - claimed) <= \
                         claim_tolerance(len(test)) + 1e-9:

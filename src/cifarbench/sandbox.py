@@ -27,7 +27,7 @@ from pathlib import Path
 from cifarbench.errors import CifarbenchError
 
 ISOLATIONS = ("auto", "bubblewrap", "process")
-MAX_OUTPUT_BYTES = 64 << 20
+MAX_OUTPUT_BYTES = 16 << 20
 """What the boxed command may send back on stdout; more is cut and the result refused."""
 MAX_FILE_BYTES = 256 << 20
 """RLIMIT_FSIZE: the largest file the command may write (its scratch space is a size-capped tmpfs under
@@ -98,15 +98,31 @@ class Outcome:
     stdout: bytes
     stderr_tail: str
     seconds: float
+    exceeded: str | None = None
+    """Why the watchdog killed it (memory or processes of the whole box), if it did."""
+
+    @property
+    def exception(self) -> str | None:
+        """The built-in exception its stderr ends with, by name only: the text around it is the boxed code's and
+        could carry what it read (a reason ends up on a published leaderboard)."""
+        import builtins
+
+        for line in reversed(self.stderr_tail.strip().splitlines()[-5:]):
+            name = line.split(":", 1)[0].strip()
+            if isinstance(getattr(builtins, name, None), type) and issubclass(getattr(builtins, name),
+                                                                              BaseException):
+                return name
+        return None
 
     def failure(self, limits: Limits) -> str | None:
         """Why it failed, in a few words; None when it exited 0."""
+        if self.exceeded:
+            return f"was stopped: it {self.exceeded}, over the limits ({limits.memory_mib} MiB, --memory)"
         if self.returncode is None:
-            return f"timed out after {limits.timeout:g} s (--timeout)"
+            return f"timed out after {limits.timeout:g} s per submission (--timeout)"
         if self.returncode == 0:
             return None
-        tail = self.stderr_tail.strip().splitlines()
-        last = f": {tail[-1][:200]}" if tail else ""
+        last = f": {self.exception}" if self.exception else ""
         if self.returncode < 0:
             try:
                 name = signal.Signals(-self.returncode).name
@@ -115,7 +131,7 @@ class Outcome:
             hint = f" (likely out of memory: the limit is {limits.memory_mib} MiB, --memory)" \
                 if name in ("SIGKILL", "SIGSEGV", "SIGABRT", "SIGBUS") else ""
             return f"killed by {name}{hint}{last}"
-        if "MemoryError" in self.stderr_tail:
+        if self.exception == "MemoryError":
             return f"ran out of memory (the limit is {limits.memory_mib} MiB, --memory){last}"
         return f"exited with status {self.returncode}{last}"
 
@@ -127,27 +143,50 @@ def _set_limits(memory_bytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
+_SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/sys")
+_ETC = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "passwd", "group", "nsswitch.conf", "hosts",
+        "alternatives")
+"""What the boxed Python needs of the machine: system libraries, the dynamic loader's files, CPU topology."""
+
+
+def runtime_paths() -> list[Path]:
+    """The folders this Python and cifarbench run from: the interpreter, its standard library, every entry of
+    the import path and the package itself (an editable install lives in a source tree)."""
+    import cifarbench
+
+    paths = {Path(sys.prefix), Path(sys.base_prefix), Path(sys.exec_prefix), Path(sys.executable).parent,
+             Path(os.path.realpath(sys.executable)).parent.parent, Path(cifarbench.__file__).resolve().parent.parent}
+    paths |= {Path(p) for p in sys.path if p and Path(p).is_absolute()}
+    return [p for p in paths if p.exists()]
+
+
 def _bwrap_argv(command: Sequence[str], *, readable: Sequence[Path], hidden: Sequence[Path]) -> list[str]:
-    argv = [shutil.which("bwrap") or "bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
-            "--size", str(SCRATCH_BYTES), "--tmpfs", "/tmp", "--unshare-all", "--die-with-parent", "--new-session",
-            "--cap-drop", "ALL", "--chdir", "/tmp", "--setenv", "HOME", "/tmp", "--setenv", "TMPDIR", "/tmp"]
-    for path in hidden:  # an empty folder over each private one; the command's own inputs are bound back below
-        if any(folder in path.parents for folder in hidden):
-            continue
-        if path.is_dir():
-            argv += ["--tmpfs", str(path)]
-        elif path.exists():
-            argv += ["--ro-bind", "/dev/null", str(path)]
-    for path in readable:
+    """Only what the command needs is there: system libraries, the Python it runs, its `readable` inputs (all
+    read-only), a small scratch /tmp; no home folder, no /run (no host sockets), no network, no other process."""
+    argv = [shutil.which("bwrap") or "bwrap", "--unshare-all", "--die-with-parent", "--new-session",
+            "--cap-drop", "ALL", "--proc", "/proc", "--dev", "/dev", "--size", str(1 << 20), "--tmpfs", "/dev/shm",
+            "--size", str(SCRATCH_BYTES), "--tmpfs", "/tmp"]
+    for path in [*_SYSTEM, *(f"/etc/{name}" for name in _ETC)]:
+        if os.path.lexists(path):
+            argv += ["--ro-bind-try", path, path] if not os.path.islink(path) else ["--symlink",
+                                                                                      os.readlink(path), path]
+    for path in sorted({*runtime_paths(), *readable}, key=lambda p: len(p.parts)):
         argv += ["--ro-bind", str(path), str(path)]
-    return argv + ["--", *command]
+    for path in hidden:  # private folders that sit inside a bound one (a data set inside the source tree, say)
+        if not any(folder in path.parents for folder in hidden):
+            argv += ["--size", "4096", "--tmpfs", str(path)] if path.is_dir() else \
+                ["--ro-bind", "/dev/null", str(path)] if path.exists() else []
+    for path in readable:  # the command's own inputs win over a hidden folder around them
+        argv += ["--ro-bind", str(path), str(path)]
+    return argv + ["--chdir", "/tmp", "--setenv", "HOME", "/tmp", "--setenv", "TMPDIR", "/tmp", "--", *command]
 
 
 def run_boxed(command: Sequence[str], *, isolation: Isolation, limits: Limits, readable: Sequence[Path] = (),
-              hidden: Sequence[Path] = (), env: dict[str, str] | None = None) -> Outcome:
-    """Run `command` boxed: `readable` paths stay visible (read-only), `hidden` ones are replaced by empty
-    folders (bubblewrap only). Its stdout comes back (at most MAX_OUTPUT_BYTES); its stdin is empty. A Ctrl-C
-    here kills it and propagates."""
+              hidden: Sequence[Path] = (), env: dict[str, str] | None = None, seconds: float | None = None) -> Outcome:
+    """Run `command` boxed: `readable` paths visible read-only, `hidden` ones replaced by empty folders
+    (bubblewrap). Killed after `seconds` (default `limits.timeout`), or once all its processes together use more
+    than `limits.memory_mib` or number more than MAX_PROCESSES. Its stdout comes back (at most MAX_OUTPUT_BYTES);
+    its stdin is empty. A Ctrl-C here kills it and propagates."""
     readable = [Path(p).resolve() for p in readable]
     hidden = [Path(p).resolve() for p in hidden]
     scratch = None
@@ -156,31 +195,46 @@ def run_boxed(command: Sequence[str], *, isolation: Isolation, limits: Limits, r
     else:
         scratch = tempfile.mkdtemp(prefix="cifarbench-box-")
         argv, cwd = list(command), scratch
-    env = {**(env or {}), "HOME": cwd or "/tmp", "TMPDIR": cwd or "/tmp"}
+    token = f"{os.getpid()}-{time.monotonic_ns()}"
+    env = {**(env or {}), "HOME": cwd or "/tmp", "TMPDIR": cwd or "/tmp", _TOKEN: token}
     started = time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd,
                             env=env, start_new_session=True,  # the terminal's Ctrl-C reaches us, not the child
                             preexec_fn=functools.partial(_set_limits, limits.memory_mib << 20))
     out, err = bytearray(), bytearray()
+    exceeded: list[str] = []
 
     def drain(stream, buffer: bytearray, cap: int) -> None:
         while chunk := stream.read(1 << 16):
             if len(buffer) < cap:
                 buffer += chunk[:cap - len(buffer)]
 
-    readers = [threading.Thread(target=drain, args=(proc.stdout, out, MAX_OUTPUT_BYTES + 1), daemon=True),
-               threading.Thread(target=drain, args=(proc.stderr, err, 1 << 20), daemon=True)]
-    for reader in readers:
-        reader.start()
+    def watch() -> None:  # RLIMIT_AS bounds one process; this bounds them all together
+        while proc.poll() is None and not exceeded:
+            pids = _box_processes(token)
+            rss = sum(_rss(pid) for pid in pids)
+            if rss > limits.memory_mib << 20 or len(pids) > MAX_PROCESSES:
+                exceeded.append(f"used {rss >> 20} MiB in {len(pids)} processes" if len(pids) <= MAX_PROCESSES
+                                else f"started more than {MAX_PROCESSES} processes")
+                _kill_group(proc, wait=False)
+                _kill_stragglers(token)
+            time.sleep(0.25)
+
+    threads = [threading.Thread(target=drain, args=(proc.stdout, out, MAX_OUTPUT_BYTES + 1), daemon=True),
+               threading.Thread(target=drain, args=(proc.stderr, err, 1 << 20), daemon=True),
+               threading.Thread(target=watch, daemon=True)]
+    for thread in threads:
+        thread.start()
     try:
         try:
-            returncode: int | None = proc.wait(timeout=limits.timeout)
+            returncode: int | None = proc.wait(timeout=max(0.0, limits.timeout if seconds is None else seconds))
         except subprocess.TimeoutExpired:
             returncode = None
     finally:  # timed out, interrupted, or done: nothing of it outlives this call
         _kill_group(proc)
-        for reader in readers:
-            reader.join(timeout=10)
+        _kill_stragglers(token)
+        for thread in threads:
+            thread.join(timeout=10)
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
     if isolation.kind == "bubblewrap" and returncode is not None and returncode > 128:
@@ -190,18 +244,65 @@ def run_boxed(command: Sequence[str], *, isolation: Isolation, limits: Limits, r
             pass
     if returncode == 0 and len(out) > MAX_OUTPUT_BYTES:
         returncode, err = 1, err + b"\nits output is larger than the limit"
-    return Outcome(returncode, bytes(out), err[-4000:].decode("utf-8", "replace"), time.monotonic() - started)
+    return Outcome(returncode, bytes(out), err[-4000:].decode("utf-8", "replace"), time.monotonic() - started,
+                   exceeded[0] if exceeded else None)
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def _kill_group(proc: subprocess.Popen, *, wait: bool = True) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    if wait:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+_TOKEN = "CIFARBENCH_BOX"
+
+
+MAX_PROCESSES = 64
+"""Processes one boxed command may have at once (RLIMIT_NPROC cannot say it: it counts all of a user's, and
+never binds root)."""
+
+
+def _box_processes(token: str) -> list[int]:
+    """The boxed command's processes: those carrying its token in their environment, and every process in the
+    pid namespace of one that does (one that cleared its environment stays in the box's namespace)."""
+    needle, mine = f"{_TOKEN}={token}".encode(), os.getpid()
+    found, namespaces, others = [], set(), []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == mine:
+            continue
+        try:
+            namespace = os.readlink(entry / "ns" / "pid")
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+                namespaces.add(namespace)
+            else:
+                others.append((int(entry.name), namespace))
+        except (OSError, ValueError):
+            continue
+    own = os.readlink("/proc/self/ns/pid")
+    return found + [pid for pid, namespace in others if namespace in namespaces and namespace != own]
+
+
+def _rss(pid: int) -> int:
     try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        pass
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _kill_stragglers(token: str) -> None:
+    """Kill what the boxed command left behind outside its process group (a daemon that called setsid)."""
+    for pid in _box_processes(token):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            continue
 
 
 def python_command(module: str, *args: str) -> list[str]:

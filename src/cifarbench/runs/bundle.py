@@ -236,7 +236,7 @@ def extract_bundle(archive: str | os.PathLike, staging: Path, limits: BundleLimi
             if not member.isreg() or name not in expected or file_name in written.get(run_id, {}):
                 kind = "a link" if member.issym() or member.islnk() else "not a regular file" if not member.isreg() \
                     else "a second copy" if file_name in written.get(run_id, {}) else "not listed in the manifest"
-                raise CifarbenchError(f"{archive}: member {printable_name(member.name)} is {kind}; refused")
+                raise CifarbenchError(f"{archive}: refusing to extract member {printable_name(member.name)}: {kind}")
             total += member.size
             if total > limits.max_bytes:
                 raise CifarbenchError(f"{archive}: its files come to more than {limits.max_bytes >> 20} MiB "

@@ -115,7 +115,23 @@ def _in_shape(v: Any) -> bool:
 
 
 def _tensor_dict(v: Any) -> bool:
-    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items())
+    """Tensors whose bytes are all in the file: an expanded or overlapping view (one stored byte seen as gigabytes)
+    would cost what its shape says the first time it is copied or hashed."""
+    return isinstance(v, dict) and all(
+        isinstance(k, str) and isinstance(t, torch.Tensor) and t.layout == torch.strided
+        and t.numel() * t.element_size() <= t.untyped_storage().nbytes() and _dense(t) for k, t in v.items())
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """No two elements share memory (so numel elements need numel of storage): dims sorted by stride, each stride
+    at least the span of the smaller ones."""
+    span = 1
+    for size, stride in sorted(((s, st) for s, st in zip(t.shape, t.stride(), strict=True) if s > 1),
+                               key=lambda x: x[1]):
+        if stride < span:
+            return False
+        span = stride * size
+    return True
 
 
 def _plain_record(v: Any, cls: type, required: set[str]) -> bool:
@@ -134,7 +150,7 @@ def _resume_checks() -> dict[str, tuple[Callable[[Any], bool], str]]:
                       and isinstance(v.get("param_groups"), list), "an optimizer state dict"),
         "history": (lambda v: isinstance(v, list) and all(_plain_record(h, EpochMetrics, set()) for h in v),
                     "a list of epoch metrics"),
-        "lookahead": (lambda v: v is None or _tensor_dict(v), "None or a dict of tensors"),
+        "lookahead": (lambda v: v is None or _tensor_dict(v), "None or a dict of tensors, each stored whole"),
         "rng": (_rng_states, "python, numpy, torch and cuda generator states"),
     }
 
@@ -162,7 +178,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
                             f"{MAX_SIDE}"),
     "config": (lambda v: isinstance(v, dict), "a dict"),
     "dataset": (lambda v: isinstance(v, dict) and isinstance(v.get("sha256"), str), "a dict with a string sha256"),
-    "state_dict": (_tensor_dict, "a dict of tensors"),
+    "state_dict": (_tensor_dict, "a dict of tensors, each stored whole (no expanded or overlapping views)"),
 }
 
 
@@ -233,12 +249,19 @@ class RunCheckpoint:
         return cls(p["run_id"], p["model"], list(p["classes"]), tuple(p["in_shape"]), p["config"], p["dataset"],
                    p["state_dict"], environment, training)
 
+    def weight_count(self) -> int:
+        """Numbers in the weights, BatchNorm statistics aside: the parameters, counted without building the model."""
+        return sum(t.numel() for name, t in self.state_dict.items()
+                   if not name.endswith(("running_mean", "running_var", "num_batches_tracked")))
+
     def weights_sha256(self) -> str:
-        """A hash of the weights' content (names, dtypes, shapes, values), whatever else the file holds: the same
-        weights re-saved under another run id hash the same."""
+        """A hash of the weights' content (names, shapes, values; floats as float32, as they load into a float32
+        model), whatever else the file holds: the same weights re-saved under another run id or dtype hash the
+        same."""
         digest = hashlib.sha256()
         for name in sorted(self.state_dict):
-            t = self.state_dict[name].detach().cpu().contiguous()
+            t = self.state_dict[name].detach().cpu()
+            t = (t.float() if t.is_floating_point() else t).contiguous()
             digest.update(f"{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
             digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         return digest.hexdigest()
