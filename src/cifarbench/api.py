@@ -167,6 +167,7 @@ def permutation(models: Sequence[Model], *, seeds: int = 3, permutation_seed: in
                 on_epoch: Callable[[TrainConfig, Any], None] | None = None, **choices: Any) -> PermutationReport:
     """Train each model on plain and on pixel-permuted images over `seeds` seeds and compare
     (`cifarbench experiment permutation`); `choices` are `config`'s keywords (recipe=, epochs=, verify=False)."""
+    _check_keywords(run_config, choices, where="permutation")
     runtime.configure()
     refs = [_ref(m) for m in models]
     return permutation_experiment(refs, lambda m, s: run_config(m, seed=s, **choices), seeds=seeds,
@@ -185,6 +186,7 @@ def predict(run: str, images: Sequence[str | os.PathLike], *, labels: str | os.P
     """Classify image files (or folders of them) with a trained run (`cifarbench predict`); with `labels` (a CSV of
     filename,label rows), score them instead: an ImageScore with accuracy, per-class accuracy and confusion."""
     if labels is not None:
+        _check_keywords(score_images, kwargs, where="predict")
         return score_images(run, images, labels, **kwargs)
     _check_keywords(predict_images, kwargs, where="predict")
     return predict_images(run, images, **kwargs)
