@@ -102,7 +102,8 @@ def train(model: Model, *, runs_dir: str | os.PathLike | None = None, progress: 
 
     A class or factory you pass is recorded with its source code, so the run can be evaluated and compared later
     even after you change it; running its cell again and training again just works. One line per epoch goes to
-    stderr (pass `on_epoch` to do something else with each epoch's metrics)."""
+    the cell's output in a notebook, to stderr from a script (pass `on_epoch` to do something else with each
+    epoch's metrics)."""
     _check_keywords(run_config, choices, extra=("runs_dir", "progress", "on_epoch"), where="train")
     runtime.configure()
     cfg = run_config(model, **choices)
