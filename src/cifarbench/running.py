@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -213,8 +212,11 @@ def _first_sentence(text: str, limit: int = 160) -> str:
 
 
 def note(message: str) -> None:
-    """Tell the user something about their run that is not an error (stderr, one line)."""
-    print(f"note: {message}", file=sys.stderr, flush=True)
+    """Tell the user something about their run that is not an error, in one line where progress goes (stderr from
+    a script, the cell's output in a notebook: not an error's pink)."""
+    from cifarbench.reporting.progress import progress_stream
+
+    print(f"note: {message}", file=progress_stream(), flush=True)
 
 
 def _start(store: RunStore, record: RunRecord, run_dir: Path) -> None:
