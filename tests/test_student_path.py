@@ -167,7 +167,7 @@ def fnn_run(tiny_py: Path, tmp_path: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_scored_images_display_like_the_cli(fnn_run: dict, tmp_path: Path) -> None:
+def test_scored_and_predicted_images_display_like_the_cli(fnn_run: dict, tmp_path: Path) -> None:
     from cifarbench.data import cifar10
 
     labels = _labelled_images(tmp_path / "photos", list(cifar10.CLASSES), ",")
@@ -179,6 +179,12 @@ def test_scored_images_display_like_the_cli(fnn_run: dict, tmp_path: Path) -> No
     wrong = score.wrong()
     assert len(wrong) == round(6 * (1 - score.accuracy))
     assert sum(f"img {i}.png" in page for i in range(6)) == len(wrong)  # the wrong images, and only those
+
+    predicted = cb.predict(fnn_run["run_id"], [tmp_path / "photos"], runs_dir=tmp_path / "runs")
+    assert repr(predicted) == f"Predictions({fnn_run['run_id']!r}, fnn, 6 images)"
+    page = predicted._repr_html_()
+    assert all(f"img {i}.png" in page for i in range(6)) and page.count("<tr>") == 7
+    assert json.loads(json.dumps(predicted))["predictions"][0]["top"][0]["class"] in cifar10.CLASSES
 
 
 @pytest.mark.slow

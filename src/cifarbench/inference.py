@@ -192,6 +192,20 @@ def predict_test_set(ref: str, **kwargs) -> Evaluation:
     return evaluate_checkpoint(ref, keep_probabilities=True, **kwargs)
 
 
+class Predictions(dict):
+    """`predict_images`' result: a plain dict (what `cifarbench predict --json` prints) that shows itself as a short
+    line, or in a notebook as a table of each image's top classes, instead of its whole contents."""
+
+    def __repr__(self) -> str:
+        n = len(self.get("predictions", []))
+        return f"Predictions({self.get('run_id')!r}, {self.get('model')}, {n:,} images)"
+
+    def _repr_html_(self) -> str:
+        from cifarbench.reporting.display import predictions_html
+
+        return predictions_html(self)
+
+
 def unfinished_warning(loaded: TrainedModel) -> str | None:
     """A line saying the checkpoint is of a run that stopped before its planned training (interrupted, crashed,
     or still running), so its predictions are not the finished model's; None when it finished or cannot tell."""
@@ -207,7 +221,7 @@ def unfinished_warning(loaded: TrainedModel) -> str | None:
 
 def predict_images(ref: str, images: Sequence[str | os.PathLike], *, top: int = 3,
                    runs_dir: str | os.PathLike | None = None, device: str = "auto",
-                   trust_code: bool = False, progress: bool | None = None) -> dict[str, Any]:
+                   trust_code: bool = False, progress: bool | None = None) -> Predictions:
     """Classify PNG/JPEG files (a folder: the images in it) with a saved model: the `top` classes and
     probabilities of each image."""
     from cifarbench.image_files import classify_files, expand_images
@@ -223,8 +237,8 @@ def predict_images(ref: str, images: Sequence[str | os.PathLike], *, top: int = 
                                  classes=loaded.classes, device=loaded.device, channels_last=c.channels_last, top=top,
                                  tta=c.tta, tta_threshold=c.tta_threshold)
     warning = unfinished_warning(loaded)
-    return {"checkpoint": str(loaded.path), "run_id": loaded.checkpoint.run_id, "model": loaded.checkpoint.model,
-            "classes": loaded.classes, "predictions": predictions, "warnings": [warning] if warning else []}
+    return Predictions(checkpoint=str(loaded.path), run_id=loaded.checkpoint.run_id, model=loaded.checkpoint.model,
+                       classes=loaded.classes, predictions=predictions, warnings=[warning] if warning else [])
 
 
 @dataclass

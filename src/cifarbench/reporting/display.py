@@ -239,6 +239,20 @@ def score_html(score: ImageScore) -> str:
 
 SHOWN_MISTAKES = 20
 """Wrong images listed in a summary (the CLI lists as many)."""
+SHOWN_PREDICTIONS = 50
+"""Images listed in a predictions summary (`.get("predictions")` holds them all)."""
+
+
+def predictions_html(result: Mapping[str, Any]) -> str:
+    """Classified image files: each image's top classes with their probabilities, as `cifarbench predict` prints."""
+    predictions = result.get("predictions", [])
+    rows = [[p["image"], ", ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in p["top"])]
+            for p in predictions[:SHOWN_PREDICTIONS]]
+    notes = [f"run {result.get('run_id')}"] + [f"warning: {w}" for w in result.get("warnings", [])]
+    if len(predictions) > len(rows):
+        notes.append(f"first {len(rows)} of {len(predictions)} images; ['predictions'] holds every one")
+    return _block(f"{label(str(result.get('model')))} on {len(predictions):,} images",
+                  html.table(["image", "top classes"], rows), None, notes)
 
 
 def overview_html(overview: DataOverview) -> str:
