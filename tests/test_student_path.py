@@ -331,6 +331,14 @@ def test_read_only_commands_list_a_store_in_a_folder_that_cannot_be_written(
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda path, how, **kw: False if Path(path) == runs and how & os.W_OK
                         else real_access(path, how, **kw))
+    import sqlite3
+
+    from cifarbench.runs import store
+
+    opened: list[str] = []
+    real_connect = sqlite3.connect
+    monkeypatch.setattr(store.sqlite3, "connect", lambda database, *a, **kw: opened.append(str(database)) or
+                        real_connect(database, *a, **kw))
     try:
         assert main(["runs", "--runs-dir", str(runs), "--json"]) == 0
         assert [r["run_id"] for r in json.loads(capsys.readouterr().out)["runs"]] == [fnn_run["run_id"]]
@@ -339,6 +347,7 @@ def test_read_only_commands_list_a_store_in_a_folder_that_cannot_be_written(
         assert main(["runs", "compare", fnn_run["run_id"], "--runs-dir", str(runs), "--json"]) == 0
         capsys.readouterr()
         assert sorted(p.name for p in runs.iterdir()) == before  # no -wal, -shm or -journal appeared
+        assert opened and all(u.endswith("?mode=ro&immutable=1") for u in opened)  # SQLite never asked to write
     finally:
         runs.chmod(mode)
 
