@@ -104,7 +104,8 @@ def train(model: Model, *, runs_dir: str | os.PathLike | None = None, progress: 
 
     A class or factory you pass is recorded with its source code, so the run can be evaluated and compared later
     even after you change it; running its cell again and training again just works. One line per epoch goes to
-    stderr (pass `on_epoch` to do something else with each epoch's metrics)."""
+    the cell's output in a notebook, to stderr from a script (pass `on_epoch` to do something else with each
+    epoch's metrics)."""
     _check_keywords(run_config, choices, extra=("runs_dir", "progress", "on_epoch"), where="train")
     runtime.configure()
     cfg = run_config(model, **choices)
@@ -169,6 +170,7 @@ def permutation(models: Sequence[Model], *, seeds: int = 3, permutation_seed: in
                 on_epoch: Callable[[TrainConfig, Any], None] | None = None, **choices: Any) -> PermutationReport:
     """Train each model on plain and on pixel-permuted images over `seeds` seeds and compare
     (`cifarbench experiment permutation`); `choices` are `config`'s keywords (recipe=, epochs=, verify=False)."""
+    _check_keywords(run_config, choices, where="permutation")
     runtime.configure()
     refs = [_ref(m) for m in models]
     return permutation_experiment(refs, lambda m, s: run_config(m, seed=s, **choices), seeds=seeds,
@@ -187,6 +189,7 @@ def predict(run: str, images: Sequence[str | os.PathLike], *, labels: str | os.P
     """Classify image files (or folders of them) with a trained run (`cifarbench predict`); with `labels` (a CSV of
     filename,label rows), score them instead: an ImageScore with accuracy, per-class accuracy and confusion."""
     if labels is not None:
+        _check_keywords(score_images, kwargs, where="predict")
         return score_images(run, images, labels, **kwargs)
     _check_keywords(predict_images, kwargs, where="predict")
     return predict_images(run, images, **kwargs)

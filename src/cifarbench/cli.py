@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -15,6 +17,10 @@ from cifarbench.sandbox import ISOLATIONS, Limits, choose_isolation
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # a prefix must not pass for a flag: `--seed 2` is not `--seeds 2`
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # a bad flag is a user error: one line, status 1
         self.exit(1, f"cifarbench: error: {message} (see {self.prog} --help)\n")
 
@@ -74,6 +80,22 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_data_commands, _training_commands, _history_commands, _inspection_commands, _classroom_commands):
         add(sub)
     return parser
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The parsed flags; an unknown flag is refused by its own command's parser, with the closest flag it has."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        command = parser
+        while (subs := next((a for a in command._actions if isinstance(a, argparse._SubParsersAction)), None)) \
+                and getattr(args, subs.dest, None) in subs.choices:
+            command = subs.choices[getattr(args, subs.dest)]
+        flags = [o for a in command._actions for o in a.option_strings]
+        given = next((e.split("=")[0] for e in extra if e.startswith("-")), "")
+        close = difflib.get_close_matches(given, flags, n=1) if given else []
+        command.error(f"unrecognized arguments: {' '.join(extra)}" + (f"; did you mean {close[0]}?" if close else ""))
+    return args
 
 
 def _data_commands(sub: argparse._SubParsersAction) -> None:
@@ -183,7 +205,8 @@ def _inspection_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG/JPEG files, or folders of them")
     p.add_argument("--top", type=int, default=3, help="classes to show per image (default 3)")
     p.add_argument("--labels", metavar="FILE",
-                   help="score the images against this CSV of filename,label rows (label: class name or index): "
+                   help="score the images against this file of filename,label rows, comma- or tab-separated "
+                        "(label: class name or index): "
                         "accuracy, per-class accuracy, confusion matrix")
     p.add_argument("--device", default="auto")
     p.add_argument("--runs-dir")
@@ -357,26 +380,21 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 
 def cmd_explore(args: argparse.Namespace) -> None:
-    from cifarbench.config import DataConfig
-    from cifarbench.data import load_dataset
-    from cifarbench.reporting.plots import plot_class_grid
+    from cifarbench.data.overview import explore
     from cifarbench.reporting.tables import format_table
 
-    if args.per_class < 1:
-        raise CifarbenchError("--per-class must be at least 1")
-    ds = load_dataset(DataConfig(dataset=args.dataset, data_dir=args.data_dir, verify=args.verify is not False,
-                                 download=args.download is not False))
-    split = ds.train if args.split == "train" else ds.test
-    path = plot_class_grid(split.images, split.labels, ds.classes, args.out, per_class=args.per_class, seed=args.seed)
-    counts = {"train": ds.train.class_counts(len(ds.classes)), "test": ds.test.class_counts(len(ds.classes))}
+    overview = explore(dataset=args.dataset, data_dir=args.data_dir, verify=args.verify is not False,
+                       download=args.download is not False, per_class=args.per_class, split=args.split,
+                       seed=args.seed, out=args.out)
+    counts, classes = overview.counts, overview.classes
     if args.json:
-        _print_json({"grid": str(path), "classes": list(ds.classes), "counts": counts, "dataset": ds.info()})
+        _print_json({"grid": str(args.out), "classes": classes, "counts": counts, "dataset": overview.info})
         return
-    _note_unverified(ds.info())
-    rows = [(c, counts["train"][i], counts["test"][i]) for i, c in enumerate(ds.classes)]
+    _note_unverified(overview.info)
+    rows = [(c, counts["train"][i], counts["test"][i]) for i, c in enumerate(classes)]
     rows.append(("total", sum(counts["train"]), sum(counts["test"])))
     print(format_table(["class", "train", "test"], rows))
-    print(f"\nwrote {path} ({args.per_class} {args.split} images per class)")
+    print(f"\nwrote {args.out} ({args.per_class} {args.split} images per class)")
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -576,7 +594,7 @@ def cmd_runs(args: argparse.Namespace) -> None:
     from cifarbench.reporting.tables import runs_table
     from cifarbench.runs.store import RunStore
 
-    with RunStore(args.runs_dir) as store:
+    with RunStore(args.runs_dir, read_only=True) as store:
         runs = [RunStore.to_record(row) for row in store.list_runs(args.limit)]
     if args.json:
         _print_json({"runs": [r.to_dict() for r in runs]})
@@ -692,6 +710,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     if args.labels:
         scored = score_images(args.ref, args.images, args.labels, runs_dir=args.runs_dir, device=args.device,
                               trust_code=args.trust_code)
+        _warn(scored.warnings)
         if args.json:
             _print_json(scored.to_dict())
             return
@@ -706,12 +725,19 @@ def cmd_predict(args: argparse.Namespace) -> None:
         return
     result = predict_images(args.ref, args.images, top=args.top, runs_dir=args.runs_dir, device=args.device,
                             trust_code=args.trust_code)
+    _warn(result["warnings"])
     if args.json:
         _print_json(result)
         return
     for p in result["predictions"]:
         print(f"{printable(p['image'])}: "
               + ", ".join(f"{printable(t['class'])} {100 * t['probability']:.1f}%" for t in p["top"]))
+
+
+def _warn(warnings: Sequence[str]) -> None:
+    """Warnings about a result, on stderr: stdout stays one line per image (or the JSON, which lists them too)."""
+    for warning in warnings:
+        print(f"warning: {printable(warning)}", file=sys.stderr, flush=True)
 
 
 def cmd_submit(args: argparse.Namespace) -> None:
@@ -779,8 +805,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     runtime.configure()
     interface = INTERFACE.set("cli")  # messages name flags, not the Python API's keywords
     try:
-        args = build_parser().parse_args(argv)
+        args = _parse(argv)
         COMMANDS[args.command](args)
+        sys.stdout.flush()  # a reader that left early (`| head`) is found here, not at interpreter exit
+    except BrokenPipeError:
+        # The reader stopped reading (`cifarbench runs show RUN | head`): stop quietly, as Python's docs advise,
+        # with status 1 since the output was cut; stdout goes to devnull so the final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except CifarbenchError as exc:
         print(f"cifarbench: error: {printable(str(exc))}", file=sys.stderr)
         return 1

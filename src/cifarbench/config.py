@@ -8,6 +8,7 @@ of its type) before anything is written, and a new field is checked by declaring
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import math
@@ -443,6 +444,17 @@ class TrainConfig:
         """Plain nested dict (JSON- and weights_only-safe)."""
         return asdict(self)
 
+    def field_names(self) -> list[str]:
+        """Every name `with_changes` takes, dotted: `epochs`, `optimizer.lr`, `model_kwargs.NAME` for each argument."""
+        names = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if is_dataclass(value):
+                names += [f"{f.name}.{g.name}" for g in fields(value)]
+            else:
+                names.append(f.name)
+        return names + [f"model_kwargs.{k}" for k in self.model_kwargs]
+
     def with_changes(self, changes: dict) -> TrainConfig:
         """A copy with fields set by dotted name, e.g. {"optimizer.lr": 0.5, "tta": 0} (what `--set` passes);
         "model_kwargs.act" sets one key of the model's arguments. Each change is validated like the field's own
@@ -468,7 +480,10 @@ class TrainConfig:
                 continue
             target = getattr(config, part, None) if part else config
             if not is_dataclass(target) or name not in {f.name for f in fields(target)}:
-                raise CifarbenchError(f"unknown config field {key!r}")
+                close = difflib.get_close_matches(key, config.field_names(), n=1, cutoff=0.6)
+                raise CifarbenchError(f"unknown config field {key!r}"
+                                      + (f"; did you mean {close[0]}?" if close else
+                                         " (the fields are in src/cifarbench/config.py)"))
             sections.setdefault(part, {})[name] = value
         for part, values in sections.items():  # each section's __post_init__ refuses a bad value, naming it
             if part:

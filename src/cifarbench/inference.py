@@ -224,9 +224,36 @@ def predict_test_set(ref: str, **kwargs) -> Evaluation:
     return evaluate_checkpoint(ref, keep_probabilities=True, **kwargs)
 
 
+class Predictions(dict):
+    """`predict_images`' result: a plain dict (what `cifarbench predict --json` prints) that shows itself as a short
+    line, or in a notebook as a table of each image's top classes, instead of its whole contents."""
+
+    def __repr__(self) -> str:
+        n = len(self.get("predictions", []))
+        return f"Predictions({self.get('run_id')!r}, {self.get('model')}, {n:,} images)"
+
+    def _repr_html_(self) -> str:
+        from cifarbench.reporting.display import predictions_html
+
+        return predictions_html(self)
+
+
+def unfinished_warning(loaded: TrainedModel) -> str | None:
+    """A line saying the checkpoint is of a run that stopped before its planned training (interrupted, crashed,
+    or still running), so its predictions are not the finished model's; None when it finished or cannot tell."""
+    training = loaded.checkpoint.training
+    if training is None or training.position.finished:
+        return None
+    done, run = len(training.history), loaded.checkpoint.run_id
+    stopped = (f"after {done} epoch(s), at step {training.position.step} of its {training.position.total_steps}"
+               if loaded.config.budget_seconds else f"after {done} of its {loaded.config.epochs} epochs")
+    return (f"run {run} stopped {stopped}: these predictions come from an unfinished model "
+            f"(`cifarbench train --resume {run}` continues it)")
+
+
 def predict_images(ref: str, images: Sequence[str | os.PathLike], *, top: int = 3,
                    runs_dir: str | os.PathLike | None = None, device: str = "auto",
-                   trust_code: bool = False, progress: bool | None = None) -> dict[str, Any]:
+                   trust_code: bool = False, progress: bool | None = None) -> Predictions:
     """Classify PNG/JPEG files (a folder: the images in it) with a saved model: the `top` classes and
     probabilities of each image."""
     from cifarbench.image_files import classify_files, expand_images
@@ -241,8 +268,9 @@ def predict_images(ref: str, images: Sequence[str | os.PathLike], *, top: int = 
     predictions = classify_files(loaded.model, images, in_shape=loaded.in_shape, mean=c.data.mean, std=c.data.std,
                                  classes=loaded.classes, device=loaded.device, channels_last=c.channels_last, top=top,
                                  tta=c.tta, tta_threshold=c.tta_threshold)
-    return {"checkpoint": str(loaded.path), "run_id": loaded.checkpoint.run_id, "model": loaded.checkpoint.model,
-            "classes": loaded.classes, "predictions": predictions}
+    warning = unfinished_warning(loaded)
+    return Predictions(checkpoint=str(loaded.path), run_id=loaded.checkpoint.run_id, model=loaded.checkpoint.model,
+                       classes=loaded.classes, predictions=predictions, warnings=[warning] if warning else [])
 
 
 @dataclass
@@ -258,16 +286,37 @@ class ImageScore:
     labels: list[int]
     predicted: list[int]
     result: EvalResult
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def accuracy(self) -> float:
         return self.result.accuracy
 
+    def wrong(self) -> list[tuple[str, str, str]]:
+        """(image, label, predicted) of every image the model got wrong, in the order given."""
+        return [(i, self.classes[y], self.classes[p])
+                for i, y, p in zip(self.images, self.labels, self.predicted, strict=True) if y != p]
+
+    def plot(self, kind: str = "per_class"):
+        """Per-class accuracy as a matplotlib Figure, or `kind="confusion"` for the confusion matrix."""
+        from cifarbench.reporting.display import evaluation_figure
+
+        return evaluation_figure(self, kind)
+
+    def __repr__(self) -> str:
+        return (f"ImageScore({self.run_id!r}, {self.model}, accuracy {100 * self.accuracy:.2f}% of "
+                f"{self.result.n:,} images in {self.labels_file!r})")
+
+    def _repr_html_(self) -> str:
+        from cifarbench.reporting.display import score_html
+
+        return score_html(self)
+
     def to_dict(self) -> dict[str, Any]:
         r = self.result
         return {"checkpoint": self.checkpoint, "run_id": self.run_id, "model": self.model, "classes": self.classes,
                 "labels_file": self.labels_file, "accuracy": r.accuracy, "loss": r.loss, "n": r.n,
-                "per_class_accuracy": r.per_class_accuracy, "confusion": r.confusion,
+                "per_class_accuracy": r.per_class_accuracy, "confusion": r.confusion, "warnings": self.warnings,
                 "images": [{"image": i, "label": self.classes[y], "predicted": self.classes[p], "correct": y == p}
                            for i, y, p in zip(self.images, self.labels, self.predicted, strict=True)]}
 
@@ -285,5 +334,7 @@ def score_images(ref: str, images: Sequence[str | os.PathLike], labels: str | os
     result = loaded.evaluate_split(Split(load_images(files, loaded.in_shape), truth), keep_probabilities=True)
     assert result.probabilities is not None
     predicted = result.probabilities.argmax(1).tolist()
+    warning = unfinished_warning(loaded)
     return ImageScore(str(loaded.path), loaded.checkpoint.run_id, loaded.checkpoint.model, loaded.classes,
-                      str(labels), [str(f) for f in files], truth.tolist(), predicted, result)
+                      str(labels), [str(f) for f in files], truth.tolist(), predicted, result,
+                      [warning] if warning else [])

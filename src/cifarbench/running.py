@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -176,8 +175,7 @@ def preflight(config: TrainConfig, dataset: ImageDataset) -> tuple[TrainConfig, 
         except Exception:
             raise CifarbenchError(f"model {ref!r} fails on a batch of {tuple(x.shape)} images "
                                   f"({type(first).__name__}: {_line(first)})") from None
-        note(f"model {ref!r} does not accept the channels-last layout ({_line(first)[:120]}); training it in the "
-             "standard layout (recorded as channels_last=false)")
+        note(channels_last_note(ref, first))
         config = replace(config, channels_last=False)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, classes):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -198,9 +196,35 @@ def _line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+def channels_last_note(ref: str, error: BaseException) -> str:
+    """Why a model trains in the standard layout, as whole sentences: `.view` on a feature map (the usual cause)
+    is named with its fix, any other error by its first sentence."""
+    fallback = "so it trains in the standard layout (recorded as channels_last=false)"
+    if "view size is not compatible" in str(error):
+        return (f"model {ref!r} calls .view on a feature map, which the channels-last layout does not allow, "
+                f"{fallback}; write x.flatten(1) instead of x.view(x.size(0), -1) to train it channels-last "
+                "(faster).")
+    return f"model {ref!r} fails on the channels-last layout, {fallback}: {_first_sentence(_line(error))}"
+
+
+def _first_sentence(text: str, limit: int = 160) -> str:
+    """`text` up to the end of its first sentence, or to its last whole word within `limit` characters, with a
+    bracket the cut left open left out."""
+    end = text.find(". ")
+    cut = text[:end + 1] if 0 <= end < limit else text
+    if len(cut) > limit:
+        cut = cut[:limit].rsplit(" ", 1)[0] + " ..."
+    while cut.count("(") > cut.count(")"):
+        cut = cut[:cut.rindex("(")].rstrip() + " ..."
+    return cut
+
+
 def note(message: str) -> None:
-    """Tell the user something about their run that is not an error (stderr, one line)."""
-    print(f"note: {message}", file=sys.stderr, flush=True)
+    """Tell the user something about their run that is not an error, in one line where progress goes (stderr from
+    a script, the cell's output in a notebook: not an error's pink)."""
+    from cifarbench.reporting.progress import progress_stream
+
+    print(f"note: {message}", file=progress_stream(), flush=True)
 
 
 def _start(store: RunStore, record: RunRecord, run_dir: Path) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
+import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,7 +58,34 @@ def get_model_spec(name: str) -> ModelSpec:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise CifarbenchError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}") from None
+        pass
+    if isinstance(name, str) and (name.endswith(".py") or Path(name).is_file()):
+        raise CifarbenchError(f"unknown model {name!r}: a model in a file is named {name}:Name"
+                              f"{_module_classes(Path(name))}")
+    close = difflib.get_close_matches(str(name), list_models(), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise CifarbenchError(f"unknown model {name!r}{hint}; registered: {', '.join(list_models())}; or your own model "
+                          "as path/to/file.py:Name")
+
+
+def _module_classes(path: Path) -> str:
+    """', e.g. file.py:MyCNN (its nn.Module classes: MyCNN, Block)', read with `ast` (the file is never run);
+    empty when the file cannot be read or parsed."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
+    except (OSError, SyntaxError, ValueError):
+        return ""
+    classes = [n for n in tree.body if isinstance(n, ast.ClassDef)]
+    modules: list[str] = []
+    for node in classes:  # in file order, so a subclass of an nn.Module class defined above it counts too
+        bases = [b.attr if isinstance(b, ast.Attribute) else getattr(b, "id", "") for b in node.bases]
+        if any(b == "Module" or b in modules for b in bases):
+            modules.append(node.name)
+    names = modules or [n.name for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef))]
+    if not names:
+        return ""
+    what = "its nn.Module classes" if modules else "what it defines"
+    return f", e.g. {path}:{names[-1]} ({what}: {', '.join(names)})"  # the model is usually defined last
 
 
 def create_model(name: str, *, num_classes: int = 10, in_shape: tuple[int, int, int] = (3, 32, 32),
