@@ -284,7 +284,7 @@ def inflated(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_a_declared_huge_member_is_refused_at_its_header(tmp_path: Path, inflated: list[int]) -> None:
     run_id = "20260101-000000-fnn-s0-0000"
     archive = bomb(tmp_path / "b.tar.gz", [manifest_member(1), (info(f"{run_id}/checkpoint.pt", 5 << 30), None)])
-    with pytest.raises(CifarbenchError, match="more than 1024 MiB uncompressed.*--max-bundle-mib"):
+    with pytest.raises(CifarbenchError, match="more than 1024 MiB uncompressed.*BundleLimits.max_bytes="):
         import_runs(archive, runs_dir=tmp_path / "runs")
     assert max(inflated) < 1 << 20
     assert not list((tmp_path / "runs").glob("*/checkpoint.pt"))
@@ -302,7 +302,7 @@ def test_an_archive_that_inflates_past_the_cap_is_cut_off_in_one_pass(tmp_path: 
         out.write(header.tobuf() + content + b"\0" * (-len(content) % 512))
         out.write(info(f"{run_id}/checkpoint.pt", 8 << 20).tobuf())
         out.write(zeros)
-    with pytest.raises(CifarbenchError, match="--max-bundle-mib"):
+    with pytest.raises(CifarbenchError, match="BundleLimits.max_bytes="):
         import_runs(archive, runs_dir=tmp_path / "runs", limits=limits)
     assert max(inflated) <= limits.max_bytes + bundle_mod.MAX_MANIFEST_BYTES + (2 << 20)
 
@@ -312,7 +312,7 @@ def test_many_members_and_many_runs_are_refused_by_count(tmp_path: Path, inflate
     folder = info(run_id, 0)
     folder.type = tarfile.DIRTYPE
     archive = bomb(tmp_path / "m.tar.gz", [manifest_member(1), *[(folder, None)] * 100_000])  # 51 MiB of headers
-    with pytest.raises(CifarbenchError, match="more than 256 members.*--max-bundle-members"):
+    with pytest.raises(CifarbenchError, match="more than 256 members.*BundleLimits.max_members="):
         import_runs(archive, runs_dir=tmp_path / "runs")
     assert max(inflated) < 1 << 20
     with pytest.raises(CifarbenchError, match="more than 8 members"):
@@ -321,7 +321,7 @@ def test_many_members_and_many_runs_are_refused_by_count(tmp_path: Path, inflate
     with pytest.raises(CifarbenchError, match="not listed in the manifest"):
         import_runs(unlisted, runs_dir=tmp_path / "runs")
     many = bomb(tmp_path / "r.tar.gz", [manifest_member(40)])
-    with pytest.raises(CifarbenchError, match="40 runs, more than 32.*--max-bundle-runs"):
+    with pytest.raises(CifarbenchError, match="40 runs, more than 32.*BundleLimits.max_runs="):
         read_bundle(many)
     assert len(read_bundle(many, BundleLimits(max_runs=40)).runs) == 40
 
@@ -339,10 +339,12 @@ def test_grade_keeps_no_submission_in_its_work_folder(data: Path, tmp_path: Path
     for i, name in enumerate(("Ann", "Ben", "Cy")):
         run = tiny_run(data, tmp_path / name, seed=i)
         submit(run.run_id, student=name, out=inbox, runs_dir=tmp_path / name)
-    result = grade(inbox, data_dir=str(data), verify=False, device="cpu")
+    result = grade(inbox, data_dir=str(data), verify=False, device="cpu", work_dir=tmp_path / "work")
     assert all(r.graded for r in result.runs)
     left = [p for p in Path(result.work_dir).rglob("*") if p.is_file()]
-    assert [p.name for p in left] == [".cifarbench-grading"]
+    assert [p.name for p in left] == [".cifarbench-grading"]  # each submission removed once graded
+    again = grade(inbox, data_dir=str(data), verify=False, device="cpu")  # by default: a temporary folder, gone
+    assert all(r.graded for r in again.runs) and not Path(again.work_dir).exists()
 
 
 # --- huge shapes ----------------------------------------------------------------------------------------------
@@ -728,3 +730,124 @@ def sysconfig_purelib() -> str:
     import sysconfig
 
     return sysconfig.get_paths()["purelib"]
+
+
+# --- what an attack on the first version found ----------------------------------------------------------------
+
+def test_a_checkpoint_with_an_expanded_tensor_is_refused_before_it_is_copied(tmp_path: Path) -> None:
+    """One stored byte seen as 2 GiB: hashing or copying it would cost the shape, not the file."""
+    from cifarbench.training.checkpoint import load_checkpoint
+    from conftest import checkpoint_payload
+
+    wide = torch.zeros(1, dtype=torch.uint8).expand(1 << 31)
+    path = save_checkpoint(checkpoint_payload(state_dict={"w": wide}), tmp_path / "ck.pt")
+    assert path.stat().st_size < 1 << 20
+    with pytest.raises(CifarbenchError, match="stored whole"):
+        load_checkpoint(path)
+    overlapping = torch.arange(10.0).as_strided((5, 5), (1, 1))  # rows share elements
+    with pytest.raises(CifarbenchError, match="stored whole"):
+        load_checkpoint(save_checkpoint(checkpoint_payload(state_dict={"w": overlapping}), tmp_path / "o.pt"))
+    transposed = torch.arange(12.0).reshape(3, 4).t()  # not contiguous, but every element its own
+    load_checkpoint(save_checkpoint(checkpoint_payload(state_dict={"w": transposed}), tmp_path / "t.pt"))
+
+
+def test_model_kwargs_cannot_set_what_the_data_decides() -> None:
+    from cifarbench.models import build_model
+
+    with pytest.raises(CifarbenchError, match="may not set num_classes"):
+        build_model("fnn", kwargs={"num_classes": 2_000_000})
+    with pytest.raises(CifarbenchError, match="may not set in_shape"):
+        build_model("cnn", kwargs={"in_shape": [3, 4096, 4096]})
+
+
+def test_a_registered_model_from_elsewhere_is_bounded_in_size_and_compute() -> None:
+    from cifarbench.models.registry import build_model, foreign_cost_excess, skeleton
+
+    for name in ("fnn", "cnn", "cnn-bn", "speedrun", "resnet18"):  # every default passes, on the meta device
+        shapes = skeleton(lambda name=name: build_model(name))
+        assert shapes is not None and foreign_cost_excess(shapes, (3, 32, 32)) is None
+    wide = skeleton(lambda: build_model("speedrun", kwargs={"widths": [2048] * 3}))
+    assert "multiply-accumulates per image" in foreign_cost_excess(wide, (3, 32, 32))
+    huge = skeleton(lambda: build_model("speedrun", kwargs={"widths": [4096] * 4}))
+    assert "parameters" in foreign_cost_excess(huge, (3, 32, 32))
+
+
+@pytest.mark.slow
+def test_a_manifest_of_huge_numbers_is_graded_without_them(data: Path, tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    for seed in (0, 1):
+        run = tiny_run(data, tmp_path / "ann", seed=seed)
+        archive = Path(submit(run.run_id, student="Ann", out=tmp_path / "out", runs_dir=tmp_path / "ann").archive)
+        rewrite(archive, inbox / archive.name, manifest=lambda m: m["runs"][0]["record"].update(
+            train_seconds=1.7e308, test_accuracy=1.7e308, train_flops=10**30))
+    result = grade(inbox, data_dir=str(data), verify=False, device="cpu")
+    assert all(r.graded and r.train_seconds is None and r.claimed_accuracy is None for r in result.runs)
+    assert Path(result.html).is_file() and result.leaderboard[0].claimed is None
+
+
+def test_names_that_pass_for_another_are_flagged_and_unusual_letters_refused() -> None:
+    from cifarbench.classroom import GradedRun, check_student
+
+    pairs = [("Ann Lee", "ann lee"), ("Ann Lee", "Ann  Lee"), ("Alice", "AIice"), ("Ada", "ɑda"), ("Kim", "Kirn"),
+             ("HANNA", "ΗANNA"), ("Nina", "Νina")]
+    for real, fake in pairs:
+        runs = [GradedRun("a.tar.gz", real), GradedRun("b.tar.gz", fake)]
+        name_flags(runs, None)
+        assert all("look-alike" in {f.kind for f in r.flags} for r in runs), (real, fake)
+    for bad in ("Ａnn", "\U0001d400nn", "Ann\u3164", "\u3164"):
+        with pytest.raises(CifarbenchError, match="plain letters"):
+            check_student(bad)
+    assert check_student("José María") == "José María" and check_student("Łukasz") == "Łukasz"
+
+
+@pytest.mark.slow
+def test_what_anyone_with_the_inbox_can_plant_does_not_stop_grading(data: Path, tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    run = tiny_run(data, tmp_path / "ann")
+    archive = Path(submit(run.run_id, student="Ann", out=inbox, runs_dir=tmp_path / "ann").archive)
+    (inbox / ".grading").mkdir()
+    (inbox / ".grading" / "x").write_text("planted")  # the old default work folder: no longer used
+    outside = tmp_path / "elsewhere.tar.gz"
+    shutil.copy(archive, outside)
+    (inbox / "Zed.tar.gz").symlink_to(outside)  # a link to an archive outside the inbox is not graded
+    result = grade(inbox, data_dir=str(data), verify=False, device="cpu")
+    assert [r.student for r in result.runs] == ["Ann"] and result.runs[0].graded
+    assert not Path(result.work_dir).exists()
+    (inbox / "leaderboard.csv").unlink()
+    (inbox / "leaderboard.csv").mkdir()
+    with pytest.raises(CifarbenchError, match="not a plain file.*--out"):
+        grade(inbox, data_dir=str(data), verify=False, device="cpu")
+
+
+@pytest.mark.slow
+def test_the_same_weights_stored_as_float64_are_a_duplicate(data: Path, tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    run = tiny_run(data, tmp_path / "ann")
+    ann = Path(submit(run.run_id, student="Ann", out=inbox, runs_dir=tmp_path / "ann").archive)
+    rewrite(ann, inbox / "Bob.tar.gz", manifest=lambda m: m.update(student="Bob"), checkpoint=lambda p: p.update(
+        state_dict={k: v.double() if v.is_floating_point() else v for k, v in p["state_dict"].items()}))
+    result = grade(inbox, data_dir=str(data), verify=False, device="cpu")
+    assert all("duplicate" in {f.kind for f in r.flags} for r in result.runs), result.runs
+
+
+@pytest.mark.slow
+def test_code_loaded_with_consent_for_one_run_is_no_consent_for_another(data: Path, tmp_path: Path) -> None:
+    code = tmp_path / "mine.py"
+    code.write_text(MISBEHAVING.replace("{action}", "pass"))
+    own = tiny_run(data, tmp_path / "alice", model=f"{code}:Net")
+    archive = export_runs([own.run_id], tmp_path / "a.tar.gz", runs_dir=tmp_path / "alice")
+    import_runs(archive, runs_dir=tmp_path / "teacher")
+    cb.load_trained_model(own.run_id, runs_dir=tmp_path / "teacher", trust_code=True)  # consent for this one
+    other = tiny_run(data, tmp_path / "bob", seed=1)
+    sha = json.loads((tmp_path / "alice" / own.run_id / "config.json").read_text())["config"]["model_sha256"]
+    forged = rewrite(export_runs([other.run_id], tmp_path / "b.tar.gz", runs_dir=tmp_path / "bob"),
+                     tmp_path / "f.tar.gz", config=lambda c: c.update(model="whatever.py:Net", model_sha256=sha))
+    import_runs(forged, runs_dir=tmp_path / "teacher")
+    with pytest.raises(CifarbenchError, match="--trust-code"):
+        cb.load_trained_model(other.run_id, runs_dir=tmp_path / "teacher")
+
+
+def test_directional_controls_are_shown_not_obeyed_in_html() -> None:
+    from cifarbench.reporting.html import esc
+
+    assert esc("Ann\u202eevil<b>") == "Ann\\u202eevil&lt;b&gt;"

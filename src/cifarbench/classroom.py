@@ -211,10 +211,12 @@ class Grading:
 # --- Submitting ---------------------------------------------------------------------------------------------
 
 def check_student(name: str) -> str:
-    """`name` if it can name a student (and a file), else a one-line error."""
-    if not isinstance(name, str) or not STUDENT.fullmatch(name):
+    """`name` if it can name a student (and a file), else a one-line error. Letters are taken as NFKC leaves them
+    (no full-width or styled forms), and never invisible ones."""
+    if (not isinstance(name, str) or not STUDENT.fullmatch(name) or unicodedata.normalize("NFKC", name) != name
+            or any(ord(c) in _INVISIBLE for c in name)):
         raise CifarbenchError(f"--student {name!r}: use letters, digits, spaces and -_. (up to 64 characters, "
-                              "starting with a letter or digit)")
+                              "starting with a letter or digit; plain letters, not full-width or styled ones)")
     return name
 
 
@@ -432,13 +434,22 @@ def _line(exc: BaseException) -> str:
 # --- Student names ----------------------------------------------------------------------------------------------
 
 _LOOKALIKES = str.maketrans({
-    # Cyrillic and Greek letters drawn like Latin ones (Unicode's confusables.txt, the common cases), after NFKC
-    # and casefolding; enough to tell "Аda" (Cyrillic А) from "Ada".
-    "а": "a", "в": "b", "с": "c", "ԁ": "d", "е": "e", "ё": "e", "һ": "h", "і": "i", "ї": "i", "ј": "j", "к": "k",
-    "ӏ": "l", "м": "m", "н": "h", "о": "o", "р": "p", "ԛ": "q", "ѕ": "s", "т": "t", "у": "y", "ԝ": "w", "х": "x",
-    "ү": "y", "ɡ": "g", "α": "a", "β": "b", "ε": "e", "η": "n", "ι": "i", "κ": "k", "ν": "v", "ο": "o", "ρ": "p",
-    "τ": "t", "υ": "u", "χ": "x", "ω": "w", "ϲ": "c", "ӡ": "3", "ı": "i", "ℓ": "l", "0": "o", "1": "l",
+    # Letters drawn like Latin ones (after Unicode's confusables.txt, the common cases), mapped before case folding
+    # so that capitals keep their own look-alikes: Cyrillic А and Greek Α are A, Greek Η is H (its small η is n).
+    **dict.fromkeys("АΑ", "A"), **dict.fromkeys("ВΒ", "B"), **dict.fromkeys("СϹ", "C"), **dict.fromkeys("ЕΕ", "E"),
+    **dict.fromkeys("НΗ", "H"), **dict.fromkeys("ІΙӀ", "I"), "Ј": "J", **dict.fromkeys("КΚ", "K"),
+    **dict.fromkeys("МΜ", "M"), "Ν": "N", **dict.fromkeys("ОΟ", "O"), **dict.fromkeys("РΡ", "P"), "Ѕ": "S",
+    **dict.fromkeys("ТΤ", "T"), **dict.fromkeys("ХΧ", "X"), **dict.fromkeys("УҮΥ", "Y"), "Ζ": "Z",
+    **dict.fromkeys("аɑα", "a"), "в": "b", **dict.fromkeys("сϲ", "c"), "ԁ": "d", **dict.fromkeys("еёε", "e"),
+    "ɡ": "g", "һ": "h", **dict.fromkeys("іїιı", "i"), "ј": "j", **dict.fromkeys("кκ", "k"), **dict.fromkeys("ӏℓ", "l"),
+    "м": "m", "н": "h", "η": "n", **dict.fromkeys("оο", "o"), **dict.fromkeys("рρ", "p"), "ԛ": "q", "ѕ": "s",
+    **dict.fromkeys("тτ", "t"), "υ": "u", "ν": "v", **dict.fromkeys("ԝω", "w"), **dict.fromkeys("хχ", "x"),
+    **dict.fromkeys("уү", "y"), "ӡ": "3",
 })
+_SEQUENCES = (("rn", "m"), ("vv", "w"), ("cl", "d"), ("i", "l"), ("1", "l"), ("|", "l"), ("0", "o"), ("_", " "))
+"""Shapes that pass for one another once case is gone: I and l, rn and m."""
+_INVISIBLE = {0x115F, 0x1160, 0x3164, 0xFFA0, 0x2800, 0x180E}
+"""Fillers that count as letters but show nothing."""
 
 
 def name_key(name: str) -> str:
@@ -448,8 +459,11 @@ def name_key(name: str) -> str:
 
 
 def name_skeleton(name: str) -> str:
-    """A name as it looks: `name_key` with look-alike letters (Cyrillic а for Latin a, zero for o) mapped to one."""
-    return name_key(name).translate(_LOOKALIKES).replace("_", " ")
+    """A name as it looks: look-alike letters (Cyrillic а for Latin a, zero for o, rn for m) mapped to one."""
+    text = " ".join(unicodedata.normalize("NFKC", name).translate(_LOOKALIKES).casefold().split())
+    for shape, same in _SEQUENCES:
+        text = text.replace(shape, same)
+    return text
 
 
 def _scripts(name: str) -> set[str]:
@@ -479,7 +493,7 @@ def name_flags(runs: Sequence[GradedRun], roster: Sequence[str] | None) -> list[
     on_roster = {name_key(n) for n in roster or []}
     flags: dict[str, list[Flag]] = {}
     for name in names:
-        others = sorted(n for n in by_skeleton[name_skeleton(name)] if name_key(n) != name_key(name))
+        others = sorted(n for n in by_skeleton[name_skeleton(name)] if n != name)
         if others:
             flags.setdefault(name, []).append(Flag("look-alike", "error", f"the name {name!r} looks like "
                                                    f"{', '.join(map(repr, others))}: submissions are told apart by "
@@ -508,9 +522,9 @@ def grade(inbox: str | os.PathLike, *, trust_code: bool = False, data_dir: str |
     set), flag claims, selections and names that do not hold, and write `leaderboard.html` and `leaderboard.csv`
     into `out` (default: the inbox) unless `write` is False.
 
-    Each archive is read in one bounded pass (`bundle_limits`) into a folder of its own under `work_dir` (default
-    INBOX/.grading), removed once it is graded. cifarbench's own models are rebuilt here; student model code runs
-    only with `trust_code`, and then each submission runs in a sandboxed child process with `limits` (time and
+    Each archive is read in one bounded pass (`bundle_limits`) into a folder of its own under `work_dir` (default:
+    a fresh temporary folder), removed once it is graded. cifarbench's own models are rebuilt here; student model
+    code runs only with `trust_code`, and then each submission runs in a sandboxed child process with `limits` (time and
     memory; bubblewrap's namespaces where `isolation` allows: sandbox.py). The child sees images, never labels:
     the scores are computed here. A bad submission is one row with its reason and never stops the others."""
     from cifarbench.reporting.leaderboard import write_csv, write_html
@@ -520,7 +534,8 @@ def grade(inbox: str | os.PathLike, *, trust_code: bool = False, data_dir: str |
         raise CifarbenchError(f"{inbox} is not a folder of submissions")
     if hidden_labels is not None and hidden is None:
         raise CifarbenchError("--hidden-labels needs --hidden FOLDER")
-    archives = sorted(p for p in inbox.iterdir() if p.name.endswith(".tar.gz") and not p.name.startswith("."))
+    archives = sorted(p for p in inbox.iterdir() if p.name.endswith(".tar.gz") and not p.name.startswith(".")
+                      and p.is_file() and not p.is_symlink())  # a link could name a file outside the inbox
     if not archives:
         raise CifarbenchError(f"{inbox} holds no .tar.gz submissions (students make them with `cifarbench submit`)")
     expected = read_roster(roster) if roster is not None else None
@@ -528,7 +543,13 @@ def grade(inbox: str | os.PathLike, *, trust_code: bool = False, data_dir: str |
     data = data or load_dataset(DataConfig(dataset=dataset, data_dir=data_dir, verify=verify is not False,
                                            download=download is not False), progress=progress)
     hidden_set = HiddenSet.load(hidden, hidden_labels, data.classes) if hidden is not None else None
-    work = _work_folder(Path(work_dir).expanduser() if work_dir else inbox / ".grading")
+    target = Path(out).expanduser() if out else inbox
+    for name in ("leaderboard.csv", "leaderboard.html"):  # before hours of grading, not after
+        if (target / name).is_symlink() or ((target / name).exists() and not (target / name).is_file()):
+            raise CifarbenchError(f"{target / name} is not a plain file; remove it or choose --out FOLDER")
+    # By default a fresh folder outside the inbox: whoever can write the inbox cannot plant anything in it.
+    work = (_work_folder(Path(work_dir).expanduser()) if work_dir
+            else Path(tempfile.mkdtemp(prefix="cifarbench-grading-")))
     if box is not None:
         source = Path(str(data.info().get("source") or ""))
         private = [inbox, work, *([hidden_set.folder, hidden_set.labels_file] if hidden_set else []),
@@ -555,6 +576,8 @@ def grade(inbox: str | os.PathLike, *, trust_code: bool = False, data_dir: str |
     finally:
         if box is not None:
             box.close()
+        if not work_dir:
+            shutil.rmtree(work, ignore_errors=True)
     _flag_shared_weights(runs)
     missing = name_flags(runs, expected)
     board = leaderboard(runs, test_images=len(data.test), hidden_images=len(hidden_set.files) if hidden_set else None)
@@ -562,22 +585,26 @@ def grade(inbox: str | os.PathLike, *, trust_code: bool = False, data_dir: str |
                      str(work), isolation=box.isolation.describe() if box else "in-process (no student code runs)",
                      roster=str(roster) if roster is not None else None, missing=missing)
     if write:
-        target = Path(out).expanduser() if out else inbox
         target.mkdir(parents=True, exist_ok=True)
         result.csv = str(write_csv(result, target / "leaderboard.csv"))
         result.html = str(write_html(result, target / "leaderboard.html"))
     return result
 
 
-def _number(value: Any) -> float | None:
-    """A finite number from a manifest, else None."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+def _number(value: Any, high: float = 1e15) -> float | None:
+    """A number from a manifest in [0, high], else None (the manifest is the student's text: a 1e308 would
+    overflow the means of the leaderboard)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return float(value)
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) and 0 <= value <= high else None
 
 
-def _integer(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+def _integer(value: Any, high: int = 10**18) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= high else None
 
 
 class _Box:
@@ -668,9 +695,9 @@ def _grade_archive(archive: Path, store: Path, data: ImageDataset, hidden: Hidde
     for record in imported.imported:
         # The manifest is the student's text: only well-typed values go into the leaderboard.
         code_sha = record.config.get("model_sha256") if isinstance(record.config, dict) else None
-        row = GradedRun(archive.name, student, record.run_id, label(str(record.model)), str(record.recipe),
+        row = GradedRun(archive.name, student, record.run_id, label(str(record.model))[:200], str(record.recipe)[:64],
                         _integer(record.seed), len(record.history) or _integer(record.epochs), None,
-                        _integer(record.train_flops), _number(record.train_seconds), _number(record.test_accuracy),
+                        _integer(record.train_flops), _number(record.train_seconds), _number(record.test_accuracy, 1),
                         isolation=box.isolation.kind if box else "in-process",
                         model_sha256=code_sha if isinstance(code_sha, str) else None)
         if box is not None:

@@ -22,7 +22,7 @@ from cifarbench.errors import CifarbenchError
 from cifarbench.evaluation.metrics import EvalResult, evaluate
 from cifarbench.models import build_model
 from cifarbench.models.reference import load_run_code
-from cifarbench.models.registry import check_foreign_model, weights_misfit
+from cifarbench.models.registry import check_foreign_model, foreign_cost_excess, skeleton, weights_misfit
 from cifarbench.reporting.progress import say, tta_views
 from cifarbench.runs import folders
 from cifarbench.runs.store import RunStore
@@ -137,9 +137,14 @@ def load_trained_model(ref: str, *, runs_dir: str | os.PathLike | None = None, d
         return build_model(ckpt.model, num_classes=len(ckpt.classes), in_shape=ckpt.in_shape,
                            kwargs=config.model_kwargs, code_sha256=config.model_sha256)
 
-    misfit = weights_misfit(build, ckpt.state_dict)
+    shapes = skeleton(build)
+    misfit = weights_misfit(shapes, ckpt.state_dict) if shapes is not None else None
     if misfit:
         raise CifarbenchError(f"{path}: weights do not fit model {ckpt.model!r} ({misfit})")
+    excess = foreign_cost_excess(shapes, ckpt.in_shape) if shapes is not None and not own and \
+        not config.model_sha256 else None
+    if excess:
+        raise CifarbenchError(f"{path}: model {ckpt.model!r} from elsewhere is too large to build here ({excess})")
     dev = resolve_device(device)
     model = build()
     try:

@@ -129,19 +129,29 @@ def check_foreign_model(ref: str, code_sha256: str | None, *, source: str) -> No
                           "elsewhere may name a registered model or bring its own model.py (run with --trust-code)")
 
 
-def weights_misfit(build: Callable[[], nn.Module], state_dict: Mapping[str, Any]) -> str | None:
-    """Why `state_dict` cannot load into the model `build` makes, found by building it on the meta device first:
-    no memory is allocated, so a checkpoint that claims a huge input shape or width costs nothing before it is
-    refused. None when the weights fit, or when the model's own code cannot be built on the meta device (it is
-    then built for real and `load_state_dict` checks)."""
+MAX_FOREIGN_PARAMS = 200_000_000
+MAX_FOREIGN_MACS = 2_000_000_000
+"""Bounds on a registered model built from a run from elsewhere (resnet18 is 11 M parameters and 0.56 G
+multiply-accumulates per CIFAR image): what a config's widths may ask for stays well short of what would take
+memory or hours to score."""
+
+
+def skeleton(build: Callable[[], nn.Module]) -> nn.Module | None:
+    """The model `build` makes, on the meta device: shapes without memory. None when the model's own code cannot
+    be built there (it is then built for real, and `load_state_dict` checks)."""
     try:
         with torch.device("meta"):
-            skeleton = build()
+            return build()
     except CifarbenchError:
         raise
     except Exception:
         return None
-    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+
+
+def weights_misfit(model: nn.Module, state_dict: Mapping[str, Any]) -> str | None:
+    """Why `state_dict` cannot load into `model` (a skeleton will do), or None: checked before the model is
+    built for real, so a checkpoint that claims a huge input shape or width costs nothing before it is refused."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     given = {k: tuple(v.shape) for k, v in state_dict.items()}
     missing, unexpected = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
     if missing or unexpected:
@@ -151,6 +161,22 @@ def weights_misfit(build: Callable[[], nn.Module], state_dict: Mapping[str, Any]
     if wrong:
         k = wrong[0]
         return f"{k} has shape {list(given[k])}, the model's is {list(expected[k])}"
+    return None
+
+
+def foreign_cost_excess(model: nn.Module, in_shape: tuple[int, int, int]) -> str | None:
+    """Why a registered model from elsewhere is too big to build or score here (MAX_FOREIGN_*), or None."""
+    from cifarbench.evaluation.analysis import count_macs
+
+    params = sum(p.numel() for p in model.parameters())
+    if params > MAX_FOREIGN_PARAMS:
+        return f"{params:,} parameters, more than {MAX_FOREIGN_PARAMS:,}"
+    try:
+        macs = count_macs(model, in_shape)
+    except Exception:  # a forward that needs real values: its parameter count is what can be checked
+        return None
+    if macs > MAX_FOREIGN_MACS:
+        return f"{macs:,} multiply-accumulates per image, more than {MAX_FOREIGN_MACS:,}"
     return None
 
 

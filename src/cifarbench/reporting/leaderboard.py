@@ -33,7 +33,8 @@ def rules() -> list[str]:
         "claim is an earlier epoch's test accuracy, not the final model's.",
         "test-selection (a warning, not proof): the epoch count differs from the recipe's default and no "
         "validation split was held out, so it may have been chosen on the test set.",
-        "Parameters are counted on the rebuilt model; training compute and seconds are as each run reports them.",
+        "Parameters are counted from the submitted weights; training compute and seconds are as each run reports "
+        "them.",
         "Ran: in-process for cifarbench's own models (no student code); bubblewrap or process for student code run "
         "with --trust-code, each submission in its own sandboxed process that sees images, never labels.",
         "duplicate: the same weights (by content) as another student's. look-alike, mixed-script, not-on-roster: "

@@ -68,7 +68,7 @@ class Bundle:
                 if not all(isinstance(getattr(record, k), dict) for k in ("config", "dataset")) or not isinstance(
                         record.run_id, str):
                     raise TypeError
-            except (KeyError, TypeError, ValueError):
+            except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError):
                 raise CifarbenchError(f"{source}: its manifest lists a run it does not describe") from None
             folders.check_run_id(record.run_id)
             if (not set(names) <= set(BUNDLE_FILES) or not {folders.CHECKPOINT, folders.CONFIG} <= set(names)
@@ -76,9 +76,11 @@ class Bundle:
                 raise CifarbenchError(f"{source}: run {record.run_id} lists unexpected or missing files")
             runs.append(record)
             files[record.run_id] = {str(k): str(v) for k, v in names.items()}
-        student = data.get("student")
-        return cls(runs, files, student if isinstance(student, str) else None, float(data.get("created") or 0),
-                   {k: str(v) for k, v in (data.get("environment") or {}).items()})
+        student, created, environment = data.get("student"), data.get("created"), data.get("environment")
+        # Provenance only: what is not of the expected type is dropped, never an error.
+        created = float(created) if isinstance(created, int | float) and abs(created) < 1e12 else 0.0
+        environment = {str(k): str(v)[:1000] for k, v in environment.items()} if isinstance(environment, dict) else {}
+        return cls(runs, files, student if isinstance(student, str) else None, created, environment)
 
 
 def _sha256(path: Path) -> str:
@@ -174,7 +176,7 @@ def _members(archive: Path, limits: BundleLimits):
                     yield tar
         except CifarbenchError:
             raise
-        except _READ_ERRORS as exc:
+        except (*_READ_ERRORS, RecursionError) as exc:  # RecursionError: a chain of extended headers
             raise CifarbenchError(f"{archive}: not a readable runs archive ({type(exc).__name__}: "
                                   f"{_line(exc)})") from None
 
