@@ -485,6 +485,14 @@ if GRADING:
         net = "connected"
     except OSError as exc:
         net = type(exc).__name__
+    try:  # a socket file on the host (a session bus, docker.sock): no network namespace stops these
+        unix = socket.socket(socket.AF_UNIX)
+        unix.settimeout(5)
+        unix.connect(UNIX_PATH)
+        unix.sendall(b"escaped")
+        net = "connected"
+    except OSError:
+        pass
     wrote = []  # its own run folder and the interpreter's are bound read-only; elsewhere is its scratch space
     for path in (Path(__file__).parent / "written", Path(sys.executable).parent / "written"):
         try:
@@ -513,8 +521,14 @@ class Net(nn.Module):
 
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(0.1)
+    run_dir = Path("/run") if os.access("/run", os.W_OK) else tmp_path  # where host sockets live
+    unix_path = run_dir / f"cifarbench-test-{os.getpid()}.sock"
+    unix = socket.socket(socket.AF_UNIX)
+    unix.bind(str(unix_path))
+    unix.listen()
+    unix.settimeout(0.1)
     code = tmp_path / "probe.py"
-    code.write_text(probe.replace("PORT", str(listener.getsockname()[1])))
+    code.write_text(probe.replace("PORT", str(listener.getsockname()[1])).replace("UNIX_PATH", repr(str(unix_path))))
     run = tiny_run(data, tmp_path / "pia", model=f"{code}:Net")
     inbox = tmp_path / "inbox"
     submit(run.run_id, student="Pia", out=inbox, runs_dir=tmp_path / "pia")
@@ -533,7 +547,11 @@ class Net(nn.Module):
     assert not (Path(sys.executable).parent / "written").exists()
     with pytest.raises(TimeoutError):  # nobody knocked
         listener.accept()
+    with pytest.raises(TimeoutError):
+        unix.accept()
     listener.close()
+    unix.close()
+    unix_path.unlink()
 
 
 @pytest.mark.slow
@@ -779,9 +797,9 @@ def test_a_manifest_of_huge_numbers_is_graded_without_them(data: Path, tmp_path:
         run = tiny_run(data, tmp_path / "ann", seed=seed)
         archive = Path(submit(run.run_id, student="Ann", out=tmp_path / "out", runs_dir=tmp_path / "ann").archive)
         rewrite(archive, inbox / archive.name, manifest=lambda m: m["runs"][0]["record"].update(
-            train_seconds=1.7e308, test_accuracy=1.7e308, train_flops=10**30))
+            train_seconds=1.7e308, test_accuracy=1.7e308))
     result = grade(inbox, data_dir=str(data), verify=False, device="cpu")
-    assert all(r.graded and r.train_seconds is None and r.claimed_accuracy is None for r in result.runs)
+    assert all(r.graded and r.train_seconds is None and r.claimed_accuracy is None for r in result.runs), result.runs
     assert Path(result.html).is_file() and result.leaderboard[0].claimed is None
 
 
@@ -815,7 +833,7 @@ def test_what_anyone_with_the_inbox_can_plant_does_not_stop_grading(data: Path, 
     assert not Path(result.work_dir).exists()
     (inbox / "leaderboard.csv").unlink()
     (inbox / "leaderboard.csv").mkdir()
-    with pytest.raises(CifarbenchError, match="not a plain file.*--out"):
+    with pytest.raises(CifarbenchError, match="not a plain file"):
         grade(inbox, data_dir=str(data), verify=False, device="cpu")
 
 
@@ -843,7 +861,7 @@ def test_code_loaded_with_consent_for_one_run_is_no_consent_for_another(data: Pa
     forged = rewrite(export_runs([other.run_id], tmp_path / "b.tar.gz", runs_dir=tmp_path / "bob"),
                      tmp_path / "f.tar.gz", config=lambda c: c.update(model="whatever.py:Net", model_sha256=sha))
     import_runs(forged, runs_dir=tmp_path / "teacher")
-    with pytest.raises(CifarbenchError, match="--trust-code"):
+    with pytest.raises(CifarbenchError, match="refusing to run .*trust_code=True"):
         cb.load_trained_model(other.run_id, runs_dir=tmp_path / "teacher")
 
 
