@@ -116,10 +116,12 @@ def train(model: Model, *, runs_dir: str | os.PathLike | None = None, progress: 
 def compare(models: Sequence[Model], *, seeds: int = 1, jobs: int = 1, target: float | None = None,
             report: str | os.PathLike | None = None, plot: str | os.PathLike | None = None,
             runs_dir: str | os.PathLike | None = None, progress: bool | None = None,
-            on_epoch: Callable[[TrainConfig, Any], None] | None = None, **choices: Any) -> Comparison:
-    """Train every model for `seeds` seeds on the same data and compare them (`cifarbench compare`)."""
+            on_epoch: Callable[[TrainConfig, Any], None] | None = None, retrain: bool = False,
+            **choices: Any) -> Comparison:
+    """Train every model for `seeds` seeds on the same data and compare them (`cifarbench compare`); finished runs
+    with the same config, code, seed and data are reused unless `retrain`."""
     _check_keywords(run_config, choices, extra=("seeds", "jobs", "target", "report", "plot", "runs_dir", "progress",
-                                            "on_epoch"), where="compare")
+                                            "on_epoch", "retrain"), where="compare")
     refs = [_ref(m) for m in models]
     if jobs > 1 and any(r.startswith("__main__:") for r in refs):
         from cifarbench.errors import CifarbenchError
@@ -133,7 +135,9 @@ def compare(models: Sequence[Model], *, seeds: int = 1, jobs: int = 1, target: f
         raise CifarbenchError("compare trains seeds 0..seeds-1; pass seeds, not seed")
     return compare_configs(refs, lambda m, s: run_config(m, seed=s, **choices), seeds=seeds, jobs=jobs, target=target,
                            report=report, plot=plot, runs_dir=runs_dir, progress=progress,
-                           on_epoch=on_epoch or EpochPrinter())
+                           on_epoch=on_epoch or EpochPrinter(), retrain=retrain,
+                           on_reuse=lambda r: print(f"reusing run {r.run_id} ({r.model}, seed {r.seed}): finished "
+                                                    "with the same config and data (retrain=True trains it again)"))
 
 
 def _run_ids(runs: Runs) -> list[str]:

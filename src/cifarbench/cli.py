@@ -6,6 +6,7 @@ import argparse
 import difflib
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -134,6 +135,9 @@ def _training_commands(sub: argparse._SubParsersAction) -> None:
                    help="also report the epoch and training second each seed first reached this test accuracy (e.g. "
                         "0.9)")
     p.add_argument("--report", metavar="HTML", help="also write a self-contained HTML report there")
+    p.add_argument("--retrain", action="store_true",
+                   help="train every run anew (default: reuse finished runs of this runs folder with the same config, "
+                        "code, seed and data)")
     _run_flags(p)
 
 
@@ -474,9 +478,14 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from cifarbench.comparing import compare
     from cifarbench.reporting.tables import comparison_table
 
+    def reused(run) -> None:
+        print(f"reusing run {printable(run.run_id)} ({printable(run.model)}, seed {run.seed}): finished with the same "
+              "config and data (--retrain trains it again)", file=sys.stderr, flush=True)
+
     report = compare(args.models, lambda m, s: _config(args, m, s), seeds=args.seeds, runs_dir=args.runs_dir,
                      plot=args.plot, on_epoch=_with_tensorboard(args, _epoch_printer(args)), target=args.target,
-                     report=args.report, jobs=args.jobs, on_run=_run_printer(args) if args.jobs > 1 else None)
+                     report=args.report, jobs=args.jobs, on_run=_run_printer(args) if args.jobs > 1 else None,
+                     retrain=args.retrain, on_reuse=reused)
     for failure in report.failures:
         print(f"cifarbench: warning: {printable(failure['model'])} seed {failure['seed']} failed: "
               f"{printable(failure['error'])}",
@@ -804,6 +813,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     runtime.configure()
     interface = INTERFACE.set("cli")  # messages name flags, not the Python API's keywords
+    previous = _stop_on_sigterm()
     try:
         args = _parse(argv)
         COMMANDS[args.command](args)
@@ -816,16 +826,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CifarbenchError as exc:
         print(f"cifarbench: error: {printable(str(exc))}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("cifarbench: interrupted; finished epochs are saved in the run folder", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        from cifarbench.errors import Interrupted
+
+        if isinstance(exc, Interrupted):
+            print(f"cifarbench: {printable(exc.message)}", file=sys.stderr)
+            return 143 if exc.signal_name == "SIGTERM" else 130
+        print("cifarbench: interrupted" + (" by SIGTERM" if exc.args == ("SIGTERM",) else ""), file=sys.stderr)
+        return 143 if exc.args == ("SIGTERM",) else 130
     except OSError as exc:  # disk full, permission denied: the user's environment, not a bug
         where = f": {exc.filename}" if exc.filename else ""
         print(f"cifarbench: error: {printable(f'{exc.strerror or exc}{where}')}", file=sys.stderr)
         return 1
     finally:
         INTERFACE.reset(interface)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _stop_on_sigterm():
+    """SIGTERM (`timeout`, a shutdown) stops like a Ctrl-C: the run records why and how to resume, instead of
+    dying mid-write and being found 'crashed'. Returns the handler it replaced (None off the main thread)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from cifarbench import runtime
 from cifarbench.config import DataConfig, TrainConfig
 from cifarbench.data import ImageDataset, fit_normalisation, load_dataset, prepare
 from cifarbench.device import describe_device, resolve_device
-from cifarbench.errors import CifarbenchError
+from cifarbench.errors import CifarbenchError, Interrupted
 from cifarbench.evaluation.analysis import cost_of, training_flops
 from cifarbench.fsutil import atomic_write_text
 from cifarbench.models.reference import code_of, label, load_run_code
@@ -109,6 +109,7 @@ def _resumable(ref: str, runs_dir: str | os.PathLike | None, trust_code: bool) -
 def _train(config: TrainConfig, world: ddp.DistEnv, device: torch.device, saved: RunCheckpoint | None, *,
            runs_dir: str | os.PathLike | None, dataset: ImageDataset | None, progress: bool | None,
            on_epoch: Callable[[EpochMetrics], None] | None) -> RunRecord:
+    requested = config.to_dict()  # as asked, before the run adapts it: what `compare` finds a finished run by
     # Under torchrun only rank 0 downloads (and shows progress); the others wait for its files (data.download).
     dataset = dataset or load_dataset(config.data, progress=progress if world.is_main else False)
     dataset = prepare(dataset, config.data)  # e.g. the permuted-pixels experiment's scrambled images
@@ -141,9 +142,9 @@ def _train(config: TrainConfig, world: ddp.DistEnv, device: torch.device, saved:
         run_dir = folders.run_folder(runs_dir, record.run_id)
         record.run_dir = str(run_dir)
         if saved is None:
-            _start(store, record, run_dir)
+            _start(store, record, run_dir, requested)
         return _loop(config, dataset, device, world, record, store, run_dir, model, training, weights, progress,
-                     on_epoch, started, probe, shape)
+                     on_epoch, started, probe, shape, resume=resume_command(record.run_id, runs_dir))
     finally:
         store.close()
 
@@ -227,11 +228,26 @@ def note(message: str) -> None:
     print(f"note: {message}", file=progress_stream(), flush=True)
 
 
-def _start(store: RunStore, record: RunRecord, run_dir: Path) -> None:
-    """The run's folder with its config.json (and its model's code), and its history row: both or neither."""
+def _epochs_saved(run_dir: Path) -> int:
+    """Epochs the run's checkpoint holds (0 before the first)."""
+    try:
+        saved = RunCheckpoint.load(run_dir / folders.CHECKPOINT)
+    except (CifarbenchError, OSError):
+        return 0
+    return len(saved.training.history) if saved.training else 0
+
+
+def resume_command(run_id: str, runs_dir: str | os.PathLike | None) -> str:
+    """The command that continues a stopped run, with the runs folder when it is not the default."""
+    return f"cifarbench train --resume {run_id}" + (f" --runs-dir {runs_dir}" if runs_dir else "")
+
+
+def _start(store: RunStore, record: RunRecord, run_dir: Path, requested: dict) -> None:
+    """The run's folder with its config.json (the config as run, and as requested; and its model's code), and its
+    history row: both or neither."""
     folders.write_json(run_dir / folders.CONFIG, {"run_id": record.run_id, "config": record.config,
-                                                  "dataset": record.dataset, "device": record.device,
-                                                  **record.environment})
+                                                  "requested": requested, "dataset": record.dataset,
+                                                  "device": record.device, **record.environment})
     sha = record.config.get("model_sha256")
     if sha:
         atomic_write_text(run_dir / folders.MODEL_CODE, code_of(sha))
@@ -245,7 +261,7 @@ def _start(store: RunStore, record: RunRecord, run_dir: Path) -> None:
 def _loop(config: TrainConfig, dataset: ImageDataset, device: torch.device, world: ddp.DistEnv, record: RunRecord,
           store: RunStore, run_dir: Path, model: torch.nn.Module, training, weights, progress: bool | None,
           on_epoch: Callable[[EpochMetrics], None] | None, started: float | None = None, probe: dict | None = None,
-          shape: dict | None = None) -> RunRecord:
+          shape: dict | None = None, resume: str = "") -> RunRecord:
     def checkpoint(result: TrainResult) -> None:
         RunCheckpoint(record.run_id, config.model, list(dataset.classes), dataset.image_shape, record.config,
                       record.dataset, result.model.state_dict(), record.environment,
@@ -260,10 +276,14 @@ def _loop(config: TrainConfig, dataset: ImageDataset, device: torch.device, worl
     try:
         result = train(config, dataset, device, on_epoch=after_epoch, on_interrupt=checkpoint, progress=progress,
                        resume=training, resume_weights=weights, world=world, started=started)
-    except KeyboardInterrupt:
-        store.finish_run(record.run_id, "interrupted", error="interrupted by the user; `cifarbench train --resume "
-                         f"{record.run_id}` continues it")
-        raise
+    except KeyboardInterrupt as exc:
+        signal_name = "SIGTERM" if exc.args == ("SIGTERM",) else "SIGINT"
+        why = "stopped by SIGTERM (a timeout or a shutdown)" if signal_name == "SIGTERM" else "interrupted"
+        done = _epochs_saved(run_dir)
+        store.finish_run(record.run_id, "interrupted", error=f"{why}; `{resume}` continues it")
+        raise Interrupted(f"run {record.run_id} {why} after {done} of {config.epochs} epochs; its checkpoint "
+                          f"({run_dir / folders.CHECKPOINT}) is kept: `{resume}` continues it",
+                          signal_name=signal_name) from None
     except BaseException as exc:
         store.finish_run(record.run_id, "failed", error=f"{type(exc).__name__}: {exc}"[:500])
         raise
