@@ -75,13 +75,15 @@ def run_config(model: Model, *, recipe: str | None = None, seed: int = 0, epochs
            precision: str | None = None, budget: float | None = None, tta: int | None = None,
            widths: list[int] | None = None, val_split: int | None = None, device: str = "auto",
            dataset: str | None = None, data_dir: str | None = None, verify: bool | None = None,
-           download: bool | None = None, permute_pixels: int | None = None,
+           download: bool | None = None, permute_pixels: int | None = None, compile: bool | None = None,  # noqa: A002
+           sync_bn: bool | None = None, deterministic: bool | None = None, low_res: int | None = None,
            set: dict[str, Any] | None = None) -> TrainConfig:  # noqa: A002
     """The full typed config a run would train with (the same choices as `cifarbench train` and its flags)."""
     return config_for(_ref(model), recipe=recipe, seed=seed, device=device, optimizer=optimizer, lr=lr,
                       widths=widths, set=set, epochs=epochs, batch_size=batch_size, precision=precision,
                       budget_seconds=budget, tta=tta, val_split=val_split, dataset=dataset, data_dir=data_dir,
-                      verify=verify, download=download, permute_pixels=permute_pixels)
+                      verify=verify, download=download, permute_pixels=permute_pixels, compile=compile,
+                      sync_bn=sync_bn, deterministic=deterministic, low_res=low_res)
 
 
 def _check_keywords(function: Callable[..., Any], given: dict[str, Any], *, extra: Sequence[str] = (),
