@@ -40,11 +40,12 @@ class StepPlan:
     With progressive resizing the first `low_fraction` of the steps are cheaper (smaller images): the plan
     keeps one step time for each phase, so it knows that a longer schedule also means more cheap steps.
     `low_cost` is the guess of a small step's cost relative to a full one until both have been measured.
-    `eval_check`, asked again at every re-plan, gives the share of the evaluation's timed cost it is expected to
-    need by now (selective TTA: fewer images need the extra views as the model grows confident) and the seconds
-    its plain pass takes at the machine's speed now (None if not measured): the final evaluation is priced like
-    the steps, and when it grows dearer the plan trains fewer steps (`eval_cut`), since a run always ends with
-    its plain evaluation. `threads` re-checks the thread count at every re-plan (a CPU run beside others).
+    `eval_share`, asked again at every re-plan, gives the share of the evaluation's timed cost it is expected to
+    need by now (selective TTA: fewer images need the extra views as the model grows confident), with the
+    seconds its plain pass takes at the machine's speed now (a pair; a share alone leaves that unmeasured): the
+    final evaluation is priced like the steps, and when it grows dearer the plan trains fewer steps (`eval_cut`),
+    since a run always ends with its plain evaluation. `threads` re-checks the thread count at every re-plan (a
+    CPU run beside other processes).
 
     The plan re-measures the step time and re-plans every `1/REPLANS` of the schedule, counting only the time
     the loop spends in steps (`pause` / `resume` around anything else, such as evaluations between epochs).
@@ -63,7 +64,7 @@ class StepPlan:
                  eval_seconds: Callable[[], float] | None = None, sync: Callable[[], None] = lambda: None,
                  guard_every_step: bool = False, agree: Callable[[int], int] = lambda steps: steps,
                  low_fraction: float = 0.0, low_cost: float = 1.0,
-                 eval_check: Callable[[], tuple[float, float | None]] | None = None, eval_views: int = 1,
+                 eval_share: Callable[[], float | tuple[float, float | None]] | None = None, eval_views: int = 1,
                  threads: ThreadWatch | None = None):
         self.budget = budget
         # Of the evaluation's forward passes per image, the first (plain) one is always paid; the other
@@ -71,7 +72,7 @@ class StepPlan:
         self.eval_views = eval_views
         self.started = time.perf_counter() if started is None else started
         self.eval_seconds = eval_seconds or (lambda: 0.0)
-        self.eval_check = eval_check or (lambda: (1.0, None))
+        self.eval_share = eval_share or (lambda: 1.0)
         self.threads = threads
         self.sync = sync
         # On a synchronous device (CPU) the clock is exact after every step, so the run can also stop on the
@@ -171,7 +172,8 @@ class StepPlan:
         if self.budget is None or not self.calibrated:
             return
         if seconds and steps:
-            share, plain = self.eval_check()
+            checked = self.eval_share()
+            share, plain = checked if isinstance(checked, tuple) else (checked, None)
             self._eval_share = min(1.0, max(0.0, share))
             self._plain_now = plain if plain is not None else self._plain_now
             if low_steps in (0, steps):
@@ -289,7 +291,7 @@ def make_plan(config: TrainConfig, *, steps_per_epoch: int, started: float, devi
                     # A first guess at a small step's cost (its share of pixels plus a fixed part), replaced by
                     # measured times as the run goes; see docs/cpu-performance.md.
                     low_fraction=low_fraction, low_cost=0.1 + 0.9 * (low_res / side) ** 2,
-                    eval_check=evaluation_share, eval_views=TTA_VIEWS[config.tta],
+                    eval_share=evaluation_share, eval_views=TTA_VIEWS[config.tta],
                     threads=threads if device.type == "cpu" and not world.enabled else None)
 
 
