@@ -89,6 +89,21 @@ def test_guard_stops_a_run_whose_calibration_steps_use_the_budget_up(monkeypatch
     assert plan.total_steps == 2 and plan.stopped == 2
 
 
+def test_calibration_steps_leave_room_for_the_plain_evaluation(monkeypatch) -> None:
+    # 5 s steps (a loaded machine) and a 6 s plain evaluation, timed right after the first step: the third step
+    # ends at 12 s, and another would end at 17 s, leaving less than the evaluation's 6 s of the 19.4 s usable.
+    clock = FakeClock()
+    monkeypatch.setattr(budget_module, "time", clock)
+    plan = StepPlan(10**9, budget=20.0, started=0.0, eval_seconds=lambda: 6.0, guard_every_step=True)
+    for step, now in ((1, 2.0), (2, 7.0)):
+        clock.now = now
+        plan.after_step(step)
+    assert plan.stopped is None and plan.reserved_evaluation() == pytest.approx(6.0)
+    clock.now = 12.0
+    plan.after_step(3)
+    assert plan.total_steps == plan.stopped == 3  # 12 s + 6 s of evaluation: the run ends at 18 s, not 23
+
+
 def _run_with_dearer_evaluation(monkeypatch, data: Path, slower: float, tta: int, budget_seconds: float = 20.0
                                 ) -> tuple[object, StepPlan]:
     """A budgeted run on a fake clock that advances 0.5 s per optimiser step and, for every image an evaluation

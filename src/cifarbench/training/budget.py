@@ -91,6 +91,7 @@ class StepPlan:
         self._plain_now: float | None = None  # the plain pass's seconds as last measured (None: priced by slowdown)
         self._eval_timed_at: tuple[bool, float] | None = None  # (small-image?, step seconds) when it was timed
         self._stretch = _Stretch()
+        self._last_seen: float | None = None  # when the last calibration step ended
         self.stopped: int | None = None
         """The step at which the per-step guard stopped training because the time ran out (None if it never did)."""
         self.eval_cut: tuple[int, float, float] | None = None
@@ -140,9 +141,13 @@ class StepPlan:
                 # The next step would overrun into the final evaluation by more than half a step.
                 self.total_steps = self.stopped = step
             return
-        plain = self._plain_evaluation()
-        if self.guard_every_step and step > 1 and self._elapsed() + plain > self.budget * (1 - self.SAFETY):
-            self.total_steps = self.stopped = step  # so slow a machine that calibrating used the budget up
+        now = time.perf_counter()
+        last, self._last_seen = (now - self._last_seen if self._last_seen is not None else 0.0), now
+        # So slow a machine that calibrating uses the budget up: stop where the next step (as long as the last
+        # one) would overrun the plain evaluation's time by more than half a step.
+        if (self.guard_every_step and step > 1
+                and self._elapsed() + last / 2 + self._plain_evaluation() > self.budget * (1 - self.SAFETY)):
+            self.total_steps = self.stopped = step
             return
         if step == 1:
             # The final evaluation is timed before the steps are, so that even the calibration steps leave
@@ -150,6 +155,7 @@ class StepPlan:
             self._eval_estimate = self.eval_seconds()
             self.sync()
             self._timed_from = (step, time.perf_counter())
+            self._last_seen = self._timed_from[1]
         elif step == 1 + self.CALIBRATION_STEPS:
             self.sync()
             first, t0 = self._timed_from
