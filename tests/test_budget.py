@@ -73,9 +73,13 @@ def test_plan_reserves_tta_at_the_timed_price_and_plain_evaluation_at_the_curren
     plan.replan(40, seconds=4.0, steps=20)
     assert plan.reserved_evaluation() == pytest.approx(2.0 + 5.0)  # plain doubled, the views not re-priced up
     # TTA beyond EVAL_CAP of the budget is not reserved: training steps come first.
-    capped = StepPlan(10**9, budget=10.0, started=0.0, eval_seconds=lambda: 6.0, eval_views=6)
+    capped = StepPlan(10**9, budget=20.0, started=0.0, eval_seconds=lambda: 6.0, eval_views=6)
     capped.calibrate(step=20, step_seconds=0.1)
-    assert capped.reserved_evaluation() == pytest.approx(1.0 + 0.5)  # 15% of 10 s, plain included
+    assert capped.reserved_evaluation() == pytest.approx(1.0 + 2.0)  # 15% of 20 s, plain included
+    # Where the cap cannot buy even one extra view of every unsure image (1 s here), nothing is kept for views.
+    short = StepPlan(10**9, budget=10.0, started=0.0, eval_seconds=lambda: 6.0, eval_views=6)
+    short.calibrate(step=20, step_seconds=0.1)
+    assert short.reserved_evaluation() == pytest.approx(1.0)
 
 
 def test_guard_stops_a_run_whose_calibration_steps_use_the_budget_up(monkeypatch) -> None:

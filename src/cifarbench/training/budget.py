@@ -261,7 +261,11 @@ class StepPlan:
         plain = self._first_plain()
         plain_now = plain if first_price else self._plain_evaluation()
         extra = min(expected - plain, max(0.0, self.EVAL_CAP * self.budget - plain_now))
-        return plain_now + extra
+        # Time that cannot buy even one extra view for the images expected to need it is given to steps: an
+        # unsure model (a short run on a slow CPU) would otherwise keep seconds it then evaluates without.
+        views = self.eval_views
+        one_view = plain * (self._eval_share * views - 1) / (views - 1) if views > 1 else 0.0
+        return plain_now + (extra if extra >= one_view - 1e-9 else 0.0)
 
     def _time_left(self) -> float:
         """Seconds left for training steps: the budget less the margin, time spent, and the final evaluation."""
