@@ -18,10 +18,12 @@ from cifarbench.training.shape import ABANDON, KernelChoice, ThreadWatch, Throug
 
 
 class FakeSteps:
-    """Training steps whose cost per image depends on the precision and layout; each advances a fake clock."""
+    """Training steps whose cost per image depends on the precision and layout; each advances a fake clock. The
+    first `loaded` calls run `slower` times slower (another process passing by)."""
 
-    def __init__(self, per_image: dict[str, float], fail: str | None = None) -> None:
-        self.per_image, self.fail = per_image, fail
+    def __init__(self, per_image: dict[str, float], fail: str | None = None, loaded: int = 0,
+                 slower: float = 1.0) -> None:
+        self.per_image, self.fail, self.loaded, self.slower = per_image, fail, loaded, slower
         self.now = 0.0
         self.calls: list[str] = []
 
@@ -33,7 +35,7 @@ class FakeSteps:
         self.calls.append(name)
         if name == self.fail:
             raise RuntimeError("view size is not compatible with input tensor's size and stride")
-        self.now += self.per_image[name] * batch
+        self.now += self.per_image[name] * batch * (self.slower if len(self.calls) <= self.loaded else 1.0)
 
 
 # Seconds per image on one thread: an AVX2-only CPU (bf16 14x slower, as measured on this project's AMD EPYC)
@@ -114,6 +116,14 @@ def test_a_hopeless_candidate_is_abandoned_after_one_step_and_the_probe_keeps_it
     steps = FakeSteps(AVX2)
     limited = choose_kernels(steps, "auto", native_bf16=True, limit_seconds=0.2, clock=steps.clock)
     assert limited.precision == "fp32" and "not timed" in limited.not_chosen["bf16 channels-last"]
+
+
+def test_a_passing_load_does_not_decide_the_layout() -> None:
+    # channels-last's first steps run 3x slower (something else ran then); its alternated later steps do not.
+    steps = FakeSteps(AVX2, loaded=3, slower=3.0)
+    choice = choose_kernels(steps, "fp32", native_bf16=False, clock=steps.clock)
+    assert choice.name == "fp32 channels-last"
+    assert choice.images_per_second["fp32 channels-last"] == pytest.approx(1 / 0.0025)
 
 
 def test_a_layout_the_model_cannot_take_is_not_chosen() -> None:

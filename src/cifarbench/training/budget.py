@@ -92,6 +92,8 @@ class StepPlan:
         self._eval_timed_at: tuple[bool, float] | None = None  # (small-image?, step seconds) when it was timed
         self._stretch = _Stretch()
         self._last_seen: float | None = None  # when the last calibration step ended
+        self.trace: list[list[float]] = []
+        """Per re-plan: step, seconds elapsed, planned steps, step seconds, plain evaluation and reserve."""
         self.stopped: int | None = None
         """The step at which the per-step guard stopped training because the time ran out (None if it never did)."""
         self.eval_cut: tuple[int, float, float] | None = None
@@ -194,6 +196,8 @@ class StepPlan:
         cut = self._fit(step, first) - total
         self.eval_cut = (cut, self._first_plain(), self._plain_evaluation()) if cut > 0 else None
         self.total_steps = self.agree(total)
+        self.trace.append([step, round(self._elapsed(), 2), self.total_steps, round(self._step_seconds()[0], 4),
+                           round(self._plain_evaluation(), 2), round(self.reserved_evaluation(), 2)])
 
     def _fit(self, step: int, left: float) -> int:
         """The longest schedule whose remaining steps fit in `left` seconds (the cost grows with the length)."""
@@ -456,6 +460,8 @@ class BudgetReport:
     """The precision and layout the probe chose, the config's request and the images/s measured for each."""
     thread_changes: list[str] = field(default_factory=list)
     """When and why the thread count changed during the run (re-checked at every re-plan)."""
+    replans: list[list[float]] = field(default_factory=list)
+    """Per re-plan: [step, seconds elapsed, planned steps, step seconds, plain evaluation seconds, reserved]."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -483,4 +489,5 @@ def report(plan: StepPlan, config: TrainConfig, position: LoopPosition, final: F
                         position.images / seconds, plan.step_seconds(), plan.reserved_evaluation(),
                         final.estimate_seconds, eval_seconds, final.planned_tta, final.planned_threshold, final.tta,
                         final.threshold, cuts, torch.get_num_threads(),
-                        thread_changes=list(plan.threads.changes) if plan.threads is not None else [])
+                        thread_changes=list(plan.threads.changes) if plan.threads is not None else [],
+                        replans=list(plan.trace))

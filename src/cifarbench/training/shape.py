@@ -33,8 +33,9 @@ counts, so a single step slowed by a passing process does not decide (it once ma
 take one thread and half the steps)."""
 THROUGHPUT_FACTOR_ENV = "CIFARBENCH_THROUGHPUT_FACTOR"
 """Multiplies the measured throughput: emulates a slower (0.5) or faster (2) processor for tests and what-ifs."""
-KERNEL_STEPS = 2
-"""Timed CHECK_BATCH steps per precision and layout, after an untimed one (its kernels for that batch)."""
+KERNEL_STEPS = 3
+"""Timed CHECK_BATCH steps per precision and layout that can be chosen, after an untimed one (its kernels for
+that batch): the first right after it, the others in rounds alternated over the candidates."""
 SCOUT_BATCH = 8
 """Each precision and layout first takes one step of this many images (its kernels built included)."""
 ABANDON = 8.0
@@ -103,6 +104,7 @@ def choose_kernels(step: Step, requested: str = "auto", *, native_bf16: bool, de
         choice.not_chosen["fp32"] = "bf16 was asked for"
     # Where bf16 was forced off to simulate a CPU without it, the simulation must not pay for its slow steps.
     skip_bf16 = os.environ.get(CPU_BF16_ENV, "").strip() == "0" and not allowed["bf16"]
+    per_image: dict[str, float] = {}  # the fastest step per image of each candidate that can be chosen
     best: tuple[float, str] | None = None  # (seconds per image of the fastest allowed step, its candidate)
     for precision in ("fp32", "bf16"):
         if precision == "bf16" and skip_bf16:
@@ -120,10 +122,9 @@ def choose_kernels(step: Step, requested: str = "auto", *, native_bf16: bool, de
                 slow = best is not None and seconds > ABANDON * best[0]
                 if allowed[precision] and not slow:
                     step(CHECK_BATCH, dtype, channels_last)  # untimed: the kernels for this batch
-                    for _ in range(KERNEL_STEPS):
-                        t = clock()
-                        step(CHECK_BATCH, dtype, channels_last)
-                        seconds = min(seconds, (clock() - t) / CHECK_BATCH)
+                    t = clock()
+                    step(CHECK_BATCH, dtype, channels_last)
+                    seconds = per_image[name] = min(seconds, (clock() - t) / CHECK_BATCH)
             except Exception as error:  # noqa: BLE001 - e.g. a model that cannot take channels-last
                 choice.not_chosen[name] = f"failed: {type(error).__name__}"
                 continue
@@ -132,6 +133,20 @@ def choose_kernels(step: Step, requested: str = "auto", *, native_bf16: bool, de
                 best = (seconds, name)
             if not allowed[precision] or slow:
                 break  # one step of a precision that cannot win says enough: its other layout is not timed
+    # The finalists take their other steps in alternated rounds, so that a machine whose load changes while it
+    # is measured does not favour whichever was timed in the quiet moment (beside a busy training, it did).
+    for _ in range(KERNEL_STEPS - 1):
+        for name in per_image:
+            if clock() - start > limit_seconds:
+                break
+            precision, layout = name.split()
+            t = clock()
+            step(CHECK_BATCH, torch.bfloat16 if precision == "bf16" else None, layout == "channels-last")
+            per_image[name] = min(per_image[name], (clock() - t) / CHECK_BATCH)
+            choice.images_per_second[name] = 1 / max(per_image[name], 1e-12)
+    if per_image:
+        fastest = min(per_image, key=per_image.get)
+        best = (per_image[fastest], fastest)
     if best is not None:
         choice.precision, layout = best[1].split()
         choice.channels_last = layout == "channels-last"
