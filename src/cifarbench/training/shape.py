@@ -23,8 +23,9 @@ from cifarbench.errors import CifarbenchError
 PROBE_BATCH = 128
 """Small, so the probe costs a fraction of a second on an idle machine; images/s at the run's batch is higher by
 a roughly constant factor, which `recipes.PROBE_TO_LOOP` carries."""
-PROBE_STEPS = 3
-"""Timed steps of PROBE_BATCH images after one untimed one (allocations, kernel selection); the fastest counts."""
+PROBE_STEPS = 2
+"""Timed steps of PROBE_BATCH images, the fastest counting: the first also builds the kernels for this batch (the
+kernel choice has built the rest); more cost seconds of a short budget on a loaded machine."""
 CHECK_BATCH = 32
 """The thread count is chosen on steps of this many images (cheap even when the multi-thread step is slow)."""
 CHECK_ROUNDS = 3
@@ -208,8 +209,7 @@ def training_steps(model: nn.Module, in_shape: tuple[int, ...] = (3, 32, 32), cl
 
 
 def _seconds(step: Callable[[int], None], batch: int, repeat: int) -> float:
-    """The fastest of `repeat` timed steps, after one untimed one."""
-    step(batch)
+    """The fastest of `repeat` timed steps."""
     best = float("inf")
     for _ in range(repeat):
         t = time.perf_counter()
