@@ -120,17 +120,6 @@ def test_same_budget_compares_three_recipes_and_writes_the_docs_table(tiny_py: P
     assert "old table" not in text and "| 3 s |" in text and text.endswith("after\n")
 
 
-def test_under_load_reports_wall_steps_and_accuracy_idle_and_loaded(tiny_py: Path, tmp_path: Path) -> None:
-    docs = tmp_path / "results.md"
-    done = run_benchmark("under_load.py", "--budgets", "3", "--data-dir", str(tiny_py), "--docs", str(docs))
-    assert done.returncode == 0, done.stderr
-    (row,) = json.loads(done.stdout)["results"]
-    assert row["steps_ratio"] == pytest.approx(row["loaded"]["steps"] / row["idle"]["steps"])
-    assert row["wall_over_budget"] == pytest.approx(row["loaded"]["used_seconds"] / 3)
-    assert row["loaded"]["probe"]["images_per_second"] > 0 and row["idle"]["steps"] >= 1
-    assert "<!-- under-load:start -->" in docs.read_text()
-
-
 def test_under_load_beside_a_cnn_training_reports_the_bar_and_the_precision(tiny_py: Path, tmp_path: Path) -> None:
     docs = tmp_path / "results.md"
     done = run_benchmark("under_load.py", "--budgets", "3", "--beside", "busy", "cnn", "--settle", "3",
@@ -148,3 +137,15 @@ def test_under_load_beside_a_cnn_training_reports_the_bar_and_the_precision(tiny
                                           "bf16 contiguous")
     text = docs.read_text()
     assert "<!-- under-load-beside-cnn:start -->" in text and "| 3 s | cnn |" in text
+
+
+def test_under_load_reports_wall_steps_and_accuracy_idle_and_loaded(tiny_py: Path, tmp_path: Path) -> None:
+    docs = tmp_path / "results.md"
+    done = run_benchmark("under_load.py", "--budgets", "3", "--data-dir", str(tiny_py), "--docs", str(docs))
+    assert done.returncode == 0, done.stderr
+    (row,) = json.loads(done.stdout)["results"]
+    assert row["steps_ratio"] == pytest.approx(row["loaded"]["steps"] / row["idle"]["steps"])
+    assert row["wall_over_budget"] == pytest.approx(row["loaded"]["used_seconds"] / 3)
+    assert row["loaded"]["probe"]["images_per_second"] > 0 and row["idle"]["steps"] >= 1
+    assert "<!-- under-load:start -->" in docs.read_text()
+
