@@ -148,4 +148,3 @@ def test_under_load_reports_wall_steps_and_accuracy_idle_and_loaded(tiny_py: Pat
     assert row["wall_over_budget"] == pytest.approx(row["loaded"]["used_seconds"] / 3)
     assert row["loaded"]["probe"]["images_per_second"] > 0 and row["idle"]["steps"] >= 1
     assert "<!-- under-load:start -->" in docs.read_text()
-
