@@ -57,6 +57,10 @@ def test_final_evaluation_keeps_full_tta_when_it_fits_and_cuts_it_when_not() -> 
     assert mirror.cut == "TTA level 2 (threshold 0.6) -> level 1 (threshold 0.6)"
     _, plain = choose_final_evaluation(2, 0.6, left=0.5, batch_seconds=0.1, batches=10, confidences=unsure)
     assert (plain.tta, plain.cut) == (0, "TTA level 2 (threshold 0.6) -> off")  # even when plain does not fit
+    # With a margin for a machine whose speed changes, views must fit with room to spare.
+    _, spared = choose_final_evaluation(2, 0.6, left=6.5, batch_seconds=0.1, batches=10, confidences=unsure,
+                                        margin=1.25)
+    assert (spared.tta, spared.estimate_seconds) == (1, pytest.approx(2.0))  # 6 s x 1.25 > 6.5 s; 2 s x 1.25 fits
     # Confident images skip the extra views: full selective TTA costs the plain pass only.
     _, cheap = choose_final_evaluation(2, 0.6, left=1.1, batch_seconds=0.1, batches=10, confidences=sure)
     assert cheap.tta == 2 and cheap.cut is None

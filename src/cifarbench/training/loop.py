@@ -282,7 +282,7 @@ class _Setup:
         seconds, confident = budget.measure_evaluation_batch(self.model, self.train_data, c, self.device, self.amp)
         batches = math.ceil(len(self.test_data) / c.eval_batch_size)
         index, choice = budget.choose_final_evaluation(c.tta, c.tta_threshold, plan.seconds_left(), seconds, batches,
-                                                       confident)
+                                                       confident, margin=budget.TTA_MARGIN)
         index = ddp.broadcast_int(index, self.world, self.device)  # every rank evaluates its slice the same way
         choice.tta, choice.threshold = budget.evaluation_options(c.tta, c.tta_threshold)[index]
         t = time.perf_counter()
