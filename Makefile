@@ -31,6 +31,7 @@ demo: venv
 	else \
 		$(VENV)/bin/cifarbench compare fnn cnn speedrun $(DEMO_ARGS); \
 	fi
+	@echo "demo: done. For the cifarbench command in your shell: . .venv/bin/activate"
 
 test: venv
 	$(PY) -m pytest -q

@@ -148,3 +148,14 @@ def test_under_load_reports_wall_steps_and_accuracy_idle_and_loaded(tiny_py: Pat
     assert row["wall_over_budget"] == pytest.approx(row["loaded"]["used_seconds"] / 3)
     assert row["loaded"]["probe"]["images_per_second"] > 0 and row["idle"]["steps"] >= 1
     assert "<!-- under-load:start -->" in docs.read_text()
+
+
+def test_grade_isolation_times_the_same_inbox_in_process_and_boxed(tiny_py: Path) -> None:
+    done = run_benchmark("grade_isolation.py", "--bundles", "2", "--trainings", "1", "--model", "fnn",
+                         "--batch-size", "50", "--data-dir", str(tiny_py), "--no-verify")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    grading = out["grading"]
+    assert out["bundles"] == 2 and grading["in-process"]["graded"] == 2 and grading["process"]["graded"] == 2
+    assert "overhead_per_bundle_s" in grading["process"]
+    assert "seconds" in grading["bubblewrap"] or "bubblewrap" in grading["bubblewrap"]["error"]

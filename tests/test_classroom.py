@@ -153,8 +153,12 @@ def test_grading_ranks_the_honest_flags_the_edited_claim_and_runs_student_code_o
     assert runs["Cat"]["graded"] and runs["Cat"]["rescored_accuracy"] == pytest.approx(evil.test_accuracy)
     assert runs["Ann"]["rescored_accuracy"] == ann["rescored_accuracy"] and runs["Ann"]["flags"] == []
     assert [f["kind"] for f in runs["Ben"]["flags"] if f["severity"] == "error"] == ["claim-mismatch"]
-    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob(MARKER)) == [Path("grader-home") / MARKER]
+    # The code ran in its box: its home was the box's scratch space, gone with it.
+    assert not list(tmp_path.rglob(MARKER)) and not (Path.home() / MARKER).exists()
+    assert runs["Cat"]["isolation"] in ("bubblewrap", "process")
+    assert runs["Ann"]["isolation"] == runs["Cat"]["isolation"]
     assert (grader / "results" / "leaderboard.html").is_file() and not (teacher / MARKER).exists()
+    assert not list((grader / "grading").glob("0*")), "the work folder keeps no submission once it is graded"
 
 
 def test_a_bad_submission_is_one_row_with_its_reason_and_the_others_are_graded(class_data: Path,

@@ -200,3 +200,13 @@ def test_low_res_on_a_fixed_size_model_is_refused_before_the_run_is_recorded(tin
     status, err, runs = _train(tiny_py, tmp_path, "--set", "low_res=16")
     assert status == 1 and "low_res" in err
     assert _run_folders(runs) == []
+
+
+def test_run_config_takes_every_switch_the_train_flags_have() -> None:
+    import cifarbench as cb
+
+    config = cb.run_config("cnn", deterministic=True, compile=False, sync_bn=False, low_res=0)
+    assert (config.deterministic, config.compile, config.sync_bn, config.low_res) == (True, False, False, 0)
+    assert cb.run_config("cnn", low_res=16).low_res == 16
+    with pytest.raises(CifarbenchError, match="low_res"):
+        cb.run_config("cnn", low_res=-1)

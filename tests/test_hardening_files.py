@@ -208,8 +208,8 @@ RESUMABLE = {"position": {"step": 1, "total_steps": 4, "in_epoch": False, "epoch
 
 @pytest.mark.parametrize("change, complaint", [
     ({"run_id": None}, "run_id is not a string"),
-    ({"classes": "airplane"}, "classes is not a non-empty list of strings"),
-    ({"in_shape": [3, 32]}, "in_shape is not a list of 3 positive integers"),
+    ({"classes": "airplane"}, "classes is not a list of 1 to 1000 names"),
+    ({"in_shape": [3, 32]}, "in_shape is not [channels, height, width]"),
     ({"dataset": {"name": "cifar10"}}, "dataset is not a dict with a string sha256"),
     ({"state_dict": {"w": 1.0}}, "state_dict is not a dict of tensors"),
     ({"config": None, "model": 3}, "model is not a string"),
@@ -561,7 +561,8 @@ def test_read_only_store_creates_nothing(tmp_path: Path, store_dir: Path) -> Non
         with pytest.raises(CifarbenchError, match="read-only"):
             _start(store, "20250101-new")
     assert not (tmp_path / "fresh").exists()
-    # An existing store: a dead writer's run stays as it is, and no byte or file changes.
+    # An existing store: a dead writer's run reads as crashed (what a writer would mark it), and no byte or file
+    # changes.
     con = sqlite3.connect(store_dir / "cifarbench.db")
     con.execute("UPDATE runs SET status = 'running', pid = 999999999, host = ? WHERE id = ?",
                 (os.uname().nodename, IDS[0]))
@@ -569,7 +570,7 @@ def test_read_only_store_creates_nothing(tmp_path: Path, store_dir: Path) -> Non
     con.close()
     before = {p.name: p.read_bytes() for p in store_dir.iterdir()}
     with RunStore(store_dir, read_only=True) as store:
-        assert store.get_run(IDS[0])["status"] == "running"
+        assert store.get_run(IDS[0])["status"] == "crashed"
         assert len(store.list_runs()) == 3
         with pytest.raises(CifarbenchError, match="read-only"):
             store.delete_run(IDS[0])

@@ -128,8 +128,11 @@ def test_notebook_01_runs_in_a_kernel_without_an_error_cell(tiny_run) -> None:
 def test_notebook_training_cells_show_epoch_lines_and_no_tqdm_warning(tiny_run) -> None:
     nb, _ = tiny_run
     cell = cell_with(nb, 'cb.compare(["fnn", "cnn"], recipe')
-    stderr = "".join(o.text for o in cell.outputs if o.output_type == "stream" and o.name == "stderr")
-    assert [m["model"] for m in EPOCH_LINE.finditer(stderr)] == ["fnn", "cnn"]
+    # In a kernel the lines are the cell's output (stdout), not stderr's pink error background.
+    streams = {name: "".join(o.text for o in cell.outputs if o.output_type == "stream" and o.name == name)
+               for name in ("stdout", "stderr")}
+    assert [m["model"] for m in EPOCH_LINE.finditer(streams["stdout"])] == ["fnn", "cnn"]
+    assert not EPOCH_LINE.search(streams["stderr"])
     everything = "".join(texts(c) for c in nb.cells if c.cell_type == "code")
     assert "TqdmWarning" not in everything and "IProgress" not in everything
 

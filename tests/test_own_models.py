@@ -94,7 +94,8 @@ def test_a_file_model_trains_and_its_stored_copy_is_what_runs_after_the_file_cha
     # Edit the file (a wider conv), then delete it: everything still uses the run's own copy.
     student.write_text(MY_CNN.replace("nn.Conv2d(3, 8, 3)", "nn.Conv2d(3, 16, 3)"))
     status, out, err = cli(capsys, "eval", run["run_id"], "--runs-dir", str(runs), "--json")
-    assert status == 0, err and json.loads(out)["test_accuracy"] == run["test_accuracy"]
+    assert status == 0, err
+    assert json.loads(out)["test_accuracy"] == run["test_accuracy"]
     student.unlink()
     status, out, err = cli(capsys, "eval", run["run_id"], "--runs-dir", str(runs), "--json")
     assert status == 0, err
@@ -310,9 +311,9 @@ def test_imported_runs_list_compare_and_report_but_run_their_code_only_with_cons
     assert {f"{i}/checkpoint.pt" for i in exported} <= names and "manifest.json" in names
     assert cli(capsys, "train", "cnn", *train_args(tiny_py, mine))[0] == 0
     status, out, err = cli(capsys, "runs", "import", str(archive), "--runs-dir", str(mine), "--json")
-    assert status == 0, err and sorted(json.loads(out)["imported"]) == sorted(exported)
-    assert sorted(stored_ids(mine)) == sorted(stored_ids(mine))  # both origins in one store
-    every = stored_ids(mine)
+    assert status == 0, err
+    assert sorted(json.loads(out)["imported"]) == sorted(exported)
+    every = stored_ids(mine)  # both origins in one store
     assert set(exported) < set(every) and len(every) == 3
     status, out, _ = cli(capsys, "runs", "compare", *every, "--runs-dir", str(mine), "--json")
     assert {r["model"] for r in json.loads(out)["results"]} == {"fnn", "cnn", f"{student}:MyCNN"}

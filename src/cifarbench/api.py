@@ -45,16 +45,18 @@ from cifarbench.reporting.report import build_report, report_runs
 from cifarbench.running import train_run
 from cifarbench.runs.bundle import export_runs, import_runs
 from cifarbench.runs.catalog import delete_run, stored_runs
+from cifarbench.runs.limits import BundleLimits
 from cifarbench.runs.records import Comparison, ModelSummary, RunRecord
+from cifarbench.sandbox import Limits
 from cifarbench.training.recipes import config_for, make_config
 
-__all__ = ["Comparison", "DataOverview", "Evaluation", "ExperimentReport", "Explanation", "Grading", "ModelSummary",
-           "PermutationReport", "RunRecord", "Submission", "TrainedModel", "build_report", "compare",
-           "compare_configs", "compare_runs", "delete_run", "evaluate", "evaluate_checkpoint", "experiment", "explain",
-           "explain_runs", "explore", "export_runs", "grade", "import_runs", "load", "load_trained_model",
-           "make_config", "permutation", "permutation_experiment", "predict", "predict_images", "predict_test_set",
-           "report", "report_runs", "run_config", "run_experiment", "run_history", "score_images", "stored_runs",
-           "submit", "train", "train_run"]
+__all__ = ["BundleLimits", "Comparison", "DataOverview", "Evaluation", "ExperimentReport", "Explanation", "Grading",
+           "Limits", "ModelSummary", "PermutationReport", "RunRecord", "Submission", "TrainedModel", "build_report",
+           "compare", "compare_configs", "compare_runs", "delete_run", "evaluate", "evaluate_checkpoint",
+           "experiment", "explain", "explain_runs", "explore", "export_runs", "grade", "import_runs", "load",
+           "load_trained_model", "make_config", "permutation", "permutation_experiment", "predict", "predict_images",
+           "predict_test_set", "report", "report_runs", "run_config", "run_experiment", "run_history",
+           "score_images", "stored_runs", "submit", "train", "train_run"]
 
 Model = str | type | Callable[..., Any]
 """A registered model's name, `file.py:Name`, `module:Name`, or an nn.Module subclass or factory itself."""
@@ -73,13 +75,15 @@ def run_config(model: Model, *, recipe: str | None = None, seed: int = 0, epochs
            precision: str | None = None, budget: float | None = None, tta: int | None = None,
            widths: list[int] | None = None, val_split: int | None = None, device: str = "auto",
            dataset: str | None = None, data_dir: str | None = None, verify: bool | None = None,
-           download: bool | None = None, permute_pixels: int | None = None,
+           download: bool | None = None, permute_pixels: int | None = None, compile: bool | None = None,  # noqa: A002
+           sync_bn: bool | None = None, deterministic: bool | None = None, low_res: int | None = None,
            set: dict[str, Any] | None = None) -> TrainConfig:  # noqa: A002
     """The full typed config a run would train with (the same choices as `cifarbench train` and its flags)."""
     return config_for(_ref(model), recipe=recipe, seed=seed, device=device, optimizer=optimizer, lr=lr,
                       widths=widths, set=set, epochs=epochs, batch_size=batch_size, precision=precision,
                       budget_seconds=budget, tta=tta, val_split=val_split, dataset=dataset, data_dir=data_dir,
-                      verify=verify, download=download, permute_pixels=permute_pixels)
+                      verify=verify, download=download, permute_pixels=permute_pixels, compile=compile,
+                      sync_bn=sync_bn, deterministic=deterministic, low_res=low_res)
 
 
 def _check_keywords(function: Callable[..., Any], given: dict[str, Any], *, extra: Sequence[str] = (),
@@ -102,7 +106,8 @@ def train(model: Model, *, runs_dir: str | os.PathLike | None = None, progress: 
 
     A class or factory you pass is recorded with its source code, so the run can be evaluated and compared later
     even after you change it; running its cell again and training again just works. One line per epoch goes to
-    stderr (pass `on_epoch` to do something else with each epoch's metrics)."""
+    the cell's output in a notebook, to stderr from a script (pass `on_epoch` to do something else with each
+    epoch's metrics)."""
     _check_keywords(run_config, choices, extra=("runs_dir", "progress", "on_epoch"), where="train")
     runtime.configure()
     cfg = run_config(model, **choices)
@@ -113,10 +118,12 @@ def train(model: Model, *, runs_dir: str | os.PathLike | None = None, progress: 
 def compare(models: Sequence[Model], *, seeds: int = 1, jobs: int = 1, target: float | None = None,
             report: str | os.PathLike | None = None, plot: str | os.PathLike | None = None,
             runs_dir: str | os.PathLike | None = None, progress: bool | None = None,
-            on_epoch: Callable[[TrainConfig, Any], None] | None = None, **choices: Any) -> Comparison:
-    """Train every model for `seeds` seeds on the same data and compare them (`cifarbench compare`)."""
+            on_epoch: Callable[[TrainConfig, Any], None] | None = None, retrain: bool = False,
+            **choices: Any) -> Comparison:
+    """Train every model for `seeds` seeds on the same data and compare them (`cifarbench compare`); finished runs
+    with the same config, code, seed and data are reused unless `retrain`."""
     _check_keywords(run_config, choices, extra=("seeds", "jobs", "target", "report", "plot", "runs_dir", "progress",
-                                            "on_epoch"), where="compare")
+                                            "on_epoch", "retrain"), where="compare")
     refs = [_ref(m) for m in models]
     if jobs > 1 and any(r.startswith("__main__:") for r in refs):
         from cifarbench.errors import CifarbenchError
@@ -130,7 +137,9 @@ def compare(models: Sequence[Model], *, seeds: int = 1, jobs: int = 1, target: f
         raise CifarbenchError("compare trains seeds 0..seeds-1; pass seeds, not seed")
     return compare_configs(refs, lambda m, s: run_config(m, seed=s, **choices), seeds=seeds, jobs=jobs, target=target,
                            report=report, plot=plot, runs_dir=runs_dir, progress=progress,
-                           on_epoch=on_epoch or EpochPrinter())
+                           on_epoch=on_epoch or EpochPrinter(), retrain=retrain,
+                           on_reuse=lambda r: print(f"reusing run {r.run_id} ({r.model}, seed {r.seed}): finished "
+                                                    "with the same config and data (retrain=True trains it again)"))
 
 
 def _run_ids(runs: Runs) -> list[str]:
@@ -167,6 +176,7 @@ def permutation(models: Sequence[Model], *, seeds: int = 3, permutation_seed: in
                 on_epoch: Callable[[TrainConfig, Any], None] | None = None, **choices: Any) -> PermutationReport:
     """Train each model on plain and on pixel-permuted images over `seeds` seeds and compare
     (`cifarbench experiment permutation`); `choices` are `config`'s keywords (recipe=, epochs=, verify=False)."""
+    _check_keywords(run_config, choices, where="permutation")
     runtime.configure()
     refs = [_ref(m) for m in models]
     return permutation_experiment(refs, lambda m, s: run_config(m, seed=s, **choices), seeds=seeds,
@@ -185,6 +195,7 @@ def predict(run: str, images: Sequence[str | os.PathLike], *, labels: str | os.P
     """Classify image files (or folders of them) with a trained run (`cifarbench predict`); with `labels` (a CSV of
     filename,label rows), score them instead: an ImageScore with accuracy, per-class accuracy and confusion."""
     if labels is not None:
+        _check_keywords(score_images, kwargs, where="predict")
         return score_images(run, images, labels, **kwargs)
     _check_keywords(predict_images, kwargs, where="predict")
     return predict_images(run, images, **kwargs)

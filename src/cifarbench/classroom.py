@@ -11,30 +11,34 @@ with entries whose gap is within noise sharing a rank (`rank_entries`). docs/cla
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import re
 import shutil
 import statistics
+import tempfile
+import time
+import unicodedata
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch import nn
 
 from cifarbench.config import DataConfig, TrainConfig
-from cifarbench.data import ImageDataset, load_dataset
+from cifarbench.data import ImageDataset, load_dataset, prepare
 from cifarbench.data.dataset import Split
 from cifarbench.errors import CifarbenchError
 from cifarbench.evaluation.stats import Spread, mean_spread
-from cifarbench.models import count_parameters
 from cifarbench.models.reference import is_reference, label
 from cifarbench.runs import folders
-from cifarbench.runs.bundle import Bundle, export_runs, import_runs, read_bundle
+from cifarbench.runs.bundle import BundleLimits, export_runs, import_runs, read_bundle
 from cifarbench.runs.catalog import stored_runs
 from cifarbench.runs.records import RunRecord
+from cifarbench.sandbox import Isolation, Limits, child_environment, choose_isolation, python_command, run_boxed
 
 STUDENT = re.compile(r"[^\W_](?:[\w .-]{0,62}[\w.-])?")
 """A student's name: letters, digits, spaces and `-_.`, starting with a letter or digit (it becomes part of a
@@ -105,7 +109,10 @@ class GradedRun:
     flags: list[Flag] = field(default_factory=list)
     error: str | None = None
     """Why the run was not graded (None when it was)."""
-    checkpoint_sha256: str | None = field(default=None, repr=False)
+    isolation: str | None = None
+    """How its model ran: 'in-process' (cifarbench's own models only), 'bubblewrap' or 'process' (sandbox.py)."""
+    weights_sha256: str | None = field(default=None, repr=False)
+    """The weights' content hash (RunCheckpoint.weights_sha256): a copy re-saved under another id matches."""
     model_sha256: str | None = field(default=None, repr=False)
 
     @property
@@ -137,6 +144,8 @@ class LeaderboardEntry:
     images: int
     """Images the score was measured on (the test set's, or the hidden set's)."""
     flags: list[str]
+    isolation: str = "-"
+    """How its runs' models ran (GradedRun.isolation)."""
 
     @property
     def score(self) -> float:
@@ -157,7 +166,7 @@ class LeaderboardEntry:
                 "train_flops": self.train_flops, "train_seconds": spread(self.train_seconds),
                 "claimed_accuracy": spread(self.claimed), "rescored_accuracy": spread(self.rescored),
                 "hidden_accuracy": spread(self.hidden), "score": self.score, "standard_error": self.noise,
-                "images": self.images, "flags": self.flags}
+                "images": self.images, "flags": self.flags, "isolation": self.isolation}
 
 
 @dataclass
@@ -171,6 +180,11 @@ class Grading:
     hidden: dict | None
     trust_code: bool
     work_dir: str
+    isolation: str = "in-process"
+    """How student code ran (sandbox.Isolation.describe), or 'in-process' when none ran."""
+    roster: str | None = None
+    missing: list[str] = field(default_factory=list)
+    """Roster names with no submission."""
     html: str | None = None
     csv: str | None = None
 
@@ -181,7 +195,8 @@ class Grading:
     def to_dict(self) -> dict[str, Any]:
         return {"inbox": self.inbox, "leaderboard": [e.to_dict() for e in self.leaderboard],
                 "runs": [r.to_dict() for r in self.runs], "dataset": self.dataset, "hidden": self.hidden,
-                "trust_code": self.trust_code, "work_dir": self.work_dir, "html": self.html, "csv": self.csv}
+                "trust_code": self.trust_code, "work_dir": self.work_dir, "isolation": self.isolation,
+                "roster": self.roster, "missing": self.missing, "html": self.html, "csv": self.csv}
 
     def __repr__(self) -> str:
         return (f"Grading({self.inbox}: {len(self.leaderboard)} entries, {sum(r.graded for r in self.runs)} runs "
@@ -196,10 +211,12 @@ class Grading:
 # --- Submitting ---------------------------------------------------------------------------------------------
 
 def check_student(name: str) -> str:
-    """`name` if it can name a student (and a file), else a one-line error."""
-    if not isinstance(name, str) or not STUDENT.fullmatch(name):
+    """`name` if it can name a student (and a file), else a one-line error. Letters are taken as NFKC leaves them
+    (no full-width or styled forms), and never invisible ones."""
+    if (not isinstance(name, str) or not STUDENT.fullmatch(name) or unicodedata.normalize("NFKC", name) != name
+            or any(ord(c) in _INVISIBLE for c in name)):
         raise CifarbenchError(f"--student {name!r}: use letters, digits, spaces and -_. (up to 64 characters, "
-                              "starting with a letter or digit)")
+                              "starting with a letter or digit; plain letters, not full-width or styled ones)")
     return name
 
 
@@ -291,14 +308,14 @@ def selection_flags(record: RunRecord, config: TrainConfig, claimed: float | Non
     return flags
 
 
-def recipe_epochs(config: TrainConfig, model: nn.Module) -> int | None:
+def recipe_epochs(config: TrainConfig, convolutional: bool) -> int | None:
     """The epochs the run's recipe gives its model (what it trains without `--epochs`). An own model is treated
-    as the recipes treat one: like a registered model of its kind (convolutional or not)."""
+    as the recipes treat one: like a registered model of its kind (`convolutional` or not)."""
     from cifarbench.training.recipes import make_config
 
     name = config.model
     if is_reference(name):
-        name = "cnn" if any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()) else "fnn"
+        name = "cnn" if convolutional else "fnn"
     try:
         return make_config(name, config.recipe).epochs
     except CifarbenchError:
@@ -349,13 +366,15 @@ def leaderboard(runs: Sequence[GradedRun], *, test_images: int, hidden_images: i
         hidden = _spread([r.hidden_accuracy for r in rs]) if hidden_images else None
         flops = [r.train_flops for r in rs if r.train_flops is not None]
         kinds = list(dict.fromkeys(f.kind for r in rs for f in r.flags))
+        isolation = ", ".join(dict.fromkeys(r.isolation or "-" for r in rs))
         entries.append(LeaderboardEntry(0, False, student or "?", model or "?", recipe or "?",
                                         [r.run_id or "?" for r in rs], rs[0].params,
                                         statistics.fmean(flops) if flops else None,
                                         _spread([r.train_seconds for r in rs]),
                                         _spread([r.claimed_accuracy for r in rs]),
                                         mean_spread([r.rescored_accuracy for r in rs]),  # type: ignore[misc]
-                                        hidden, hidden_images if hidden is not None else test_images, kinds))
+                                        hidden, hidden_images if hidden is not None else test_images, kinds,
+                                        isolation))
     return rank_entries(entries)
 
 
@@ -412,17 +431,102 @@ def _line(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:300] or type(exc).__name__
 
 
+# --- Student names ----------------------------------------------------------------------------------------------
+
+_LOOKALIKES = str.maketrans({
+    # Letters drawn like Latin ones (after Unicode's confusables.txt, the common cases), mapped before case folding
+    # so that capitals keep their own look-alikes: Cyrillic А and Greek Α are A, Greek Η is H (its small η is n).
+    **dict.fromkeys("АΑ", "A"), **dict.fromkeys("ВΒ", "B"), **dict.fromkeys("СϹ", "C"), **dict.fromkeys("ЕΕ", "E"),
+    **dict.fromkeys("НΗ", "H"), **dict.fromkeys("ІΙӀ", "I"), "Ј": "J", **dict.fromkeys("КΚ", "K"),
+    **dict.fromkeys("МΜ", "M"), "Ν": "N", **dict.fromkeys("ОΟ", "O"), **dict.fromkeys("РΡ", "P"), "Ѕ": "S",
+    **dict.fromkeys("ТΤ", "T"), **dict.fromkeys("ХΧ", "X"), **dict.fromkeys("УҮΥ", "Y"), "Ζ": "Z",
+    **dict.fromkeys("аɑα", "a"), "в": "b", **dict.fromkeys("сϲ", "c"), "ԁ": "d", **dict.fromkeys("еёε", "e"),
+    "ɡ": "g", "һ": "h", **dict.fromkeys("іїιı", "i"), "ј": "j", **dict.fromkeys("кκ", "k"), **dict.fromkeys("ӏℓ", "l"),
+    "м": "m", "н": "h", "η": "n", **dict.fromkeys("оο", "o"), **dict.fromkeys("рρ", "p"), "ԛ": "q", "ѕ": "s",
+    **dict.fromkeys("тτ", "t"), "υ": "u", "ν": "v", **dict.fromkeys("ԝω", "w"), **dict.fromkeys("хχ", "x"),
+    **dict.fromkeys("уү", "y"), "ӡ": "3",
+})
+_SEQUENCES = (("rn", "m"), ("vv", "w"), ("cl", "d"), ("i", "l"), ("1", "l"), ("|", "l"), ("0", "o"), ("_", " "))
+"""Shapes that pass for one another once case is gone: I and l, rn and m."""
+_INVISIBLE = {0x115F, 0x1160, 0x3164, 0xFFA0, 0x2800, 0x180E}
+"""Fillers that count as letters but show nothing."""
+
+
+def name_key(name: str) -> str:
+    """How two names are compared: NFKC (full-width and styled letters become plain), case folded, spaces
+    collapsed."""
+    return " ".join(unicodedata.normalize("NFKC", name).casefold().split())
+
+
+def name_skeleton(name: str) -> str:
+    """A name as it looks: look-alike letters (Cyrillic а for Latin a, zero for o, rn for m) mapped to one."""
+    text = " ".join(unicodedata.normalize("NFKC", name).translate(_LOOKALIKES).casefold().split())
+    for shape, same in _SEQUENCES:
+        text = text.replace(shape, same)
+    return text
+
+
+def _scripts(name: str) -> set[str]:
+    return {unicodedata.name(c, "?").split()[0] for c in unicodedata.normalize("NFKC", name) if c.isalpha()}
+
+
+def read_roster(path: str | os.PathLike) -> list[str]:
+    """The expected students: one name per line (blank lines and lines starting with # are skipped; a CSV's
+    first column is the name)."""
+    from cifarbench.fsutil import read_regular_file
+
+    text = read_regular_file(path, 1 << 20, "--roster file", error=CifarbenchError).decode("utf-8", "replace")
+    names = [line.split(",")[0].strip() for line in text.splitlines()]
+    names = [n for n in names if n and not n.startswith("#")]
+    if not names:
+        raise CifarbenchError(f"--roster {path}: no names in it (one student per line)")
+    return names
+
+
+def name_flags(runs: Sequence[GradedRun], roster: Sequence[str] | None) -> list[str]:
+    """Flag names that could pass for another (a look-alike of another student's or a roster name, mixed
+    scripts) and names not on the roster; return the roster names that submitted nothing."""
+    names = sorted({r.student for r in runs if r.student})
+    by_skeleton: dict[str, set[str]] = {}
+    for name in [*names, *(roster or [])]:
+        by_skeleton.setdefault(name_skeleton(name), set()).add(name)
+    on_roster = {name_key(n) for n in roster or []}
+    flags: dict[str, list[Flag]] = {}
+    for name in names:
+        others = sorted(n for n in by_skeleton[name_skeleton(name)] if n != name)
+        if others:
+            flags.setdefault(name, []).append(Flag("look-alike", "error", f"the name {name!r} looks like "
+                                                   f"{', '.join(map(repr, others))}: submissions are told apart by "
+                                                   "name, so one may pass for another"))
+        elif len(_scripts(name)) > 1:
+            flags.setdefault(name, []).append(Flag("mixed-script", "warning", f"the name {name!r} mixes "
+                                                   f"{' and '.join(sorted(_scripts(name)))} letters"))
+        if roster is not None and name_key(name) not in on_roster:
+            flags.setdefault(name, []).append(Flag("not-on-roster", "error", f"{name!r} is not on the roster"))
+    for run in runs:
+        run.flags += flags.get(run.student or "", [])
+    submitted = {name_key(n) for n in names}
+    return [n for n in roster or [] if name_key(n) not in submitted]
+
+
+# --- Grading ----------------------------------------------------------------------------------------------------
+
 def grade(inbox: str | os.PathLike, *, trust_code: bool = False, data_dir: str | None = None,
           verify: bool | None = None, download: bool | None = None, dataset: str = "cifar10",
           hidden: str | os.PathLike | None = None, hidden_labels: str | os.PathLike | None = None,
           out: str | os.PathLike | None = None, work_dir: str | os.PathLike | None = None, device: str = "auto",
           progress: bool | None = None, on_run: Callable[[GradedRun], None] | None = None,
-          data: ImageDataset | None = None) -> Grading:
+          data: ImageDataset | None = None, roster: str | os.PathLike | None = None, isolation: str = "auto",
+          limits: Limits | None = None, bundle_limits: BundleLimits | None = None, write: bool = True) -> Grading:
     """Grade every submission (`*.tar.gz`) in `inbox`: re-score each run on the whole test set (and the hidden
-    set), flag claims and selections that do not hold, and write `leaderboard.html` and `leaderboard.csv` into
-    `out` (default: the inbox). Each archive is imported into a runs folder of its own under `work_dir` (default
-    INBOX/.grading, emptied first). Student model code runs only with `trust_code` (see docs/classroom.md for
-    running it in a container). A bad submission is reported with its reason and never stops the others."""
+    set), flag claims, selections and names that do not hold, and write `leaderboard.html` and `leaderboard.csv`
+    into `out` (default: the inbox) unless `write` is False.
+
+    Each archive is read in one bounded pass (`bundle_limits`) into a folder of its own under `work_dir` (default:
+    a fresh temporary folder), removed once it is graded. cifarbench's own models are rebuilt here; student model
+    code runs only with `trust_code`, and then each submission runs in a sandboxed child process with `limits` (time and
+    memory; bubblewrap's namespaces where `isolation` allows: sandbox.py). The child sees images, never labels:
+    the scores are computed here. A bad submission is one row with its reason and never stops the others."""
     from cifarbench.reporting.leaderboard import write_csv, write_html
 
     inbox = Path(inbox).expanduser()
@@ -430,132 +534,251 @@ def grade(inbox: str | os.PathLike, *, trust_code: bool = False, data_dir: str |
         raise CifarbenchError(f"{inbox} is not a folder of submissions")
     if hidden_labels is not None and hidden is None:
         raise CifarbenchError("--hidden-labels needs --hidden FOLDER")
-    archives = sorted(p for p in inbox.iterdir() if p.name.endswith(".tar.gz") and not p.name.startswith("."))
+    archives = sorted(p for p in inbox.iterdir() if p.name.endswith(".tar.gz") and not p.name.startswith(".")
+                      and p.is_file() and not p.is_symlink())  # a link could name a file outside the inbox
     if not archives:
         raise CifarbenchError(f"{inbox} holds no .tar.gz submissions (students make them with `cifarbench submit`)")
+    expected = read_roster(roster) if roster is not None else None
+    box = _Box(choose_isolation(isolation), limits or Limits(), device) if trust_code else None
     data = data or load_dataset(DataConfig(dataset=dataset, data_dir=data_dir, verify=verify is not False,
                                            download=download is not False), progress=progress)
     hidden_set = HiddenSet.load(hidden, hidden_labels, data.classes) if hidden is not None else None
-    work = _work_folder(Path(work_dir).expanduser() if work_dir else inbox / ".grading")
+    target = Path(out).expanduser() if out else inbox
+    for name in ("leaderboard.csv", "leaderboard.html"):  # before hours of grading, not after
+        if (target / name).is_symlink() or ((target / name).exists() and not (target / name).is_file()):
+            raise CifarbenchError(f"{target / name} is not a plain file; remove it or choose --out FOLDER")
+    # By default a fresh folder outside the inbox: whoever can write the inbox cannot plant anything in it.
+    work = (_work_folder(Path(work_dir).expanduser()) if work_dir
+            else Path(tempfile.mkdtemp(prefix="cifarbench-grading-")))
+    if box is not None:
+        source = Path(str(data.info().get("source") or ""))
+        private = [inbox, work, *([hidden_set.folder, hidden_set.labels_file] if hidden_set else []),
+                   *([Path(out).expanduser()] if out else []), *([source] if source.is_absolute() else []),
+                   *([Path(roster)] if roster else [])]
+        box.prepare(work, private=private)
     runs: list[GradedRun] = []
-    seen: dict[str, GradedRun] = {}  # checkpoint sha256 -> the first run graded with it
-    for i, archive in enumerate(archives):
-        try:
-            graded = _grade_archive(archive, work / f"{i:03d}", data, hidden_set, seen, trust_code=trust_code,
-                                    device=device)
-        except (Exception, SystemExit) as exc:  # a crafted archive must not stop the others either
-            graded = [GradedRun(archive.name, None, error=f"could not be graded ({type(exc).__name__}: {_line(exc)})")]
-        for run in graded:
-            runs.append(run)
-            if on_run:
-                on_run(run)
-    _flag_shared_checkpoints(runs)
+    seen: dict[str, GradedRun] = {}  # weights sha256 -> the first run graded with them
+    try:
+        for i, archive in enumerate(archives):
+            folder = work / f"{i:03d}"
+            try:
+                graded = _grade_archive(archive, folder, data, hidden_set, seen, box=box, device=device,
+                                        bundle_limits=bundle_limits)
+            except (Exception, SystemExit) as exc:  # a crafted archive must not stop the others either
+                graded = [GradedRun(archive.name, None, error=f"could not be graded ({type(exc).__name__}: "
+                                                              f"{_line(exc)})")]
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)  # the work folder never holds more than one submission
+            for run in graded:
+                runs.append(run)
+                if on_run:
+                    on_run(run)
+    finally:
+        if box is not None:
+            box.close()
+        if not work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+    _flag_shared_weights(runs)
+    missing = name_flags(runs, expected)
     board = leaderboard(runs, test_images=len(data.test), hidden_images=len(hidden_set.files) if hidden_set else None)
     result = Grading(str(inbox), runs, board, data.info(), hidden_set.info() if hidden_set else None, trust_code,
-                     str(work))
-    target = Path(out).expanduser() if out else inbox
-    target.mkdir(parents=True, exist_ok=True)
-    result.csv = str(write_csv(result, target / "leaderboard.csv"))
-    result.html = str(write_html(result, target / "leaderboard.html"))
+                     str(work), isolation=box.isolation.describe() if box else "in-process (no student code runs)",
+                     roster=str(roster) if roster is not None else None, missing=missing)
+    if write:
+        target.mkdir(parents=True, exist_ok=True)
+        result.csv = str(write_csv(result, target / "leaderboard.csv"))
+        result.html = str(write_html(result, target / "leaderboard.html"))
     return result
 
 
-def _number(value: Any) -> float | None:
-    """A finite number from a manifest, else None."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+def _number(value: Any, high: float = 1e15) -> float | None:
+    """A number from a manifest in [0, high], else None (the manifest is the student's text: a 1e308 would
+    overflow the means of the leaderboard)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return float(value)
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) and 0 <= value <= high else None
 
 
-def _integer(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+def _integer(value: Any, high: int = 10**18) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= high else None
+
+
+class _Box:
+    """Where student code runs under `grade --trust-code`: one sandboxed child process per run
+    (classroom_worker), handed image files and asked for the classes it gives them."""
+
+    def __init__(self, isolation: Isolation, limits: Limits, device: str) -> None:
+        self.isolation, self.limits, self.device = isolation, limits, device
+        self.inputs: Path | None = None
+        self.private: list[Path] = []
+        self.deadline = time.monotonic() + limits.timeout
+        self._files: dict[tuple, Path] = {}
+
+    def prepare(self, work: Path, private: Sequence[Path]) -> None:
+        self.inputs = Path(tempfile.mkdtemp(prefix=".inputs-", dir=work))
+        self.private = list(private)
+
+    def close(self) -> None:
+        if self.inputs is not None:
+            shutil.rmtree(self.inputs, ignore_errors=True)
+
+    def _file(self, images: np.ndarray) -> Path:
+        """The images as an .npy file the child may read (written once per distinct array)."""
+        key = (images.shape, hashlib.sha256(images.tobytes()).hexdigest())
+        if key not in self._files:
+            assert self.inputs is not None
+            path = self.inputs / f"images-{len(self._files)}.npy"
+            np.save(path, images, allow_pickle=False)
+            self._files[key] = path
+        return self._files[key]
+
+    def start(self) -> None:
+        """A new submission: its time starts now (--timeout is per submission, whatever it asks for)."""
+        self.deadline = time.monotonic() + self.limits.timeout
+
+    def predict(self, checkpoint: Path, images: dict[str, np.ndarray], ttas: Sequence[int | str],
+                classes: int) -> dict[str, np.ndarray]:
+        request = {"checkpoint": str(checkpoint), "device": self.device, "ttas": list(ttas),
+                   "images": {split: str(self._file(array)) for split, array in images.items()}}
+        outcome = run_boxed(python_command("cifarbench.classroom_worker", json.dumps(request)),
+                            isolation=self.isolation, limits=self.limits, hidden=self.private,
+                            readable=[checkpoint.parent, self.inputs], env=child_environment(),
+                            seconds=self.deadline - time.monotonic())
+        failure = outcome.failure(self.limits)
+        if failure:
+            raise CifarbenchError(f"its model code {failure}")
+        try:
+            arrays = json.loads(outcome.stdout)
+        except (ValueError, RecursionError):
+            raise CifarbenchError("its model code ended without a result (did it exit early?)") from None
+        predictions = {}
+        for split, array in images.items():
+            for tta in ttas:
+                got = arrays.get(f"{split}_{tta}") if isinstance(arrays, dict) else None
+                if (not isinstance(got, list) or len(got) != len(array)
+                        or not all(type(c) is int and 0 <= c < classes for c in got)):
+                    raise CifarbenchError("its model code returned no valid predictions")
+                predictions[f"{split}_{tta}"] = np.asarray(got, dtype=np.int64)
+        return predictions
+
+
+def _predict_here(checkpoint: Path, images: dict[str, np.ndarray], ttas: Sequence[int | str], *,
+                  device: str) -> dict[str, np.ndarray]:
+    """What the child returns, computed in this process: only for cifarbench's own models (no student code
+    runs; load_trained_model refuses anything else without --trust-code, and bounds their size and compute)."""
+    from cifarbench.inference import load_trained_model
+
+    loaded = load_trained_model(str(checkpoint), device=device, trust_code=False)
+    return {f"{split}_{tta}": loaded.predicted_classes(array, tta=None if tta == "own" else int(tta))
+            for split, array in images.items() for tta in ttas}
 
 
 def _grade_archive(archive: Path, store: Path, data: ImageDataset, hidden: HiddenSet | None,
-                   seen: dict[str, GradedRun], *, trust_code: bool, device: str) -> list[GradedRun]:
+                   seen: dict[str, GradedRun], *, box: _Box | None, device: str,
+                   bundle_limits: BundleLimits | None) -> list[GradedRun]:
     """Every run of one archive, graded; or one row saying why the archive could not be."""
     try:
-        bundle = read_bundle(archive)
+        bundle = read_bundle(archive, bundle_limits)
         if bundle.student is None:
             raise CifarbenchError(f"{archive.name}: not a submission (no student name; students make them with "
                                   "`cifarbench submit`)")
         student = check_student(bundle.student)
+        imported = import_runs(archive, runs_dir=store, limits=bundle_limits)
     except CifarbenchError as exc:
         return [GradedRun(archive.name, None, error=str(exc))]
-    try:
-        imported = import_runs(archive, runs_dir=store)
-    except CifarbenchError as exc:
-        return [GradedRun(archive.name, student, error=str(exc))]
     rows = [GradedRun(archive.name, student, run_id, error=f"not imported: {why}")
             for run_id, why in imported.skipped]
     for record in imported.imported:
         # The manifest is the student's text: only well-typed values go into the leaderboard.
         code_sha = record.config.get("model_sha256") if isinstance(record.config, dict) else None
-        row = GradedRun(archive.name, student, record.run_id, label(str(record.model)), str(record.recipe),
+        row = GradedRun(archive.name, student, record.run_id, label(str(record.model))[:200], str(record.recipe)[:64],
                         _integer(record.seed), len(record.history) or _integer(record.epochs), None,
-                        _integer(record.train_flops), _number(record.train_seconds), _number(record.test_accuracy),
-                        checkpoint_sha256=bundle.files[record.run_id].get(folders.CHECKPOINT),
+                        _integer(record.train_flops), _number(record.train_seconds), _number(record.test_accuracy, 1),
+                        isolation=box.isolation.kind if box else "in-process",
                         model_sha256=code_sha if isinstance(code_sha, str) else None)
-        first = seen.get(row.checkpoint_sha256 or "")
-        if first is not None and first.student == student:
-            row.error = f"the same run as {first.archive}, already graded"
-        else:
-            seen.setdefault(row.checkpoint_sha256 or "", row)
-            _score(row, record, bundle, store, data, hidden, trust_code=trust_code, device=device)
+        if box is not None:
+            box.start()
+        _score(row, record, store, data, hidden, seen, box=box, device=device)
         rows.append(row)
     return rows
 
 
-def _score(row: GradedRun, record: RunRecord, bundle: Bundle, store: Path, data: ImageDataset,
-           hidden: HiddenSet | None, *, trust_code: bool, device: str) -> None:
-    """Rebuild one imported run and fill in its scores and flags, or its error."""
-    from cifarbench.inference import load_trained_model
+def _score(row: GradedRun, record: RunRecord, store: Path, data: ImageDataset, hidden: HiddenSet | None,
+           seen: dict[str, GradedRun], *, box: _Box | None, device: str) -> None:
+    """Rebuild one imported run and fill in its scores and flags, or its error. Everything but the model's
+    predictions is computed here, from the checkpoint read as data, before any of its code could run."""
+    from cifarbench.models.registry import check_foreign_model
+    from cifarbench.training.state import RunCheckpoint
 
+    checkpoint = folders.run_folder(store, record.run_id) / folders.CHECKPOINT
     try:
-        loaded = load_trained_model(str(folders.run_folder(store, record.run_id)), runs_dir=store, device=device,
-                                    trust_code=trust_code)
-        ckpt = loaded.checkpoint
-        if tuple(loaded.classes) != tuple(data.classes) or tuple(loaded.in_shape) != tuple(data.image_shape):
+        ckpt = RunCheckpoint.load(checkpoint)
+        config = TrainConfig.from_dict(ckpt.config)
+        if config.model != ckpt.model:
+            raise CifarbenchError(f"its checkpoint names model {ckpt.model!r} but its config {config.model!r}")
+        check_foreign_model(ckpt.model, config.model_sha256, source=f"run {record.run_id!r}")
+        if tuple(ckpt.classes) != tuple(data.classes) or tuple(ckpt.in_shape) != tuple(data.image_shape):
             raise CifarbenchError(f"trained on {ckpt.dataset.get('name', 'another data set')} "
-                                  f"({len(loaded.classes)} classes, input {tuple(loaded.in_shape)}), not on "
+                                  f"({len(ckpt.classes)} classes, input {tuple(ckpt.in_shape)}), not on "
                                   f"{data.name} ({len(data.classes)} classes, input {data.image_shape})")
-        result = loaded.evaluate(data)
-        row.model, row.params, row.tta = label(loaded.config.model), count_parameters(loaded.model), loaded.config.tta
-        row.rescored_accuracy, row.test_images = result.accuracy, result.n
+        row.weights_sha256 = ckpt.weights_sha256()
+        first = seen.get(row.weights_sha256)
+        if first is not None and first.student == row.student:
+            raise CifarbenchError(f"the same weights as run {first.run_id} of {first.archive}, already graded")
+        seen.setdefault(row.weights_sha256, row)
+        test = prepare(data, config.data).test
+        images = {"test": test.images, **({"hidden": hidden.split(ckpt.in_shape).images} if hidden else {})}
+
+        def predict(images: dict[str, np.ndarray], ttas: Sequence[int | str]) -> dict[str, np.ndarray]:
+            if box is not None:
+                return box.predict(checkpoint, images, ttas, len(data.classes))
+            return _predict_here(checkpoint, images, ttas, device=device)
+
+        row.params = ckpt.weight_count()
+        predicted = predict(images, ["own"])
+        row.model, row.tta = label(config.model), config.tta
+        row.rescored_accuracy, row.test_images = float(np.mean(predicted["test_own"] == test.labels)), len(test)
         if hidden is not None:
-            row.hidden_accuracy = loaded.evaluate_split(hidden.split(loaded.in_shape)).accuracy
+            row.hidden_accuracy = float(np.mean(predicted["hidden_own"] == hidden.labels))
 
         def tta_matches(claimed: float) -> str | None:
-            for tta in (0, 1, 2):
-                if tta != loaded.config.tta:
-                    other = replace(loaded, config=replace(loaded.config, tta=tta, tta_threshold=0.0))
-                    if abs(other.evaluate(data).accuracy - claimed) <= claim_tolerance(result.n) + 1e-9:
-                        return (f"that is this model's accuracy with test-time augmentation {tta}, while its "
-                                f"run evaluates with {loaded.config.tta}")
+            others = [t for t in (0, 1, 2) if t != config.tta]
+            other = predict({"test": test.images}, others)
+            for tta in others:
+                if abs(float(np.mean(other[f"test_{tta}"] == test.labels)) - claimed) <= \
+                        claim_tolerance(len(test)) + 1e-9:
+                    return (f"that is this model's accuracy with test-time augmentation {tta}, while its "
+                            f"run evaluates with {config.tta}")
             return None
 
         same_data = ckpt.dataset.get("sha256") == data.sha256
-        row.flags = claim_flags(row.claimed_accuracy, result.accuracy, result.n, same_data=same_data,
+        row.flags = claim_flags(row.claimed_accuracy, row.rescored_accuracy, len(test), same_data=same_data,
                                 tta_matches=tta_matches)
-        row.flags += selection_flags(record, loaded.config, row.claimed_accuracy, result.n,
-                                     recipe_epochs(loaded.config, loaded.model))
+        convolutional = any(t.ndim == 4 for t in ckpt.state_dict.values())  # conv filters, read from the weights
+        row.flags += selection_flags(record, config, row.claimed_accuracy, len(test),
+                                     recipe_epochs(config, convolutional))
     except CifarbenchError as exc:
         row.error = str(exc)
-    except (Exception, SystemExit) as exc:  # a student's model that crashes while building or scoring
+    except (Exception, SystemExit) as exc:  # a model that crashes while building or scoring
         row.error = f"crashed while being rebuilt or scored ({type(exc).__name__}: {_line(exc)})"
     if row.error:
         row.rescored_accuracy = row.hidden_accuracy = None
 
 
-def _flag_shared_checkpoints(runs: Sequence[GradedRun]) -> None:
-    """Runs of different students with the very same checkpoint: one of them is not their own."""
+def _flag_shared_weights(runs: Sequence[GradedRun]) -> None:
+    """Runs of different students with the very same weights (whatever the run id or file): one of them is not
+    their own."""
     by_sha: dict[str, list[GradedRun]] = {}
     for run in runs:
-        if run.checkpoint_sha256 and run.error is None:
-            by_sha.setdefault(run.checkpoint_sha256, []).append(run)
+        if run.weights_sha256 and run.error is None:
+            by_sha.setdefault(run.weights_sha256, []).append(run)
     for group in by_sha.values():
         for run in group:
             others = sorted({f"{r.student} ({r.archive})" for r in group if r.student != run.student})
             if others:
-                run.flags.append(Flag("duplicate", "error", "the same checkpoint as the submission of "
+                run.flags.append(Flag("duplicate", "error", "the same weights as the submission of "
                                       + ", ".join(others)))

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from cifarbench.errors import CifarbenchError
 from cifarbench.reporting.tables import printable
+from cifarbench.runs.limits import BundleLimits
+from cifarbench.sandbox import ISOLATIONS, Limits, choose_isolation
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # a prefix must not pass for a flag: `--seed 2` is not `--seeds 2`
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # a bad flag is a user error: one line, status 1
         self.exit(1, f"cifarbench: error: {message} (see {self.prog} --help)\n")
 
@@ -74,6 +83,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The parsed flags; an unknown flag is refused by its own command's parser, with the closest flag it has."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        command = parser
+        while (subs := next((a for a in command._actions if isinstance(a, argparse._SubParsersAction)), None)) \
+                and getattr(args, subs.dest, None) in subs.choices:
+            command = subs.choices[getattr(args, subs.dest)]
+        flags = [o for a in command._actions for o in a.option_strings]
+        given = next((e.split("=")[0] for e in extra if e.startswith("-")), "")
+        close = difflib.get_close_matches(given, flags, n=1) if given else []
+        command.error(f"unrecognized arguments: {' '.join(extra)}" + (f"; did you mean {close[0]}?" if close else ""))
+    return args
+
+
 def _data_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("download", help="fetch and verify the official CIFAR-10 archive")
     p.add_argument("--data-dir", help="destination folder (default: $CIFARBENCH_DATA, then ./data)")
@@ -110,6 +135,9 @@ def _training_commands(sub: argparse._SubParsersAction) -> None:
                    help="also report the epoch and training second each seed first reached this test accuracy (e.g. "
                         "0.9)")
     p.add_argument("--report", metavar="HTML", help="also write a self-contained HTML report there")
+    p.add_argument("--retrain", action="store_true",
+                   help="train every run anew (default: reuse finished runs of this runs folder with the same config, "
+                        "code, seed and data)")
     _run_flags(p)
 
 
@@ -181,7 +209,8 @@ def _inspection_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG/JPEG files, or folders of them")
     p.add_argument("--top", type=int, default=3, help="classes to show per image (default 3)")
     p.add_argument("--labels", metavar="FILE",
-                   help="score the images against this CSV of filename,label rows (label: class name or index): "
+                   help="score the images against this file of filename,label rows, comma- or tab-separated "
+                        "(label: class name or index): "
                         "accuracy, per-class accuracy, confusion matrix")
     p.add_argument("--device", default="auto")
     p.add_argument("--runs-dir")
@@ -210,9 +239,38 @@ def _classroom_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
     p.add_argument("--trust-code", action="store_true",
-                   help="run the students' own model code (read it first; better, grade inside a container: "
-                        "docs/classroom.md)")
+                   help="run the students' own model code, each submission in a sandboxed process (docs/classroom.md)")
+    p.add_argument("--roster", metavar="FILE", help="the expected students, one name per line: others are flagged, "
+                                                    "and names with no submission listed")
+    p.add_argument("--timeout", type=float, default=Limits.timeout, metavar="SECONDS",
+                   help=f"with --trust-code: wall-clock limit per submission (default {Limits.timeout:g})")
+    p.add_argument("--memory", type=int, default=Limits.memory_mib, metavar="MIB",
+                   help=f"with --trust-code: memory limit per submission in MiB (default {Limits.memory_mib})")
+    p.add_argument("--isolation", choices=ISOLATIONS, default="auto",
+                   help="with --trust-code: bubblewrap (no network, read-only, private folders hidden), process "
+                        "(limits only), or auto: bubblewrap where it works (default)")
+    _bundle_flags(p)
     _data_flags(p)
+
+
+def _bundle_flags(p: argparse.ArgumentParser) -> None:
+    """Caps on what one archive from elsewhere may cost (runs/bundle.BundleLimits)."""
+    p.add_argument("--max-bundle-mib", type=int, default=BundleLimits.max_bytes >> 20, metavar="MIB",
+                   help=f"refuse an archive whose files inflate beyond this (default {BundleLimits.max_bytes >> 20})")
+    p.add_argument("--max-bundle-members", type=int, default=BundleLimits.max_members, metavar="N",
+                   help=f"refuse an archive of more members (default {BundleLimits.max_members})")
+    p.add_argument("--max-bundle-runs", type=int, default=BundleLimits.max_runs, metavar="N",
+                   help=f"refuse an archive of more runs (default {BundleLimits.max_runs})")
+
+
+def _bundle_limits(args: argparse.Namespace) -> BundleLimits:
+    if args.max_bundle_mib < 1 or args.max_bundle_mib > 1 << 20:
+        raise CifarbenchError(f"--max-bundle-mib {args.max_bundle_mib}: must be in [1, {1 << 20}]")
+    for flag, value in (("--max-bundle-members", args.max_bundle_members), ("--max-bundle-runs",
+                                                                             args.max_bundle_runs)):
+        if value < 1:
+            raise CifarbenchError(f"{flag} {value}: must be at least 1")
+    return BundleLimits(args.max_bundle_mib << 20, args.max_bundle_members, args.max_bundle_runs)
 
 
 MODEL_HELP = "a registered model (`cifarbench models`), or your own: path/to/file.py:Name or package.module:Name"
@@ -266,6 +324,7 @@ def _runs_actions(runs: argparse.ArgumentParser) -> None:
     common(q)
     q = actions.add_parser("import", help="bring the runs of an exported archive into this runs folder")
     q.add_argument("archive", metavar="FILE")
+    _bundle_flags(q)
     common(q)
 
 
@@ -325,26 +384,21 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 
 def cmd_explore(args: argparse.Namespace) -> None:
-    from cifarbench.config import DataConfig
-    from cifarbench.data import load_dataset
-    from cifarbench.reporting.plots import plot_class_grid
+    from cifarbench.data.overview import explore
     from cifarbench.reporting.tables import format_table
 
-    if args.per_class < 1:
-        raise CifarbenchError("--per-class must be at least 1")
-    ds = load_dataset(DataConfig(dataset=args.dataset, data_dir=args.data_dir, verify=args.verify is not False,
-                                 download=args.download is not False))
-    split = ds.train if args.split == "train" else ds.test
-    path = plot_class_grid(split.images, split.labels, ds.classes, args.out, per_class=args.per_class, seed=args.seed)
-    counts = {"train": ds.train.class_counts(len(ds.classes)), "test": ds.test.class_counts(len(ds.classes))}
+    overview = explore(dataset=args.dataset, data_dir=args.data_dir, verify=args.verify is not False,
+                       download=args.download is not False, per_class=args.per_class, split=args.split,
+                       seed=args.seed, out=args.out)
+    counts, classes = overview.counts, overview.classes
     if args.json:
-        _print_json({"grid": str(path), "classes": list(ds.classes), "counts": counts, "dataset": ds.info()})
+        _print_json({"grid": str(args.out), "classes": classes, "counts": counts, "dataset": overview.info})
         return
-    _note_unverified(ds.info())
-    rows = [(c, counts["train"][i], counts["test"][i]) for i, c in enumerate(ds.classes)]
+    _note_unverified(overview.info)
+    rows = [(c, counts["train"][i], counts["test"][i]) for i, c in enumerate(classes)]
     rows.append(("total", sum(counts["train"]), sum(counts["test"])))
     print(format_table(["class", "train", "test"], rows))
-    print(f"\nwrote {path} ({args.per_class} {args.split} images per class)")
+    print(f"\nwrote {args.out} ({args.per_class} {args.split} images per class)")
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -387,8 +441,6 @@ _RESUME_FIXED = ("seed", "epochs", "batch_size", "lr", "optimizer", "precision",
 
 
 def _resume(args: argparse.Namespace):
-    from dataclasses import replace
-
     from cifarbench.running import resumable_config, train_run
 
     given = [name for name in _RESUME_FIXED if getattr(args, name, None) not in (None, False)]
@@ -399,8 +451,7 @@ def _resume(args: argparse.Namespace):
     config = resumable_config(args.resume, args.runs_dir, args.trust_code)
     if args.model and args.model != config.model:
         raise CifarbenchError(f"run {args.resume} trains {config.model!r}, not {args.model!r}")
-    data = replace(config.data, **{k: v for k, v in (("data_dir", args.data_dir), ("verify", args.verify),
-                                                     ("download", args.download)) if v is not None})
+    data = config.data.for_loading(foreign=False, data_dir=args.data_dir, verify=args.verify, download=args.download)
     show = _with_tensorboard(args, _epoch_printer(args))
     return train_run(runs_dir=args.runs_dir, on_epoch=lambda m: show(config, m), resume=args.resume, data=data,
                      trust_code=args.trust_code)
@@ -427,9 +478,14 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from cifarbench.comparing import compare
     from cifarbench.reporting.tables import comparison_table
 
+    def reused(run) -> None:
+        print(f"reusing run {printable(run.run_id)} ({printable(run.model)}, seed {run.seed}): finished with the same "
+              "config and data (--retrain trains it again)", file=sys.stderr, flush=True)
+
     report = compare(args.models, lambda m, s: _config(args, m, s), seeds=args.seeds, runs_dir=args.runs_dir,
                      plot=args.plot, on_epoch=_with_tensorboard(args, _epoch_printer(args)), target=args.target,
-                     report=args.report, jobs=args.jobs, on_run=_run_printer(args) if args.jobs > 1 else None)
+                     report=args.report, jobs=args.jobs, on_run=_run_printer(args) if args.jobs > 1 else None,
+                     retrain=args.retrain, on_reuse=reused)
     for failure in report.failures:
         print(f"cifarbench: warning: {printable(failure['model'])} seed {failure['seed']} failed: "
               f"{printable(failure['error'])}",
@@ -547,7 +603,7 @@ def cmd_runs(args: argparse.Namespace) -> None:
     from cifarbench.reporting.tables import runs_table
     from cifarbench.runs.store import RunStore
 
-    with RunStore(args.runs_dir) as store:
+    with RunStore(args.runs_dir, read_only=True) as store:
         runs = [RunStore.to_record(row) for row in store.list_runs(args.limit)]
     if args.json:
         _print_json({"runs": [r.to_dict() for r in runs]})
@@ -633,16 +689,18 @@ def _runs_export(args: argparse.Namespace) -> None:
 def _runs_import(args: argparse.Namespace) -> None:
     from cifarbench.runs.bundle import import_runs
 
-    result = import_runs(args.archive, runs_dir=args.runs_dir)
+    result = import_runs(args.archive, runs_dir=args.runs_dir, limits=_bundle_limits(args))
     if args.json:
-        _print_json(result.to_dict())
+        _print_json({**result.to_dict(), "with_code": [r.run_id for r in result.with_code]})
         return
     for record in result.imported:
-        print(f"imported run {printable(record.run_id)} ({printable(record.model)}, seed {record.seed})")
+        code = ": carries its own model code (model.py)" if record in result.with_code else ""
+        print(f"imported run {printable(record.run_id)} ({printable(record.model)}, seed {record.seed}){code}")
     for run_id, why in result.skipped:
         print(f"skipped run {printable(run_id)}: {printable(why)}")
-    if any(r.config.get("model_sha256") for r in result.imported):
-        print("note: imported runs with their own model code run it only with --trust-code (read model.py first)")
+    if result.with_code:
+        print(f"note: {len(result.with_code)} imported run(s) carry model code; it runs only with --trust-code (read "
+              "each model.py first)")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -663,6 +721,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     if args.labels:
         scored = score_images(args.ref, args.images, args.labels, runs_dir=args.runs_dir, device=args.device,
                               trust_code=args.trust_code)
+        _warn(scored.warnings)
         if args.json:
             _print_json(scored.to_dict())
             return
@@ -677,12 +736,19 @@ def cmd_predict(args: argparse.Namespace) -> None:
         return
     result = predict_images(args.ref, args.images, top=args.top, runs_dir=args.runs_dir, device=args.device,
                             trust_code=args.trust_code)
+    _warn(result["warnings"])
     if args.json:
         _print_json(result)
         return
     for p in result["predictions"]:
         print(f"{printable(p['image'])}: "
               + ", ".join(f"{printable(t['class'])} {100 * t['probability']:.1f}%" for t in p["top"]))
+
+
+def _warn(warnings: Sequence[str]) -> None:
+    """Warnings about a result, on stderr: stdout stays one line per image (or the JSON, which lists them too)."""
+    for warning in warnings:
+        print(f"warning: {printable(warning)}", file=sys.stderr, flush=True)
 
 
 def cmd_submit(args: argparse.Namespace) -> None:
@@ -706,14 +772,20 @@ def cmd_grade(args: argparse.Namespace) -> None:
                    else f"not graded: {run.error}")
         print(f"{printable(run.archive)}: {printable(verdict)}", file=sys.stderr, flush=True)
 
+    limits = Limits(args.timeout, args.memory)
+    if args.trust_code:
+        print(f"isolation: {choose_isolation(args.isolation).describe()}", file=sys.stderr, flush=True)
     result = grade(args.inbox, trust_code=args.trust_code, data_dir=args.data_dir, verify=args.verify,
                    download=args.download, dataset=args.dataset, hidden=args.hidden, hidden_labels=args.hidden_labels,
-                   out=args.out, work_dir=args.work_dir, device=args.device, on_run=show)
+                   out=args.out, work_dir=args.work_dir, device=args.device, on_run=show, roster=args.roster,
+                   isolation=args.isolation, limits=limits, bundle_limits=_bundle_limits(args))
     if args.json:
         _print_json(result.to_dict())
         return
     _note_unverified(result.dataset)
     print(leaderboard_text(result))
+    if result.missing:
+        print(f"\non the roster, no submission: {', '.join(printable(n) for n in result.missing)}")
     print(f"\nwrote {printable(result.html)} and {printable(result.csv)}")
 
 
@@ -743,22 +815,50 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     runtime.configure()
     interface = INTERFACE.set("cli")  # messages name flags, not the Python API's keywords
+    previous = _stop_on_sigterm()
     try:
-        args = build_parser().parse_args(argv)
+        args = _parse(argv)
         COMMANDS[args.command](args)
+        sys.stdout.flush()  # a reader that left early (`| head`) is found here, not at interpreter exit
+    except BrokenPipeError:
+        # The reader stopped reading (`cifarbench runs show RUN | head`): stop quietly, as Python's docs advise,
+        # with status 1 since the output was cut; stdout goes to devnull so the final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except CifarbenchError as exc:
         print(f"cifarbench: error: {printable(str(exc))}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("cifarbench: interrupted; finished epochs are saved in the run folder", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        from cifarbench.errors import Interrupted
+
+        if isinstance(exc, Interrupted):
+            print(f"cifarbench: {printable(exc.message)}", file=sys.stderr)
+            return 143 if exc.signal_name == "SIGTERM" else 130
+        print("cifarbench: interrupted" + (" by SIGTERM" if exc.args == ("SIGTERM",) else ""), file=sys.stderr)
+        return 143 if exc.args == ("SIGTERM",) else 130
     except OSError as exc:  # disk full, permission denied: the user's environment, not a bug
         where = f": {exc.filename}" if exc.filename else ""
         print(f"cifarbench: error: {printable(f'{exc.strerror or exc}{where}')}", file=sys.stderr)
         return 1
     finally:
         INTERFACE.reset(interface)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _stop_on_sigterm():
+    """SIGTERM (`timeout`, a shutdown) stops like a Ctrl-C: the run records why and how to resume, instead of
+    dying mid-write and being found 'crashed'. Returns the handler it replaced (None off the main thread)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from cifarbench import runtime
 from cifarbench.config import TrainConfig
 from cifarbench.data import ImageDataset, load_dataset, original
 from cifarbench.device import resolve_device
-from cifarbench.errors import INTERFACE, CifarbenchError
+from cifarbench.errors import INTERFACE, CifarbenchError, Interrupted
 from cifarbench.evaluation.stats import PairComparison, pairwise_comparisons, training_warnings
 from cifarbench.provenance import environment
 from cifarbench.running import train_run
@@ -38,8 +38,13 @@ def compare(models: Sequence[str], make: Callable[[str, int], TrainConfig], *, s
             runs_dir: str | os.PathLike | None = None, plot: str | os.PathLike | None = None,
             progress: bool | None = None, on_run: Callable[[RunRecord], None] | None = None,
             on_epoch: Callable[[TrainConfig, EpochMetrics], None] | None = None, target: float | None = None,
-            report: str | os.PathLike | None = None, jobs: int = 1) -> Comparison:
+            report: str | os.PathLike | None = None, jobs: int = 1, retrain: bool = False,
+            on_reuse: Callable[[RunRecord], None] | None = None) -> Comparison:
     """Train every model for `seeds` seeds (0..seeds-1) on the same data, then tabulate and plot them.
+
+    A finished run of this runs folder trained from the same config (code and seed included) on the same data is
+    reused, not trained again (`on_reuse` hears of each), unless `retrain`: so a compare after a train, or run again
+    after an interruption, trains only what is missing.
 
     With `jobs` > 1 the runs go to that many worker processes, each with its share of the CPU threads (or its
     own GPU); a run that fails is reported under `failures` and the others' results are kept.
@@ -61,17 +66,27 @@ def compare(models: Sequence[str], make: Callable[[str, int], TrainConfig], *, s
     first = next(iter(configs.values()))[0]
     dataset = load_dataset(first.data, progress=progress)  # also fills the cache the workers read from
     every = [c for cs in configs.values() for c in cs]
-    if jobs == 1:
-        runs, failures = [], []
-        for config in every:
-            runs.append(train_run(config, runs_dir=runs_dir, dataset=dataset, progress=progress,
-                                  on_epoch=(lambda m, c=config: on_epoch(c, m)) if on_epoch else None))
-            if on_run:
-                on_run(runs[-1])
-    else:
-        runs, failures = _run_parallel(every, jobs, runs_dir, on_run)
-        if not runs:
-            raise CifarbenchError(f"every run failed; the first: {failures[0]['error']}")
+    reused = [] if retrain else [r for r in (finished_run(c, dataset, runs_dir) for c in every) if r is not None]
+    for run in reused:
+        if on_reuse:
+            on_reuse(run)
+    done = {(r.model, r.seed) for r in reused}
+    every = [c for c in every if (c.model, c.seed) not in done]
+    runs, failures = list(reused), []
+    try:
+        if jobs == 1:
+            for config in every:
+                runs.append(train_run(config, runs_dir=runs_dir, dataset=dataset, progress=progress,
+                                      on_epoch=(lambda m, c=config: on_epoch(c, m)) if on_epoch else None))
+                if on_run:
+                    on_run(runs[-1])
+        elif every:
+            trained, failures = _run_parallel(every, jobs, runs_dir, on_run)
+            runs += trained
+    except KeyboardInterrupt as exc:
+        raise _interrupted(exc, runs, len(reused) + len(every)) from None
+    if not runs:
+        raise CifarbenchError(f"every run failed; the first: {failures[0]['error']}")
     runs.sort(key=lambda r: (list(configs).index(r.model), r.seed))  # models as asked, seeds in order
     results = summarise(runs, target)
     plot_path = Path(plot) if plot else resolve_runs_dir(runs_dir) / f"compare-{time.strftime('%Y%m%d-%H%M%S')}.png"
@@ -86,6 +101,42 @@ def compare(models: Sequence[str], make: Callable[[str, int], TrainConfig], *, s
         comparison.report = str(build_report(runs, results, report, target=target, dataset=dataset,
                                              device=first.device, runs_dir=runs_dir))
     return comparison
+
+
+def finished_run(config: TrainConfig, dataset: ImageDataset, runs_dir: str | os.PathLike | None) -> RunRecord | None:
+    """A completed run of this runs folder (trained here, not imported) that was asked for with exactly `config`
+    (model, its code's sha256, seed and every setting) and trained on the same data: what `compare` reuses."""
+    from cifarbench.data import prepare
+    from cifarbench.runs import folders
+    from cifarbench.runs.store import RunStore
+
+    if not (resolve_runs_dir(runs_dir) / "cifarbench.db").is_file():
+        return None
+    wanted, fingerprint = json.loads(json.dumps(config.to_dict())), None  # as config.json holds it (lists)
+    with RunStore(runs_dir, read_only=True) as store:
+        rows = [r for r in store.list_runs() if r.get("status") == "completed" and r.get("origin") is None
+                and r.get("model") == config.model and r.get("seed") == config.seed]
+    for row in rows:
+        try:
+            stored = json.loads((folders.run_folder(runs_dir, row["id"]) / folders.CONFIG).read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(stored, dict) or stored.get("requested") != wanted:
+            continue
+        fingerprint = fingerprint or prepare(dataset, config.data).sha256
+        if (row.get("dataset") or {}).get("sha256") == fingerprint:
+            return stored_runs([row["id"]], runs_dir=runs_dir)[0]
+    return None
+
+
+def _interrupted(exc: KeyboardInterrupt, finished: list[RunRecord], planned: int) -> Interrupted:
+    """What an interrupted compare kept, and the one command that finishes it (the same command: it reuses the
+    finished runs and resumes nothing else)."""
+    stopped = f"; {exc.message}" if isinstance(exc, Interrupted) else ""
+    kept = ", ".join(f"{r.model} seed {r.seed} ({r.run_id})" for r in finished) or "none"
+    return Interrupted(f"compare interrupted with {len(finished)} of {planned} runs finished ({kept}){stopped}. "
+                       "Run the same command again to finish: it reuses the finished runs and trains the rest",
+                       signal_name=getattr(exc, "signal_name", "SIGTERM" if exc.args == ("SIGTERM",) else "SIGINT"))
 
 
 def compare_runs(refs: Sequence[str], *, runs_dir: str | os.PathLike | None = None, target: float | None = None,

@@ -8,6 +8,7 @@ of its type) before anything is written, and a new field is checked by declaring
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import math
@@ -272,6 +273,16 @@ class DataConfig:
     """Seed of one fixed random permutation of the pixel positions applied to every train and test image (the
     permuted-pixels experiment); None leaves the images as they are."""
 
+    def for_loading(self, *, foreign: bool, data_dir: str | None = None, verify: bool | None = None,
+                    download: bool | None = None) -> DataConfig:
+        """This config with where its data is read from now: the caller's `data_dir`, `verify` and `download`
+        where given, else the config's own; for a config from elsewhere (an imported or copied run), the local
+        defaults instead, since its settings are provenance and never choose a local folder, a download or an
+        unverified copy."""
+        base = DataConfig() if foreign else self
+        return replace(self, data_dir=data_dir or base.data_dir, verify=base.verify if verify is None else verify,
+                       download=base.download if download is None else download)
+
     def __post_init__(self) -> None:
         check_fields(self)
         if len(self.mean) != len(self.std):
@@ -434,6 +445,17 @@ class TrainConfig:
         """Plain nested dict (JSON- and weights_only-safe)."""
         return asdict(self)
 
+    def field_names(self) -> list[str]:
+        """Every name `with_changes` takes, dotted: `epochs`, `optimizer.lr`, `model_kwargs.NAME` for each argument."""
+        names = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if is_dataclass(value):
+                names += [f"{f.name}.{g.name}" for g in fields(value)]
+            else:
+                names.append(f.name)
+        return names + [f"model_kwargs.{k}" for k in self.model_kwargs]
+
     def with_changes(self, changes: dict) -> TrainConfig:
         """A copy with fields set by dotted name, e.g. {"optimizer.lr": 0.5, "tta": 0} (what `--set` passes);
         "model_kwargs.act" sets one key of the model's arguments. Each change is validated like the field's own
@@ -459,7 +481,10 @@ class TrainConfig:
                 continue
             target = getattr(config, part, None) if part else config
             if not is_dataclass(target) or name not in {f.name for f in fields(target)}:
-                raise CifarbenchError(f"unknown config field {key!r}")
+                close = difflib.get_close_matches(key, config.field_names(), n=1, cutoff=0.6)
+                raise CifarbenchError(f"unknown config field {key!r}"
+                                      + (f"; did you mean {close[0]}?" if close else
+                                         " (the fields are in src/cifarbench/config.py)"))
             sections.setdefault(part, {})[name] = value
         for part, values in sections.items():  # each section's __post_init__ refuses a bad value, naming it
             if part:

@@ -21,6 +21,11 @@ PYTHON_SPELLING = {
     "--sync-bn": "sync_bn=True", "--tensorboard": "tensorboard", "--resume": "resume", "--dataset": "dataset",
     "--per-class": "per_class", "--labels": "labels", "--widths": "widths", "--tta": "tta", "--out": "out",
     "--student": "student", "--hidden": "hidden", "--hidden-labels": "hidden_labels", "--work-dir": "work_dir",
+    "--retrain": "retrain=True", "--roster": "roster", "--isolation": "isolation",
+    "--timeout": "limits=Limits(timeout=)", "--memory": "limits=Limits(memory_mib=)",
+    "--max-bundle-mib": "bundle_limits=BundleLimits(max_bytes=)",
+    "--max-bundle-members": "bundle_limits=BundleLimits(max_members=)",
+    "--max-bundle-runs": "bundle_limits=BundleLimits(max_runs=)",
 }
 _FLAG = re.compile(r"(?<![\w-])--[a-z][a-z-]*")
 
@@ -40,6 +45,14 @@ class CifarbenchError(Exception):
         if INTERFACE.get() == "python" and isinstance(message, str):
             message = python_spelling(message)
         super().__init__(message, *args)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A Ctrl-C (or SIGTERM) that stopped work with something to say: what was kept and how to go on."""
+
+    def __init__(self, message: str, *, signal_name: str = "SIGINT") -> None:
+        super().__init__(message)
+        self.message, self.signal_name = message, signal_name
 
 
 class DataError(CifarbenchError):

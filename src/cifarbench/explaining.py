@@ -29,7 +29,7 @@ from cifarbench.evaluation.stats import (
 from cifarbench.inference import TrainedModel, load_trained_model
 from cifarbench.runs import folders
 from cifarbench.runs.catalog import stored_runs
-from cifarbench.runs.records import RunRecord, group_runs, summarise
+from cifarbench.runs.records import RunRecord, group_runs, short_labels, summarise
 from cifarbench.training.state import EpochMetrics
 
 EXPERIMENTS = ("translation", "corruption")
@@ -116,7 +116,9 @@ def explain_runs(refs: Sequence[str], out: str | os.PathLike, *, runs_dir: str |
         raise CifarbenchError("--examples must be at least 1")
     runtime.configure()
     runs = stored_runs(refs, runs_dir=runs_dir)
-    labels = {r.run_id: label for label, rs in group_runs(runs).items() for r in rs}
+    groups = group_runs(runs)
+    names = short_labels(groups)  # headings read `Net`, as the tables do, not `__main__:Net`
+    labels = {r.run_id: names[label] for label, rs in groups.items() for r in rs}
     root = Path(out)
     result = Explanation(str(root), [], [])
     copies: dict[str, ImageDataset] = {}

@@ -1,6 +1,6 @@
 """Classify image files with a trained model: decode safely, resize to the model's input, normalise as in training.
 
-Images can also be scored against a labels file: a CSV of `filename,label` rows (see `read_labels`).
+Images can also be scored against a labels file: `filename,label` rows, CSV or TSV (see `read_labels`).
 """
 
 from __future__ import annotations
@@ -65,17 +65,21 @@ def expand_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
 
 
 def read_labels(path: str | os.PathLike, classes: Sequence[str]) -> dict[str, int]:
-    """A labels file: CSV rows `filename,label`, the label a class name (any case) or a class index, with an
-    optional header row `filename,label`. Files are named by their name alone (no folder). Returns name -> index."""
+    """A labels file: rows `filename,label` separated by commas (CSV) or by tabs (TSV, as a spreadsheet saves
+    them), the label a class name (any case) or a class index, with an optional header row `filename,label`.
+    Files are named by their name alone (no folder). Returns name -> index."""
     text = read_regular_file(path, MAX_LABELS_BYTES, "labels file", error=CifarbenchError).decode("utf-8-sig",
                                                                                                  "replace")
+    delimiter = labels_delimiter(text)
+    shape = "`filename,label`" if delimiter == "," else "`filename<TAB>label`"
     by_name = {c.lower(): i for i, c in enumerate(classes)}
     labels: dict[str, int] = {}
-    for line, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+    for line, row in enumerate(csv.reader(io.StringIO(text), delimiter=delimiter), start=1):
         if not row or all(not cell.strip() for cell in row):
             continue
         if len(row) != 2:
-            raise CifarbenchError(f"{path}, line {line}: expected `filename,label`, got {len(row)} fields")
+            raise CifarbenchError(f"{path}, line {line}: expected {shape} (comma- or tab-separated), got "
+                                  f"{len(row)} fields")
         name, label = row[0].strip(), row[1].strip()
         if line == 1 and label.lower() == "label" and "label" not in by_name:
             continue  # the header
@@ -92,6 +96,13 @@ def read_labels(path: str | os.PathLike, classes: Sequence[str]) -> dict[str, in
     if not labels:
         raise CifarbenchError(f"{path}: no `filename,label` rows")
     return labels
+
+
+def labels_delimiter(text: str) -> str:
+    """A tab when the file's first non-blank row is two tab-separated fields (a TSV), else a comma: one separator
+    per file, so a comma inside a tab-separated file name stays part of the name."""
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    return "\t" if len(first.split("\t")) == 2 else ","
 
 
 def match_labels(images: Sequence[Path], labels: Mapping[str, int], source: str | os.PathLike) -> np.ndarray:

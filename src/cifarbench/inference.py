@@ -22,6 +22,7 @@ from cifarbench.errors import CifarbenchError
 from cifarbench.evaluation.metrics import EvalResult, evaluate
 from cifarbench.models import build_model
 from cifarbench.models.reference import load_run_code
+from cifarbench.models.registry import check_foreign_model, foreign_cost_excess, skeleton, weights_misfit
 from cifarbench.reporting.progress import say, tta_views
 from cifarbench.runs import folders
 from cifarbench.runs.store import RunStore
@@ -29,6 +30,7 @@ from cifarbench.training.state import RunCheckpoint
 
 MANY_FILES = 50
 """From this many image files on, prediction says what it is doing before it starts."""
+_TOLD: set[tuple] = set()  # (run's, copy's) fingerprints already said once in this process
 
 
 def resolve_checkpoint(ref: str, runs_dir: str | os.PathLike | None = None) -> tuple[Path, bool]:
@@ -61,6 +63,9 @@ class TrainedModel:
     config: TrainConfig
     model: torch.nn.Module
     device: torch.device
+    own: bool = True
+    """Trained into this store; False for a run from elsewhere (imported, copied, a checkpoint file), whose
+    settings never choose local resources (`DataConfig.for_loading`)."""
 
     @property
     def classes(self) -> list[str]:
@@ -72,18 +77,32 @@ class TrainedModel:
 
     def test_dataset(self, *, data_dir: str | None = None, verify: bool | None = None, download: bool | None = None,
                      dataset: ImageDataset | None = None, progress: bool | None = None) -> ImageDataset:
-        """The data set the model was trained on (its config's, with `data_dir`, `verify`, `download` overriding),
-        as the run saw it: `dataset`, when given, is prepared the same way (its pixels permuted if the run's were)."""
+        """The data set the model was trained on, as the run saw it (its pixels permuted if the run's were):
+        `dataset` when given, else read where `DataConfig.for_loading` says. A copy whose fingerprint differs from
+        the run's is said in one line."""
         data = self.config.data
         if dataset is None:
-            data = replace(data, data_dir=data_dir or data.data_dir, verify=data.verify if verify is None else verify,
-                           download=data.download if download is None else download)
-            dataset = load_dataset(data, progress=progress)
-        return prepare(dataset, data)
+            dataset = load_dataset(data.for_loading(foreign=not self.own, data_dir=data_dir, verify=verify,
+                                                    download=download), progress=progress)
+        seen = prepare(dataset, data)
+        recorded = self.checkpoint.dataset.get("sha256")
+        if seen.sha256 != recorded and (recorded, seen.sha256) not in _TOLD:
+            _TOLD.add((recorded, seen.sha256))
+            say(f"note: run {self.checkpoint.run_id} was trained on data with fingerprint {str(recorded)[:12]}..., "
+                f"not this copy's ({seen.sha256[:12]}...)", enabled=progress)
+        return seen
 
     def evaluate(self, dataset: ImageDataset, *, keep_probabilities: bool = False) -> EvalResult:
         """The whole test set with the run's own test-time augmentation and kernels, so its figures agree."""
         return self.evaluate_split(dataset.test, len(dataset.classes), keep_probabilities=keep_probabilities)
+
+    def predicted_classes(self, images: np.ndarray, *, tta: int | None = None) -> np.ndarray:
+        """The class each uint8 image (at the model's input size) is given, with the run's own test-time
+        augmentation or `tta` views (0, 1, 2; selective TTA off). Needs no labels: what a grader's sandbox returns."""
+        trained = self if tta is None else replace(self, config=replace(self.config, tta=tta, tta_threshold=0.0))
+        result = trained.evaluate_split(Split(images, np.zeros(len(images), dtype=np.int64)), keep_probabilities=True)
+        assert result.probabilities is not None
+        return result.probabilities.argmax(1).astype(np.int64)
 
     def evaluate_split(self, split: Split, num_classes: int | None = None, *,
                        keep_probabilities: bool = False) -> EvalResult:
@@ -105,11 +124,29 @@ def load_trained_model(ref: str, *, runs_dir: str | os.PathLike | None = None, d
     path, own = resolve_checkpoint(ref, runs_dir)
     ckpt = RunCheckpoint.load(path)
     config = TrainConfig.from_dict(ckpt.config)
+    if not own:
+        source = f"run {ckpt.run_id!r} ({path})"
+        if config.model != ckpt.model:
+            raise CifarbenchError(f"{source}: its checkpoint names model {ckpt.model!r} but its config "
+                                  f"{config.model!r}; refusing a run that does not agree with itself")
+        check_foreign_model(ckpt.model, config.model_sha256, source=source)
     if config.model_sha256:
         load_run_code(path.parent, ckpt.model, config.model_sha256, trusted=own or trust_code)
+
+    def build() -> torch.nn.Module:
+        return build_model(ckpt.model, num_classes=len(ckpt.classes), in_shape=ckpt.in_shape,
+                           kwargs=config.model_kwargs, code_sha256=config.model_sha256)
+
+    shapes = skeleton(build)
+    misfit = weights_misfit(shapes, ckpt.state_dict) if shapes is not None else None
+    if misfit:
+        raise CifarbenchError(f"{path}: weights do not fit model {ckpt.model!r} ({misfit})")
+    excess = foreign_cost_excess(shapes, ckpt.in_shape) if shapes is not None and not own and \
+        not config.model_sha256 else None
+    if excess:
+        raise CifarbenchError(f"{path}: model {ckpt.model!r} from elsewhere is too large to build here ({excess})")
     dev = resolve_device(device)
-    model = build_model(ckpt.model, num_classes=len(ckpt.classes), in_shape=ckpt.in_shape, kwargs=config.model_kwargs,
-                        code_sha256=config.model_sha256)
+    model = build()
     try:
         model.load_state_dict(ckpt.state_dict)
     except RuntimeError as exc:
@@ -118,7 +155,7 @@ def load_trained_model(ref: str, *, runs_dir: str | os.PathLike | None = None, d
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.eval()
-    return TrainedModel(path, ckpt, config, model, dev)
+    return TrainedModel(path, ckpt, config, model, dev, own)
 
 
 @dataclass
@@ -192,9 +229,36 @@ def predict_test_set(ref: str, **kwargs) -> Evaluation:
     return evaluate_checkpoint(ref, keep_probabilities=True, **kwargs)
 
 
+class Predictions(dict):
+    """`predict_images`' result: a plain dict (what `cifarbench predict --json` prints) that shows itself as a short
+    line, or in a notebook as a table of each image's top classes, instead of its whole contents."""
+
+    def __repr__(self) -> str:
+        n = len(self.get("predictions", []))
+        return f"Predictions({self.get('run_id')!r}, {self.get('model')}, {n:,} images)"
+
+    def _repr_html_(self) -> str:
+        from cifarbench.reporting.display import predictions_html
+
+        return predictions_html(self)
+
+
+def unfinished_warning(loaded: TrainedModel) -> str | None:
+    """A line saying the checkpoint is of a run that stopped before its planned training (interrupted, crashed,
+    or still running), so its predictions are not the finished model's; None when it finished or cannot tell."""
+    training = loaded.checkpoint.training
+    if training is None or training.position.finished:
+        return None
+    done, run = len(training.history), loaded.checkpoint.run_id
+    stopped = (f"after {done} epoch(s), at step {training.position.step} of its {training.position.total_steps}"
+               if loaded.config.budget_seconds else f"after {done} of its {loaded.config.epochs} epochs")
+    return (f"run {run} stopped {stopped}: these predictions come from an unfinished model "
+            f"(`cifarbench train --resume {run}` continues it)")
+
+
 def predict_images(ref: str, images: Sequence[str | os.PathLike], *, top: int = 3,
                    runs_dir: str | os.PathLike | None = None, device: str = "auto",
-                   trust_code: bool = False, progress: bool | None = None) -> dict[str, Any]:
+                   trust_code: bool = False, progress: bool | None = None) -> Predictions:
     """Classify PNG/JPEG files (a folder: the images in it) with a saved model: the `top` classes and
     probabilities of each image."""
     from cifarbench.image_files import classify_files, expand_images
@@ -209,8 +273,9 @@ def predict_images(ref: str, images: Sequence[str | os.PathLike], *, top: int = 
     predictions = classify_files(loaded.model, images, in_shape=loaded.in_shape, mean=c.data.mean, std=c.data.std,
                                  classes=loaded.classes, device=loaded.device, channels_last=c.channels_last, top=top,
                                  tta=c.tta, tta_threshold=c.tta_threshold)
-    return {"checkpoint": str(loaded.path), "run_id": loaded.checkpoint.run_id, "model": loaded.checkpoint.model,
-            "classes": loaded.classes, "predictions": predictions}
+    warning = unfinished_warning(loaded)
+    return Predictions(checkpoint=str(loaded.path), run_id=loaded.checkpoint.run_id, model=loaded.checkpoint.model,
+                       classes=loaded.classes, predictions=predictions, warnings=[warning] if warning else [])
 
 
 @dataclass
@@ -226,16 +291,37 @@ class ImageScore:
     labels: list[int]
     predicted: list[int]
     result: EvalResult
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def accuracy(self) -> float:
         return self.result.accuracy
 
+    def wrong(self) -> list[tuple[str, str, str]]:
+        """(image, label, predicted) of every image the model got wrong, in the order given."""
+        return [(i, self.classes[y], self.classes[p])
+                for i, y, p in zip(self.images, self.labels, self.predicted, strict=True) if y != p]
+
+    def plot(self, kind: str = "per_class"):
+        """Per-class accuracy as a matplotlib Figure, or `kind="confusion"` for the confusion matrix."""
+        from cifarbench.reporting.display import evaluation_figure
+
+        return evaluation_figure(self, kind)
+
+    def __repr__(self) -> str:
+        return (f"ImageScore({self.run_id!r}, {self.model}, accuracy {100 * self.accuracy:.2f}% of "
+                f"{self.result.n:,} images in {self.labels_file!r})")
+
+    def _repr_html_(self) -> str:
+        from cifarbench.reporting.display import score_html
+
+        return score_html(self)
+
     def to_dict(self) -> dict[str, Any]:
         r = self.result
         return {"checkpoint": self.checkpoint, "run_id": self.run_id, "model": self.model, "classes": self.classes,
                 "labels_file": self.labels_file, "accuracy": r.accuracy, "loss": r.loss, "n": r.n,
-                "per_class_accuracy": r.per_class_accuracy, "confusion": r.confusion,
+                "per_class_accuracy": r.per_class_accuracy, "confusion": r.confusion, "warnings": self.warnings,
                 "images": [{"image": i, "label": self.classes[y], "predicted": self.classes[p], "correct": y == p}
                            for i, y, p in zip(self.images, self.labels, self.predicted, strict=True)]}
 
@@ -253,5 +339,7 @@ def score_images(ref: str, images: Sequence[str | os.PathLike], labels: str | os
     result = loaded.evaluate_split(Split(load_images(files, loaded.in_shape), truth), keep_probabilities=True)
     assert result.probabilities is not None
     predicted = result.probabilities.argmax(1).tolist()
+    warning = unfinished_warning(loaded)
     return ImageScore(str(loaded.path), loaded.checkpoint.run_id, loaded.checkpoint.model, loaded.classes,
-                      str(labels), [str(f) for f in files], truth.tolist(), predicted, result)
+                      str(labels), [str(f) for f in files], truth.tolist(), predicted, result,
+                      [warning] if warning else [])

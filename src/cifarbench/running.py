@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -15,10 +14,11 @@ from cifarbench import runtime
 from cifarbench.config import DataConfig, TrainConfig
 from cifarbench.data import ImageDataset, fit_normalisation, load_dataset, prepare
 from cifarbench.device import describe_device, resolve_device
-from cifarbench.errors import CifarbenchError
+from cifarbench.errors import CifarbenchError, Interrupted
 from cifarbench.evaluation.analysis import cost_of, training_flops
 from cifarbench.fsutil import atomic_write_text
 from cifarbench.models.reference import code_of, label, load_run_code
+from cifarbench.models.registry import check_foreign_model
 from cifarbench.provenance import environment
 from cifarbench.runs import folders
 from cifarbench.runs.records import RunRecord
@@ -113,14 +113,22 @@ def _resumable(ref: str, runs_dir: str | os.PathLike | None, trust_code: bool) -
     if saved.training.position.finished:
         raise CifarbenchError(f"run {saved.run_id} already finished; nothing to resume")
     config = TrainConfig.from_dict(saved.config)
+    own = run.get("origin") is None
+    if not own:  # a run from elsewhere: data never names code, and its settings never choose local data
+        if config.model != saved.model:
+            raise CifarbenchError(f"run {saved.run_id}: its checkpoint names model {saved.model!r} but its config "
+                                  f"{config.model!r}; refusing a run that does not agree with itself")
+        check_foreign_model(config.model, config.model_sha256, source=f"run {saved.run_id!r}")
+        config = replace(config, data=config.data.for_loading(foreign=True))
     if config.model_sha256:  # the run's own copy of its code; someone else's only with consent
-        load_run_code(folder, config.model, config.model_sha256, trusted=run.get("origin") is None or trust_code)
+        load_run_code(folder, config.model, config.model_sha256, trusted=own or trust_code)
     return saved, config
 
 
 def _train(config: TrainConfig, world: ddp.DistEnv, device: torch.device, saved: RunCheckpoint | None, *,
            runs_dir: str | os.PathLike | None, dataset: ImageDataset | None, progress: bool | None,
            on_epoch: Callable[[EpochMetrics], None] | None) -> RunRecord:
+    requested = config.to_dict()  # as asked, before the run adapts it: what `compare` finds a finished run by
     # Under torchrun only rank 0 downloads (and shows progress); the others wait for its files (data.download).
     dataset = dataset or load_dataset(config.data, progress=progress if world.is_main else False)
     dataset = prepare(dataset, config.data)  # e.g. the permuted-pixels experiment's scrambled images
@@ -153,9 +161,9 @@ def _train(config: TrainConfig, world: ddp.DistEnv, device: torch.device, saved:
         run_dir = folders.run_folder(runs_dir, record.run_id)
         record.run_dir = str(run_dir)
         if saved is None:
-            _start(store, record, run_dir)
+            _start(store, record, run_dir, requested)
         return _loop(config, dataset, device, world, record, store, run_dir, model, training, weights, progress,
-                     on_epoch, started, probe, shape, precision)
+                     on_epoch, started, probe, shape, precision, resume=resume_command(record.run_id, runs_dir))
     finally:
         store.close()
 
@@ -187,8 +195,7 @@ def preflight(config: TrainConfig, dataset: ImageDataset) -> tuple[TrainConfig, 
         except Exception:
             raise CifarbenchError(f"model {ref!r} fails on a batch of {tuple(x.shape)} images "
                                   f"({type(first).__name__}: {_line(first)})") from None
-        note(f"model {ref!r} does not accept the channels-last layout ({_line(first)[:120]}); training it in the "
-             "standard layout (recorded as channels_last=false)")
+        note(channels_last_note(ref, first))
         config = replace(config, channels_last=False)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, classes):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -209,16 +216,57 @@ def _line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+def channels_last_note(ref: str, error: BaseException) -> str:
+    """Why a model trains in the standard layout, as whole sentences: `.view` on a feature map (the usual cause)
+    is named with its fix, any other error by its first sentence."""
+    fallback = "so it trains in the standard layout (recorded as channels_last=false)"
+    if "view size is not compatible" in str(error):
+        return (f"model {ref!r} calls .view on a feature map, which the channels-last layout does not allow, "
+                f"{fallback}; write x.flatten(1) instead of x.view(x.size(0), -1) to train it channels-last "
+                "(faster).")
+    return f"model {ref!r} fails on the channels-last layout, {fallback}: {_first_sentence(_line(error))}"
+
+
+def _first_sentence(text: str, limit: int = 160) -> str:
+    """`text` up to the end of its first sentence, or to its last whole word within `limit` characters, with a
+    bracket the cut left open left out."""
+    end = text.find(". ")
+    cut = text[:end + 1] if 0 <= end < limit else text
+    if len(cut) > limit:
+        cut = cut[:limit].rsplit(" ", 1)[0] + " ..."
+    while cut.count("(") > cut.count(")"):
+        cut = cut[:cut.rindex("(")].rstrip() + " ..."
+    return cut
+
+
 def note(message: str) -> None:
-    """Tell the user something about their run that is not an error (stderr, one line)."""
-    print(f"note: {message}", file=sys.stderr, flush=True)
+    """Tell the user something about their run that is not an error, in one line where progress goes (stderr from
+    a script, the cell's output in a notebook: not an error's pink)."""
+    from cifarbench.reporting.progress import progress_stream
+
+    print(f"note: {message}", file=progress_stream(), flush=True)
 
 
-def _start(store: RunStore, record: RunRecord, run_dir: Path) -> None:
-    """The run's folder with its config.json (and its model's code), and its history row: both or neither."""
+def _epochs_saved(run_dir: Path) -> int:
+    """Epochs the run's checkpoint holds (0 before the first)."""
+    try:
+        saved = RunCheckpoint.load(run_dir / folders.CHECKPOINT)
+    except (CifarbenchError, OSError):
+        return 0
+    return len(saved.training.history) if saved.training else 0
+
+
+def resume_command(run_id: str, runs_dir: str | os.PathLike | None) -> str:
+    """The command that continues a stopped run, with the runs folder when it is not the default."""
+    return f"cifarbench train --resume {run_id}" + (f" --runs-dir {runs_dir}" if runs_dir else "")
+
+
+def _start(store: RunStore, record: RunRecord, run_dir: Path, requested: dict) -> None:
+    """The run's folder with its config.json (the config as run, and as requested; and its model's code), and its
+    history row: both or neither."""
     folders.write_json(run_dir / folders.CONFIG, {"run_id": record.run_id, "config": record.config,
-                                                  "dataset": record.dataset, "device": record.device,
-                                                  **record.environment})
+                                                  "requested": requested, "dataset": record.dataset,
+                                                  "device": record.device, **record.environment})
     sha = record.config.get("model_sha256")
     if sha:
         atomic_write_text(run_dir / folders.MODEL_CODE, code_of(sha))
@@ -232,7 +280,7 @@ def _start(store: RunStore, record: RunRecord, run_dir: Path) -> None:
 def _loop(config: TrainConfig, dataset: ImageDataset, device: torch.device, world: ddp.DistEnv, record: RunRecord,
           store: RunStore, run_dir: Path, model: torch.nn.Module, training, weights, progress: bool | None,
           on_epoch: Callable[[EpochMetrics], None] | None, started: float | None = None, probe: dict | None = None,
-          shape: dict | None = None, precision: dict | None = None) -> RunRecord:
+          shape: dict | None = None, precision: dict | None = None, resume: str = "") -> RunRecord:
     def checkpoint(result: TrainResult) -> None:
         RunCheckpoint(record.run_id, config.model, list(dataset.classes), dataset.image_shape, record.config,
                       record.dataset, result.model.state_dict(), record.environment,
@@ -251,10 +299,14 @@ def _loop(config: TrainConfig, dataset: ImageDataset, device: torch.device, worl
     try:
         result = train(config, dataset, device, on_epoch=after_epoch, on_interrupt=checkpoint, progress=progress,
                        resume=training, resume_weights=weights, world=world, started=started, threads=watch)
-    except KeyboardInterrupt:
-        store.finish_run(record.run_id, "interrupted", error="interrupted by the user; `cifarbench train --resume "
-                         f"{record.run_id}` continues it")
-        raise
+    except KeyboardInterrupt as exc:
+        signal_name = "SIGTERM" if exc.args == ("SIGTERM",) else "SIGINT"
+        why = "stopped by SIGTERM (a timeout or a shutdown)" if signal_name == "SIGTERM" else "interrupted"
+        done = _epochs_saved(run_dir)
+        store.finish_run(record.run_id, "interrupted", error=f"{why}; `{resume}` continues it")
+        raise Interrupted(f"run {record.run_id} {why} after {done} of {config.epochs} epochs; its checkpoint "
+                          f"({run_dir / folders.CHECKPOINT}) is kept: `{resume}` continues it",
+                          signal_name=signal_name) from None
     except BaseException as exc:
         store.finish_run(record.run_id, "failed", error=f"{type(exc).__name__}: {exc}"[:500])
         raise

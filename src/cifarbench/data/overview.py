@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,12 +33,17 @@ class DataOverview:
     def plot(self, per_class: int | None = None, split: str | None = None, seed: int | None = None):
         """A row of random example images per class (a matplotlib Figure), the notebook's class grids."""
         from cifarbench.reporting.display import inline
+
+        return inline(self._grid(per_class, split, seed))
+
+    def _grid(self, per_class: int | None = None, split: str | None = None, seed: int | None = None):
         from cifarbench.reporting.plots import class_grid_figure
 
-        images = self._split(split or self.split)
-        return inline(class_grid_figure(images.images, images.labels, self.classes,
-                                        per_class=_per_class(self.per_class if per_class is None else per_class),
-                                        seed=self.seed if seed is None else seed))
+        split = split or self.split
+        images = self._split(split)
+        per_class = _per_class(self.per_class if per_class is None else per_class, self.counts[split], split)
+        return class_grid_figure(images.images, images.labels, self.classes, per_class=per_class,
+                                 seed=self.seed if seed is None else seed)
 
     def _split(self, split: str):
         if split not in SPLITS:
@@ -60,9 +66,20 @@ class DataOverview:
         return overview_html(self)
 
 
-def _per_class(n: int) -> int:
+MAX_PER_CLASS = 100
+"""The widest grid row: a wider figure passes what matplotlib can draw (2^16 pixels a side) long before memory."""
+
+
+def _per_class(n: int, counts: Sequence[int] = (), split: str = "train") -> int:
+    """`n` images per class, if the grid can show them: at least 1, at most MAX_PER_CLASS and at most the images
+    of the smallest (non-empty) class of the split, `counts` being its images per class."""
     if n < 1:
         raise CifarbenchError("--per-class must be at least 1")
+    smallest = min((c for c in counts if c), default=MAX_PER_CLASS)
+    if n > min(smallest, MAX_PER_CLASS):
+        why = (f"the {split} split's smallest class has {smallest:,} images" if smallest < MAX_PER_CLASS
+               else f"a grid row shows at most {MAX_PER_CLASS} images")
+        raise CifarbenchError(f"--per-class {n} is too many: {why}; choose at most {min(smallest, MAX_PER_CLASS)}")
     return n
 
 
@@ -76,9 +93,10 @@ def explore(*, dataset: str = "cifar10", data_dir: str | os.PathLike | None = No
     ds = load_dataset(DataConfig(dataset=dataset, data_dir=None if data_dir is None else str(data_dir),
                                  verify=verify, download=download), progress=progress)
     counts = {"train": ds.train.class_counts(len(ds.classes)), "test": ds.test.class_counts(len(ds.classes))}
+    _per_class(per_class, counts[split], split)
     overview = DataOverview(ds.name, list(ds.classes), counts, ds.info(), per_class, split, seed, ds)
     if out is not None:
         from cifarbench.reporting.plots import save_figure
 
-        save_figure(overview.plot(), out)
+        save_figure(overview._grid(), out)  # written, not shown: the overview's HTML shows it
     return overview

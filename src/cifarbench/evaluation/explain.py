@@ -89,12 +89,20 @@ def explain_model(model: nn.Module, test: DeviceSplit, *, label: str, classes: S
     idx = torch.as_tensor(chosen, dtype=torch.int64, device=test.device)
     images = test.normalise(test.images[idx])
     display = test.images[idx].cpu().numpy()
-    if layers and isinstance(layers[0][1], nn.Linear):
+    first = layers[0][1] if layers else None
+    pixels = int(np.prod(in_shape))
+    if isinstance(first, nn.Linear) and first.in_features == pixels:
         result.figures.append(ExplainFigure(
             f"{label}: what the weights look for",
             "Each class's template: the product of the fully connected layers' weights, drawn as an image "
             "(ReLUs and biases left out). One fixed template per class, tied to pixel positions.",
             interpret.fnn_templates(model, in_shape, classes), "templates"))
+    elif not any(isinstance(m, nn.Conv2d) for _, m in layers):
+        # A model of its own kind (a Linear on rows, a bare Parameter): the figures that need one layer type are
+        # left out, saliency still shows what it looks at.
+        what = (f"its first layer {layers[0][0]!r} takes {first.in_features} values, not the {pixels} pixels"
+                if isinstance(first, nn.Linear) else "it has no Linear or Conv2d layer to draw")
+        result.notes.append(f"{label}: no weight templates or filters ({what})")
     if any(isinstance(m, nn.Conv2d) for _, m in layers):
         result.figures.append(ExplainFigure(
             f"{label}: first-layer filters",

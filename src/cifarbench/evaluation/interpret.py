@@ -135,7 +135,7 @@ def fnn_templates(model: nn.Module, in_shape: Sequence[int], classes: Sequence[s
             titles = [f"unit {i}" for i in range(len(weights))]
             heading = f"First-layer weights of {len(weights)} hidden units ({order[0][0]})"
     # The weights' columns are in the (C, H, W) order that flatten(1) gives, channels_last or not.
-    templates = weights.cpu().numpy().reshape(len(weights), *in_shape)
+    templates = weights.detach().cpu().numpy().reshape(len(weights), *in_shape)  # one Linear: its Parameter
     rows, cols = _grid(len(templates), 10 if len(templates) <= 10 else 8)
     fig = _figure(1.3 * cols + 0.4, 1.45 * rows + 0.5)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()

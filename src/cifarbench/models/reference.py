@@ -247,12 +247,12 @@ def load_run_code(folder: Path, ref: str, sha256: str, *, trusted: bool) -> None
     be the recorded one (its sha256), so an edited copy is refused too."""
     from cifarbench.fsutil import read_regular_file
 
-    if sha256 in _CODE:
-        return
     path = folder / "model.py"
-    if not trusted:
+    if not trusted:  # before the cache: code loaded for one run is no consent for another that names its sha256
         raise CifarbenchError(f"refusing to run {path}: model code that came with a run from elsewhere; read it "
                               "first, then pass --trust-code to run it")
+    if sha256 in _CODE:
+        return
     code = read_regular_file(path, MAX_SOURCE_BYTES, "model code", error=CifarbenchError).decode("utf-8", "replace")
     if code_sha256(code) != sha256:
         raise CifarbenchError(f"{path} is not the code the run was trained with (sha256 differs from the "
@@ -274,6 +274,9 @@ def call_factory(factory: Callable[..., Any], ref: str, *, num_classes: int, in_
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):
         params = {}
+    reserved = sorted(k for k in kwargs if k in ("num_classes", "in_shape"))
+    if reserved:  # they come from the data (and a checkpoint's are checked): never from model_kwargs
+        raise CifarbenchError(f"model {ref!r}: model_kwargs may not set {', '.join(reserved)}; it comes from the data")
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     unknown = sorted(k for k in kwargs if k not in params and not takes_any)
     if unknown:

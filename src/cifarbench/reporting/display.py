@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from cifarbench.models.reference import label
@@ -24,12 +25,13 @@ from cifarbench.reporting.tables import (
     percent,
     permutation_rows,
 )
+from cifarbench.runs.records import short_labels
 
 if TYPE_CHECKING:
     from cifarbench.classroom import Grading
     from cifarbench.data.overview import DataOverview
     from cifarbench.explaining import ExperimentReport, Explanation, PermutationReport
-    from cifarbench.inference import Evaluation
+    from cifarbench.inference import Evaluation, ImageScore
     from cifarbench.runs.records import Comparison, RunRecord
 
 KINDS = ("accuracy", "loss")
@@ -37,12 +39,18 @@ TABLE_STYLE = "font-size:0.9em;border-collapse:collapse"
 IMAGE_STYLE = "max-width:100%;height:auto"
 
 
+_PENDING: list[Any] = []
+"""Figures made in the notebook cell running now: shown when it ends, unless the cell returned them."""
+
+
 def inline(fig):
-    """`fig`, made to show as an image when a notebook cell returns it.
+    """`fig`, made to show as an image in a notebook, whether the cell returns it or assigns it (`fig = x.plot()`),
+    as pyplot's figures do.
 
     A figure built without pyplot (as every figure here is, so nothing piles up in pyplot's global state)
     displays as text in Jupyter until a PNG formatter is registered for the Figure type; pyplot's inline
-    backend registers one, and this does the same when it has not."""
+    backend registers one, and this does the same when it has not. Pyplot shows its figures when the cell ends;
+    this does the same for a figure the cell did not return (Jupyter shows that one itself)."""
     shell = _ipython()
     if shell is not None:
         from matplotlib.figure import Figure
@@ -52,7 +60,26 @@ def inline(fig):
             formatter.lookup_by_type(Figure)
         except KeyError:
             formatter.for_type(Figure, plots.png_bytes)
+        if getattr(shell, "kernel", None) is not None:  # a notebook, not a terminal IPython
+            if _show_pending not in shell.events.callbacks["post_run_cell"]:
+                shell.events.register("post_run_cell", _show_pending)
+            _PENDING.append(fig)
     return fig
+
+
+def _show_pending(result: Any) -> None:
+    """At the end of a cell: display the figures it made and did not return (nor put in an HTML summary)."""
+    from IPython.display import display
+
+    pending, _PENDING[:] = list(_PENDING), []
+    for fig in pending:
+        if fig is not getattr(result, "result", None):
+            display(fig)
+
+
+def _shown(fig) -> None:
+    """`fig` is part of an HTML summary: the cell's end must not show it again."""
+    _PENDING[:] = [f for f in _PENDING if f is not fig]
 
 
 def _ipython():
@@ -87,7 +114,8 @@ def comparison_figure(comparison: Comparison, kind: str = "accuracy"):
 
     groups = group_runs(comparison.runs)
     # Short names (`Net`, not `__main__:Net`): matplotlib leaves labels that start with "_" out of legends.
-    curves = {label(name): [[h.to_dict() for h in r.history] for r in rs] for name, rs in groups.items()}
+    names = short_labels(groups)
+    curves = {names[name]: [[h.to_dict() for h in r.history] for r in rs] for name, rs in groups.items()}
     return curves_figure(curves, kind, comparison.target)
 
 
@@ -99,6 +127,7 @@ def _block(title: str, table: str, figure=None, notes: Sequence[str] = (), more:
     parts += [f"<p style=\"color:#666\">{html.esc(n)}</p>" for n in notes]
     if figure is not None:
         parts.append(_image(plots.png_bytes(figure), title))
+        _shown(figure)
     parts += [m.replace("<table>", style) for m in more]
     return "".join(parts) + "</div>"
 
@@ -111,7 +140,9 @@ def _pairs_html(pairs: Sequence[Any], heading: str) -> str:
     """The pairwise table (difference with its interval, McNemar) under a heading; empty without pairs."""
     if not pairs:
         return ""
-    return f"<p><b>{html.esc(heading)}</b></p>" + html.table(PAIRWISE_HEADERS, pairwise_rows(pairs))
+    names = short_labels(name for p in pairs for name in (p.a, p.b))
+    rows = [[f"{names[p.b]} vs {names[p.a]}", *row[1:]] for p, row in zip(pairs, pairwise_rows(pairs), strict=True)]
+    return f"<p><b>{html.esc(heading)}</b></p>" + html.table(PAIRWISE_HEADERS, rows)
 
 
 def _has_points(histories: Sequence[Any], key: str = "test_accuracy") -> bool:
@@ -143,7 +174,9 @@ def run_html(run: RunRecord) -> str:
 
 def comparison_html(comparison: Comparison) -> str:
     """The comparison table (mean ± std over seeds, cost) and the learning curves of every model."""
-    rows = [[label(row[0]), *row[1:]] for row in comparison_rows(comparison.results)]
+    names = short_labels(r.model for r in comparison.results)
+    rows = [[names[r.model], *row[1:]] for r, row in zip(comparison.results, comparison_rows(comparison.results),
+                                                         strict=True)]
     table = html.table(comparison_headers(comparison.results), rows)
     notes = [f"{f.get('model', '?')} seed {f.get('seed', '?')} failed: {f.get('error', '')}"
              for f in comparison.failures]
@@ -152,7 +185,7 @@ def comparison_html(comparison: Comparison) -> str:
     notes += [f"warning: {w}" for w in comparison.warnings]
     with_points = any(_has_points(r.history) for r in comparison.runs)
     figure = comparison_figure(comparison) if with_points else None
-    return _block(f"Comparison of {', '.join(label(r.model) for r in comparison.results)}", table, figure,
+    return _block(f"Comparison of {', '.join(names.values())}", table, figure,
                   [n for n in notes if n], [_pairs_html(comparison.pairs, "Is the difference real? (pairs of models)")])
 
 
@@ -181,6 +214,45 @@ def evaluation_html(evaluation: Evaluation) -> str:
         notes.append("this test set is not the copy the model was trained with (another fingerprint)")
     return _block(f"Evaluation of {label(evaluation.model)}", table, evaluation_figure(evaluation),
                   [n for n in notes if n])
+
+
+def score_html(score: ImageScore) -> str:
+    """Labelled image files scored as the CLI prints them: accuracy, per-class accuracy with the confusion
+    matrix (rows true, columns predicted), and the images the model got wrong."""
+    r = score.result
+    table = html.table(["model", "accuracy", "images", "labels file"],
+                       [[label(score.model), percent(r.accuracy), f"{r.n:,}", score.labels_file]])
+    short = [c[:5] for c in score.classes]
+    rows = [[name, percent(acc), *row] for name, acc, row in
+            zip(score.classes, r.per_class_accuracy, r.confusion, strict=True)]
+    more = ["<p><b>per class (rows: true class, columns: predicted)</b></p>"
+            + html.table(["true \\ predicted", "accuracy", *short], rows)]
+    wrong = score.wrong()
+    if wrong:
+        shown = [[image, truth, predicted] for image, truth, predicted in wrong[:SHOWN_MISTAKES]]
+        rest = f" (first {SHOWN_MISTAKES} of {len(wrong)}; .to_dict() lists every image)" if len(wrong) > len(shown) \
+            else ""
+        more.append(f"<p><b>wrong{html.esc(rest)}</b></p>" + html.table(["image", "label", "predicted"], shown))
+    notes = [f"run {score.run_id}"] + [f"warning: {w}" for w in score.warnings]
+    return _block(f"{label(score.model)} on {r.n:,} labelled images", table, None, notes, more)
+
+
+SHOWN_MISTAKES = 20
+"""Wrong images listed in a summary (the CLI lists as many)."""
+SHOWN_PREDICTIONS = 50
+"""Images listed in a predictions summary (`.get("predictions")` holds them all)."""
+
+
+def predictions_html(result: Mapping[str, Any]) -> str:
+    """Classified image files: each image's top classes with their probabilities, as `cifarbench predict` prints."""
+    predictions = result.get("predictions", [])
+    rows = [[p["image"], ", ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in p["top"])]
+            for p in predictions[:SHOWN_PREDICTIONS]]
+    notes = [f"run {result.get('run_id')}"] + [f"warning: {w}" for w in result.get("warnings", [])]
+    if len(predictions) > len(rows):
+        notes.append(f"first {len(rows)} of {len(predictions)} images; ['predictions'] holds every one")
+    return _block(f"{label(str(result.get('model')))} on {len(predictions):,} images",
+                  html.table(["image", "top classes"], rows), None, notes)
 
 
 def overview_html(overview: DataOverview) -> str:
@@ -213,7 +285,8 @@ def explanation_html(explanation: Explanation) -> str:
 
 def experiment_figure(report: ExperimentReport):
     """Accuracy against the shift or the severity, one line per model (mean over seeds, whiskers min-max)."""
-    return inline(plots.robustness_figure({m: [{report.name: report.results[r]} for r in runs]
+    names = short_labels(report.runs_by_model)
+    return inline(plots.robustness_figure({names[m]: [{report.name: report.results[r]} for r in runs]
                                            for m, runs in report.runs_by_model.items()}))
 
 
@@ -222,17 +295,25 @@ def experiment_html(report: ExperimentReport) -> str:
     title = {"translation": "Shifted and mirrored test images", "corruption": "Corrupted test images"}[report.name]
     notes = ["kept in each run's experiments.json"] + ([f"figure: {report.figure}"] if report.figure else [])
     figure = experiment_figure(report) if report.runs_by_model else None
-    return _block(title, html.table(*experiment_table(report.models, report.rows)), figure, notes)
+    names = short_labels(report.models)
+    rows = [replace(r, accuracy={names.get(m, m): v for m, v in r.accuracy.items()}) for r in report.rows]
+    return _block(title, html.table(*experiment_table([names[m] for m in report.models], rows)), figure, notes)
+
+
+def _short_rows(rows: Sequence[Any]) -> list[Any]:
+    """Permutation rows with each model as the tables show it (`Net`, not `__main__:Net`)."""
+    names = short_labels(r.model for r in rows)
+    return [replace(r, model=names[r.model]) for r in rows]
 
 
 def permutation_figure(report: PermutationReport):
     """Each model's accuracy on plain and on permuted pixels (mean over seeds, whiskers min-max)."""
-    return inline(plots.permutation_figure(report.rows))
+    return inline(plots.permutation_figure(_short_rows(report.rows)))
 
 
 def permutation_html(report: PermutationReport) -> str:
     """Each model's accuracy plain and permuted, the change with its interval, and the pairs in each condition."""
-    table = html.table(PERMUTATION_HEADERS, permutation_rows(report.rows))
+    table = html.table(PERMUTATION_HEADERS, permutation_rows(_short_rows(report.rows)))
     notes = [f"permutation seed {report.permutation_seed}; {len(report.runs)} runs, {len(report.reused)} reused "
              "from the store"] + [f"warning: {w}" for w in report.warnings]
     more = [_pairs_html(report.plain_pairs, "plain pixels: pairs of models"),

@@ -35,9 +35,14 @@ details { margin: .3rem 0; } summary { cursor: pointer; font-family: monospace; 
 """
 
 
+_BIDI = {c: f"\\u{c:04x}" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C)}
+"""Directional controls, shown as escapes: in a name or reason from elsewhere they would reorder the text around
+them on the page."""
+
+
 def esc(value: Any) -> str:
     """Text for HTML content or a quoted attribute."""
-    return html.escape(str(value), quote=True)
+    return html.escape(str(value).translate(_BIDI), quote=True)
 
 
 def table(headers: Sequence[Any], rows: Sequence[Sequence[Any]], *, css_class: str = "") -> str:

@@ -33,7 +33,12 @@ def rules() -> list[str]:
         "claim is an earlier epoch's test accuracy, not the final model's.",
         "test-selection (a warning, not proof): the epoch count differs from the recipe's default and no "
         "validation split was held out, so it may have been chosen on the test set.",
-        "Parameters are counted on the rebuilt model; training compute and seconds are as each run reports them.",
+        "Parameters are counted from the submitted weights; training compute and seconds are as each run reports "
+        "them.",
+        "Ran: in-process for cifarbench's own models (no student code); bubblewrap or process for student code run "
+        "with --trust-code, each submission in its own sandboxed process that sees images, never labels.",
+        "duplicate: the same weights (by content) as another student's. look-alike, mixed-script, not-on-roster: "
+        "names compared after Unicode NFKC normalisation, with look-alike letters mapped to one.",
     ]
 
 
@@ -64,14 +69,15 @@ def seconds_cell(spread: Spread | None) -> str:
 
 def leaderboard_headers(hidden: bool) -> list[str]:
     return ["rank", "student", "model", "seeds", "params", "training compute", "train s", "claimed",
-            "re-scored", *(["hidden set"] if hidden else []), "flags"]
+            "re-scored", *(["hidden set"] if hidden else []), "flags", "ran"]
 
 
 def leaderboard_rows(entries: Sequence[LeaderboardEntry], hidden: bool) -> list[list[str]]:
     """One row of strings per entry (shared by the terminal table and the HTML page)."""
     return [[e.rank_label, e.student, e.model, str(len(e.run_ids)), "-" if e.params is None else f"{e.params:,}",
              compute_cell(e.train_flops), seconds_cell(e.train_seconds), spread_cell(e.claimed),
-             spread_cell(e.rescored), *([spread_cell(e.hidden)] if hidden else []), ", ".join(e.flags) or "-"]
+             spread_cell(e.rescored), *([spread_cell(e.hidden)] if hidden else []), ", ".join(e.flags) or "-",
+             e.isolation]
             for e in entries]
 
 
@@ -104,7 +110,7 @@ def _csv_cell(value: Any) -> Any:
 
 CSV_HEADERS = ["rank", "tied", "student", "model", "recipe", "seeds", "run_ids", "params", "train_flops",
                "train_seconds_mean", "claimed_mean", "claimed_std", "rescored_mean", "rescored_std", "hidden_mean",
-               "hidden_std", "flags", "error"]
+               "hidden_std", "flags", "isolation", "error"]
 
 
 def leaderboard_csv(grading: Grading) -> str:
@@ -119,11 +125,11 @@ def leaderboard_csv(grading: Grading) -> str:
             e.rank, e.tied, e.student, e.model, e.recipe, len(e.run_ids), " ".join(e.run_ids),
             "" if e.params is None else e.params, "" if e.train_flops is None else e.train_flops,
             get(e.train_seconds, "mean"), get(e.claimed, "mean"), get(e.claimed, "std"), e.rescored.mean,
-            get(e.rescored, "std"), get(e.hidden, "mean"), get(e.hidden, "std"), ";".join(e.flags), ""]))
+            get(e.rescored, "std"), get(e.hidden, "mean"), get(e.hidden, "std"), ";".join(e.flags), e.isolation, ""]))
     for r in grading.not_graded:
         writer.writerow(map(_csv_cell, ["", "", r.student or "", r.model or "", r.recipe or "", "", r.run_id or "",
                                         "", "", "", "" if r.claimed_accuracy is None else r.claimed_accuracy, "", "",
-                                        "", "", "", "", r.error or ""]))
+                                        "", "", "", "", r.isolation or "", r.error or ""]))
     return out.getvalue()
 
 
@@ -136,7 +142,9 @@ def leaderboard_html(grading: Grading) -> str:
             f"{'' if data.get('verified') else ', not the official files'})"]
     if grading.hidden:
         meta.append(f"hidden set: {grading.hidden['images']} images")
-    meta.append("student code " + ("run (--trust-code)" if grading.trust_code else "not run"))
+    meta.append("student code " + ("run (--trust-code): " + grading.isolation if grading.trust_code else "not run"))
+    if grading.missing:
+        meta.append("on the roster, no submission: " + ", ".join(grading.missing))
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              f'<meta http-equiv="Content-Security-Policy" content="{esc(CSP)}">',
              '<meta name="viewport" content="width=device-width, initial-scale=1">',

@@ -84,12 +84,12 @@ def learning_curves_figure(histories: Mapping[str, Sequence[Sequence[Mapping]]],
             label = (f"{model}{name}" if len(seeds) == 1
                      else f"{model}{name} (mean of {len(seeds)} seeds, band = min-max)")
             for ax, x in ((by_epoch, epochs), (by_time, secs)):
-                ax.plot(x, mean, style, marker="o", ms=3, color=color, label=label)
+                ax.plot(x, mean, style, marker="o", ms=_marker_size(epochs), color=color, label=label)
                 if len(seeds) > 1:
                     ax.fill_between(x, low, high, color=color, alpha=0.2, linewidth=0)
     what = "Test and validation accuracy" if validation else "Test accuracy"
     by_epoch.set(xlabel="epoch", ylabel="accuracy (%)", title=f"{what} per epoch")
-    by_epoch.xaxis.get_major_locator().set_params(integer=True)
+    _epoch_axis(by_epoch)
     by_time.set(xlabel="training seconds (evaluation excluded)", ylabel="accuracy (%)",
                 title=f"{what} per second")
     for ax in (by_epoch, by_time):
@@ -99,6 +99,22 @@ def learning_curves_figure(histories: Mapping[str, Sequence[Sequence[Mapping]]],
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     return fig
+
+
+def _marker_size(epochs: Sequence[int], size: float = 3) -> float:
+    """A curve's marker size: a run of one epoch is a single point, drawn large enough to be seen."""
+    return size if len(epochs) > 1 else 8
+
+
+def _epoch_axis(ax) -> None:
+    """Whole epochs on the x axis; a single epoch gets a unit-wide axis around it, not fractions of one."""
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    lines = [line.get_xdata() for line in ax.get_lines() if len(line.get_xdata())]
+    epochs = {float(x) for xs in lines for x in xs}
+    if len(epochs) == 1:
+        (epoch,) = epochs
+        ax.set_xlim(epoch - 1, epoch + 1)
+        ax.set_xticks([epoch])
 
 
 def plot_learning_curves(histories: Mapping[str, Sequence[Sequence[Mapping]]], path: str | os.PathLike, *,
@@ -232,13 +248,14 @@ def loss_curves_figure(histories: Mapping[str, Sequence[Sequence[Mapping]]]):
             epochs, mean, low, high = _field_stats(seeds, key)
             if not epochs:
                 continue
-            ax.plot(epochs, mean, style, marker="o", ms=2.5, color=f"C{i}", label=f"{model} {name}")
+            ax.plot(epochs, mean, style, marker="o", ms=_marker_size(epochs, 2.5), color=f"C{i}",
+                    label=f"{model} {name}")
             if len(seeds) > 1:
                 ax.fill_between(epochs, low, high, color=f"C{i}", alpha=0.15, linewidth=0)
     seeds_note = any(len(s) > 1 for s in histories.values())
     ax.set(xlabel="epoch", ylabel="cross-entropy loss",
            title="Loss per epoch" + (" (mean over seeds, band = min-max)" if seeds_note else ""))
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    _epoch_axis(ax)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, ncol=2)
@@ -319,14 +336,15 @@ def capacity_figure(rows: Sequence[Mapping[str, Any]]):
     for ax, key, xlabel in ((axes[0], "params", "trainable parameters"),
                             (axes[1], "flops_per_image", "FLOPs per image (forward)")):
         for i, row in enumerate(rows):
-            if row.get(key) is None or row.get("test_accuracy_mean") is None:
+            if not row.get(key) or row.get("test_accuracy_mean") is None:  # 0 (a bare matmul's FLOPs) has no log
                 continue
             mean = 100 * row["test_accuracy_mean"]
             std = row.get("test_accuracy_std")
             ax.errorbar([row[key]], [mean], yerr=[100 * std] if std else None, color=f"C{i}", marker="o",
                         capsize=3, label=row["model"])
             ax.annotate(row["model"], (row[key], mean), textcoords="offset points", xytext=(5, 4), fontsize=8)
-        ax.set_xscale("log")
+        if ax.has_data():
+            ax.set_xscale("log")
         ax.set(xlabel=f"{xlabel} (log scale)", ylabel="test accuracy (%)")
         ax.grid(alpha=0.3, which="both")
     axes[0].set_title("Accuracy against size")

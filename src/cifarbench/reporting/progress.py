@@ -26,15 +26,27 @@ def epoch_line(config: TrainConfig, m: EpochMetrics) -> str:
     return "  ".join(parts)
 
 
+def in_kernel() -> bool:
+    """Whether this process is a Jupyter kernel (where stderr shows on a pink error background)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and "ipykernel" in sys.modules else None
+    return getattr(shell, "kernel", None) is not None
+
+
+def progress_stream() -> IO[str]:
+    """Where progress lines go: stdout in a notebook, stderr elsewhere (a script's stdout stays its own)."""
+    return sys.stdout if in_kernel() else sys.stderr
+
+
 class EpochPrinter:
-    """Prints `epoch_line` for every finished epoch to `stream` (default: stderr, so a script's stdout stays its
-    own), flushed at once so the lines appear live."""
+    """Prints `epoch_line` for every finished epoch to `stream` (default: `progress_stream()`), flushed at once so
+    the lines appear live."""
 
     def __init__(self, stream: IO[str] | None = None):
         self.stream = stream
 
     def __call__(self, config: TrainConfig, metrics: EpochMetrics) -> None:
-        print(epoch_line(config, metrics), file=self.stream or sys.stderr, flush=True)
+        print(epoch_line(config, metrics), file=self.stream or progress_stream(), flush=True)
 
 
 def _widgets() -> bool:
@@ -61,10 +73,10 @@ def bar(iterable: Iterable[Any], *, total: int, desc: str, initial: int = 0,
 
 
 def say(message: str, *, enabled: bool | None = None) -> None:
-    """One line on stderr saying what a long phase is doing ('building the report...'), so that a notebook, a
-    terminal or a log never sits silent; `enabled=False` (the callers' `progress=False`) keeps it quiet."""
+    """One line saying what a long phase is doing ('building the report...'), so that a notebook, a terminal or a
+    log never sits silent (on `progress_stream()`); `enabled=False` (the callers' `progress=False`) keeps it quiet."""
     if enabled is not False:
-        print(message, file=sys.stderr, flush=True)
+        print(message, file=progress_stream(), flush=True)
 
 
 def tta_views(tta: int) -> int:

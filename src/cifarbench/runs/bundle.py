@@ -9,6 +9,8 @@ against the manifest, and never executes anything: model code that arrives this 
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import io
 import json
 import os
@@ -16,7 +18,9 @@ import shutil
 import tarfile
 import tempfile
 import time
+import zlib
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +29,7 @@ from cifarbench.fsutil import atomic_write, file_digest
 from cifarbench.provenance import environment
 from cifarbench.runs import folders
 from cifarbench.runs.catalog import stored_runs
+from cifarbench.runs.limits import BundleLimits
 from cifarbench.runs.records import RunRecord
 from cifarbench.runs.store import RunStore
 
@@ -32,6 +37,7 @@ FORMAT = "cifarbench-runs-v1"
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 16 * 2**20
 MAX_MEMBER_BYTES = 1 << 30
+"""What export hashes of one run file (its own runs; what it reads from elsewhere is capped by BundleLimits)."""
 BUNDLE_FILES = (folders.CONFIG, folders.CHECKPOINT, folders.METRICS, folders.MODEL_CODE, folders.EXPERIMENTS)
 
 
@@ -62,7 +68,7 @@ class Bundle:
                 if not all(isinstance(getattr(record, k), dict) for k in ("config", "dataset")) or not isinstance(
                         record.run_id, str):
                     raise TypeError
-            except (KeyError, TypeError, ValueError):
+            except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError):
                 raise CifarbenchError(f"{source}: its manifest lists a run it does not describe") from None
             folders.check_run_id(record.run_id)
             if (not set(names) <= set(BUNDLE_FILES) or not {folders.CHECKPOINT, folders.CONFIG} <= set(names)
@@ -70,9 +76,11 @@ class Bundle:
                 raise CifarbenchError(f"{source}: run {record.run_id} lists unexpected or missing files")
             runs.append(record)
             files[record.run_id] = {str(k): str(v) for k, v in names.items()}
-        student = data.get("student")
-        return cls(runs, files, student if isinstance(student, str) else None, float(data.get("created") or 0),
-                   {k: str(v) for k, v in (data.get("environment") or {}).items()})
+        student, created, environment = data.get("student"), data.get("created"), data.get("environment")
+        # Provenance only: what is not of the expected type is dropped, never an error.
+        created = float(created) if isinstance(created, int | float) and abs(created) < 1e12 else 0.0
+        environment = {str(k): str(v)[:1000] for k, v in environment.items()} if isinstance(environment, dict) else {}
+        return cls(runs, files, student if isinstance(student, str) else None, created, environment)
 
 
 def _sha256(path: Path) -> str:
@@ -119,22 +127,138 @@ def export_runs(refs: Sequence[str], out: str | os.PathLike, *, runs_dir: str | 
     return atomic_write(out, write)
 
 
-def read_bundle(archive: str | os.PathLike) -> Bundle:
-    """The manifest of an archive, read without extracting anything."""
+_MAX_HEADER_BYTES = 1 << 20
+"""A pax or GNU long-name header is read into memory whole: anything larger is no header we wrote."""
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile reads extended headers whole before it yields the member they describe; refuse a huge one first."""
+
+    def _proc_member(self, tarfile_):  # noqa: ANN001 - tarfile's own hook
+        if self.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                         tarfile.GNUTYPE_LONGLINK) and self.size > _MAX_HEADER_BYTES:
+            raise tarfile.HeaderError(f"an extended header of {self.size} bytes")
+        return super()._proc_member(tarfile_)
+
+
+class _Inflated:
+    """The decompressed stream, refused once it passes `cap` bytes: bounds the time and memory a gzip bomb can
+    cost, whatever the tar headers say."""
+
+    def __init__(self, raw, cap: int, source: str) -> None:
+        self.raw, self.cap, self.count, self.source = raw, cap, 0, source
+
+    def read(self, n: int = -1) -> bytes:
+        room = self.cap - self.count + 1
+        data = self.raw.read(room if n is None or n < 0 else min(n, room))
+        self.count += len(data)
+        if self.count > self.cap:
+            raise CifarbenchError(f"{self.source}: inflates to more than {self.cap >> 20} MiB; refused "
+                                  "(--max-bundle-mib raises the cap)")
+        return data
+
+
+_READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, ValueError)
+
+
+@contextmanager
+def _members(archive: Path, limits: BundleLimits):
+    """The archive's members, one streaming pass (tar inside gzip), with the inflated size capped."""
+    from cifarbench.fsutil import open_regular_file
+
+    with open_regular_file(archive, limits.max_bytes + MAX_MANIFEST_BYTES, "runs archive",
+                           error=CifarbenchError) as raw:
+        try:
+            with gzip.GzipFile(fileobj=raw, mode="rb") as inflated:
+                cap = limits.max_bytes + MAX_MANIFEST_BYTES + 1024 * limits.max_members + (1 << 20)
+                with tarfile.open(fileobj=_Inflated(inflated, cap, str(archive)), mode="r|",
+                                  tarinfo=_BoundedTarInfo) as tar:
+                    yield tar
+        except CifarbenchError:
+            raise
+        except (*_READ_ERRORS, RecursionError) as exc:  # RecursionError: a chain of extended headers
+            raise CifarbenchError(f"{archive}: not a readable runs archive ({type(exc).__name__}: "
+                                  f"{_line(exc)})") from None
+
+
+def _line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
+
+
+def _manifest(tar: tarfile.TarFile, archive: Path, limits: BundleLimits) -> Bundle:
+    """The first member, which export always writes first: the manifest, parsed and checked against the limits."""
+    member = tar.next()
+    if member is None or member.name != MANIFEST:
+        raise CifarbenchError(f"{archive}: not a cifarbench runs archive (its first member is not {MANIFEST})")
+    if not member.isreg() or member.size > MAX_MANIFEST_BYTES:
+        raise CifarbenchError(f"{archive}: its manifest is not a plain file of at most 16 MiB")
+    try:
+        data = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
+    except (ValueError, RecursionError):
+        raise CifarbenchError(f"{archive}: its manifest is not JSON") from None
+    if isinstance(data, dict) and isinstance(data.get("runs"), list) and len(data["runs"]) > limits.max_runs:
+        raise CifarbenchError(f"{archive}: holds {len(data['runs'])} runs, more than {limits.max_runs} "
+                              "(--max-bundle-runs raises the cap)")
+    return Bundle.from_manifest(data, str(archive))
+
+
+def read_bundle(archive: str | os.PathLike, limits: BundleLimits | None = None) -> Bundle:
+    """The manifest of an archive, read without extracting anything (only the first member is inflated)."""
     archive = Path(archive)
     if not archive.is_file():
         raise CifarbenchError(f"{archive} does not exist or is not a file")
-    try:
-        with tarfile.open(archive, "r:gz") as tar:
-            member = tar.getmember(MANIFEST)
-            if not member.isreg() or member.size > MAX_MANIFEST_BYTES:
-                raise CifarbenchError(f"{archive}: its manifest is not a plain file of at most 16 MiB")
-            data = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
-    except KeyError:
-        raise CifarbenchError(f"{archive}: not a cifarbench runs archive (no {MANIFEST})") from None
-    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
-        raise CifarbenchError(f"{archive}: not a readable runs archive ({type(exc).__name__})") from None
-    return Bundle.from_manifest(data, str(archive))
+    with _members(archive, limits or BundleLimits()) as tar:
+        return _manifest(tar, archive, limits or BundleLimits())
+
+
+def extract_bundle(archive: str | os.PathLike, staging: Path, limits: BundleLimits | None = None
+                   ) -> tuple[Bundle, dict[str, dict[str, str]]]:
+    """Read an archive in one streaming pass: the manifest, then each run file it lists, written under
+    `staging/RUN_ID/NAME` and hashed as it is written. Anything else in the archive (another name, a link, a
+    device, a second copy of a member), or a cap of `limits` passed, refuses the whole archive before more is
+    inflated. Returns the manifest and the sha256 of each file written (run id -> name -> sha256)."""
+    archive, limits = Path(archive), limits or BundleLimits()
+    if not archive.is_file():
+        raise CifarbenchError(f"{archive} does not exist or is not a file")
+    with _members(archive, limits) as tar:
+        bundle = _manifest(tar, archive, limits)
+        expected = {f"{run_id}/{name}" for run_id, names in bundle.files.items() for name in names}
+        folders_ = set(bundle.files)
+        written: dict[str, dict[str, str]] = {}
+        members, total = 1, 0
+        while (member := tar.next()) is not None:  # after the manifest (iterating would yield it again)
+            members += 1
+            if members > limits.max_members:
+                raise CifarbenchError(f"{archive}: more than {limits.max_members} members; refused "
+                                      "(--max-bundle-members raises the cap)")
+            name = member.name[2:] if member.name.startswith("./") else member.name
+            if member.isdir() and name.rstrip("/") in folders_:
+                continue
+            run_id, _, file_name = name.partition("/")
+            if not member.isreg() or name not in expected or file_name in written.get(run_id, {}):
+                kind = "a link" if member.issym() or member.islnk() else "not a regular file" if not member.isreg() \
+                    else "a second copy" if file_name in written.get(run_id, {}) else "not listed in the manifest"
+                raise CifarbenchError(f"{archive}: refusing to extract member {printable_name(member.name)}: {kind}")
+            total += member.size
+            if total > limits.max_bytes:
+                raise CifarbenchError(f"{archive}: its files come to more than {limits.max_bytes >> 20} MiB "
+                                      "uncompressed; refused (--max-bundle-mib raises the cap)")
+            target = staging / run_id / file_name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            digest = hashlib.sha256()
+            source = tar.extractfile(member)
+            assert source is not None  # a regular file
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            with os.fdopen(fd, "wb") as out:
+                while chunk := source.read(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+            written.setdefault(run_id, {})[file_name] = digest.hexdigest()
+    return bundle, written
+
+
+def printable_name(name: str) -> str:
+    return repr(name[:100])
 
 
 @dataclass
@@ -148,23 +272,26 @@ class Imported:
         return {"imported": [r.run_id for r in self.imported], "skipped": [list(s) for s in self.skipped],
                 "student": self.student}
 
+    @property
+    def with_code(self) -> list[RunRecord]:
+        """The imported runs that carry their own model code (it runs only with --trust-code)."""
+        return [r for r in self.imported if r.config.get("model_sha256")]
 
-def import_runs(archive: str | os.PathLike, *, runs_dir: str | os.PathLike | None = None) -> Imported:
+
+def import_runs(archive: str | os.PathLike, *, runs_dir: str | os.PathLike | None = None,
+                limits: BundleLimits | None = None) -> Imported:
     """Bring an archive's runs into the runs folder under their own ids, marked as imported (their model code
     then runs only with consent). Runs already in the store are skipped, never overwritten."""
-    from cifarbench.data.download import safe_extract_tar
-
-    bundle = read_bundle(archive)
     root = folders.resolve_runs_dir(runs_dir)
     root.mkdir(parents=True, exist_ok=True)
-    allowed = [MANIFEST, *(f"{r.run_id}/{n}" for r in bundle.runs for n in bundle.files[r.run_id])]
     staging = Path(tempfile.mkdtemp(prefix=".import-", dir=root))
-    result = Imported([], [], bundle.student)
     try:
-        safe_extract_tar(Path(archive), staging, allowed, max_member_bytes=MAX_MEMBER_BYTES)
+        bundle, written = extract_bundle(archive, staging, limits)
+        result = Imported([], [], bundle.student)
         with RunStore(runs_dir) as store:
             for record in bundle.runs:
-                why = _import_one(record, bundle.files[record.run_id], staging, runs_dir, store)
+                why = _import_one(record, bundle.files[record.run_id], written.get(record.run_id, {}), staging,
+                                  runs_dir, store)
                 if why:
                     result.skipped.append((record.run_id, why))
                 else:
@@ -174,12 +301,13 @@ def import_runs(archive: str | os.PathLike, *, runs_dir: str | os.PathLike | Non
     return result
 
 
-def _import_one(record: RunRecord, files: dict[str, str], staging: Path, runs_dir, store: RunStore) -> str | None:
+def _import_one(record: RunRecord, files: dict[str, str], written: dict[str, str], staging: Path, runs_dir,
+                store: RunStore) -> str | None:
     """Move one extracted run into place and record it; the reason it was skipped, or None."""
     source = staging / record.run_id
     for name, sha in files.items():
-        if not (source / name).is_file() or _sha256(source / name) != sha:
-            return f"{name} does not match the manifest"
+        if written.get(name) != sha:
+            return f"{name} does not match the manifest" if name in written else f"{name} is missing"
     target = folders.run_folder(runs_dir, record.run_id)
     try:
         store.get_run(record.run_id)

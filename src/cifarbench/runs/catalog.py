@@ -18,7 +18,7 @@ def stored_runs(refs: Sequence[str], *, runs_dir: str | os.PathLike | None = Non
     each record's folder is the one in `runs_dir`, whatever path the history row holds."""
     if not refs:
         raise CifarbenchError("name at least one run (`cifarbench runs` lists them)")
-    with RunStore(runs_dir) as store:
+    with RunStore(runs_dir, read_only=True) as store:  # looking runs up writes nothing (a read-only mount works)
         rows = [store.get_run(ref) for ref in refs]
     records = [RunStore.to_record(row) for row in {row["id"]: row for row in rows}.values()]
     for record in records:

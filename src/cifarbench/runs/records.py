@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -214,6 +214,15 @@ def group_runs(runs: Sequence[RunRecord]) -> dict[str, list[RunRecord]]:
         return model + (f" ({', '.join(parts)})" if parts else "")
 
     return {label(*k): [r for r in runs if key(r) == k] for k in keys}
+
+
+def short_labels(names: Iterable[str]) -> dict[str, str]:
+    """Each model label as headings and tables show it, `Net` for `__main__:Net` (models.reference.label), unless
+    two would then read the same: then every name stays whole."""
+    from cifarbench.models.reference import label
+
+    short = {name: label(name) for name in dict.fromkeys(names)}
+    return short if len(set(short.values())) == len(short) else {name: name for name in short}
 
 
 def summarise(runs: Sequence[RunRecord], target: float | None = None) -> list[ModelSummary]:

@@ -169,8 +169,11 @@ class RunStore:
         check_regular_file(self.path, what="run store", error=CifarbenchError)
         try:
             # mode=rw never creates the file, and query_only refuses every change. (mode=ro would leave the WAL's
-            # -wal and -shm files behind, as a read-only connection cannot remove them when it closes.)
-            self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=rw", uri=True, timeout=60,
+            # -wal and -shm files behind, as a read-only connection cannot remove them when it closes.) In a
+            # folder we cannot write (a read-only mount, a teacher's share) SQLite cannot make the WAL's -shm file,
+            # even with mode=ro, so the file is read as it is on disk: immutable, without locks or -shm.
+            mode = "rw" if os.access(self.dir, os.W_OK) else "ro&immutable=1"
+            self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode={mode}", uri=True, timeout=60,
                                        isolation_level=None)
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA query_only = ON")
@@ -395,6 +398,9 @@ class RunStore:
         except ValueError as exc:
             raise CifarbenchError(f"run store {self.path}: run {run.get('id')!r} has a damaged {exc}; remove it with "
                                   f"`cifarbench runs rm {run.get('id')}`") from None
+        if self.read_only and run.get("status") == "running" and run.get("host") == socket.gethostname() \
+                and run.get("pid") and not pid_alive(run["pid"]):
+            run["status"] = "crashed"  # what a writer would mark it (_mark_dead_runs); a reader only reports it
         if with_epochs:
             run["history"] = [dict(r) for r in self._db.execute(
                 f"SELECT {', '.join(_EPOCH_FIELDS)} FROM epochs WHERE run_id = ? ORDER BY epoch", (run["id"],))]

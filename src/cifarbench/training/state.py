@@ -8,6 +8,7 @@ position, the history so far and the random generators.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from collections.abc import Callable
@@ -97,16 +98,40 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+MAX_CLASSES, MAX_CLASS_NAME = 1000, 100
+MAX_CHANNELS, MAX_SIDE = 4, 256
+"""Bounds on what a checkpoint may claim, checked before any model is built: a model's input and output sizes
+set its allocations, and the data sets here have 10 classes of 1 or 3 channels at 28 or 32 pixels."""
+
+
 def _str_list(v: Any) -> bool:
-    return isinstance(v, list) and bool(v) and all(isinstance(c, str) for c in v)
+    return (isinstance(v, list) and 1 <= len(v) <= MAX_CLASSES
+            and all(isinstance(c, str) and len(c) <= MAX_CLASS_NAME for c in v))
 
 
 def _in_shape(v: Any) -> bool:
-    return isinstance(v, (list, tuple)) and len(v) == 3 and all(_is_int(n) and n > 0 for n in v)
+    return (isinstance(v, (list, tuple)) and len(v) == 3 and all(_is_int(n) and n > 0 for n in v)
+            and v[0] <= MAX_CHANNELS and v[1] <= MAX_SIDE and v[2] <= MAX_SIDE)
 
 
 def _tensor_dict(v: Any) -> bool:
-    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items())
+    """Tensors whose bytes are all in the file: an expanded or overlapping view (one stored byte seen as gigabytes)
+    would cost what its shape says the first time it is copied or hashed."""
+    return isinstance(v, dict) and all(
+        isinstance(k, str) and isinstance(t, torch.Tensor) and t.layout == torch.strided
+        and t.numel() * t.element_size() <= t.untyped_storage().nbytes() and _dense(t) for k, t in v.items())
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """No two elements share memory (so numel elements need numel of storage): dims sorted by stride, each stride
+    at least the span of the smaller ones."""
+    span = 1
+    for size, stride in sorted(((s, st) for s, st in zip(t.shape, t.stride(), strict=True) if s > 1),
+                               key=lambda x: x[1]):
+        if stride < span:
+            return False
+        span = stride * size
+    return True
 
 
 def _plain_record(v: Any, cls: type, required: set[str]) -> bool:
@@ -125,7 +150,7 @@ def _resume_checks() -> dict[str, tuple[Callable[[Any], bool], str]]:
                       and isinstance(v.get("param_groups"), list), "an optimizer state dict"),
         "history": (lambda v: isinstance(v, list) and all(_plain_record(h, EpochMetrics, set()) for h in v),
                     "a list of epoch metrics"),
-        "lookahead": (lambda v: v is None or _tensor_dict(v), "None or a dict of tensors"),
+        "lookahead": (lambda v: v is None or _tensor_dict(v), "None or a dict of tensors, each stored whole"),
         "rng": (_rng_states, "python, numpy, torch and cuda generator states"),
     }
 
@@ -148,11 +173,12 @@ def _rng_states(v: Any) -> bool:
 _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "run_id": (lambda v: isinstance(v, str), "a string"),
     "model": (lambda v: isinstance(v, str), "a string"),
-    "classes": (_str_list, "a non-empty list of strings"),
-    "in_shape": (_in_shape, "a list of 3 positive integers"),
+    "classes": (_str_list, f"a list of 1 to {MAX_CLASSES} names of at most {MAX_CLASS_NAME} characters"),
+    "in_shape": (_in_shape, f"[channels, height, width] with at most {MAX_CHANNELS} channels and sides of at most "
+                            f"{MAX_SIDE}"),
     "config": (lambda v: isinstance(v, dict), "a dict"),
     "dataset": (lambda v: isinstance(v, dict) and isinstance(v.get("sha256"), str), "a dict with a string sha256"),
-    "state_dict": (_tensor_dict, "a dict of tensors"),
+    "state_dict": (_tensor_dict, "a dict of tensors, each stored whole (no expanded or overlapping views)"),
 }
 
 
@@ -222,6 +248,23 @@ class RunCheckpoint:
                        if isinstance(p.get(k), str)}
         return cls(p["run_id"], p["model"], list(p["classes"]), tuple(p["in_shape"]), p["config"], p["dataset"],
                    p["state_dict"], environment, training)
+
+    def weight_count(self) -> int:
+        """Numbers in the weights, BatchNorm statistics aside: the parameters, counted without building the model."""
+        return sum(t.numel() for name, t in self.state_dict.items()
+                   if not name.endswith(("running_mean", "running_var", "num_batches_tracked")))
+
+    def weights_sha256(self) -> str:
+        """A hash of the weights' content (names, shapes, values; floats as float32, as they load into a float32
+        model), whatever else the file holds: the same weights re-saved under another run id or dtype hash the
+        same."""
+        digest = hashlib.sha256()
+        for name in sorted(self.state_dict):
+            t = self.state_dict[name].detach().cpu()
+            t = (t.float() if t.is_floating_point() else t).contiguous()
+            digest.update(f"{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return digest.hexdigest()
 
     def save(self, path: str | Path) -> Path:
         return save_checkpoint(self.to_payload(), path)
