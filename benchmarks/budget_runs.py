@@ -37,7 +37,9 @@ def train(model: str, recipe: str, budget: float, seed: int, runs_dir: str, data
             "train_pflops": (out.get("train_flops") or 0) / 1e15, "widths": out["config"]["model_kwargs"].get("widths"),
             "batch": out["config"]["batch_size"], "threads": b.get("threads"), "cuts": b.get("cuts", []),
             "tta_used": b.get("tta_used"), "images_per_second": b.get("images_per_second"),
-            "probe": b.get("probe"), "shape": b.get("shape"), "notes": notes}
+            "probe": b.get("probe"), "shape": b.get("shape"), "notes": notes,
+            "precision": (b.get("precision") or {}).get("chosen", out["config"].get("precision")),
+            "precision_choice": b.get("precision"), "thread_changes": b.get("thread_changes", [])}
 
 
 def arguments(description: str) -> argparse.ArgumentParser:
@@ -51,14 +53,14 @@ def arguments(description: str) -> argparse.ArgumentParser:
 
 
 def publish(benchmark: str, args: argparse.Namespace, rows: list[dict], table: Callable[[list[dict], str], str],
-            **extra: object) -> None:
-    """Name the processor, write `table(rows, cpu)` into the docs page between the benchmark's markers (unless
-    --no-docs), and print the JSON object: benchmark, cpu, `extra`, results."""
+            marker: str | None = None, **extra: object) -> None:
+    """Name the processor, write `table(rows, cpu)` into the docs page between the markers of `marker` (default
+    the benchmark's name; unless --no-docs), and print the JSON object: benchmark, cpu, `extra`, results."""
     from cifarbench.provenance import cpu_description
 
     cpu = cpu_description()
     if not args.no_docs:
-        write_table(benchmark.replace("_", "-"), table(rows, cpu), args.docs)
+        write_table((marker or benchmark).replace("_", "-"), table(rows, cpu), args.docs)
     print(json.dumps({"benchmark": benchmark, "cpu": cpu, **extra, "results": rows}, indent=2))
 
 

@@ -120,6 +120,25 @@ def test_same_budget_compares_three_recipes_and_writes_the_docs_table(tiny_py: P
     assert "old table" not in text and "| 3 s |" in text and text.endswith("after\n")
 
 
+def test_under_load_beside_a_cnn_training_reports_the_bar_and_the_precision(tiny_py: Path, tmp_path: Path) -> None:
+    docs = tmp_path / "results.md"
+    done = run_benchmark("under_load.py", "--budgets", "3", "--beside", "busy", "cnn", "--settle", "3",
+                         "--data-dir", str(tiny_py), "--docs", str(docs))
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    busy, cnn = out["results"]
+    assert (busy["beside"], cnn["beside"], out["beside"]) == ("busy", "cnn", ["busy", "cnn"])
+    assert busy["idle"] == cnn["idle"]  # one idle run per budget, compared with each competitor
+    assert cnn["loaded"]["competitor_ran_throughout"] is True
+    ratio = cnn["loaded"]["steps"] / cnn["idle"]["steps"]
+    assert cnn["steps_ratio"] == pytest.approx(ratio)
+    assert cnn["bar"] == (ratio >= 0.4 and cnn["within"])
+    assert cnn["loaded"]["precision"] in ("fp32 channels-last", "fp32 contiguous", "bf16 channels-last",
+                                          "bf16 contiguous")
+    text = docs.read_text()
+    assert "<!-- under-load-beside-cnn:start -->" in text and "| 3 s | cnn |" in text
+
+
 def test_under_load_reports_wall_steps_and_accuracy_idle_and_loaded(tiny_py: Path, tmp_path: Path) -> None:
     docs = tmp_path / "results.md"
     done = run_benchmark("under_load.py", "--budgets", "3", "--data-dir", str(tiny_py), "--docs", str(docs))

@@ -57,6 +57,10 @@ def test_final_evaluation_keeps_full_tta_when_it_fits_and_cuts_it_when_not() -> 
     assert mirror.cut == "TTA level 2 (threshold 0.6) -> level 1 (threshold 0.6)"
     _, plain = choose_final_evaluation(2, 0.6, left=0.5, batch_seconds=0.1, batches=10, confidences=unsure)
     assert (plain.tta, plain.cut) == (0, "TTA level 2 (threshold 0.6) -> off")  # even when plain does not fit
+    # With a margin for a machine whose speed changes, views must fit with room to spare.
+    _, spared = choose_final_evaluation(2, 0.6, left=6.5, batch_seconds=0.1, batches=10, confidences=unsure,
+                                        margin=1.25)
+    assert (spared.tta, spared.estimate_seconds) == (1, pytest.approx(2.0))  # 6 s x 1.25 > 6.5 s; 2 s x 1.25 fits
     # Confident images skip the extra views: full selective TTA costs the plain pass only.
     _, cheap = choose_final_evaluation(2, 0.6, left=1.1, batch_seconds=0.1, batches=10, confidences=sure)
     assert cheap.tta == 2 and cheap.cut is None
@@ -73,9 +77,13 @@ def test_plan_reserves_tta_at_the_timed_price_and_plain_evaluation_at_the_curren
     plan.replan(40, seconds=4.0, steps=20)
     assert plan.reserved_evaluation() == pytest.approx(2.0 + 5.0)  # plain doubled, the views not re-priced up
     # TTA beyond EVAL_CAP of the budget is not reserved: training steps come first.
-    capped = StepPlan(10**9, budget=10.0, started=0.0, eval_seconds=lambda: 6.0, eval_views=6)
+    capped = StepPlan(10**9, budget=20.0, started=0.0, eval_seconds=lambda: 6.0, eval_views=6)
     capped.calibrate(step=20, step_seconds=0.1)
-    assert capped.reserved_evaluation() == pytest.approx(1.0 + 0.5)  # 15% of 10 s, plain included
+    assert capped.reserved_evaluation() == pytest.approx(1.0 + 2.0)  # 15% of 20 s, plain included
+    # Where the cap cannot buy even one extra view of every unsure image (1 s here), nothing is kept for views.
+    short = StepPlan(10**9, budget=10.0, started=0.0, eval_seconds=lambda: 6.0, eval_views=6)
+    short.calibrate(step=20, step_seconds=0.1)
+    assert short.reserved_evaluation() == pytest.approx(1.0)
 
 
 def test_guard_stops_a_run_whose_calibration_steps_use_the_budget_up(monkeypatch) -> None:
@@ -89,14 +97,27 @@ def test_guard_stops_a_run_whose_calibration_steps_use_the_budget_up(monkeypatch
     assert plan.total_steps == 2 and plan.stopped == 2
 
 
-@pytest.mark.slow
-def test_slowed_evaluation_cuts_tta_not_training_and_ends_in_budget(tiny_py: Path, monkeypatch) -> None:
-    # A fake clock advances 0.5 s per optimiser step and, for every image an evaluation forward pass sees, a set
-    # cost: planning times the evaluation at that cost, then it turns three times slower. The run must train the
-    # steps it planned, give up TTA views to make up the difference, record the cut and end inside the budget.
+def test_calibration_steps_leave_room_for_the_plain_evaluation(monkeypatch) -> None:
+    # 5 s steps (a loaded machine) and a 6 s plain evaluation, timed right after the first step: the third step
+    # ends at 12 s, and another would end at 17 s, leaving less than the evaluation's 6 s of the 19.4 s usable.
+    clock = FakeClock()
+    monkeypatch.setattr(budget_module, "time", clock)
+    plan = StepPlan(10**9, budget=20.0, started=0.0, eval_seconds=lambda: 6.0, guard_every_step=True)
+    for step, now in ((1, 2.0), (2, 7.0)):
+        clock.now = now
+        plan.after_step(step)
+    assert plan.stopped is None and plan.reserved_evaluation() == pytest.approx(6.0)
+    clock.now = 12.0
+    plan.after_step(3)
+    assert plan.total_steps == plan.stopped == 3  # 12 s + 6 s of evaluation: the run ends at 18 s, not 23
+
+
+def _run_with_dearer_evaluation(monkeypatch, data: Path, slower: float, tta: int, budget_seconds: float = 20.0
+                                ) -> tuple[object, StepPlan]:
+    """A budgeted run on a fake clock that advances 0.5 s per optimiser step and, for every image an evaluation
+    forward pass sees, 10 ms: `slower` times that once the plan has timed the final evaluation and calibrated."""
     fake = FakeClock()
     monkeypatch.setattr(time, "perf_counter", fake.perf_counter)
-    step_seconds, budget_seconds, per_image = 0.5, 20.0, {"cost": 0.01}
     plan_box: dict[str, StepPlan] = {}
     make_plan = budget_module.make_plan
 
@@ -113,8 +134,8 @@ def test_slowed_evaluation_cuts_tta_not_training_and_ends_in_budget(tiny_py: Pat
         def cost(module, inputs, output) -> None:
             if not module.training:
                 plan = plan_box.get("plan")
-                slower = 3.0 if plan is not None and plan.calibrated and plan._eval_estimate > 0 else 1.0
-                fake.now += per_image["cost"] * slower * len(inputs[0])
+                dearer = plan is not None and plan.calibrated and plan._eval_estimate > 0
+                fake.now += 0.01 * (slower if dearer else 1.0) * len(inputs[0])
 
         model.register_forward_hook(cost)
         return model
@@ -122,26 +143,49 @@ def test_slowed_evaluation_cuts_tta_not_training_and_ends_in_budget(tiny_py: Pat
     monkeypatch.setattr(loop_module, "build_model", slow_eval_model)
 
     def tick(*_: object) -> None:
-        fake.now += step_seconds
+        fake.now += 0.5
 
-    dataset = load_cifar10(tiny_py, verify=False, download=False)
-    config = make_config("speedrun", data_dir=str(tiny_py), verify=False, batch_size=16, device="cpu",
-                         budget_seconds=budget_seconds, model_kwargs=SMALL, eval_batch_size=10)
-    assert (config.tta, config.tta_threshold) == (2, 0.0)  # full TTA: every test image pays for 6 views
+    dataset = load_cifar10(data, verify=False, download=False)
+    config = make_config("speedrun", data_dir=str(data), verify=False, batch_size=16, device="cpu",
+                         budget_seconds=budget_seconds, model_kwargs=SMALL, eval_batch_size=10, tta=tta)
     hook = register_optimizer_step_post_hook(tick)
     try:
         result = train(config, dataset, torch.device("cpu"), progress=False)
     finally:
         hook.remove()
-    plan, report = plan_box["plan"], result.budget
-    assert report is not None and plan.stopped is None  # training was never cut short
-    # The plan reserved the evaluation as timed (20 images x 6 views x 10 ms = 1.2 s; timing it cost 0.2 s) and
-    # trained its steps; at 3x the price full TTA no longer fits in what is left, so fewer views were used.
-    assert result.steps == plan.total_steps
-    assert result.steps == pytest.approx((budget_seconds * (1 - StepPlan.SAFETY) - 1.2 - 0.2) / step_seconds, abs=1)
-    assert (report.tta_planned, report.tta_used) == (2, 1) and report.cuts == ["TTA level 2 -> level 1"]
-    assert result.wall_seconds <= budget_seconds and report.used_seconds == pytest.approx(result.wall_seconds)
-    assert report.steps == result.steps and report.eval_seconds > 0
+    return result, plan_box["plan"]
+
+
+@pytest.mark.slow
+def test_dearer_evaluation_costs_steps_for_its_plain_pass_and_views_for_the_rest(tiny_py: Path, monkeypatch) -> None:
+    # The evaluation turns three times dearer after it was timed (20 test images x 10 ms = 0.2 s plain, 1.2 s
+    # with full TTA). The plan re-measures its plain pass at every re-plan and gives steps for it; the extra
+    # TTA views, which no longer fit, are given up instead of more steps. The run ends inside its budget.
+    result, plan = _run_with_dearer_evaluation(monkeypatch, tiny_py, slower=3.0, tta=2)
+    report = result.budget
+    assert report is not None and plan.stopped is None  # the plan made room, not the guard
+    assert result.steps == plan.total_steps and report.steps == result.steps
+    steps_cut, cut_views = report.cuts
+    assert steps_cut.endswith("training step, for a final evaluation dearer than first timed (plain pass "
+                              "0.2 s -> 0.6 s)") or "training steps, for a final" in steps_cut
+    assert cut_views == "TTA level 2 -> level 1" and (report.tta_planned, report.tta_used) == (2, 1)
+    assert result.wall_seconds <= 20.0 and report.used_seconds == pytest.approx(result.wall_seconds)
+
+
+@pytest.mark.slow
+def test_slow_final_evaluation_forces_cutting_steps_and_the_run_ends_in_budget(tiny_py: Path, monkeypatch) -> None:
+    # No TTA: nothing but steps can pay for an evaluation that turns ten times dearer (0.2 s -> 2 s plain).
+    same, _ = _run_with_dearer_evaluation(monkeypatch, tiny_py, slower=1.0, tta=0)
+    slow, plan = _run_with_dearer_evaluation(monkeypatch, tiny_py, slower=10.0, tta=0)
+    assert same.budget.cuts == [] and same.wall_seconds <= 20.0
+    assert plan.stopped is None and slow.wall_seconds <= 20.0  # the plan, not the guard, kept the budget
+    (cut,) = slow.budget.cuts
+    steps = int(cut.split()[0])
+    assert cut.endswith("for a final evaluation dearer than first timed (plain pass 0.2 s -> 2.0 s)")
+    # 1.8 s more of evaluation: steps of the plan's measured price (0.5 s, plus its share of the re-plans'
+    # evaluation checks, which turned dearer too) to within one step.
+    assert (steps + 1) * plan.step_seconds() >= 1.8 and slow.steps <= same.steps - steps
+    assert slow.budget.eval_seconds == pytest.approx(2.0)  # the whole test set, plain, at the dearer price
 
 
 def test_half_the_throughput_picks_the_row_tuned_for_half_the_compute() -> None:

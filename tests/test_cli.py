@@ -135,8 +135,9 @@ def test_user_errors_are_one_line_and_exit_1(tiny_py: Path, tmp_path: Path) -> N
     assert "unknown config field 'optimizer.lrr'" in typo
     assert "FIELD=VALUE" in _one_line_error(_cli("train", "fnn", "--set", "epochs", env=env))
 
+    # bf16 asked for: refused (`auto` is resolved to fp32 for a deterministic run instead)
     fp32 = _one_line_error(_cli("train", "cnn-bn", "--data-dir", str(tiny_py), "--no-verify", "--epochs", "1",
-                                "--device", "cpu", "--deterministic", env=env))
+                                "--device", "cpu", "--deterministic", "--precision", "bf16", env=env))
     assert "--precision fp32" in fp32 and not (tmp_path / "runs").exists()  # refused before any run was recorded
 
     md5 = _one_line_error(_cli("train", "fnn", "--data-dir", str(tiny_py), env=env))

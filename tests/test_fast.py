@@ -141,10 +141,14 @@ def test_selective_tta_spends_extra_views_only_on_unsure_images() -> None:
         torch.testing.assert_close(predict_logits(model, x, 2, 1.0), full)  # every image unsure: full TTA
 
 
-def test_precision_auto_picks_bf16_on_cpu_and_cuda_without_a_gpu() -> None:
+def test_precision_auto_picks_bf16_on_cuda_and_on_cpus_with_native_bf16(monkeypatch) -> None:
     config = make_config("speedrun")
     assert config.precision == "auto"
+    monkeypatch.setenv("CIFARBENCH_CPU_BF16", "1")  # a CPU with AVX-512 bf16 or AMX
     assert autocast_dtype(config, torch.device("cpu")) == torch.bfloat16
+    assert autocast_dtype(replace(config, deterministic=True), torch.device("cpu")) is None
+    monkeypatch.setenv("CIFARBENCH_CPU_BF16", "0")  # an AVX2-only one: bf16 would be many times slower
+    assert autocast_dtype(config, torch.device("cpu")) is None
     assert autocast_dtype(config, torch.device("cuda")) == torch.bfloat16  # the dtype choice, no GPU needed
     assert autocast_dtype(config, torch.device("mps")) is None
     assert autocast_dtype(replace(config, precision="fp32"), torch.device("cuda")) is None

@@ -384,9 +384,10 @@ class TrainConfig:
     device: str = setting("auto", pattern=r"auto|cpu|mps|cuda(:[0-9]{1,4})?", choices=(*DEVICES, "cuda:N"))
     """auto picks cuda, then mps, then cpu."""
     precision: str = setting("fp32", choices=PRECISIONS)
-    """fp32, bf16 autocast (much faster for conv nets on CPUs with bf16 units, slightly different numbers; see
-    docs/cpu-performance.md#bf16-and-channels-last), or auto: bf16 on CPU and CUDA (no loss scaling needed, unlike
-    fp16), fp32 elsewhere."""
+    """fp32, bf16 autocast (much faster for conv nets on CPUs with native bf16, many times slower on AVX2 alone;
+    slightly different numbers; see docs/cpu-performance.md#bf16-and-channels-last), or auto: bf16 on CUDA (no loss
+    scaling needed, unlike fp16); on a CPU what measures fastest at a budgeted run's start (written back here), or
+    without that probe bf16 only where the CPU has it natively; fp32 elsewhere."""
     channels_last: bool = True
     """NHWC memory layout: same arithmetic, faster convolutions on CPU and GPU."""
     eval_batch_size: int = setting(1000, ge=1, le=1_000_000)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -44,10 +45,34 @@ def describe_device(device: torch.device) -> str:
     return device.type
 
 
+CPU_BF16_ENV = "CIFARBENCH_CPU_BF16"
+"""Set to 0 to treat this CPU as one without native bf16 (simulates an AVX2-only laptop on a machine with AVX-512
+bf16 or AMX), or 1 to treat it as one with; read whenever asked, never at import."""
+
+
+def cpu_bf16_native() -> bool:
+    """Whether this CPU has bf16 kernels worth using (oneDNN's bf16 needs AVX-512 or AMX; on AVX2 alone a bf16
+    convolution runs many times slower than fp32: docs/cpu-performance.md#bf16-and-channels-last), unless
+    CIFARBENCH_CPU_BF16 says otherwise."""
+    override = os.environ.get(CPU_BF16_ENV, "").strip()
+    if override in ("0", "1"):
+        return override == "1"
+    if override:
+        raise CifarbenchError(f"{CPU_BF16_ENV} must be 0 or 1 (got {override!r})")
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN
+        return False
+
+
 def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype the config's precision asks for on `device`, or None for plain fp32."""
+    """The autocast dtype the config's precision asks for on `device`, or None for plain fp32. `auto` is bf16 on
+    CUDA, and on a CPU only where bf16 is native and the run need not be deterministic (a budgeted CPU run
+    measures instead and records its choice in the config: training.shape.choose_kernels)."""
     if config.precision == "auto":
-        return torch.bfloat16 if device.type in ("cpu", "cuda") else None
+        if device.type == "cpu":
+            return torch.bfloat16 if cpu_bf16_native() and not config.deterministic else None
+        return torch.bfloat16 if device.type == "cuda" else None
     return torch.bfloat16 if config.precision == "bf16" else None
 
 

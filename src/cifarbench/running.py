@@ -26,7 +26,7 @@ from cifarbench.runs.store import RunStore
 from cifarbench.training import distributed as ddp
 from cifarbench.training.loop import TrainResult, build_model, check_settings, low_res_side, split_validation, train
 from cifarbench.training.recipes import shape_by_compute
-from cifarbench.training.shape import probe_throughput
+from cifarbench.training.shape import ThreadWatch, probe_throughput
 from cifarbench.training.state import EpochMetrics, RunCheckpoint
 
 
@@ -64,16 +64,35 @@ def train_run(config: TrainConfig | None = None, *, runs_dir: str | os.PathLike 
         ddp.teardown(world, finished=finished)
 
 
-def budget_start(config: TrainConfig) -> tuple[TrainConfig, float, dict, dict]:
-    """The start of a budgeted CPU run: its clock starts, a short probe of this machine picks the thread count
-    and measures throughput, and speedrun's shape is re-picked for the compute that buys (`budget_shape`
-    "compute"). Returns the config to train, the clock's start, the probe and the shape choice as recorded."""
+def budget_start(config: TrainConfig, dataset: ImageDataset | None = None
+                 ) -> tuple[TrainConfig, float, dict, dict, dict]:
+    """The start of a budgeted CPU run: its clock starts, a short probe of this machine picks the precision and
+    memory layout (written into the config the run trains and records), the thread count, and measures
+    throughput; speedrun's shape is re-picked for the compute that buys (`budget_shape` "compute"). The net
+    probed is the reference net when the shape is re-picked, else the config's own model (on `dataset`'s
+    shape). Returns the config to train, the clock's start, the probe, the shape choice and the precision choice
+    as recorded."""
     started = time.perf_counter()
-    throughput = probe_throughput()
+    own = None
+    if config.budget_shape != "compute" and dataset is not None:
+        def own() -> torch.nn.Module:
+            return build_model(config, dataset, torch.device("cpu"))
+    shape_of = dataset.image_shape if dataset is not None else (3, 32, 32)
+    throughput = probe_throughput(requested=config.precision, deterministic=config.deterministic, model=own,
+                                  in_shape=shape_of, classes=len(dataset.classes) if dataset is not None else 10,
+                                  budget=config.budget_seconds)
+    kernels = throughput.kernels
+    config = replace(config, precision=kernels.precision, channels_last=kernels.channels_last)
+    slowdown = kernels.slowdown()
+    if kernels.requested == "bf16" and not kernels.native_bf16 and slowdown and slowdown > 1:
+        note(f"--precision bf16 on a CPU without native bf16: its steps measured {slowdown:.1f}x slower than "
+             f"fp32 here ({torch.backends.cpu.get_cpu_capability()}); --precision auto would train in fp32")
+    probe = throughput.to_dict()
+    probe.pop("kernels")  # recorded on its own, as `budget.precision`
     shape = {"by": "config", "widths": config.model_kwargs.get("widths")}
     if config.budget_shape == "compute":
         config, shape = shape_by_compute(config, throughput.images_per_second)
-    return config, started, throughput.to_dict(), shape
+    return config, started, probe, shape, kernels.to_dict()
 
 
 def resumable_config(ref: str, runs_dir: str | os.PathLike | None = None, trust_code: bool = False) -> TrainConfig:
@@ -119,9 +138,9 @@ def _train(config: TrainConfig, world: ddp.DistEnv, device: torch.device, saved:
         result = train(config, dataset, device, progress=False, resume=training, resume_weights=weights, world=world)
         return RunRecord("", config.model, config.recipe, config.seed, config.epochs,
                          test_accuracy=result.final.accuracy if result.final else None, world_size=world.world_size)
-    started, probe, shape = None, None, None
+    started, probe, shape, precision = None, None, None, None
     if config.budget_seconds and device.type == "cpu" and saved is None and not world.enabled:
-        config, started, probe, shape = budget_start(config)
+        config, started, probe, shape, precision = budget_start(config, dataset)
     config, model = preflight(config, dataset)  # before anything is written: a refusal leaves nothing behind
     cost = cost_of(model, dataset.image_shape)
     record = RunRecord("", config.model, config.recipe, config.seed, config.epochs, status="running",
@@ -144,7 +163,7 @@ def _train(config: TrainConfig, world: ddp.DistEnv, device: torch.device, saved:
         if saved is None:
             _start(store, record, run_dir, requested)
         return _loop(config, dataset, device, world, record, store, run_dir, model, training, weights, progress,
-                     on_epoch, started, probe, shape, resume=resume_command(record.run_id, runs_dir))
+                     on_epoch, started, probe, shape, precision, resume=resume_command(record.run_id, runs_dir))
     finally:
         store.close()
 
@@ -261,7 +280,7 @@ def _start(store: RunStore, record: RunRecord, run_dir: Path, requested: dict) -
 def _loop(config: TrainConfig, dataset: ImageDataset, device: torch.device, world: ddp.DistEnv, record: RunRecord,
           store: RunStore, run_dir: Path, model: torch.nn.Module, training, weights, progress: bool | None,
           on_epoch: Callable[[EpochMetrics], None] | None, started: float | None = None, probe: dict | None = None,
-          shape: dict | None = None, resume: str = "") -> RunRecord:
+          shape: dict | None = None, precision: dict | None = None, resume: str = "") -> RunRecord:
     def checkpoint(result: TrainResult) -> None:
         RunCheckpoint(record.run_id, config.model, list(dataset.classes), dataset.image_shape, record.config,
                       record.dataset, result.model.state_dict(), record.environment,
@@ -273,9 +292,13 @@ def _loop(config: TrainConfig, dataset: ImageDataset, device: torch.device, worl
         if on_epoch:
             on_epoch(metrics)
 
+    watch = None
+    if probe is not None:  # the probe chose the threads against the processes running then: re-checked as it goes
+        watch = ThreadWatch(probe["most_threads"])
+        watch.busy = probe["others_running"]
     try:
         result = train(config, dataset, device, on_epoch=after_epoch, on_interrupt=checkpoint, progress=progress,
-                       resume=training, resume_weights=weights, world=world, started=started)
+                       resume=training, resume_weights=weights, world=world, started=started, threads=watch)
     except KeyboardInterrupt as exc:
         signal_name = "SIGTERM" if exc.args == ("SIGTERM",) else "SIGINT"
         why = "stopped by SIGTERM (a timeout or a shutdown)" if signal_name == "SIGTERM" else "interrupted"
@@ -296,7 +319,7 @@ def _loop(config: TrainConfig, dataset: ImageDataset, device: torch.device, worl
     record.confusion = final.confusion
     record.budget = result.budget
     if record.budget is not None:
-        record.budget.probe, record.budget.shape = probe, shape
+        record.budget.probe, record.budget.shape, record.budget.precision = probe, shape, precision
     record.train_flops = training_flops(model, dataset.image_shape, result.position.images,
                                         low_res_side(config, side), result.position.low_images)
     folders.write_json(run_dir / folders.METRICS, record.to_dict())

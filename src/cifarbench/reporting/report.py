@@ -27,6 +27,7 @@ from cifarbench.reporting.tables import (
     experiment_table,
     pairwise_rows,
     percent,
+    precision_line,
     time_to_target_cell,
 )
 from cifarbench.runs.catalog import stored_runs
@@ -176,6 +177,8 @@ def _write_report(runs: Sequence[RunRecord], results: Sequence[ModelSummary], ou
         evidence.notes.append("the runs were trained on copies of the data with different fingerprints; their "
                               "accuracies are not directly comparable")
     evidence.notes += [f"warning: {w}" for w in run_warnings(runs)]
+    evidence.notes += [f"run {r.run_id}: {line}" for r in runs if r.budget is not None
+                       for line in [precision_line(r.budget.precision)] if line]
     document = html.render_report(
         title=title or f"cifarbench: {' vs '.join(groups)} on {names[0]}",
         summary=(comparison_headers(results), comparison_rows(results)), tables=tables,

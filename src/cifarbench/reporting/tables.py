@@ -181,3 +181,26 @@ def permutation_rows(rows: Sequence[Any]) -> list[list[str]]:
     """One row per model of the permuted-pixels experiment (explaining.PermutationRow)."""
     return [[r.model, str(r.plain.n if r.plain else 0), spread_cell(r.plain), spread_cell(r.permuted),
              r.change.format_percent() if r.change else "-"] for r in rows]
+
+
+def precision_line(precision: dict[str, Any] | None) -> str | None:
+    """A budgeted CPU run's precision choice in words: chosen, asked for, and the measured images/s of each."""
+    if not isinstance(precision, dict) or not isinstance(precision.get("images_per_second"), dict):
+        return None
+    rates = ", ".join(f"{printable(str(k))} {v:,.0f}" for k, v in precision["images_per_second"].items()
+                      if isinstance(v, (int, float)))
+    native = "native bf16" if precision.get("native_bf16") else "no native bf16"
+    return (f"precision {printable(str(precision.get('chosen')))} (asked: {printable(str(precision.get('requested')))}"
+            f", {native}; measured images/s on one thread: {rates})")
+
+
+def budget_lines(budget: Any) -> str:
+    """A budgeted run's budget in a few lines: seconds planned and used, steps, threads, precision, what it cut."""
+    lines = [f"budget: {budget.budget_seconds:g} s, used {budget.used_seconds:.1f} s; {budget.steps} steps, "
+             f"{budget.images_per_second:,.0f} images/s, {budget.threads} thread(s)"]
+    line = precision_line(budget.precision)
+    if line:
+        lines.append(f"  {line}")
+    lines += [f"  threads: {printable(str(change))}" for change in budget.thread_changes or []]
+    lines += [f"  cut: {printable(str(cut))}" for cut in budget.cuts or []]
+    return "\n".join(lines)

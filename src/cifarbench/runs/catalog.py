@@ -10,6 +10,7 @@ from cifarbench.errors import CifarbenchError
 from cifarbench.runs import folders
 from cifarbench.runs.records import RunRecord
 from cifarbench.runs.store import RunStore
+from cifarbench.training.budget import BudgetReport
 
 
 def stored_runs(refs: Sequence[str], *, runs_dir: str | os.PathLike | None = None) -> list[RunRecord]:
@@ -22,6 +23,7 @@ def stored_runs(refs: Sequence[str], *, runs_dir: str | os.PathLike | None = Non
     records = [RunStore.to_record(row) for row in {row["id"]: row for row in rows}.values()]
     for record in records:
         record.run_dir = str(folders.run_folder(runs_dir, record.run_id))
+        record.budget = BudgetReport.from_dict(folders.read_budget(record.run_dir))  # kept in metrics.json only
     return records
 
 

@@ -25,6 +25,7 @@ EXPERIMENTS = "experiments.json"
 """The controlled experiments run on the trained model (translation, corruption), by name."""
 RUN_FILES = {CONFIG, CHECKPOINT, METRICS, MODEL_CODE, EXPERIMENTS}
 """Everything cifarbench writes into a run folder (deletion refuses a folder holding anything else)."""
+MAX_METRICS_BYTES = 64 << 20  # a run's record: history, confusion matrix, budget
 MAX_EXPERIMENTS_BYTES = 16 * 2**20
 
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -72,6 +73,19 @@ def read_experiments(run_dir: str | os.PathLike) -> dict[str, dict]:
     except (CifarbenchError, ValueError, RecursionError):
         return {}
     return {k: v for k, v in data.items() if isinstance(v, dict)} if isinstance(data, dict) else {}
+
+
+def read_budget(run_dir: str | os.PathLike) -> dict | None:
+    """A budgeted run's `budget` from its metrics.json (None when absent, not budgeted or damaged)."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(read_regular_file(path, MAX_METRICS_BYTES, "metrics file"))
+    except (CifarbenchError, ValueError, RecursionError):
+        return None
+    budget = data.get("budget") if isinstance(data, dict) else None
+    return budget if isinstance(budget, dict) else None
 
 
 def store_experiment(run_dir: str | os.PathLike, name: str, result: dict) -> None:

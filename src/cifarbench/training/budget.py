@@ -16,6 +16,7 @@ from cifarbench.data.loader import DeviceSplit
 from cifarbench.device import autocast, synchronize
 from cifarbench.evaluation.metrics import TTA_VIEWS, confidence, predict_logits
 from cifarbench.training import distributed as ddp
+from cifarbench.training.shape import ThreadWatch
 from cifarbench.training.state import LoopPosition
 
 if TYPE_CHECKING:
@@ -39,8 +40,12 @@ class StepPlan:
     With progressive resizing the first `low_fraction` of the steps are cheaper (smaller images): the plan
     keeps one step time for each phase, so it knows that a longer schedule also means more cheap steps.
     `low_cost` is the guess of a small step's cost relative to a full one until both have been measured.
-    `eval_share`, asked again at every re-plan, is the share of the evaluation's timed cost it is expected to
-    need by now (selective TTA: fewer images need the extra views as the model grows confident).
+    `eval_share`, asked again at every re-plan, gives the share of the evaluation's timed cost it is expected to
+    need by now (selective TTA: fewer images need the extra views as the model grows confident), with the
+    seconds its plain pass takes at the machine's speed now (a pair; a share alone leaves that unmeasured): the
+    final evaluation is priced like the steps, and when it grows dearer the plan trains fewer steps (`eval_cut`),
+    since a run always ends with its plain evaluation. `threads` re-checks the thread count at every re-plan (a
+    CPU run beside other processes).
 
     The plan re-measures the step time and re-plans every `1/REPLANS` of the schedule, counting only the time
     the loop spends in steps (`pause` / `resume` around anything else, such as evaluations between epochs).
@@ -58,8 +63,9 @@ class StepPlan:
     def __init__(self, total_steps: int, budget: float | None = None, started: float | None = None,
                  eval_seconds: Callable[[], float] | None = None, sync: Callable[[], None] = lambda: None,
                  guard_every_step: bool = False, agree: Callable[[int], int] = lambda steps: steps,
-                 low_fraction: float = 0.0, low_cost: float = 1.0, eval_share: Callable[[], float] | None = None,
-                 eval_views: int = 1):
+                 low_fraction: float = 0.0, low_cost: float = 1.0,
+                 eval_share: Callable[[], float | tuple[float, float | None]] | None = None, eval_views: int = 1,
+                 threads: ThreadWatch | None = None):
         self.budget = budget
         # Of the evaluation's forward passes per image, the first (plain) one is always paid; the other
         # `eval_views - 1` (TTA) are what the final evaluation gives up first when time is short.
@@ -67,6 +73,7 @@ class StepPlan:
         self.started = time.perf_counter() if started is None else started
         self.eval_seconds = eval_seconds or (lambda: 0.0)
         self.eval_share = eval_share or (lambda: 1.0)
+        self.threads = threads
         self.sync = sync
         # On a synchronous device (CPU) the clock is exact after every step, so the run can also stop on the
         # spot when time runs out (a slow shared machine); on a GPU that would cost a sync per step.
@@ -81,10 +88,18 @@ class StepPlan:
         self._low_seconds: float | None = None  # and of one small-image step
         self._eval_estimate = 0.0
         self._eval_share = 1.0
+        self._plain_now: float | None = None  # the plain pass's seconds as measured (None: priced by slowdown)
+        self._plain_last: float | None = None  # the last reading
         self._eval_timed_at: tuple[bool, float] | None = None  # (small-image?, step seconds) when it was timed
         self._stretch = _Stretch()
+        self._last_seen: float | None = None  # when the last calibration step ended
+        self.trace: list[list[float]] = []
+        """Per re-plan: step, seconds elapsed, planned steps, step seconds, plain evaluation and reserve."""
         self.stopped: int | None = None
         """The step at which the per-step guard stopped training because the time ran out (None if it never did)."""
+        self.eval_cut: tuple[int, float, float] | None = None
+        """(steps, plain seconds as first timed, as priced now) when the last re-plan gave up steps because the
+        final evaluation's plain pass had grown dearer than first timed."""
 
     @property
     def calibrated(self) -> bool:
@@ -118,18 +133,32 @@ class StepPlan:
             due = stretch.steps >= max(self.CALIBRATION_STEPS, self.total_steps // self.REPLANS)
             if due and step < self.total_steps:
                 self.pause()
+                replanning = time.perf_counter()
                 self.replan(step, stretch.seconds, stretch.steps, stretch.low_steps)
-                self._stretch = _Stretch()
-                self.resume()
-            elif self.guard_every_step and self._time_left() < 0:
+                if self.threads is not None and self.threads.check(step, stretch.seconds / stretch.steps):
+                    self.replan(step)  # the next stretch measures the new count; until then, the old rate
+                # The next stretch's clock includes this re-plan (its evaluation check), so that the step time
+                # the plan extrapolates carries the cost of the re-plans still to come.
+                self._stretch = _Stretch(since=replanning)
+            elif self.guard_every_step and self._time_left() < self._next_step(step) / 2:
+                # The next step would overrun into the final evaluation by more than half a step.
                 self.total_steps = self.stopped = step
             return
-        if self.guard_every_step and step > 1 and self._elapsed() > self.budget * (1 - self.SAFETY):
-            self.total_steps = self.stopped = step  # so slow a machine that calibrating used the budget up
+        now = time.perf_counter()
+        last, self._last_seen = (now - self._last_seen if self._last_seen is not None else 0.0), now
+        # So slow a machine that calibrating uses the budget up: stop where the next step (as long as the last
+        # one) would overrun the plain evaluation's time by more than half a step.
+        if (self.guard_every_step and step > 1
+                and self._elapsed() + last / 2 + self._plain_evaluation() > self.budget * (1 - self.SAFETY)):
+            self.total_steps = self.stopped = step
             return
         if step == 1:
+            # The final evaluation is timed before the steps are, so that even the calibration steps leave
+            # room for its plain pass (a run on a slow machine once spent its budget there, then evaluated).
+            self._eval_estimate = self.eval_seconds()
             self.sync()
             self._timed_from = (step, time.perf_counter())
+            self._last_seen = self._timed_from[1]
         elif step == 1 + self.CALIBRATION_STEPS:
             self.sync()
             first, t0 = self._timed_from
@@ -137,9 +166,10 @@ class StepPlan:
 
     def calibrate(self, step: int, step_seconds: float, low: bool = False) -> None:
         """Record the measured step time (of a small-image step if `low`) and the final evaluation's
-        estimated cost, then plan."""
+        estimated cost (timed now unless it was at the first step), then plan."""
         self._record(step_seconds, low)
-        self._eval_estimate = self.eval_seconds()
+        if self._eval_estimate <= 0:
+            self._eval_estimate = self.eval_seconds()
         self._eval_timed_at = (low, step_seconds)
         self.replan(step)
         self._stretch = _Stretch()
@@ -151,18 +181,39 @@ class StepPlan:
         if self.budget is None or not self.calibrated:
             return
         if seconds and steps:
-            self._eval_share = min(1.0, max(0.0, self.eval_share()))
+            checked = self.eval_share()
+            share, plain = checked if isinstance(checked, tuple) else (checked, None)
+            self._eval_share = min(1.0, max(0.0, share))
+            if plain is not None:  # the faster of the last two readings: one batch is a noisy clock
+                self._plain_now = plain if self._plain_last is None else min(plain, self._plain_last)
+                self._plain_last = plain
             if low_steps in (0, steps):
                 self._record(seconds / steps, low=low_steps > 0)
             else:  # a mixed stretch: split it with the current ratio of the two step times
                 full, low = self._step_seconds()
                 self._full_seconds = seconds / (low_steps * low / full + steps - low_steps)
                 self._low_seconds = self._full_seconds * low / full
-        lo, hi, left = step, max(step, self.max_steps), self._time_left()
-        while lo < hi:  # the longest schedule whose remaining steps fit (the cost grows with the length)
+        total = self._fit(step, self._time_left())
+        # What the evaluation's growth since it was first timed cost in steps: the plan priced at that price.
+        first = self._time_left() + self.reserved_evaluation() - self.reserved_evaluation(first_price=True)
+        cut = self._fit(step, first) - total
+        self.eval_cut = (cut, self._first_plain(), self._plain_evaluation()) if cut > 0 else None
+        self.total_steps = self.agree(total)
+        self.trace.append([step, round(self._elapsed(), 2), self.total_steps, round(self._step_seconds()[0], 4),
+                           round(self._plain_evaluation(), 2), round(self.reserved_evaluation(), 2)])
+
+    def _fit(self, step: int, left: float) -> int:
+        """The longest schedule whose remaining steps fit in `left` seconds (the cost grows with the length)."""
+        lo, hi = step, max(step, self.max_steps)
+        while lo < hi:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if self._seconds_to_finish(step, mid) <= left else (lo, mid - 1)
-        self.total_steps = self.agree(lo)
+        return lo
+
+    def _next_step(self, step: int) -> float:
+        """The expected seconds of step `step` + 1 (small-image or full), as last measured."""
+        full, low = self._step_seconds()
+        return low if self.is_low(step) else full
 
     def _record(self, step_seconds: float, low: bool) -> None:
         if low:
@@ -194,18 +245,34 @@ class StepPlan:
     def _elapsed(self) -> float:
         return time.perf_counter() - self.started
 
-    def reserved_evaluation(self) -> float:
-        """Seconds the plan keeps for the final evaluation: the plain pass at the current speed, plus the TTA
-        views at the speed they were timed at, within `EVAL_CAP` of the budget."""
-        # The evaluation was timed once, at the start; if the (shared) machine has slowed down since, as the
-        # re-measured step times show, its plain pass will take longer by as much. The extra views are not
-        # re-priced upwards: when time is short the final evaluation drops views rather than training drop
-        # steps (`choose_final_evaluation` re-measures and decides at the end).
+    def _first_plain(self) -> float:
+        """Seconds of the final evaluation's plain pass as first timed (at the share expected now)."""
+        return min(self._eval_estimate * self._eval_share, self._eval_estimate / self.eval_views)
+
+    def _plain_evaluation(self) -> float:
+        """Seconds of the final evaluation's plain pass at the machine's speed now: as last measured, else as
+        first timed and slowed down as much as the steps have been."""
+        if self._plain_now is not None:
+            return self._plain_now
+        return self._first_plain() * self._slowdown()
+
+    def reserved_evaluation(self, first_price: bool = False) -> float:
+        """Seconds the plan keeps for the final evaluation: the plain pass at the current speed (at the price
+        first timed, with `first_price`), plus the TTA views at the speed they were timed at, within `EVAL_CAP`
+        of the budget."""
+        # If the (shared) machine has slowed down since the evaluation was first timed, as its re-measured plain
+        # pass (or the step times) show, the plain pass must be paid with steps. The extra views are not re-priced
+        # upwards: when time is short the final evaluation drops views rather than training drop steps
+        # (`choose_final_evaluation` re-measures and decides at the end).
         expected = self._eval_estimate * self._eval_share
-        plain = min(expected, self._eval_estimate / self.eval_views)
-        plain_now = plain * self._slowdown()
+        plain = self._first_plain()
+        plain_now = plain if first_price else self._plain_evaluation()
         extra = min(expected - plain, max(0.0, self.EVAL_CAP * self.budget - plain_now))
-        return plain_now + extra
+        # Time that cannot buy even one extra view for the images expected to need it is given to steps: an
+        # unsure model (a short run on a slow CPU) would otherwise keep seconds it then evaluates without.
+        views = self.eval_views
+        one_view = plain * (self._eval_share * views - 1) / (views - 1) if views > 1 else 0.0
+        return plain_now + (extra if extra >= one_view - 1e-9 else 0.0)
 
     def _time_left(self) -> float:
         """Seconds left for training steps: the budget less the margin, time spent, and the final evaluation."""
@@ -225,7 +292,8 @@ class StepPlan:
 
 def make_plan(config: TrainConfig, *, steps_per_epoch: int, started: float, device: torch.device,
               world: ddp.DistEnv, evaluation_seconds: Callable[[], float], evaluation_share: Callable[[], float],
-              low_res: int, side: int, resume: LoopPosition | None = None) -> StepPlan:
+              low_res: int, side: int, resume: LoopPosition | None = None,
+              threads: ThreadWatch | None = None) -> StepPlan:
     """The run's step plan: a fixed schedule of `epochs`, or one fitted to `budget_seconds` (a resumed run keeps
     the schedule it had planned, and with it where the small images end)."""
     low_fraction = config.low_res_fraction if low_res else 0.0
@@ -240,40 +308,50 @@ def make_plan(config: TrainConfig, *, steps_per_epoch: int, started: float, devi
                     # A first guess at a small step's cost (its share of pixels plus a fixed part), replaced by
                     # measured times as the run goes; see docs/cpu-performance.md.
                     low_fraction=low_fraction, low_cost=0.1 + 0.9 * (low_res / side) ** 2,
-                    eval_share=evaluation_share, eval_views=TTA_VIEWS[config.tta])
+                    eval_share=evaluation_share, eval_views=TTA_VIEWS[config.tta],
+                    threads=threads if device.type == "cpu" and not world.enabled else None)
 
 
 def evaluation_seconds(model: nn.Module, test: DeviceSplit, config: TrainConfig, device: torch.device,
                        amp: torch.dtype | None) -> float:
-    """Seconds the final evaluation will take with full TTA: one timed batch, scaled to the test set."""
+    """Seconds the final evaluation will take with full TTA: the faster of two timed batches, scaled to the test
+    set (on a shared machine one batch alone was seen to price the evaluation at twice what it took)."""
     x = test.normalise(test.images[:config.eval_batch_size])
     model.eval()  # the plain model: no DDP collectives in a measurement
+    best = math.inf
     with torch.no_grad(), autocast(device, amp):
         predict_logits(model, x, 0)  # the first call at a new shape also builds its kernels: not timed
-        synchronize(device)
-        t = time.perf_counter()
-        predict_logits(model, x, 0)
-        synchronize(device)
+        for _ in range(2):
+            synchronize(device)
+            t = time.perf_counter()
+            predict_logits(model, x, 0)
+            synchronize(device)
+            best = min(best, time.perf_counter() - t)
     model.train()
-    return (time.perf_counter() - t) * math.ceil(len(test) / len(x)) * TTA_VIEWS[config.tta]
+    return best * math.ceil(len(test) / len(x)) * TTA_VIEWS[config.tta]
 
 
-def evaluation_share(model: nn.Module, train: DeviceSplit, config: TrainConfig, device: torch.device,
-                     amp: torch.dtype | None) -> float:
-    """With selective TTA, the share of a full TTA evaluation's cost the final one should need now: the plain
-    pass, plus the extra views for the share of images the model is unsure of. That share is measured on
-    un-augmented training images (never the test set); the model is less often unsure of images it trained on
-    than of new ones, hence the margin of 1.5x (docs/cpu-performance.md)."""
+def evaluation_share(model: nn.Module, train: DeviceSplit, test_size: int, config: TrainConfig,
+                     device: torch.device, amp: torch.dtype | None) -> tuple[float, float]:
+    """Measured on one batch of un-augmented training images (never the test set): the share of a full TTA
+    evaluation's cost the final one should need now, and the seconds its plain pass over `test_size` images takes
+    at the machine's speed now. The share is the plain pass, plus, with selective TTA, the extra views for the
+    share of images the model is unsure of; the model is less often unsure of images it trained on than of new
+    ones, hence the margin of 1.5x (docs/cpu-performance.md)."""
     views = TTA_VIEWS[config.tta]
-    if views == 1 or config.tta_threshold <= 0:
-        return 1.0
     x = train.normalise(train.images[:config.eval_batch_size])
     model.eval()
     with torch.no_grad(), autocast(device, amp):
+        synchronize(device)
+        t = time.perf_counter()
         top = confidence(model(x))
+        synchronize(device)
+        plain = (time.perf_counter() - t) * math.ceil(test_size / len(x))
     model.train()
+    if views == 1 or config.tta_threshold <= 0:
+        return 1.0, plain
     unsure = min(1.0, 1.5 * float((top < config.tta_threshold).float().mean()))
-    return (1 + unsure * (views - 1)) / views
+    return (1 + unsure * (views - 1)) / views, plain
 
 
 @dataclass
@@ -316,10 +394,16 @@ def evaluation_options(tta: int, threshold: float) -> list[tuple[int, float]]:
     return options
 
 
+TTA_MARGIN = 1.25
+"""Extra views are taken only when their evaluation's expected cost times this fits in the time left: on a shared
+machine a 60 s run chose full TTA with 1 s to spare, the load rose, and it took 8 s longer than timed."""
+
+
 def choose_final_evaluation(tta: int, threshold: float, left: float, batch_seconds: float, batches: int,
-                            confidences: torch.Tensor) -> tuple[int, FinalEvaluation]:
-    """The first of `evaluation_options` whose expected cost fits in `left` seconds (plain evaluation if none
-    does: a run always ends with its result), and its index in that list. `batch_seconds` is one plain
+                            confidences: torch.Tensor, margin: float = 1.0) -> tuple[int, FinalEvaluation]:
+    """The first of `evaluation_options` whose expected cost (times `margin`, for options with extra views)
+    fits in `left` seconds (plain evaluation if none does: a run always ends with its result), and its index in
+    that list. `batch_seconds` is one plain
     evaluation batch timed now; `confidences` the model's top-class probabilities on training images, from which
     the share of test images that selective TTA will give the extra views is estimated (with a margin of 1.5x,
     as in `evaluation_share`)."""
@@ -329,7 +413,7 @@ def choose_final_evaluation(tta: int, threshold: float, left: float, batch_secon
         views = TTA_VIEWS[level]
         unsure = 1.0 if t <= 0 else min(1.0, 1.5 * float((confidences < t).float().mean()))
         cost = plain * (1 + unsure * (views - 1))
-        if cost <= left or level == 0:
+        if cost * margin <= left or level == 0:
             return index, FinalEvaluation(level, t, tta, threshold, cost, left)
     raise AssertionError("evaluation_options always ends with plain evaluation")
 
@@ -380,10 +464,17 @@ class BudgetReport:
     cuts: list[str] = field(default_factory=list)
     """What the run gave up to keep its budget (empty when nothing)."""
     threads: int | None = None
+    """Threads at the end of the run."""
     probe: dict | None = None
     """The throughput probe at the start: images/s per thread count tried, the seconds it took."""
     shape: dict | None = None
     """How the net's shape was chosen: by compute (the expected training PFLOP and the row) or fixed."""
+    precision: dict | None = None
+    """The precision and layout the probe chose, the config's request and the images/s measured for each."""
+    thread_changes: list[str] = field(default_factory=list)
+    """When and why the thread count changed during the run (re-checked at every re-plan)."""
+    replans: list[list[float]] = field(default_factory=list)
+    """Per re-plan: [step, seconds elapsed, planned steps, step seconds, plain evaluation seconds, reserved]."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -400,10 +491,16 @@ def report(plan: StepPlan, config: TrainConfig, position: LoopPosition, final: F
            eval_seconds: float, used_seconds: float) -> BudgetReport:
     """The budget report of a run that just finished its final evaluation."""
     cuts = [final.cut] if final.cut else []
+    if plan.eval_cut is not None:
+        steps, first, now = plan.eval_cut
+        cuts.insert(0, f"{steps} training step{'s' if steps > 1 else ''}, for a final evaluation dearer than first "
+                       f"timed (plain pass {first:.1f} s -> {now:.1f} s)")
     if plan.stopped is not None:
         cuts.insert(0, f"training stopped at step {plan.stopped} as the time ran out")
     seconds = max(position.elapsed, 1e-9)
     return BudgetReport(config.budget_seconds, used_seconds, position.step, position.step / seconds,
                         position.images / seconds, plan.step_seconds(), plan.reserved_evaluation(),
                         final.estimate_seconds, eval_seconds, final.planned_tta, final.planned_threshold, final.tta,
-                        final.threshold, cuts, torch.get_num_threads())
+                        final.threshold, cuts, torch.get_num_threads(),
+                        thread_changes=list(plan.threads.changes) if plan.threads is not None else [],
+                        replans=list(plan.trace))

@@ -33,6 +33,7 @@ from cifarbench.training import distributed as ddp
 from cifarbench.training.lookahead import Lookahead
 from cifarbench.training.optim import make_optimizer
 from cifarbench.training.schedules import lr_factor
+from cifarbench.training.shape import ThreadWatch
 from cifarbench.training.state import EpochMetrics, LoopPosition, TrainingState, rng_states, set_rng_states
 
 __all__ = ["EpochMetrics", "LoopPosition", "TrainResult", "autocast_dtype", "check_settings", "train"]
@@ -212,7 +213,7 @@ class _Setup:
     @classmethod
     def build(cls, config: TrainConfig, dataset: ImageDataset, device: torch.device, world: ddp.DistEnv,
               resume: TrainingState | None, resume_weights: dict[str, torch.Tensor] | None,
-              started: float) -> _Setup:
+              started: float, threads: ThreadWatch | None = None) -> _Setup:
         amp = autocast_dtype(config, device)
         if device.type == "cpu":
             keep_cpu_memory()
@@ -238,8 +239,9 @@ class _Setup:
         seconds, share = budget.evaluation_seconds, budget.evaluation_share  # measured as the plan needs them
         plan = budget.make_plan(config, steps_per_epoch=steps_per_epoch, started=started, device=device, world=world,
                                 evaluation_seconds=lambda: seconds(model, test_data, config, device, amp),
-                                evaluation_share=lambda: share(model, train_data, config, device, amp),
-                                low_res=low_res, side=side, resume=result.position if resume is not None else None)
+                                evaluation_share=lambda: share(model, train_data, len(test_data), config, device, amp),
+                                low_res=low_res, side=side, resume=result.position if resume is not None else None,
+                                threads=threads)
         result.position.total_steps = plan.total_steps
         return cls(config, device, world, amp, train_data, test_data, val_data, model, forward,
                    Augmenter(config.augment, n, config.seed, device), plan, result, steps_per_epoch, low_res,
@@ -280,7 +282,7 @@ class _Setup:
         seconds, confident = budget.measure_evaluation_batch(self.model, self.train_data, c, self.device, self.amp)
         batches = math.ceil(len(self.test_data) / c.eval_batch_size)
         index, choice = budget.choose_final_evaluation(c.tta, c.tta_threshold, plan.seconds_left(), seconds, batches,
-                                                       confident)
+                                                       confident, margin=budget.TTA_MARGIN)
         index = ddp.broadcast_int(index, self.world, self.device)  # every rank evaluates its slice the same way
         choice.tta, choice.threshold = budget.evaluation_options(c.tta, c.tta_threshold)[index]
         t = time.perf_counter()
@@ -317,7 +319,7 @@ def train(config: TrainConfig, dataset: ImageDataset, device: torch.device, *,
           on_interrupt: Callable[[TrainResult], None] | None = None,
           progress: bool | None = None, resume: TrainingState | None = None,
           resume_weights: dict[str, torch.Tensor] | None = None, world: ddp.DistEnv = ddp.SINGLE,
-          started: float | None = None) -> TrainResult:
+          started: float | None = None, threads: ThreadWatch | None = None) -> TrainResult:
     """Train `config.model` on the training set; evaluate after every epoch (if configured) and at the end.
 
     `resume` (with `resume_weights`) is a state saved earlier: training continues from that exact point. On
@@ -325,10 +327,11 @@ def train(config: TrainConfig, dataset: ImageDataset, device: torch.device, *,
     KeyboardInterrupt. Under torchrun (`world`), each rank trains on its slice of every global batch and
     evaluates its slice of the test set; the sums are combined so every example counts exactly once.
     `started` (a time.perf_counter() value) is when the budget's clock started, if before this call.
+    `threads` re-checks a budgeted CPU run's thread count at every re-plan (see `shape.ThreadWatch`).
     """
     started = time.perf_counter() if started is None else started
     check_settings(config, device)
-    run = _Setup.build(config, dataset, device, world, resume, resume_weights, started)
+    run = _Setup.build(config, dataset, device, world, resume, resume_weights, started, threads)
     result, plan, pos = run.result, run.plan, run.result.position
     with kernel_choice(config.deterministic), _StopAtStepBoundary() as stop:
         while pos.step < plan.total_steps:
