@@ -205,7 +205,7 @@ def test_a_plot_shows_when_assigned_and_once_when_returned(tmp_path: Path) -> No
 
 def test_progress_lines_go_to_stdout_in_a_kernel_and_stderr_in_a_script(monkeypatch: pytest.MonkeyPatch,
                                                                           capsys: pytest.CaptureFixture) -> None:
-    from cifarbench.reporting import progress
+    from cifarbench import progress
 
     progress.say("building")
     assert capsys.readouterr().err == "building\n"

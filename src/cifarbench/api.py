@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from cifarbench import runtime
@@ -40,8 +41,7 @@ from cifarbench.inference import (
     score_images,
 )
 from cifarbench.models.reference import reference_of
-from cifarbench.reporting.progress import EpochPrinter
-from cifarbench.reporting.report import build_report, report_runs
+from cifarbench.progress import EpochPrinter
 from cifarbench.running import train_run
 from cifarbench.runs.bundle import export_runs, import_runs
 from cifarbench.runs.catalog import delete_run, stored_runs
@@ -135,11 +135,17 @@ def compare(models: Sequence[Model], *, seeds: int = 1, jobs: int = 1, target: f
         from cifarbench.errors import CifarbenchError
 
         raise CifarbenchError("compare trains seeds 0..seeds-1; pass seeds, not seed")
-    return compare_configs(refs, lambda m, s: run_config(m, seed=s, **choices), seeds=seeds, jobs=jobs, target=target,
-                           report=report, plot=plot, runs_dir=runs_dir, progress=progress,
-                           on_epoch=on_epoch or EpochPrinter(), retrain=retrain,
-                           on_reuse=lambda r: print(f"reusing run {r.run_id} ({r.model}, seed {r.seed}): finished "
-                                                    "with the same config and data (retrain=True trains it again)"))
+    comparison = compare_configs(refs, lambda m, s: run_config(m, seed=s, **choices), seeds=seeds, jobs=jobs,
+                                 target=target, plot=plot, runs_dir=runs_dir, progress=progress,
+                                 on_epoch=on_epoch or EpochPrinter(), retrain=retrain,
+                                 on_reuse=lambda r: print(f"reusing run {r.run_id} ({r.model}, seed {r.seed}): "
+                                                          "finished with the same config and data (retrain=True "
+                                                          "trains it again)"))
+    if report:
+        comparison.report = str(build_report(comparison.runs, comparison.results, report, target=target,
+                                             device=choices.get("device", "auto"), runs_dir=runs_dir,
+                                             progress=progress))
+    return comparison
 
 
 def _run_ids(runs: Runs) -> list[str]:
@@ -199,6 +205,43 @@ def predict(run: str, images: Sequence[str | os.PathLike], *, labels: str | os.P
         return score_images(run, images, labels, **kwargs)
     _check_keywords(predict_images, kwargs, where="predict")
     return predict_images(run, images, **kwargs)
+
+
+def report_runs(refs: Sequence[str], out: str | os.PathLike, *, runs_dir: str | os.PathLike | None = None,
+                target: float | None = None, data_dir: str | None = None, verify: bool | None = None,
+                download: bool | None = None, device: str = "auto", progress: bool | None = None,
+                trust_code: bool = False) -> Comparison:
+    """One self-contained HTML report of stored runs: table, learning curves, per-class accuracy, confusion
+    matrices, the most confident mistakes, configs and the data fingerprint. Returns the comparison."""
+    from cifarbench.comparing import check_target
+    from cifarbench.provenance import environment
+    from cifarbench.reporting.report import render_report
+    from cifarbench.reports import report_content
+
+    check_target(target)
+    runs = stored_runs(refs, runs_dir=runs_dir)
+    content = report_content(runs, target=target, data_dir=data_dir, verify=verify, download=download,
+                             device=device, progress=progress, runs_dir=runs_dir, trust_code=trust_code)
+    path = render_report(content, out)
+    return Comparison(content.results, runs, target, report=str(path), environment=environment(),
+                      pairs=content.pairs, warnings=content.warnings)
+
+
+def build_report(runs: Sequence[RunRecord], results: Sequence[ModelSummary], out: str | os.PathLike, *,
+                 target: float | None = None, dataset: Any = None, data_dir: str | None = None,
+                 verify: bool | None = None, download: bool | None = None, device: str = "auto",
+                 progress: bool | None = None, title: str | None = None, gallery: int = 8,
+                 runs_dir: str | os.PathLike | None = None, trust_code: bool = False, explain: bool = True) -> Path:
+    """Write the HTML report of `runs` (summarised as `results`): per-example figures and McNemar's test from each
+    run's stored predictions (`dataset`: the test data as read, else read from the runs' own data config). With
+    `explain`, the first seed of each model also gets its interpretation gallery."""
+    from cifarbench.reporting.report import render_report
+    from cifarbench.reports import report_content
+
+    content = report_content(runs, results, target=target, dataset=dataset, data_dir=data_dir, verify=verify,
+                             download=download, device=device, progress=progress, runs_dir=runs_dir,
+                             trust_code=trust_code, explain=explain)
+    return render_report(content, out, title=title, gallery=gallery)
 
 
 def report(runs: Runs, out: str | os.PathLike, **kwargs: Any) -> Comparison:

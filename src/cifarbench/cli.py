@@ -360,7 +360,7 @@ def _config(args: argparse.Namespace, model: str, seed: int):
 
 
 def _epoch_printer(args: argparse.Namespace):
-    from cifarbench.reporting.progress import EpochPrinter
+    from cifarbench.progress import EpochPrinter
 
     return EpochPrinter(sys.stderr if args.json else sys.stdout)
 
@@ -484,8 +484,13 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
     report = compare(args.models, lambda m, s: _config(args, m, s), seeds=args.seeds, runs_dir=args.runs_dir,
                      plot=args.plot, on_epoch=_with_tensorboard(args, _epoch_printer(args)), target=args.target,
-                     report=args.report, jobs=args.jobs, on_run=_run_printer(args) if args.jobs > 1 else None,
+                     jobs=args.jobs, on_run=_run_printer(args) if args.jobs > 1 else None,
                      retrain=args.retrain, on_reuse=reused)
+    if args.report:
+        from cifarbench.api import build_report
+
+        report.report = str(build_report(report.runs, report.results, args.report, target=args.target,
+                                         device=args.device, runs_dir=args.runs_dir))
     for failure in report.failures:
         print(f"cifarbench: warning: {printable(failure['model'])} seed {failure['seed']} failed: "
               f"{printable(failure['error'])}",
@@ -704,7 +709,7 @@ def _runs_import(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from cifarbench.reporting.report import report_runs
+    from cifarbench.api import report_runs
 
     result = report_runs(args.run_ids, args.out, runs_dir=args.runs_dir, target=args.target, data_dir=args.data_dir,
                          verify=args.verify, download=args.download, device=args.device, trust_code=args.trust_code)

@@ -16,7 +16,7 @@ import torch
 
 from cifarbench import runtime
 from cifarbench.config import TrainConfig
-from cifarbench.data import ImageDataset, load_dataset, original
+from cifarbench.data import ImageDataset, load_dataset
 from cifarbench.device import resolve_device
 from cifarbench.errors import INTERFACE, CifarbenchError, Interrupted
 from cifarbench.evaluation.stats import PairComparison, pairwise_comparisons, training_warnings
@@ -25,6 +25,7 @@ from cifarbench.running import train_run
 from cifarbench.runs.catalog import stored_runs
 from cifarbench.runs.folders import resolve_runs_dir
 from cifarbench.runs.records import Comparison, RunRecord, group_runs, summarise
+from cifarbench.scoring import score_runs
 from cifarbench.training.loop import check_settings
 from cifarbench.training.state import EpochMetrics
 
@@ -38,7 +39,7 @@ def compare(models: Sequence[str], make: Callable[[str, int], TrainConfig], *, s
             runs_dir: str | os.PathLike | None = None, plot: str | os.PathLike | None = None,
             progress: bool | None = None, on_run: Callable[[RunRecord], None] | None = None,
             on_epoch: Callable[[TrainConfig, EpochMetrics], None] | None = None, target: float | None = None,
-            report: str | os.PathLike | None = None, jobs: int = 1, retrain: bool = False,
+            jobs: int = 1, retrain: bool = False,
             on_reuse: Callable[[RunRecord], None] | None = None) -> Comparison:
     """Train every model for `seeds` seeds (0..seeds-1) on the same data, then tabulate and plot them.
 
@@ -51,8 +52,9 @@ def compare(models: Sequence[str], make: Callable[[str, int], TrainConfig], *, s
 
     `make(model, seed)` builds each run's config, so the caller decides recipe and overrides. Each model's
     row has accuracy mean ± std, parameters, FLOPs per image, training seconds and, with `target` (a fraction
-    such as 0.9), the epoch and training second at which each seed first reached it. `report` also writes the
-    self-contained HTML report there.
+    such as 0.9), the epoch and training second at which each seed first reached it. The paired tests use each
+    run's stored predictions (`scoring.score_runs`): nothing is evaluated again. The front doors write the HTML
+    report (`api.build_report`).
     """
     from cifarbench.reporting.plots import plot_learning_curves
 
@@ -93,13 +95,8 @@ def compare(models: Sequence[str], make: Callable[[str, int], TrainConfig], *, s
     plot_learning_curves({s.model: [[h.to_dict() for h in r.history] for r in runs if r.run_id in s.run_ids]
                           for s in results}, plot_path, target=target)
     comparison = Comparison(results, runs, target, dataset.info(), failures, str(plot_path), None, jobs, environment())
-    correct = per_example_correctness(runs, dataset, device=first.device, runs_dir=runs_dir, progress=progress)
-    comparison.pairs, comparison.warnings = pairwise(runs, correct), run_warnings(runs)
-    if report:
-        from cifarbench.reporting.report import build_report
-
-        comparison.report = str(build_report(runs, results, report, target=target, dataset=dataset,
-                                             device=first.device, runs_dir=runs_dir))
+    scores = score_runs(runs, dataset=dataset, device=first.device, runs_dir=runs_dir, progress=progress)
+    comparison.pairs, comparison.warnings = pairwise(runs, scores.correct()), [*scores.notes, *run_warnings(runs)]
     return comparison
 
 
@@ -144,42 +141,18 @@ def compare_runs(refs: Sequence[str], *, runs_dir: str | os.PathLike | None = No
                  download: bool | None = None, device: str = "auto", trust_code: bool = False,
                  progress: bool | None = None) -> Comparison:
     """The comparison table of stored runs, from the run history alone (no training, no data needed), with each
-    pair's accuracy difference over paired seeds. With `mcnemar` (or a `data_dir`) each run's checkpoint is also
-    scored on the test set, for McNemar's test of each pair's predictions."""
+    pair's accuracy difference over paired seeds. With `mcnemar` (or a `data_dir`) also McNemar's test of each
+    pair's predictions: the runs' own stored predictions (`scoring.score_runs`; a run without them is evaluated
+    from its checkpoint, and said so under `warnings`)."""
     check_target(target)
     runs = stored_runs(refs, runs_dir=runs_dir)
-    correct = None
+    correct, notes = None, []
     if mcnemar or data_dir is not None:
-        correct = per_example_correctness(runs, None, device=device, runs_dir=runs_dir, trust_code=trust_code,
-                                          progress=progress, data_dir=data_dir, verify=verify, download=download)
+        scores = score_runs(runs, device=device, runs_dir=runs_dir, trust_code=trust_code, progress=progress,
+                            data_dir=data_dir, verify=verify, download=download)
+        correct, notes = scores.correct(), scores.notes
     return Comparison(summarise(runs, target), runs, target, environment=environment(), pairs=pairwise(runs, correct),
-                      warnings=run_warnings(runs))
-
-
-def per_example_correctness(runs: Sequence[RunRecord], dataset: ImageDataset | None, *, device: str = "auto",
-                            runs_dir: str | os.PathLike | None = None, trust_code: bool = False,
-                            progress: bool | None = None, **data: Any) -> dict[str, np.ndarray]:
-    """Each run's per-example correctness on the test set (its checkpoint, its own test-time augmentation), by
-    run id: what McNemar's test compares. Runs without a checkpoint are left out. `data` (data_dir, verify,
-    download) says where the test set is when `dataset` is None."""
-    from cifarbench.inference import load_trained_model
-    from cifarbench.runs.folders import CHECKPOINT
-
-    out: dict[str, np.ndarray] = {}
-    for run in runs:
-        checkpoint = Path(run.run_dir) / CHECKPOINT if run.run_dir else None
-        if checkpoint is None or not checkpoint.is_file():
-            continue
-        loaded = load_trained_model(str(checkpoint), device=device, runs_dir=runs_dir, trust_code=trust_code)
-        if dataset is not None and dataset.name != loaded.config.data.dataset:
-            raise CifarbenchError(f"run {run.run_id} was trained on {loaded.config.data.dataset}, not "
-                                  f"{dataset.name}; McNemar's test compares predictions on one test set")
-        seen = loaded.test_dataset(dataset=dataset, progress=progress, **data)
-        dataset = original(seen)  # one copy as read serves every run, permuted or not
-        result = loaded.evaluate(seen, keep_probabilities=True)
-        assert result.probabilities is not None
-        out[run.run_id] = result.probabilities.argmax(1) == seen.test.labels
-    return out
+                      warnings=[*notes, *run_warnings(runs)])
 
 
 def pairwise(runs: Sequence[RunRecord], correct: dict[str, np.ndarray] | None = None) -> list[PairComparison]:

@@ -30,6 +30,7 @@ from cifarbench.inference import TrainedModel, load_trained_model
 from cifarbench.runs import folders
 from cifarbench.runs.catalog import stored_runs
 from cifarbench.runs.records import RunRecord, group_runs, short_labels, summarise
+from cifarbench.scoring import score_runs
 from cifarbench.training.state import EpochMetrics
 
 EXPERIMENTS = ("translation", "corruption")
@@ -369,7 +370,7 @@ def permutation_experiment(models: Sequence[str], make: Callable[[str, int], Tra
     permutation (`permutation_seed`, the same for train and test), reusing stored runs with the same config
     and data when `reuse`. A fully connected net should not care (the permutation only relabels its inputs);
     a conv net loses the neighbourhoods its filters rely on."""
-    from cifarbench.comparing import pairwise, per_example_correctness, run_warnings
+    from cifarbench.comparing import pairwise, run_warnings
     from cifarbench.running import train_run
     from cifarbench.runs.store import RunStore
     from cifarbench.training.loop import check_settings
@@ -407,7 +408,8 @@ def permutation_experiment(models: Sequence[str], make: Callable[[str, int], Tra
                                     on_epoch=(lambda e, c=config: on_epoch(c, e)) if on_epoch else None)
                 done[(m, config.seed, kind)] = run
     report.runs = list(done.values())
-    correct = per_example_correctness(report.runs, dataset, device=first.device, runs_dir=runs_dir, progress=progress)
+    correct = score_runs(report.runs, dataset=dataset, device=first.device, runs_dir=runs_dir,
+                         progress=progress).correct()
     plain_runs = [r for (_, _, p), r in done.items() if not p]
     permuted_runs = [r for (_, _, p), r in done.items() if p]
     report.plain_pairs, report.permuted_pairs = pairwise(plain_runs, correct), pairwise(permuted_runs, correct)

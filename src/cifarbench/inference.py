@@ -23,7 +23,7 @@ from cifarbench.evaluation.metrics import EvalResult, evaluate
 from cifarbench.models import build_model
 from cifarbench.models.reference import load_run_code
 from cifarbench.models.registry import check_foreign_model, foreign_cost_excess, skeleton, weights_misfit
-from cifarbench.reporting.progress import say, tta_views
+from cifarbench.progress import say, tta_views
 from cifarbench.runs import folders
 from cifarbench.runs.store import RunStore
 from cifarbench.training.state import RunCheckpoint
@@ -104,15 +104,16 @@ class TrainedModel:
         assert result.probabilities is not None
         return result.probabilities.argmax(1).astype(np.int64)
 
-    def evaluate_split(self, split: Split, num_classes: int | None = None, *,
-                       keep_probabilities: bool = False) -> EvalResult:
+    def evaluate_split(self, split: Split, num_classes: int | None = None, *, keep_probabilities: bool = False,
+                       keep_predictions: bool = False) -> EvalResult:
         """Any labelled images (uint8, at the model's input size) scored as the test set is."""
         c = self.config
         data = DeviceSplit(split, self.device, c.data.mean, c.data.std, c.channels_last)
         with kernel_choice(c.deterministic):
             return evaluate(self.model, data, num_classes=num_classes or len(self.classes),
                             batch_size=c.eval_batch_size, autocast_dtype=autocast_dtype(c, self.device), tta=c.tta,
-                            tta_threshold=c.tta_threshold, keep_probabilities=keep_probabilities)
+                            tta_threshold=c.tta_threshold, keep_probabilities=keep_probabilities,
+                            keep_predictions=keep_predictions)
 
 
 def load_trained_model(ref: str, *, runs_dir: str | os.PathLike | None = None, device: str = "auto",

@@ -21,6 +21,7 @@ from cifarbench.models.reference import code_of, label, load_run_code
 from cifarbench.models.registry import check_foreign_model
 from cifarbench.provenance import environment
 from cifarbench.runs import folders
+from cifarbench.runs.predictions import write_predictions
 from cifarbench.runs.records import RunRecord
 from cifarbench.runs.store import RunStore
 from cifarbench.training import distributed as ddp
@@ -242,7 +243,7 @@ def _first_sentence(text: str, limit: int = 160) -> str:
 def note(message: str) -> None:
     """Tell the user something about their run that is not an error, in one line where progress goes (stderr from
     a script, the cell's output in a notebook: not an error's pink)."""
-    from cifarbench.reporting.progress import progress_stream
+    from cifarbench.progress import progress_stream
 
     print(f"note: {message}", file=progress_stream(), flush=True)
 
@@ -322,6 +323,10 @@ def _loop(config: TrainConfig, dataset: ImageDataset, device: torch.device, worl
         record.budget.probe, record.budget.shape, record.budget.precision = probe, shape, precision
     record.train_flops = training_flops(model, dataset.image_shape, result.position.images,
                                         low_res_side(config, side), result.position.low_images)
+    if final.predictions is not None and final.confidences is not None:  # what paired tests reuse (runs.predictions)
+        write_predictions(run_dir, final.predictions, dataset.test.labels, final.confidences,
+                          dataset_sha256=dataset.sha256, tta=result.final_tta[0], tta_threshold=result.final_tta[1],
+                          classes=len(dataset.classes))
     folders.write_json(run_dir / folders.METRICS, record.to_dict())
     store.finish_run(record.run_id, "completed", record=record)
     return record

@@ -20,7 +20,7 @@ from cifarbench.data.dataset import ImageDataset, Split, fingerprint
 from cifarbench.data.safe_pickle import safe_load_pickle
 from cifarbench.errors import DataError
 from cifarbench.fsutil import MiB, atomic_write, check_zip_archive, file_digest, open_regular_file, read_regular_file
-from cifarbench.reporting.progress import say
+from cifarbench.progress import say
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"

@@ -124,8 +124,14 @@ def confident_mistakes(probabilities: np.ndarray, labels: np.ndarray, k: int = 1
     """The `k` wrong predictions made with the highest probability, most confident first."""
     probabilities = np.asarray(probabilities)
     predicted = probabilities.argmax(1)
+    return mistakes_by_confidence(predicted, probabilities[np.arange(len(predicted)), predicted], labels, k)
+
+
+def mistakes_by_confidence(predicted: np.ndarray, confidence: np.ndarray, labels: np.ndarray,
+                           k: int = 16) -> list[dict[str, Any]]:
+    """`confident_mistakes` from each example's predicted class and that class's probability."""
+    predicted, confidence = np.asarray(predicted), np.asarray(confidence)
     wrong = np.flatnonzero(predicted != labels)
-    confidence = probabilities[wrong, predicted[wrong]]
-    order = wrong[np.argsort(-confidence, kind="stable")][:k]
+    order = wrong[np.argsort(-confidence[wrong], kind="stable")][:k]
     return [{"index": int(i), "true": int(labels[i]), "predicted": int(predicted[i]),
-             "confidence": float(probabilities[i, predicted[i]])} for i in order]
+             "confidence": float(confidence[i])} for i in order]

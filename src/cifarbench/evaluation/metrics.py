@@ -26,9 +26,13 @@ class EvalResult:
     n: int
     probabilities: np.ndarray | None = field(default=None, repr=False, compare=False)
     """Per-example softmax probabilities (N, classes) in split order, when asked for (`keep_probabilities`)."""
+    predictions: np.ndarray | None = field(default=None, repr=False, compare=False)
+    """Per-example predicted class (N,) in split order, when asked for (`keep_predictions`)."""
+    confidences: np.ndarray | None = field(default=None, repr=False, compare=False)
+    """Per-example probability of the predicted class (N,), with `predictions`."""
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "probabilities"}
+        return {k: v for k, v in asdict(self).items() if k not in _PER_EXAMPLE}
 
     @classmethod
     def from_counts(cls, confusion: torch.Tensor, loss_sum: float) -> EvalResult:
@@ -38,6 +42,9 @@ class EvalResult:
         per_class = (matrix.diag().double() / matrix.sum(1).clamp(min=1).double()).tolist()
         return cls(accuracy=float(matrix.diag().sum()) / max(n, 1), loss=loss_sum / max(n, 1),
                    per_class_accuracy=per_class, confusion=matrix.tolist(), n=n)
+
+
+_PER_EXAMPLE = ("probabilities", "predictions", "confidences")
 
 
 def sum_dtype(device: torch.device) -> torch.dtype:
@@ -107,21 +114,28 @@ def batch_logits(model: nn.Module, data: DeviceSplit, *, batch_size: int = 1000,
 
 def evaluate(model: nn.Module, data: DeviceSplit, *, num_classes: int, batch_size: int = 1000,
              autocast_dtype: torch.dtype | None = None, tta: int = 0, tta_threshold: float = 0.0,
-             keep_probabilities: bool = False) -> EvalResult:
+             keep_probabilities: bool = False, keep_predictions: bool = False) -> EvalResult:
     """Evaluate `model` on every example of `data` exactly once (with `tta` views of each; with selective TTA,
     `tta_threshold` > 0, of the images the plain view is unsure of); `keep_probabilities` also returns each
-    example's class probabilities."""
+    example's class probabilities, `keep_predictions` its predicted class and that class's probability."""
     loss_sum = torch.zeros((), dtype=sum_dtype(data.device), device=data.device)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=data.device)
-    kept = []
+    kept, predicted, confident = [], [], []
     for logits, y in batch_logits(model, data, batch_size=batch_size, autocast_dtype=autocast_dtype, tta=tta,
                                   tta_threshold=tta_threshold):
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
-        confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
+        top = logits.argmax(1)  # the stored predictions are exactly those counted here
+        confusion += torch.bincount(y * num_classes + top, minlength=num_classes * num_classes)
         if keep_probabilities:
             kept.append(torch.softmax(logits, dim=1).cpu())
+        if keep_predictions:
+            predicted.append(top)
+            confident.append(torch.softmax(logits, dim=1).gather(1, top[:, None])[:, 0])
     # One transfer at the end: each .item() inside the loop would be a device sync.
     result = EvalResult.from_counts(confusion.view(num_classes, num_classes), float(loss_sum))
     if keep_probabilities:
         result.probabilities = (torch.cat(kept) if kept else torch.zeros(0, num_classes)).numpy()
+    if keep_predictions:
+        result.predictions = (torch.cat(predicted).cpu() if predicted else torch.zeros(0, dtype=torch.int64)).numpy()
+        result.confidences = (torch.cat(confident).cpu() if confident else torch.zeros(0)).numpy()
     return result

@@ -38,7 +38,8 @@ MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 16 * 2**20
 MAX_MEMBER_BYTES = 1 << 30
 """What export hashes of one run file (its own runs; what it reads from elsewhere is capped by BundleLimits)."""
-BUNDLE_FILES = (folders.CONFIG, folders.CHECKPOINT, folders.METRICS, folders.MODEL_CODE, folders.EXPERIMENTS)
+BUNDLE_FILES = (folders.CONFIG, folders.CHECKPOINT, folders.METRICS, folders.MODEL_CODE, folders.EXPERIMENTS,
+                folders.PREDICTIONS)
 
 
 @dataclass

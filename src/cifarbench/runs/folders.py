@@ -23,7 +23,9 @@ METRICS = "metrics.json"
 MODEL_CODE = "model.py"
 EXPERIMENTS = "experiments.json"
 """The controlled experiments run on the trained model (translation, corruption), by name."""
-RUN_FILES = {CONFIG, CHECKPOINT, METRICS, MODEL_CODE, EXPERIMENTS}
+PREDICTIONS = "predictions.npz"
+"""The final evaluation's per-image predictions (`runs.predictions`)."""
+RUN_FILES = {CONFIG, CHECKPOINT, METRICS, MODEL_CODE, EXPERIMENTS, PREDICTIONS}
 """Everything cifarbench writes into a run folder (deletion refuses a folder holding anything else)."""
 MAX_METRICS_BYTES = 64 << 20  # a run's record: history, confusion matrix, budget
 MAX_EXPERIMENTS_BYTES = 16 * 2**20

@@ -128,4 +128,18 @@ def merge(result: EvalResult, world: DistEnv, device: torch.device) -> EvalResul
         return result
     confusion = all_sum(torch.tensor(result.confusion, dtype=torch.int64, device=device), world)
     loss_sum = all_sum(torch.tensor([result.loss * result.n], dtype=sum_dtype(device), device=device), world)
-    return EvalResult.from_counts(confusion, loss_sum.item())
+    merged = EvalResult.from_counts(confusion, loss_sum.item())
+    if result.predictions is not None and result.confidences is not None:
+        merged.predictions = _gather_parts(result.predictions, merged.n, torch.int64, world, device).numpy()
+        merged.confidences = _gather_parts(result.confidences, merged.n, torch.float32, world, device).numpy()
+    return merged
+
+
+def _gather_parts(values: np.ndarray, total: int, dtype: torch.dtype, world: DistEnv,
+                  device: torch.device) -> torch.Tensor:
+    """The whole split's per-example values from each rank's contiguous share (`part`), in split order: each rank
+    fills its own slice of zeros and the sum puts them together."""
+    start = int(np.array_split(np.arange(total), world.world_size)[world.rank][:1].sum()) if total else 0
+    whole = torch.zeros(total, dtype=dtype, device=device)
+    whole[start:start + len(values)] = torch.from_numpy(np.asarray(values)).to(device=device, dtype=dtype)
+    return all_sum(whole, world).cpu()

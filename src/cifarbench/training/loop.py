@@ -27,7 +27,7 @@ from cifarbench.errors import CifarbenchError
 from cifarbench.evaluation.metrics import EvalResult, evaluate, sum_dtype
 from cifarbench.models import build_model as create
 from cifarbench.models.reference import label
-from cifarbench.reporting.progress import bar, say, tta_views
+from cifarbench.progress import bar, say, tta_views
 from cifarbench.training import budget
 from cifarbench.training import distributed as ddp
 from cifarbench.training.lookahead import Lookahead
@@ -52,6 +52,8 @@ class TrainResult:
     limits)."""
     budget: budget.BudgetReport | None = None
     """A budgeted run's plan against what it used, and what it gave up."""
+    final_tta: tuple[int, float] = (0, 0.0)
+    """The final evaluation's test-time augmentation level and selective-TTA threshold (a budget may cut them)."""
 
     @property
     def steps(self) -> int:
@@ -264,13 +266,15 @@ class _Setup:
         optimizer.step()
         return loss.detach()
 
-    def evaluate(self, data: DeviceSplit | None, tta: int = 0, threshold: float | None = None) -> EvalResult | None:
+    def evaluate(self, data: DeviceSplit | None, tta: int = 0, threshold: float | None = None,
+                 keep_predictions: bool = False) -> EvalResult | None:
         """A whole split, every rank's share counted once (the plain model: no gradient sync needed)."""
         if data is None:
             return None
         ev = evaluate(self.model, data, num_classes=self.classes, batch_size=self.config.eval_batch_size,
                       autocast_dtype=self.amp, tta=tta,
-                      tta_threshold=self.config.tta_threshold if threshold is None else threshold)
+                      tta_threshold=self.config.tta_threshold if threshold is None else threshold,
+                      keep_predictions=keep_predictions)
         return ddp.merge(ev, self.world, self.device)
 
     def final_evaluation(self) -> EvalResult:
@@ -278,7 +282,8 @@ class _Setup:
         rather than steps; the choice and what it cut are recorded (and a cut is said in one line)."""
         c, plan, result = self.config, self.plan, self.result
         if plan.budget is None:
-            return self.evaluate(self.test_data, c.tta)
+            result.final_tta = (c.tta, c.tta_threshold if c.tta else 0.0)
+            return self.evaluate(self.test_data, c.tta, keep_predictions=True)
         seconds, confident = budget.measure_evaluation_batch(self.model, self.train_data, c, self.device, self.amp)
         batches = math.ceil(len(self.test_data) / c.eval_batch_size)
         index, choice = budget.choose_final_evaluation(c.tta, c.tta_threshold, plan.seconds_left(), seconds, batches,
@@ -286,7 +291,8 @@ class _Setup:
         index = ddp.broadcast_int(index, self.world, self.device)  # every rank evaluates its slice the same way
         choice.tta, choice.threshold = budget.evaluation_options(c.tta, c.tta_threshold)[index]
         t = time.perf_counter()
-        ev = self.evaluate(self.test_data, choice.tta, choice.threshold)
+        ev = self.evaluate(self.test_data, choice.tta, choice.threshold, keep_predictions=True)
+        result.final_tta = (choice.tta, choice.threshold if choice.tta else 0.0)
         result.budget = budget.report(plan, c, result.position, choice, time.perf_counter() - t,
                                       time.perf_counter() - self.started)
         if result.budget.cuts and self.world.is_main:

@@ -1,0 +1,162 @@
+"""Stored runs' test-set scores, image by image: what `compare`, `runs compare`, the report and the permutation
+experiment pair their statistics on (McNemar's test), from one rule.
+
+Each run's own final evaluation is reused: the predictions it stored (`runs.predictions`) are exactly those behind
+its reported accuracy, so nothing is evaluated again. A run trained before predictions were kept is evaluated from
+its checkpoint with its own recorded evaluation settings (the TTA its final evaluation used), and that is said in
+one line. A run from elsewhere (imported, copied) brings its predictions as data: they are used only when they
+match the local test set's size and fingerprint, scored against the local labels; otherwise the run is evaluated
+locally (its code runs only with `trust_code`).
+
+The data copy, one rule: the test set is read once per data set and copy (by fingerprint, as read); a run gets it
+as it saw it (`prepare`: e.g. its pixels permuted), and a run trained on another copy gets that copy.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cifarbench.config import TrainConfig
+from cifarbench.data import ImageDataset, load_dataset, original, prepare
+from cifarbench.errors import CifarbenchError
+from cifarbench.runs import folders
+from cifarbench.runs.predictions import StoredPredictions, read_predictions
+from cifarbench.runs.records import RunRecord
+
+
+@dataclass
+class RunScore:
+    """One run's final test-set evaluation, image by image, in test-set order."""
+
+    run_id: str
+    predicted: np.ndarray
+    correct: np.ndarray
+    confidence: np.ndarray
+    tta: int
+    tta_threshold: float
+    stored: bool
+    """True: the run's own stored predictions; False: evaluated here from its checkpoint."""
+    dataset_sha256: str
+    """The copy (as the run saw it) the predictions were scored against."""
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.mean()) if len(self.correct) else 0.0
+
+
+@dataclass
+class Scores:
+    """`score_runs`' answer: each scored run's score by run id, the test sets read (when any was), and notes."""
+
+    runs: dict[str, RunScore] = field(default_factory=dict)
+    datasets: dict[str, ImageDataset] = field(default_factory=dict)
+    """Each run's test data as it saw it, by run id (only where it was read: `need_data`, or to score the run)."""
+    notes: list[str] = field(default_factory=list)
+
+    def correct(self) -> dict[str, np.ndarray]:
+        """Per run id: each test image classified right or wrong (what McNemar's test compares)."""
+        return {run_id: s.correct for run_id, s in self.runs.items()}
+
+
+class _Copies:
+    """The test data read so far, by the fingerprint of the copy as read (`original`)."""
+
+    def __init__(self, dataset: ImageDataset | None, progress: bool | None, data: dict[str, Any]) -> None:
+        self.by_sha = {original(dataset).sha256: original(dataset)} if dataset is not None else {}
+        self.given, self.progress, self.data = dataset, progress, data
+
+    def seen_by(self, run: RunRecord, config: TrainConfig, *, own: bool) -> ImageDataset:
+        """The test data as `run` saw it: the given data set serves every run; else a copy with the run's base
+        fingerprint, read where the run's data config says (a run from elsewhere: the local defaults)."""
+        recorded = run.dataset or {}
+        base = self.given if self.given is not None else self.by_sha.get(
+            recorded.get("base_sha256") or recorded.get("sha256"))
+        if base is None:
+            base = original(load_dataset(config.data.for_loading(foreign=not own, **self.data),
+                                         progress=self.progress))
+            self.by_sha[base.sha256] = base
+        return prepare(base, config.data)
+
+
+def score_runs(runs: Sequence[RunRecord], *, dataset: ImageDataset | None = None, need_data: bool = False,
+               device: str = "auto", runs_dir: str | os.PathLike | None = None, trust_code: bool = False,
+               progress: bool | None = None, data_dir: str | None = None, verify: bool | None = None,
+               download: bool | None = None, on_evaluate: Callable[[RunRecord], None] | None = None) -> Scores:
+    """Each run's per-image test-set predictions, reused from its final evaluation where stored (see the module
+    docstring for the rule). `dataset` is the test data as read, when the caller has it; `need_data` also reads
+    it for runs whose own stored predictions need none (the report draws its images). Runs without a checkpoint
+    or stored predictions are left out, with a note. `on_evaluate` hears of each run evaluated again."""
+    copies = _Copies(dataset, progress, {"data_dir": data_dir, "verify": verify, "download": download})
+    scores = Scores()
+    for run in runs:
+        folder = Path(run.run_dir) if run.run_dir else None
+        if folder is None:
+            continue
+        own = run.origin is None
+        try:
+            config = TrainConfig.from_dict(run.config)
+        except CifarbenchError:
+            config = None
+        if dataset is not None and config is not None and config.data.dataset != dataset.name:
+            raise CifarbenchError(f"run {run.run_id} was trained on {config.data.dataset}, not {dataset.name}; "
+                                  "McNemar's test compares predictions on one test set")
+        stored = read_predictions(folder) if config is not None else None
+        seen = None
+        if stored is not None and (not own or need_data or dataset is not None):
+            seen = copies.seen_by(run, config, own=own)
+            stored = _matching(stored, seen, own)
+        if stored is not None:
+            scores.runs[run.run_id] = RunScore(run.run_id, stored.predicted, stored.correct, stored.confidence,
+                                               stored.tta, stored.tta_threshold, True, stored.dataset_sha256)
+            if seen is not None:
+                scores.datasets[run.run_id] = seen
+            continue
+        if not (folder / folders.CHECKPOINT).is_file():
+            scores.notes.append(f"run {run.run_id} has neither stored predictions nor a checkpoint; it is in the "
+                                "tables but not in the paired tests or per-example figures")
+            continue
+        if on_evaluate:
+            on_evaluate(run)
+        score, seen, note = _evaluate(run, copies, device=device, runs_dir=runs_dir, trust_code=trust_code)
+        scores.runs[run.run_id], scores.datasets[run.run_id] = score, seen
+        scores.notes.append(note)
+    return scores
+
+
+def _matching(stored: StoredPredictions, seen: ImageDataset, own: bool) -> StoredPredictions | None:
+    """Stored predictions scored against the local test labels when they are for this test set (size, classes
+    and, for a run from elsewhere, fingerprint); None when in doubt (the run is evaluated here instead)."""
+    if len(stored.predicted) != len(seen.test) or stored.classes != len(seen.classes):
+        return None
+    if stored.dataset_sha256 != seen.sha256:
+        return None if not own else stored  # an own run keeps its own labels' verdicts; the report notes the copy
+    return stored.rescored(seen.test.labels)
+
+
+def _evaluate(run: RunRecord, copies: _Copies, *, device: str, runs_dir: str | os.PathLike | None,
+              trust_code: bool) -> tuple[RunScore, ImageDataset, str]:
+    """A run without usable stored predictions, evaluated from its checkpoint with the TTA its final evaluation
+    used (a budget may have cut the config's), and the one line that says so."""
+    from cifarbench.inference import load_trained_model
+
+    loaded = load_trained_model(str(Path(run.run_dir) / folders.CHECKPOINT), device=device, runs_dir=runs_dir,
+                                trust_code=trust_code)
+    seen = copies.seen_by(run, loaded.config, own=loaded.own)
+    c = loaded.config
+    tta, threshold = c.tta, c.tta_threshold
+    if run.budget is not None:
+        tta, threshold = run.budget.tta_used, run.budget.tta_threshold_used
+    loaded = replace(loaded, config=replace(c, tta=tta, tta_threshold=threshold if tta else 0.0))
+    result = loaded.evaluate_split(seen.test, len(seen.classes), keep_predictions=True)
+    assert result.predictions is not None and result.confidences is not None
+    views = f"TTA level {tta}" if tta else "no TTA"
+    note = (f"run {run.run_id} has no usable stored predictions (trained before they were kept, or from "
+            f"elsewhere); evaluated its checkpoint here with its own settings ({views})")
+    return (RunScore(run.run_id, result.predictions, result.predictions == seen.test.labels, result.confidences,
+                     tta, threshold if tta else 0.0, False, seen.sha256), seen, note)
