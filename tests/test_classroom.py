@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cifarbench.api import grade
 from cifarbench.classroom import (
     Flag,
     GradedRun,
     LeaderboardEntry,
     check_student,
     claim_flags,
-    grade,
     leaderboard,
     rank_entries,
     selection_flags,

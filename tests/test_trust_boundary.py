@@ -25,7 +25,8 @@ import pytest
 import torch
 
 import cifarbench as cb
-from cifarbench.classroom import grade, name_flags, name_skeleton, submit
+from cifarbench.api import grade
+from cifarbench.classroom import name_flags, name_skeleton, submit
 from cifarbench.cli import main
 from cifarbench.errors import CifarbenchError
 from cifarbench.running import train_run

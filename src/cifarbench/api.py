@@ -17,12 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from cifarbench import runtime
-from cifarbench.classroom import Grading, Submission, grade, submit
+from cifarbench.classroom import Grading, Submission, submit
 from cifarbench.comparing import compare as compare_configs
 from cifarbench.comparing import compare_runs
 from cifarbench.config import TrainConfig
-from cifarbench.data.overview import DataOverview
-from cifarbench.data.overview import explore as explore_data
 from cifarbench.explaining import (
     ExperimentReport,
     Explanation,
@@ -31,6 +29,8 @@ from cifarbench.explaining import (
     permutation_experiment,
     run_experiment,
 )
+from cifarbench.exploring import DataOverview
+from cifarbench.exploring import explore as explore_data
 from cifarbench.inference import (
     Evaluation,
     TrainedModel,
@@ -42,6 +42,7 @@ from cifarbench.inference import (
 )
 from cifarbench.models.reference import reference_of
 from cifarbench.progress import EpochPrinter
+from cifarbench.reporting import display as _display  # noqa: F401 - registers each record's notebook view
 from cifarbench.running import train_run
 from cifarbench.runs.bundle import export_runs, import_runs
 from cifarbench.runs.catalog import delete_run, stored_runs
@@ -242,6 +243,21 @@ def build_report(runs: Sequence[RunRecord], results: Sequence[ModelSummary], out
                              download=download, device=device, progress=progress, runs_dir=runs_dir,
                              trust_code=trust_code, explain=explain)
     return render_report(content, out, title=title, gallery=gallery)
+
+
+def grade(inbox: str | os.PathLike, *, out: str | os.PathLike | None = None, write: bool = True,
+          **kwargs: Any) -> Grading:
+    """Grade every submission in `inbox` (`cifarbench grade`, see `classroom.grade`) and, unless `write` is False,
+    write `leaderboard.html` and `leaderboard.csv` into `out` (default: the inbox)."""
+    from cifarbench.classroom import grade as grade_inbox
+    from cifarbench.reporting.leaderboard import check_leaderboard_folder, write_leaderboard
+
+    _check_keywords(grade_inbox, kwargs, extra=("write",), where="grade")
+    folder = Path(out).expanduser() if out else Path(inbox).expanduser()
+    if write:
+        check_leaderboard_folder(folder)
+    result = grade_inbox(inbox, out=out, **kwargs)
+    return write_leaderboard(result, folder) if write else result
 
 
 def report(runs: Runs, out: str | os.PathLike, **kwargs: Any) -> Comparison:

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from cifarbench import display_hooks
 from cifarbench.config import DataConfig, TrainConfig
 from cifarbench.data import ImageDataset, load_dataset, prepare
 from cifarbench.data.dataset import Split
@@ -203,9 +204,7 @@ class Grading:
                 f"graded, {len(self.not_graded)} not)")
 
     def _repr_html_(self) -> str:
-        from cifarbench.reporting.display import grading_html
-
-        return grading_html(self)
+        return display_hooks.html(self)
 
 
 # --- Submitting ---------------------------------------------------------------------------------------------
@@ -517,18 +516,17 @@ def grade(inbox: str | os.PathLike, *, trust_code: bool = False, data_dir: str |
           out: str | os.PathLike | None = None, work_dir: str | os.PathLike | None = None, device: str = "auto",
           progress: bool | None = None, on_run: Callable[[GradedRun], None] | None = None,
           data: ImageDataset | None = None, roster: str | os.PathLike | None = None, isolation: str = "auto",
-          limits: Limits | None = None, bundle_limits: BundleLimits | None = None, write: bool = True) -> Grading:
+          limits: Limits | None = None, bundle_limits: BundleLimits | None = None) -> Grading:
     """Grade every submission (`*.tar.gz`) in `inbox`: re-score each run on the whole test set (and the hidden
-    set), flag claims, selections and names that do not hold, and write `leaderboard.html` and `leaderboard.csv`
-    into `out` (default: the inbox) unless `write` is False.
+    set), flag claims, selections and names that do not hold, and return the leaderboard. The front doors write
+    it (`api.grade`: `leaderboard.html` and `leaderboard.csv` in `out`, default the inbox); `out` is also kept
+    out of the students' sandbox.
 
     Each archive is read in one bounded pass (`bundle_limits`) into a folder of its own under `work_dir` (default:
     a fresh temporary folder), removed once it is graded. cifarbench's own models are rebuilt here; student model
     code runs only with `trust_code`, and then each submission runs in a sandboxed child process with `limits` (time and
     memory; bubblewrap's namespaces where `isolation` allows: sandbox.py). The child sees images, never labels:
     the scores are computed here. A bad submission is one row with its reason and never stops the others."""
-    from cifarbench.reporting.leaderboard import write_csv, write_html
-
     inbox = Path(inbox).expanduser()
     if not inbox.is_dir():
         raise CifarbenchError(f"{inbox} is not a folder of submissions")
@@ -543,10 +541,6 @@ def grade(inbox: str | os.PathLike, *, trust_code: bool = False, data_dir: str |
     data = data or load_dataset(DataConfig(dataset=dataset, data_dir=data_dir, verify=verify is not False,
                                            download=download is not False), progress=progress)
     hidden_set = HiddenSet.load(hidden, hidden_labels, data.classes) if hidden is not None else None
-    target = Path(out).expanduser() if out else inbox
-    for name in ("leaderboard.csv", "leaderboard.html"):  # before hours of grading, not after
-        if (target / name).is_symlink() or ((target / name).exists() and not (target / name).is_file()):
-            raise CifarbenchError(f"{target / name} is not a plain file; remove it or choose --out FOLDER")
     # By default a fresh folder outside the inbox: whoever can write the inbox cannot plant anything in it.
     work = (_work_folder(Path(work_dir).expanduser()) if work_dir
             else Path(tempfile.mkdtemp(prefix="cifarbench-grading-")))
@@ -584,10 +578,6 @@ def grade(inbox: str | os.PathLike, *, trust_code: bool = False, data_dir: str |
     result = Grading(str(inbox), runs, board, data.info(), hidden_set.info() if hidden_set else None, trust_code,
                      str(work), isolation=box.isolation.describe() if box else "in-process (no student code runs)",
                      roster=str(roster) if roster is not None else None, missing=missing)
-    if write:
-        target.mkdir(parents=True, exist_ok=True)
-        result.csv = str(write_csv(result, target / "leaderboard.csv"))
-        result.html = str(write_html(result, target / "leaderboard.html"))
     return result
 
 

@@ -384,7 +384,7 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 
 def cmd_explore(args: argparse.Namespace) -> None:
-    from cifarbench.data.overview import explore
+    from cifarbench.exploring import explore
     from cifarbench.reporting.tables import format_table
 
     overview = explore(dataset=args.dataset, data_dir=args.data_dir, verify=args.verify is not False,
@@ -769,7 +769,7 @@ def cmd_submit(args: argparse.Namespace) -> None:
 
 
 def cmd_grade(args: argparse.Namespace) -> None:
-    from cifarbench.classroom import grade
+    from cifarbench.api import grade
     from cifarbench.reporting.leaderboard import leaderboard_text
 
     def show(run) -> None:

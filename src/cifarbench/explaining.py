@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from cifarbench import runtime
+from cifarbench import display_hooks, runtime
 from cifarbench.config import TrainConfig
 from cifarbench.data import ImageDataset, load_dataset, original
 from cifarbench.data.loader import DeviceSplit
@@ -98,9 +98,7 @@ class Explanation:
         return f"Explanation({len(self.runs)} runs, {len(self.files)} figures in {self.out!r})"
 
     def _repr_html_(self) -> str:
-        from cifarbench.reporting.display import explanation_html
-
-        return explanation_html(self)
+        return display_hooks.html(self)
 
 
 def explain_runs(refs: Sequence[str], out: str | os.PathLike, *, runs_dir: str | os.PathLike | None = None,
@@ -176,14 +174,10 @@ class ExperimentReport:
 
     def plot(self):
         """Accuracy against the shift or the severity as a matplotlib Figure, one line per model."""
-        from cifarbench.reporting.display import experiment_figure
-
-        return experiment_figure(self)
+        return display_hooks.figure(self)
 
     def _repr_html_(self) -> str:
-        from cifarbench.reporting.display import experiment_html
-
-        return experiment_html(self)
+        return display_hooks.html(self)
 
 
 def _conditions(name: str, result: Mapping[str, Any]) -> Iterable[tuple[str, float]]:
@@ -335,14 +329,10 @@ class PermutationReport:
 
     def plot(self):
         """Each model's accuracy on plain and on permuted pixels as a matplotlib Figure."""
-        from cifarbench.reporting.display import permutation_figure
-
-        return permutation_figure(self)
+        return display_hooks.figure(self)
 
     def _repr_html_(self) -> str:
-        from cifarbench.reporting.display import permutation_html
-
-        return permutation_html(self)
+        return display_hooks.html(self)
 
 
 def _stored_match(config: TrainConfig, dataset: ImageDataset, candidates: Sequence[RunRecord]) -> RunRecord | None:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cifarbench import display_hooks
 from cifarbench.config import TrainConfig
 from cifarbench.data import ImageDataset, load_dataset, prepare
 from cifarbench.data.dataset import Split
@@ -192,18 +193,14 @@ class Evaluation:
 
     def plot(self, kind: str = "per_class"):
         """Per-class accuracy as a matplotlib Figure, or `kind="confusion"` for the confusion matrix."""
-        from cifarbench.reporting.display import evaluation_figure
-
-        return evaluation_figure(self, kind)
+        return display_hooks.figure(self, kind)
 
     def __repr__(self) -> str:
         return (f"Evaluation({self.run_id!r}, {self.model}, test {100 * self.test_accuracy:.2f}% of "
                 f"{self.result.n:,} images)")
 
     def _repr_html_(self) -> str:
-        from cifarbench.reporting.display import evaluation_html
-
-        return evaluation_html(self)
+        return display_hooks.html(self)
 
 
 def evaluate_checkpoint(ref: str, *, runs_dir: str | os.PathLike | None = None, data_dir: str | None = None,
@@ -239,9 +236,7 @@ class Predictions(dict):
         return f"Predictions({self.get('run_id')!r}, {self.get('model')}, {n:,} images)"
 
     def _repr_html_(self) -> str:
-        from cifarbench.reporting.display import predictions_html
-
-        return predictions_html(self)
+        return display_hooks.html(self)
 
 
 def unfinished_warning(loaded: TrainedModel) -> str | None:
@@ -305,18 +300,14 @@ class ImageScore:
 
     def plot(self, kind: str = "per_class"):
         """Per-class accuracy as a matplotlib Figure, or `kind="confusion"` for the confusion matrix."""
-        from cifarbench.reporting.display import evaluation_figure
-
-        return evaluation_figure(self, kind)
+        return display_hooks.figure(self, kind)
 
     def __repr__(self) -> str:
         return (f"ImageScore({self.run_id!r}, {self.model}, accuracy {100 * self.accuracy:.2f}% of "
                 f"{self.result.n:,} images in {self.labels_file!r})")
 
     def _repr_html_(self) -> str:
-        from cifarbench.reporting.display import score_html
-
-        return score_html(self)
+        return display_hooks.html(self)
 
     def to_dict(self) -> dict[str, Any]:
         r = self.result

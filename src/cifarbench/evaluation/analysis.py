@@ -8,8 +8,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
+
+from cifarbench.models.macs import count_macs
+
 
 
 @dataclass(frozen=True)
@@ -27,40 +29,6 @@ class ModelCost:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "flops_per_image": self.flops_per_image}
-
-
-@torch.no_grad()
-def count_macs(model: nn.Module, in_shape: Sequence[int]) -> int:
-    """Multiply-accumulates of the Conv2d and Linear layers in one forward pass of a single 1×C×H×W image."""
-    total = 0
-
-    def conv(module: nn.Conv2d, inputs: tuple, output: torch.Tensor) -> None:
-        nonlocal total
-        kh, kw = module.kernel_size
-        # Every output element is a dot product over (in_channels / groups) × kh × kw inputs.
-        total += output.numel() * (module.in_channels // module.groups) * kh * kw
-
-    def linear(module: nn.Linear, inputs: tuple, output: torch.Tensor) -> None:
-        nonlocal total
-        total += output.numel() * module.in_features
-
-    hooks = []
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            hooks.append(module.register_forward_hook(conv))
-        elif isinstance(module, nn.Linear):
-            hooks.append(module.register_forward_hook(linear))
-    was_training = model.training
-    model.eval()
-    try:
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-        model(torch.zeros(1, *in_shape, device=device))
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
-    return total
 
 
 def model_cost(name: str, in_shape: Sequence[int], num_classes: int = 10,

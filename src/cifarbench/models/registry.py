@@ -166,7 +166,7 @@ def weights_misfit(model: nn.Module, state_dict: Mapping[str, Any]) -> str | Non
 
 def foreign_cost_excess(model: nn.Module, in_shape: tuple[int, int, int]) -> str | None:
     """Why a registered model from elsewhere is too big to build or score here (MAX_FOREIGN_*), or None."""
-    from cifarbench.evaluation.analysis import count_macs
+    from cifarbench.models.macs import count_macs
 
     params = sum(p.numel() for p in model.parameters())
     if params > MAX_FOREIGN_PARAMS:

@@ -10,8 +10,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from cifarbench import display_hooks
+from cifarbench.classroom import Grading
+from cifarbench.explaining import ExperimentReport, Explanation, PermutationReport
+from cifarbench.exploring import DataOverview
+from cifarbench.inference import Evaluation, ImageScore, Predictions
 from cifarbench.models.reference import label
 from cifarbench.reporting import html, plots
 from cifarbench.reporting.tables import (
@@ -25,14 +30,7 @@ from cifarbench.reporting.tables import (
     percent,
     permutation_rows,
 )
-from cifarbench.runs.records import short_labels
-
-if TYPE_CHECKING:
-    from cifarbench.classroom import Grading
-    from cifarbench.data.overview import DataOverview
-    from cifarbench.explaining import ExperimentReport, Explanation, PermutationReport
-    from cifarbench.inference import Evaluation, ImageScore
-    from cifarbench.runs.records import Comparison, RunRecord
+from cifarbench.runs.records import Comparison, RunRecord, short_labels
 
 KINDS = ("accuracy", "loss")
 TABLE_STYLE = "font-size:0.9em;border-collapse:collapse"
@@ -337,3 +335,21 @@ def grading_html(grading: Grading) -> str:
                                                             board.not_graded_rows(grading)))
     notes = [f"written: {path}" for path in (grading.html, grading.csv) if path]
     return _block(f"Leaderboard of {grading.inbox}", table, None, notes, more)
+
+
+def overview_figure(overview: DataOverview, per_class: int | None = None, split: str | None = None,
+                    seed: int | None = None):
+    """A row of random example images per class, shown inline."""
+    return inline(overview.grid(per_class, split, seed))
+
+
+# Each record's notebook view, registered from here (above the records): see `display_hooks`.
+for _type, _html in ((RunRecord, run_html), (Comparison, comparison_html), (Evaluation, evaluation_html),
+                     (ImageScore, score_html), (Predictions, predictions_html), (DataOverview, overview_html),
+                     (Explanation, explanation_html), (ExperimentReport, experiment_html),
+                     (PermutationReport, permutation_html), (Grading, grading_html)):
+    display_hooks.html.register(_type, _html)
+for _type, _figure in ((RunRecord, run_figure), (Comparison, comparison_figure), (Evaluation, evaluation_figure),
+                       (ImageScore, evaluation_figure), (DataOverview, overview_figure),
+                       (ExperimentReport, experiment_figure), (PermutationReport, permutation_figure)):
+    display_hooks.figure.register(_type, _figure)

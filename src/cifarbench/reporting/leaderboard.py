@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cifarbench.errors import CifarbenchError
 from cifarbench.fsutil import atomic_write_text
 from cifarbench.reporting.html import CSP, STYLE, esc, table
 from cifarbench.reporting.tables import format_table
@@ -169,3 +170,24 @@ def write_csv(grading: Grading, path: str | os.PathLike) -> Path:
 
 def write_html(grading: Grading, path: str | os.PathLike) -> Path:
     return atomic_write_text(path, leaderboard_html(grading), mode=0o644)
+
+
+LEADERBOARD_FILES = ("leaderboard.csv", "leaderboard.html")
+
+
+def check_leaderboard_folder(folder: str | os.PathLike) -> Path:
+    """`folder` if the leaderboard files can be written there (checked before hours of grading, not after)."""
+    target = Path(folder).expanduser()
+    for name in LEADERBOARD_FILES:
+        if (target / name).is_symlink() or ((target / name).exists() and not (target / name).is_file()):
+            raise CifarbenchError(f"{target / name} is not a plain file; remove it or choose --out FOLDER")
+    return target
+
+
+def write_leaderboard(grading: Grading, folder: str | os.PathLike) -> Grading:
+    """Write `leaderboard.csv` and `leaderboard.html` into `folder`; `grading` records where."""
+    target = check_leaderboard_folder(folder)
+    target.mkdir(parents=True, exist_ok=True)
+    grading.csv = str(write_csv(grading, target / "leaderboard.csv"))
+    grading.html = str(write_html(grading, target / "leaderboard.html"))
+    return grading

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from cifarbench import display_hooks
 from cifarbench.evaluation.analysis import summarise_time_to_target, time_to_target
 from cifarbench.evaluation.stats import PairComparison
 from cifarbench.training.budget import BudgetReport
@@ -92,14 +93,10 @@ class RunRecord:
 
     def plot(self, kind: str = "accuracy"):
         """The learning curve as a matplotlib Figure: test accuracy per epoch and second, or `kind="loss"`."""
-        from cifarbench.reporting.display import run_figure
-
-        return run_figure(self, kind)
+        return display_hooks.figure(self, kind)
 
     def _repr_html_(self) -> str:
-        from cifarbench.reporting.display import run_html
-
-        return run_html(self)
+        return display_hooks.html(self)
 
 
 @dataclass
@@ -180,14 +177,10 @@ class Comparison:
 
     def plot(self, kind: str = "accuracy"):
         """The models' learning curves as a matplotlib Figure (mean over seeds, band = min-max), or `kind="loss"`."""
-        from cifarbench.reporting.display import comparison_figure
-
-        return comparison_figure(self, kind)
+        return display_hooks.figure(self, kind)
 
     def _repr_html_(self) -> str:
-        from cifarbench.reporting.display import comparison_html
-
-        return comparison_html(self)
+        return display_hooks.html(self)
 
 
 def permutation_of(run: RunRecord) -> int | None:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from cifarbench.errors import CifarbenchError
-from cifarbench.training.checkpoint import FORMAT, load_checkpoint, save_checkpoint
+from cifarbench.training.checkpoint_file import FORMAT, read_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -271,4 +271,4 @@ class RunCheckpoint:
 
     @classmethod
     def load(cls, path: str | Path) -> RunCheckpoint:
-        return cls.from_payload(load_checkpoint(path), path)
+        return cls.from_payload(read_checkpoint(path), path)

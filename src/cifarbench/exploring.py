@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cifarbench import display_hooks
 from cifarbench.config import DataConfig
 from cifarbench.data import load_dataset
 from cifarbench.data.dataset import ImageDataset
@@ -32,11 +33,10 @@ class DataOverview:
 
     def plot(self, per_class: int | None = None, split: str | None = None, seed: int | None = None):
         """A row of random example images per class (a matplotlib Figure), the notebook's class grids."""
-        from cifarbench.reporting.display import inline
+        return display_hooks.figure(self, per_class, split, seed)
 
-        return inline(self._grid(per_class, split, seed))
-
-    def _grid(self, per_class: int | None = None, split: str | None = None, seed: int | None = None):
+    def grid(self, per_class: int | None = None, split: str | None = None, seed: int | None = None):
+        """The grid of `plot`, as a plain matplotlib Figure."""
         from cifarbench.reporting.plots import class_grid_figure
 
         split = split or self.split
@@ -61,9 +61,7 @@ class DataOverview:
         return f"DataOverview({self.name}: {len(self.classes)} classes, {train:,} train / {test:,} test, {official})"
 
     def _repr_html_(self) -> str:
-        from cifarbench.reporting.display import overview_html
-
-        return overview_html(self)
+        return display_hooks.html(self)
 
 
 MAX_PER_CLASS = 100
@@ -98,5 +96,5 @@ def explore(*, dataset: str = "cifar10", data_dir: str | os.PathLike | None = No
     if out is not None:
         from cifarbench.reporting.plots import save_figure
 
-        save_figure(overview._grid(), out)  # written, not shown: the overview's HTML shows it
+        save_figure(overview.grid(), out)  # written, not shown: the overview's HTML shows it
     return overview
