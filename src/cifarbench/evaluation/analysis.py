@@ -13,7 +13,6 @@ from torch import nn
 from cifarbench.models.macs import count_macs
 
 
-
 @dataclass(frozen=True)
 class ModelCost:
     params: int
