@@ -35,7 +35,7 @@ from cifarbench.fsutil import atomic_write, atomic_write_json, file_digest, read
 from cifarbench.reporting.tables import format_table, printable
 from cifarbench.runs.records import RunRecord
 from cifarbench.runs.store import RunStore
-from cifarbench.training import checkpoint as ckpt_mod
+from cifarbench.training import checkpoint_file as ckpt_mod
 from cifarbench.training.checkpoint import load_checkpoint, save_checkpoint
 from conftest import checkpoint_payload
 

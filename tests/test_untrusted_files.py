@@ -31,7 +31,7 @@ from cifarbench.cli import main
 from cifarbench.data import cifar10
 from cifarbench.data.cifar10 import load_cifar10
 from cifarbench.errors import CifarbenchError, DataError
-from cifarbench.training import checkpoint as ckpt_mod
+from cifarbench.training import checkpoint_file as ckpt_mod
 from cifarbench.training.checkpoint import load_checkpoint, save_checkpoint
 from conftest import checkpoint_payload, write_binary_layout, write_python_layout
 

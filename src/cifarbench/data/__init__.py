@@ -42,7 +42,7 @@ def original(dataset: ImageDataset) -> ImageDataset:
 
 
 def _permuted(dataset: ImageDataset, seed: int, *, inverse: bool = False) -> ImageDataset:
-    from cifarbench.evaluation.experiments import inverse_permutation, permute_pixels, pixel_permutation
+    from cifarbench.data.permutation import inverse_permutation, permute_pixels, pixel_permutation
 
     permutation = pixel_permutation(seed, dataset.image_shape)
     if inverse:

@@ -213,7 +213,7 @@ def download(url: str, dest: Path, md5: str, *, cafile: str | None = None, progr
 def is_download_rank() -> bool:
     """False only for a non-zero rank of a multi-process job (torchrun sets WORLD_SIZE > 1 and RANK):
     rank 0 downloads, the other ranks wait for its files instead of racing it for the same paths."""
-    from cifarbench.training.distributed import env_world  # the one reader of torchrun's environment
+    from cifarbench.world import env_world  # the one reader of torchrun's environment
 
     try:
         world = env_world()

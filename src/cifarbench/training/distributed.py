@@ -9,7 +9,6 @@ alone prints, writes checkpoints and writes the run store.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,33 +17,9 @@ import torch.distributed as dist
 from cifarbench.data.dataset import Split
 from cifarbench.errors import CifarbenchError
 from cifarbench.evaluation.metrics import EvalResult, sum_dtype
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-SINGLE = DistEnv()
-
-
-def env_world() -> DistEnv:
-    """The ranks torchrun announced in the environment (a single process when there are none)."""
-    try:
-        return DistEnv(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                       int(os.environ.get("LOCAL_RANK", 0)))
-    except ValueError:
-        raise CifarbenchError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (as torchrun sets them)") from None
+from cifarbench.world import SINGLE as SINGLE
+from cifarbench.world import DistEnv as DistEnv
+from cifarbench.world import env_world as env_world
 
 
 def setup(device: torch.device) -> tuple[DistEnv, torch.device]:
