@@ -12,7 +12,7 @@ from typing import Any
 
 from cifarbench import display_hooks, runtime
 from cifarbench.config import TrainConfig
-from cifarbench.data import ImageDataset, load_dataset, original
+from cifarbench.data import ImageDataset, load_dataset
 from cifarbench.data.loader import DeviceSplit
 from cifarbench.device import autocast_dtype, resolve_device
 from cifarbench.errors import CifarbenchError
@@ -30,7 +30,7 @@ from cifarbench.inference import TrainedModel, load_trained_model
 from cifarbench.runs import folders
 from cifarbench.runs.catalog import stored_runs
 from cifarbench.runs.records import RunRecord, group_runs, short_labels, summarise
-from cifarbench.scoring import score_runs
+from cifarbench.scoring import TestCopies, score_runs
 from cifarbench.training.state import EpochMetrics
 
 EXPERIMENTS = ("translation", "corruption")
@@ -46,16 +46,6 @@ def _loaded(run: RunRecord, *, device: str, runs_dir: str | os.PathLike | None, 
 def _test_split(loaded: TrainedModel, dataset: ImageDataset) -> DeviceSplit:
     c = loaded.config
     return DeviceSplit(dataset.test, loaded.device, c.data.mean, c.data.std, c.channels_last)
-
-
-def _test_data(loaded: TrainedModel, copies: dict[str, ImageDataset], **data: Any) -> ImageDataset:
-    """The test data as `loaded`'s run saw it, read once per data set: `copies` holds the copies read so far (as
-    read, by fingerprint), and a run trained on another copy, or another data set, gets its own."""
-    recorded = loaded.checkpoint.dataset
-    seen = loaded.test_dataset(dataset=copies.get(recorded.get("base_sha256") or recorded.get("sha256")), **data)
-    base = original(seen)
-    copies[base.sha256] = base
-    return seen
 
 
 def explain_trained(loaded: TrainedModel, dataset: ImageDataset, *, label: str, examples: int = 4, seed: int = 0,
@@ -120,10 +110,10 @@ def explain_runs(refs: Sequence[str], out: str | os.PathLike, *, runs_dir: str |
     labels = {r.run_id: names[label] for label, rs in groups.items() for r in rs}
     root = Path(out)
     result = Explanation(str(root), [], [])
-    copies: dict[str, ImageDataset] = {}
+    copies = TestCopies(None, progress, {"data_dir": data_dir, "verify": verify, "download": download})
     for run in runs:
         loaded = _loaded(run, device=device, runs_dir=runs_dir, trust_code=trust_code)
-        seen = _test_data(loaded, copies, data_dir=data_dir, verify=verify, download=download, progress=progress)
+        seen = copies.seen_by(run, loaded.config, own=loaded.own)
         explained = explain_trained(loaded, seen, label=f"{labels[run.run_id]} seed {run.seed}", examples=examples)
         files = [str(save_figure(f.figure, root / run.run_id / f"{f.key}.png")) for f in explained.figures]
         result.runs.append(ExplainedRun(run.run_id, labels[run.run_id], run.seed, explained.accuracy, files,
@@ -231,10 +221,10 @@ def run_experiment(name: str, refs: Sequence[str], *, shifts: int = 4, flip: boo
     runs = stored_runs(refs, runs_dir=runs_dir)
     groups = group_runs(runs)
     results: dict[str, dict[str, Any]] = {}
-    copies: dict[str, ImageDataset] = {}
+    copies = TestCopies(None, progress, {"data_dir": data_dir, "verify": verify, "download": download})
     for run in runs:
         loaded = _loaded(run, device=device, runs_dir=runs_dir, trust_code=trust_code)
-        seen = _test_data(loaded, copies, data_dir=data_dir, verify=verify, download=download, progress=progress)
+        seen = copies.seen_by(run, loaded.config, own=loaded.own)
         c = loaded.config
         common = dict(mean=c.data.mean, std=c.data.std, batch_size=c.eval_batch_size,
                       autocast_dtype=autocast_dtype(c, loaded.device), channels_last=c.channels_last)

@@ -25,6 +25,7 @@ import numpy as np
 from cifarbench.config import TrainConfig
 from cifarbench.data import ImageDataset, load_dataset, original, prepare
 from cifarbench.errors import CifarbenchError
+from cifarbench.progress import say
 from cifarbench.runs import folders
 from cifarbench.runs.predictions import StoredPredictions, read_predictions
 from cifarbench.runs.records import RunRecord
@@ -64,12 +65,14 @@ class Scores:
         return {run_id: s.correct for run_id, s in self.runs.items()}
 
 
-class _Copies:
-    """The test data read so far, by the fingerprint of the copy as read (`original`)."""
+class TestCopies:
+    """The test data read so far, by the fingerprint of the copy as read (`original`): the one rule for which copy
+    a stored run is scored, reported or explained on."""
 
     def __init__(self, dataset: ImageDataset | None, progress: bool | None, data: dict[str, Any]) -> None:
         self.by_sha = {original(dataset).sha256: original(dataset)} if dataset is not None else {}
         self.given, self.progress, self.data = dataset, progress, data
+        self.told: set[tuple[str, str]] = set()
 
     def seen_by(self, run: RunRecord, config: TrainConfig, *, own: bool) -> ImageDataset:
         """The test data as `run` saw it: the given data set serves every run; else a copy with the run's base
@@ -81,7 +84,13 @@ class _Copies:
             base = original(load_dataset(config.data.for_loading(foreign=not own, **self.data),
                                          progress=self.progress))
             self.by_sha[base.sha256] = base
-        return prepare(base, config.data)
+        seen = prepare(base, config.data)
+        trained_on = str(recorded.get("sha256"))
+        if seen.sha256 != trained_on and (trained_on, seen.sha256) not in self.told:
+            self.told.add((trained_on, seen.sha256))
+            say(f"note: run {run.run_id} was trained on data with fingerprint {trained_on[:12]}..., not this copy's "
+                f"({seen.sha256[:12]}...)", enabled=self.progress)
+        return seen
 
 
 def score_runs(runs: Sequence[RunRecord], *, dataset: ImageDataset | None = None, need_data: bool = False,
@@ -92,7 +101,7 @@ def score_runs(runs: Sequence[RunRecord], *, dataset: ImageDataset | None = None
     docstring for the rule). `dataset` is the test data as read, when the caller has it; `need_data` also reads
     it for runs whose own stored predictions need none (the report draws its images). Runs without a checkpoint
     or stored predictions are left out, with a note. `on_evaluate` hears of each run evaluated again."""
-    copies = _Copies(dataset, progress, {"data_dir": data_dir, "verify": verify, "download": download})
+    copies = TestCopies(dataset, progress, {"data_dir": data_dir, "verify": verify, "download": download})
     scores = Scores()
     for run in runs:
         folder = Path(run.run_dir) if run.run_dir else None
@@ -139,7 +148,7 @@ def _matching(stored: StoredPredictions, seen: ImageDataset, own: bool) -> Store
     return stored.rescored(seen.test.labels)
 
 
-def _evaluate(run: RunRecord, copies: _Copies, *, device: str, runs_dir: str | os.PathLike | None,
+def _evaluate(run: RunRecord, copies: TestCopies, *, device: str, runs_dir: str | os.PathLike | None,
               trust_code: bool) -> tuple[RunScore, ImageDataset, str]:
     """A run without usable stored predictions, evaluated from its checkpoint with the TTA its final evaluation
     used (a budget may have cut the config's), and the one line that says so."""
