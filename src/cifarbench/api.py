@@ -224,8 +224,8 @@ def report_runs(refs: Sequence[str], out: str | os.PathLike, *, runs_dir: str | 
     content = report_content(runs, target=target, data_dir=data_dir, verify=verify, download=download,
                              device=device, progress=progress, runs_dir=runs_dir, trust_code=trust_code)
     path = render_report(content, out)
-    return Comparison(content.results, runs, target, report=str(path), environment=environment(),
-                      pairs=content.pairs, warnings=content.warnings)
+    return Comparison(results=content.results, runs=runs, target=target, report=str(path),
+                      environment=environment(), pairs=content.pairs, warnings=content.warnings)
 
 
 def build_report(runs: Sequence[RunRecord], results: Sequence[ModelSummary], out: str | os.PathLike, *,

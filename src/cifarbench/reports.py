@@ -20,7 +20,7 @@ from cifarbench.runs.records import ModelSummary, RunRecord, group_runs, summari
 from cifarbench.scoring import RunScore, score_runs
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ReportContent:
     """Everything a report of `runs` shows, computed: the view draws and writes it (`reporting.report`)."""
 
@@ -63,8 +63,9 @@ def report_content(runs: Sequence[RunRecord], results: Sequence[ModelSummary] | 
         enabled=progress)
     scores = score_runs(runs, dataset=dataset, need_data=True, device=device, runs_dir=runs_dir,
                         trust_code=trust_code, progress=progress, data_dir=data_dir, verify=verify, download=download)
-    content = ReportContent(runs, list(results) if results is not None else summarise(runs, target), target, groups,
-                            pairwise(runs, scores.correct()), scores.runs, notes=list(scores.notes))
+    content = ReportContent(runs=runs, results=list(results) if results is not None else summarise(runs, target),
+                            target=target, groups=groups, pairs=pairwise(runs, scores.correct()), scores=scores.runs,
+                            notes=list(scores.notes))
     content.dataset = next(iter(scores.datasets.values()), None)
     for run in runs:
         score, seen = scores.runs.get(run.run_id), scores.datasets.get(run.run_id)

@@ -31,7 +31,7 @@ from cifarbench.runs.predictions import StoredPredictions, read_predictions
 from cifarbench.runs.records import RunRecord
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunScore:
     """One run's final test-set evaluation, image by image, in test-set order."""
 
@@ -121,8 +121,10 @@ def score_runs(runs: Sequence[RunRecord], *, dataset: ImageDataset | None = None
             seen = copies.seen_by(run, config, own=own)
             stored = _matching(stored, seen, own)
         if stored is not None:
-            scores.runs[run.run_id] = RunScore(run.run_id, stored.predicted, stored.correct, stored.confidence,
-                                               stored.tta, stored.tta_threshold, True, stored.dataset_sha256)
+            scores.runs[run.run_id] = RunScore(run_id=run.run_id, predicted=stored.predicted, correct=stored.correct,
+                                               confidence=stored.confidence, tta=stored.tta,
+                                               tta_threshold=stored.tta_threshold, stored=True,
+                                               dataset_sha256=stored.dataset_sha256)
             if seen is not None:
                 scores.datasets[run.run_id] = seen
             continue
@@ -167,5 +169,7 @@ def _evaluate(run: RunRecord, copies: TestCopies, *, device: str, runs_dir: str 
     views = f"TTA level {tta}" if tta else "no TTA"
     note = (f"run {run.run_id} has no usable stored predictions (trained before they were kept, or from "
             f"elsewhere); evaluated its checkpoint here with its own settings ({views})")
-    return (RunScore(run.run_id, result.predictions, result.predictions == seen.test.labels, result.confidences,
-                     tta, threshold if tta else 0.0, False, seen.sha256), seen, note)
+    score = RunScore(run_id=run.run_id, predicted=result.predictions, correct=result.predictions == seen.test.labels,
+                     confidence=result.confidences, tta=tta, tta_threshold=threshold if tta else 0.0, stored=False,
+                     dataset_sha256=seen.sha256)
+    return score, seen, note

@@ -8,6 +8,7 @@ path, and every array is checked (shape, dtype, range) before anything uses it.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ MAX_PREDICTIONS_BYTES = 64 << 20  # 16 bytes per image: room for millions of tes
 _FIELDS = {"predicted", "correct", "confidence", "dataset_sha256", "tta", "tta_threshold", "classes"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StoredPredictions:
     """One run's final test-set evaluation, image by image, in test-set order."""
 
@@ -47,8 +48,7 @@ class StoredPredictions:
 
     def rescored(self, labels: np.ndarray) -> StoredPredictions:
         """The same predictions scored against `labels` (a local copy's test labels, same length)."""
-        return StoredPredictions(self.predicted, self.predicted == np.asarray(labels), self.confidence,
-                                 self.dataset_sha256, self.tta, self.tta_threshold, self.classes)
+        return dataclasses.replace(self, correct=self.predicted == np.asarray(labels))
 
 
 def write_predictions(run_dir: str | os.PathLike, predicted: np.ndarray, labels: np.ndarray, confidence: np.ndarray,
@@ -102,5 +102,6 @@ def read_predictions(run_dir: str | os.PathLike, *, images: int | None = None) -
         raise refuse("a probability is outside [0, 1]")
     if images is not None and n != images:
         raise refuse(f"it has predictions for {n} images, the test set has {images}")
-    return StoredPredictions(predicted.astype(np.int64), correct, confidence.astype(np.float32), str(scalars[0]),
-                             tta, threshold, classes)
+    return StoredPredictions(predicted=predicted.astype(np.int64), correct=correct,
+                             confidence=confidence.astype(np.float32), dataset_sha256=str(scalars[0]), tta=tta,
+                             tta_threshold=threshold, classes=classes)
