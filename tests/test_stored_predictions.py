@@ -167,3 +167,23 @@ def test_a_foreign_runs_predictions_for_another_test_set_are_not_used(trained: d
                       dataset_sha256="0" * 64, tta=stored.tta, tta_threshold=0.0, classes=10)
     scores = score_runs([record], runs_dir=runs, device="cpu", data_dir=trained["data"], verify=False)
     assert not scores.runs[run_id].stored and np.array_equal(scores.runs[run_id].predicted, stored.predicted)
+
+
+@pytest.mark.slow
+def test_imported_runs_bring_their_predictions_and_they_are_checked_against_the_local_test_set(
+        trained: dict, tmp_path: Path, no_evaluation: None) -> None:
+    """Exported and imported elsewhere, a run's predictions travel with it; they match the local test set's size
+    and fingerprint, so McNemar's test there evaluates nothing either."""
+    from cifarbench.comparing import compare_runs
+    from cifarbench.runs.bundle import export_runs, import_runs
+    from cifarbench.runs.catalog import stored_runs
+
+    archive = export_runs(trained["ids"], tmp_path / "runs.tar.gz", runs_dir=trained["runs"])
+    elsewhere = tmp_path / "elsewhere"
+    import_runs(archive, runs_dir=elsewhere)
+    runs = stored_runs(trained["ids"], runs_dir=elsewhere)
+    assert all(r.origin is not None and (Path(r.run_dir) / PREDICTIONS).is_file() for r in runs)
+    here = compare_runs(trained["ids"], runs_dir=elsewhere, mcnemar=True, data_dir=trained["data"], verify=False,
+                        device="cpu")
+    there = compare_runs(trained["ids"], runs_dir=trained["runs"], mcnemar=True, device="cpu")
+    assert [p.to_dict() for p in here.pairs] == [p.to_dict() for p in there.pairs] and here.pairs[0].mcnemar
