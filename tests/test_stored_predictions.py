@@ -102,10 +102,14 @@ def test_an_old_run_without_predictions_is_evaluated_with_its_own_settings(train
     shutil.copytree(trained["runs"], runs)
     kept = read_predictions(runs / trained["ids"][0])
     (runs / trained["ids"][0] / PREDICTIONS).unlink()
+    (runs / trained["ids"][1] / PREDICTIONS).write_bytes(b"damaged")  # said, and evaluated too
     where = ["--runs-dir", str(runs), "--data-dir", trained["data"], "--no-verify", "--device", "cpu"]
     compared = _json(capsys, "runs", "compare", *trained["ids"], "--mcnemar", *where)
     notes = [w for w in compared["warnings"] if "no usable stored predictions" in w]
-    assert len(notes) == 1 and trained["ids"][0] in notes[0] and "TTA level 1" in notes[0]
+    assert len(notes) == 2 and trained["ids"][0] in notes[0] and "TTA level 1" in notes[0]
+    assert any("not a loadable stored predictions file" in w for w in compared["warnings"])
+    reference = _json(capsys, "runs", "compare", *trained["ids"], "--mcnemar", "--runs-dir", trained["runs"])
+    assert compared["pairs"][0]["mcnemar"] == reference["pairs"][0]["mcnemar"]  # the same predictions again
     from cifarbench.runs.catalog import stored_runs
     from cifarbench.scoring import score_runs
 

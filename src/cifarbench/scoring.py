@@ -15,7 +15,7 @@ as it saw it (`prepare`: e.g. its pixels permuted), and a run trained on another
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -96,11 +96,11 @@ class TestCopies:
 def score_runs(runs: Sequence[RunRecord], *, dataset: ImageDataset | None = None, need_data: bool = False,
                device: str = "auto", runs_dir: str | os.PathLike | None = None, trust_code: bool = False,
                progress: bool | None = None, data_dir: str | None = None, verify: bool | None = None,
-               download: bool | None = None, on_evaluate: Callable[[RunRecord], None] | None = None) -> Scores:
+               download: bool | None = None) -> Scores:
     """Each run's per-image test-set predictions, reused from its final evaluation where stored (see the module
     docstring for the rule). `dataset` is the test data as read, when the caller has it; `need_data` also reads
     it for runs whose own stored predictions need none (the report draws its images). Runs without a checkpoint
-    or stored predictions are left out, with a note. `on_evaluate` hears of each run evaluated again."""
+    or stored predictions are left out, with a note; a damaged predictions file is said, and the run evaluated."""
     copies = TestCopies(dataset, progress, {"data_dir": data_dir, "verify": verify, "download": download})
     scores = Scores()
     for run in runs:
@@ -115,7 +115,11 @@ def score_runs(runs: Sequence[RunRecord], *, dataset: ImageDataset | None = None
         if dataset is not None and config is not None and config.data.dataset != dataset.name:
             raise CifarbenchError(f"run {run.run_id} was trained on {config.data.dataset}, not {dataset.name}; "
                                   "McNemar's test compares predictions on one test set")
-        stored = read_predictions(folder) if config is not None else None
+        try:
+            stored = read_predictions(folder) if config is not None else None
+        except CifarbenchError as exc:  # damaged, or malformed data from elsewhere: evaluated here instead
+            stored = None
+            scores.notes.append(str(exc))
         seen = None
         if stored is not None and (not own or need_data or dataset is not None):
             seen = copies.seen_by(run, config, own=own)
@@ -132,8 +136,6 @@ def score_runs(runs: Sequence[RunRecord], *, dataset: ImageDataset | None = None
             scores.notes.append(f"run {run.run_id} has neither stored predictions nor a checkpoint; it is in the "
                                 "tables but not in the paired tests or per-example figures")
             continue
-        if on_evaluate:
-            on_evaluate(run)
         score, seen, note = _evaluate(run, copies, device=device, runs_dir=runs_dir, trust_code=trust_code)
         scores.runs[run.run_id], scores.datasets[run.run_id] = score, seen
         scores.notes.append(note)
