@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def test_parallel_compare_gathers_every_seed(tiny_py: Path, tmp_path: Path) -> None:
     make = lambda m, s: make_config(m, data_dir=str(tiny_py), verify=False, epochs=2, batch_size=10, seed=s,  # noqa: E731
                                     device="cpu")
-    out = compare(["fnn", "cnn"], make, seeds=2, jobs=2, runs_dir=tmp_path / "runs", plot=tmp_path / "p.png").to_dict()
+    out = compare(["fnn", "cnn"], make, seeds=2, jobs=2, runs_dir=tmp_path / "runs").to_dict()
     assert out["jobs"] == 2 and out["failures"] == []
     assert [(r["model"], r["seeds"]) for r in out["results"]] == [("fnn", [0, 1]), ("cnn", [0, 1])]
     with RunStore(tmp_path / "runs") as store:
@@ -49,8 +49,7 @@ def test_deterministic_runs_match_across_worker_thread_counts(tiny_py: Path, tmp
                                     device="cpu", deterministic=True)
     weights = []
     for jobs in (1, 2):
-        out = compare(["cnn"], make, seeds=2, jobs=jobs, runs_dir=tmp_path / f"runs{jobs}",
-                      plot=tmp_path / "p.png").to_dict()
+        out = compare(["cnn"], make, seeds=2, jobs=jobs, runs_dir=tmp_path / f"runs{jobs}").to_dict()
         assert out["failures"] == []
         with RunStore(tmp_path / f"runs{jobs}") as store:
             runs = sorted(store.list_runs(), key=lambda r: r["seed"])

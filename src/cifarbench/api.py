@@ -57,7 +57,7 @@ __all__ = ["BundleLimits", "Comparison", "DataOverview", "Evaluation", "Experime
            "experiment", "explain", "explain_runs", "explore", "export_runs", "grade", "import_runs", "load",
            "load_trained_model", "make_config", "permutation", "permutation_experiment", "predict", "predict_images",
            "predict_test_set", "report", "report_runs", "run_config", "run_experiment", "run_history",
-           "score_images", "stored_runs", "submit", "train", "train_run"]
+           "score_images", "stored_runs", "submit", "train", "train_run", "write_comparison"]
 
 Model = str | type | Callable[..., Any]
 """A registered model's name, `file.py:Name`, `module:Name`, or an nn.Module subclass or factory itself."""
@@ -137,15 +137,33 @@ def compare(models: Sequence[Model], *, seeds: int = 1, jobs: int = 1, target: f
 
         raise CifarbenchError("compare trains seeds 0..seeds-1; pass seeds, not seed")
     comparison = compare_configs(refs, lambda m, s: run_config(m, seed=s, **choices), seeds=seeds, jobs=jobs,
-                                 target=target, plot=plot, runs_dir=runs_dir, progress=progress,
+                                 target=target, runs_dir=runs_dir, progress=progress,
                                  on_epoch=on_epoch or EpochPrinter(), retrain=retrain,
                                  on_reuse=lambda r: print(f"reusing run {r.run_id} ({r.model}, seed {r.seed}): "
                                                           "finished with the same config and data (retrain=True "
                                                           "trains it again)"))
+    return write_comparison(comparison, plot=plot, report=report, runs_dir=runs_dir,
+                            device=choices.get("device", "auto"), progress=progress)
+
+
+def write_comparison(comparison: Comparison, *, plot: str | os.PathLike | None = None,
+                     report: str | os.PathLike | None = None, runs_dir: str | os.PathLike | None = None,
+                     device: str = "auto", progress: bool | None = None) -> Comparison:
+    """Write a compare's learning-curve figure to `plot` (default: RUNS_DIR/compare-TIME.png) and, with `report`,
+    its HTML report; the comparison records where (`plot_file`, `report`)."""
+    import time
+
+    from cifarbench.reporting.plots import plot_learning_curves
+    from cifarbench.runs.folders import resolve_runs_dir
+
+    path = Path(plot) if plot else resolve_runs_dir(runs_dir) / f"compare-{time.strftime('%Y%m%d-%H%M%S')}.png"
+    runs = comparison.runs
+    plot_learning_curves({s.model: [[h.to_dict() for h in r.history] for r in runs if r.run_id in s.run_ids]
+                          for s in comparison.results}, path, target=comparison.target)
+    comparison.plot_file = str(path)
     if report:
-        comparison.report = str(build_report(comparison.runs, comparison.results, report, target=target,
-                                             device=choices.get("device", "auto"), runs_dir=runs_dir,
-                                             progress=progress))
+        comparison.report = str(build_report(runs, comparison.results, report, target=comparison.target,
+                                             device=device, runs_dir=runs_dir, progress=progress))
     return comparison
 
 

@@ -475,6 +475,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
+    from cifarbench.api import write_comparison
     from cifarbench.comparing import compare
     from cifarbench.reporting.tables import comparison_table
 
@@ -483,14 +484,10 @@ def cmd_compare(args: argparse.Namespace) -> None:
               "config and data (--retrain trains it again)", file=sys.stderr, flush=True)
 
     report = compare(args.models, lambda m, s: _config(args, m, s), seeds=args.seeds, runs_dir=args.runs_dir,
-                     plot=args.plot, on_epoch=_with_tensorboard(args, _epoch_printer(args)), target=args.target,
+                     on_epoch=_with_tensorboard(args, _epoch_printer(args)), target=args.target,
                      jobs=args.jobs, on_run=_run_printer(args) if args.jobs > 1 else None,
                      retrain=args.retrain, on_reuse=reused)
-    if args.report:
-        from cifarbench.api import build_report
-
-        report.report = str(build_report(report.runs, report.results, args.report, target=args.target,
-                                         device=args.device, runs_dir=args.runs_dir))
+    write_comparison(report, plot=args.plot, report=args.report, runs_dir=args.runs_dir, device=args.device)
     for failure in report.failures:
         print(f"cifarbench: warning: {printable(failure['model'])} seed {failure['seed']} failed: "
               f"{printable(failure['error'])}",

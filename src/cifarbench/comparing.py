@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,12 +34,11 @@ def check_target(target: float | None) -> None:
 
 
 def compare(models: Sequence[str], make: Callable[[str, int], TrainConfig], *, seeds: int = 1,
-            runs_dir: str | os.PathLike | None = None, plot: str | os.PathLike | None = None,
-            progress: bool | None = None, on_run: Callable[[RunRecord], None] | None = None,
+            runs_dir: str | os.PathLike | None = None, progress: bool | None = None,
+            on_run: Callable[[RunRecord], None] | None = None,
             on_epoch: Callable[[TrainConfig, EpochMetrics], None] | None = None, target: float | None = None,
-            jobs: int = 1, retrain: bool = False,
-            on_reuse: Callable[[RunRecord], None] | None = None) -> Comparison:
-    """Train every model for `seeds` seeds (0..seeds-1) on the same data, then tabulate and plot them.
+            jobs: int = 1, retrain: bool = False, on_reuse: Callable[[RunRecord], None] | None = None) -> Comparison:
+    """Train every model for `seeds` seeds (0..seeds-1) on the same data, then tabulate and compare them.
 
     A finished run of this runs folder trained from the same config (code and seed included) on the same data is
     reused, not trained again (`on_reuse` hears of each), unless `retrain`: so a compare after a train, or run again
@@ -53,11 +50,9 @@ def compare(models: Sequence[str], make: Callable[[str, int], TrainConfig], *, s
     `make(model, seed)` builds each run's config, so the caller decides recipe and overrides. Each model's
     row has accuracy mean ± std, parameters, FLOPs per image, training seconds and, with `target` (a fraction
     such as 0.9), the epoch and training second at which each seed first reached it. The paired tests use each
-    run's stored predictions (`scoring.score_runs`): nothing is evaluated again. The front doors write the HTML
-    report (`api.build_report`).
+    run's stored predictions (`scoring.score_runs`): nothing is evaluated again. The front doors write the
+    learning-curve figure and the HTML report (`api.write_comparison`).
     """
-    from cifarbench.reporting.plots import plot_learning_curves
-
     runtime.configure()
     if seeds < 1 or jobs < 1:
         raise CifarbenchError("--seeds and --jobs must be at least 1")
@@ -91,11 +86,8 @@ def compare(models: Sequence[str], make: Callable[[str, int], TrainConfig], *, s
         raise CifarbenchError(f"every run failed; the first: {failures[0]['error']}")
     runs.sort(key=lambda r: (list(configs).index(r.model), r.seed))  # models as asked, seeds in order
     results = summarise(runs, target)
-    plot_path = Path(plot) if plot else resolve_runs_dir(runs_dir) / f"compare-{time.strftime('%Y%m%d-%H%M%S')}.png"
-    plot_learning_curves({s.model: [[h.to_dict() for h in r.history] for r in runs if r.run_id in s.run_ids]
-                          for s in results}, plot_path, target=target)
     comparison = Comparison(results=results, runs=runs, target=target, dataset=dataset.info(), failures=failures,
-                            plot_file=str(plot_path), report=None, jobs=jobs, environment=environment())
+                            plot_file=None, report=None, jobs=jobs, environment=environment())
     scores = score_runs(runs, dataset=dataset, device=first.device, runs_dir=runs_dir, progress=progress)
     comparison.pairs, comparison.warnings = pairwise(runs, scores.correct()), [*scores.notes, *run_warnings(runs)]
     return comparison
