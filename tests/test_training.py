@@ -111,7 +111,8 @@ def test_train_run_writes_folder_and_history(tiny_py: Path, tmp_path: Path) -> N
     summary = train_run(tiny_config("cnn", tiny_py, epochs=2), runs_dir=tmp_path / "r", on_epoch=seen.append,
                         progress=False).to_dict()
     run_dir = Path(summary["run_dir"])
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "config.json", "metrics.json"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "config.json", "metrics.json",
+                                                        "predictions.npz"]
     assert json.loads((run_dir / "metrics.json").read_text())["test_accuracy"] == summary["test_accuracy"]
     assert [m.epoch for m in seen] == [1, 2]
     config = json.loads((run_dir / "config.json").read_text())
