@@ -191,3 +191,30 @@ def test_imported_runs_bring_their_predictions_and_they_are_checked_against_the_
                         device="cpu")
     there = compare_runs(trained["ids"], runs_dir=trained["runs"], mcnemar=True, device="cpu")
     assert [p.to_dict() for p in here.pairs] == [p.to_dict() for p in there.pairs] and here.pairs[0].mcnemar
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_ranks_store_the_whole_test_sets_predictions_in_order(tmp_path: Path) -> None:
+    """Under torchrun each rank evaluates its contiguous share; the stored predictions are gathered in test-set
+    order: the same as the checkpoint's in one process, and their accuracy is the reported one."""
+    import os
+    import subprocess
+    import sys
+
+    from cifarbench.inference import load_trained_model
+
+    data = write_python_layout(tmp_path / "data", n=41)  # odd: the ranks' shares differ in size
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "cifarbench",
+           "train", "fnn", "--data-dir", str(data), "--no-verify", "--epochs", "1", "--batch-size", "20",
+           "--device", "cpu", "--json", "--runs-dir", str(runs)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    stored = read_predictions(runs / out["run_id"])
+    loaded = load_trained_model(out["run_id"], runs_dir=runs, device="cpu")
+    test = loaded.test_dataset(data_dir=str(data), verify=False, progress=False).test
+    single = loaded.evaluate_split(test, keep_predictions=True)
+    assert stored is not None and len(stored.predicted) == len(test.labels)
+    assert np.array_equal(stored.predicted, single.predictions) and stored.accuracy == out["test_accuracy"]
