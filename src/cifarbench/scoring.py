@@ -25,6 +25,7 @@ import numpy as np
 from cifarbench.config import TrainConfig
 from cifarbench.data import ImageDataset, load_dataset, original, prepare
 from cifarbench.errors import CifarbenchError
+from cifarbench.models.registry import check_foreign_model
 from cifarbench.progress import say
 from cifarbench.runs import folders
 from cifarbench.runs.predictions import StoredPredictions, read_predictions
@@ -112,6 +113,8 @@ def score_runs(runs: Sequence[RunRecord], *, dataset: ImageDataset | None = None
             config = TrainConfig.from_dict(run.config)
         except CifarbenchError:
             config = None
+        if not own and config is not None:  # data never names code: a run that does is refused, not scored
+            check_foreign_model(config.model, config.model_sha256, source=f"run {run.run_id!r}")
         if dataset is not None and config is not None and config.data.dataset != dataset.name:
             raise CifarbenchError(f"run {run.run_id} was trained on {config.data.dataset}, not {dataset.name}; "
                                   "McNemar's test compares predictions on one test set")
