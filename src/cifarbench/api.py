@@ -270,7 +270,7 @@ def grade(inbox: str | os.PathLike, *, out: str | os.PathLike | None = None, wri
     from cifarbench.classroom import grade as grade_inbox
     from cifarbench.reporting.leaderboard import check_leaderboard_folder, write_leaderboard
 
-    _check_keywords(grade_inbox, kwargs, extra=("write",), where="grade")
+    _check_keywords(grade_inbox, kwargs, where="grade")
     folder = Path(out).expanduser() if out else Path(inbox).expanduser()
     if write:
         check_leaderboard_folder(folder)
