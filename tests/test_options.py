@@ -165,6 +165,19 @@ def test_an_error_inside_experiment_names_keywords_not_flags(capsys: pytest.Capt
     assert str(caught.value) == "seeds must be at least 1"
 
 
+@pytest.mark.slow
+def test_an_error_in_a_compare_worker_is_spelled_by_the_caller(tiny_py: Path, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from cifarbench.comparing import _run_parallel
+    from cifarbench.training.recipes import make_config
+
+    good = make_config("fnn", data_dir=str(tiny_py), verify=False, epochs=1, batch_size=10, device="cpu")
+    bad = replace(good, val_split=10_000)  # more than the training set: refused inside the worker
+    runs, failures = _run_parallel([bad], 2, tmp_path / "runs", on_run=None, spelling=as_flag)
+    assert not runs and "--val-split 10000 leaves no training data" in failures[0]["error"], failures
+
+
 _ERRORS = re.compile(r"\w*Error$")
 
 

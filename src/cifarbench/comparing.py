@@ -240,7 +240,7 @@ def _worker_run(config: TrainConfig, runs_dir: str | os.PathLike | None) -> dict
 
 def _run_parallel(configs: Sequence[TrainConfig], jobs: int, runs_dir: str | os.PathLike | None,
                   on_run: Callable[[RunRecord], None] | None,
-                  spelling: Spelling) -> tuple[list[RunRecord], list[dict[str, Any]]]:
+                  spelling: Spelling = as_keyword) -> tuple[list[RunRecord], list[dict[str, Any]]]:
     """Each config in a worker process: the finished runs, and the failures (model, seed, error)."""
     import concurrent.futures as cf
     import multiprocessing

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import textwrap
 import types
 import typing
 from collections.abc import Callable
@@ -129,7 +130,8 @@ def keyword_docs(*, seed: bool = True) -> str:
     for o in run_options():
         if seed or o.keyword != "seed":
             unit = f" ({o.option.unit})" if o.option.unit else ""
-            lines.append(f"    {o.keyword}: {o.accepts}{unit}; {o.option.help} [{o.flag}]")
+            lines.append(textwrap.fill(f"{o.keyword}: {o.accepts}{unit}; {o.option.help} [{o.flag}]", width=116,
+                                       initial_indent="    ", subsequent_indent="        "))
     return "\n".join(lines)
 
 
