@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cifarbench.config import DATASETS
+from cifarbench.data.overview import SPLITS
 from cifarbench.errors import CifarbenchError, as_flag, flag_of
 from cifarbench.options import RunOption, run_options
 from cifarbench.reporting.tables import printable
@@ -102,7 +103,7 @@ def _data_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("explore", help="per-class image grids and class counts")
     p.add_argument("--per-class", type=int, default=10, help="images per class (default 10)")
     p.add_argument("--out", default="grid.png", help="PNG to write (default grid.png)")
-    p.add_argument("--split", choices=["train", "test"], default="train")
+    p.add_argument("--split", choices=SPLITS, default="train")
     p.add_argument("--seed", type=int, default=0, help="which random examples to show")
     p.add_argument("--dataset", choices=DATASETS, default="cifar10")
     p.add_argument("--json", action="store_true")

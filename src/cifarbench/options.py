@@ -45,9 +45,8 @@ class RunOption:
     def argument(self) -> str:
         """The name `recipes.config_for` takes it by: the field's own name for fields of a run and its data,
         else the keyword (optimizer, lr, widths, set)."""
-        if self.field is None or self.field.partition(".")[0] not in ("data", self.field):
-            return self.keyword
-        return self.field.rpartition(".")[2]
+        section, _, name = (self.field or "-.").rpartition(".")
+        return name if section in ("", "data") else self.keyword
 
     @property
     def accepts(self) -> str:
