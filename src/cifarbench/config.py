@@ -67,6 +67,7 @@ class Option:
 
     help: str
     """One line for `--help`, the keyword's docstring and docs/options.md."""
+    _: KW_ONLY
     keyword: str = ""
     """The Python keyword (default: the field's name); the flag is errors.flag_of(keyword)."""
     metavar: str | None = None

@@ -14,7 +14,7 @@ import textwrap
 import types
 import typing
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, fields, is_dataclass
+from dataclasses import KW_ONLY, MISSING, dataclass, fields, is_dataclass
 from typing import Any
 
 from cifarbench.config import Check, Option, TrainConfig, _hints, _range, parse_changes
@@ -26,6 +26,7 @@ class RunOption:
     """One option of a run: its keyword and flag, the config field it sets, what it accepts, and its help."""
 
     keyword: str
+    _: KW_ONLY
     field: str | None
     """The dotted config field it sets (`optimizer.lr`); None where it sets several (widths, set)."""
     hint: Any
@@ -74,12 +75,12 @@ def parse_widths(text: str) -> list[int]:
 
 
 _EXTRA = (
-    RunOption("widths", None, list[int], Check(), Option("speedrun block widths, e.g. 64,256,256")),
-    RunOption("set", None, dict[str, Any], Check(), Option(
+    RunOption("widths", field=None, hint=list[int], check=Check(), parse=parse_widths,
+              option=Option("speedrun block widths, e.g. 64,256,256")),
+    RunOption("set", field=None, hint=dict[str, Any], check=Check(), parse=parse_changes, option=Option(
         "set any config field by dotted name, e.g. --set optimizer.muon_lr=0.15 --set tta=0 --set "
         "model_kwargs.act=gelu (values are JSON; repeatable)", metavar="FIELD=VALUE")),
 )
-_PARSE = {"widths": parse_widths, "set": parse_changes}
 
 
 @functools.cache
@@ -97,9 +98,9 @@ def run_options() -> tuple[RunOption, ...]:
             hint = _hints(owner)[f.name]
             if typing.get_origin(hint) in (typing.Union, types.UnionType):
                 hint = next(a for a in typing.get_args(hint) if a is not type(None))
-            found.append(RunOption(option.keyword or f.name, dotted, hint, f.metadata["check"], option,
-                                   negated=hint is bool and f.default is True))
-    found += [RunOption(o.keyword, o.field, o.hint, o.check, o.option, parse=_PARSE[o.keyword]) for o in _EXTRA]
+            found.append(RunOption(option.keyword or f.name, field=dotted, hint=hint, check=f.metadata["check"],
+                                   option=option, negated=hint is bool and f.default is True))
+    found += _EXTRA
     keywords = [o.keyword for o in found]
     assert len(set(keywords)) == len(keywords), keywords  # a programming error: two fields offered as one keyword
     return tuple(found)
