@@ -11,16 +11,18 @@ Results display themselves in a notebook and have `to_dict()` for scripts. Error
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cifarbench import runtime
+from cifarbench import options, runtime
 from cifarbench.classroom import Grading, Submission, submit
 from cifarbench.comparing import compare as compare_configs
 from cifarbench.comparing import compare_runs
 from cifarbench.config import TrainConfig
+from cifarbench.errors import CifarbenchError, unknown_keyword
 from cifarbench.explaining import (
     ExperimentReport,
     Explanation,
@@ -41,6 +43,7 @@ from cifarbench.inference import (
     score_images,
 )
 from cifarbench.models.reference import reference_of
+from cifarbench.options import config_arguments
 from cifarbench.progress import EpochPrinter
 from cifarbench.reporting import display as _display  # noqa: F401 - registers each record's notebook view
 from cifarbench.running import train_run
@@ -71,30 +74,30 @@ def _ref(model: Model) -> str:
     return model if isinstance(model, str) else reference_of(model)
 
 
-def run_config(model: Model, *, recipe: str | None = None, seed: int = 0, epochs: int | None = None,
-           batch_size: int | None = None, lr: float | None = None, optimizer: str | None = None,
-           precision: str | None = None, budget: float | None = None, tta: int | None = None,
-           widths: list[int] | None = None, val_split: int | None = None, device: str = "auto",
-           dataset: str | None = None, data_dir: str | None = None, verify: bool | None = None,
-           download: bool | None = None, permute_pixels: int | None = None, compile: bool | None = None,  # noqa: A002
-           sync_bn: bool | None = None, deterministic: bool | None = None, low_res: int | None = None,
-           set: dict[str, Any] | None = None) -> TrainConfig:  # noqa: A002
-    """The full typed config a run would train with (the same choices as `cifarbench train` and its flags)."""
-    return config_for(_ref(model), recipe=recipe, seed=seed, device=device, optimizer=optimizer, lr=lr,
-                      widths=widths, set=set, epochs=epochs, batch_size=batch_size, precision=precision,
-                      budget_seconds=budget, tta=tta, val_split=val_split, dataset=dataset, data_dir=data_dir,
-                      verify=verify, download=download, permute_pixels=permute_pixels, compile=compile,
-                      sync_bn=sync_bn, deterministic=deterministic, low_res=low_res)
+def run_config(model: Model, **choices: Any) -> TrainConfig:
+    """The full typed config a run would train with: the recipe's, with `choices` (the same choices as
+    `cifarbench train` and its flags). A keyword left out, or None, keeps the recipe's choice."""
+    _check_keywords(run_config, choices)
+    return config_for(_ref(model), **config_arguments(choices))
+
+
+def _takes_run_options(function: Callable[..., Any], *, seed: bool = True) -> None:
+    """Give `function`, which takes the run options as `**choices`, a signature and docstring that list them:
+    tab completion and `help()` show each keyword, generated from the one table (cifarbench.options)."""
+    own = [p for p in inspect.signature(function).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    function.__signature__ = inspect.Signature([*own, *options.parameters(seed=seed)],  # type: ignore[attr-defined]
+                                               return_annotation=inspect.signature(function).return_annotation)
+    function.__doc__ = f"{function.__doc__}\n\n    Run options (each also a `cifarbench train` flag):\n" \
+                       f"{options.keyword_docs(seed=seed)}\n"
+
+
+_takes_run_options(run_config)
 
 
 def _check_keywords(function: Callable[..., Any], given: dict[str, Any], *, extra: Sequence[str] = (),
                     where: str | None = None) -> None:
     """Refuse a keyword `function` does not take with a CifarbenchError that suggests the right one, instead of
     the TypeError Python would raise from deep inside (`no_verify=True` -> `verify=False`)."""
-    import inspect
-
-    from cifarbench.errors import unknown_keyword
-
     known = [*(n for n in inspect.signature(function).parameters if n != "model"), *extra]
     for name in given:
         if name not in known:
@@ -116,6 +119,9 @@ def train(model: Model, *, runs_dir: str | os.PathLike | None = None, progress: 
     return train_run(cfg, runs_dir=runs_dir, progress=progress, on_epoch=lambda m: show(cfg, m))
 
 
+_takes_run_options(train)
+
+
 def compare(models: Sequence[Model], *, seeds: int = 1, jobs: int = 1, target: float | None = None,
             report: str | os.PathLike | None = None, plot: str | os.PathLike | None = None,
             runs_dir: str | os.PathLike | None = None, progress: bool | None = None,
@@ -127,14 +133,10 @@ def compare(models: Sequence[Model], *, seeds: int = 1, jobs: int = 1, target: f
                                             "on_epoch", "retrain"), where="compare")
     refs = [_ref(m) for m in models]
     if jobs > 1 and any(r.startswith("__main__:") for r in refs):
-        from cifarbench.errors import CifarbenchError
-
         raise CifarbenchError("jobs > 1 runs models in worker processes, which cannot see classes defined in a "
                               "notebook or script; put the class in a .py file and pass 'file.py:Name'")
     seed_given = choices.pop("seed", None)
     if seed_given is not None:
-        from cifarbench.errors import CifarbenchError
-
         raise CifarbenchError("compare trains seeds 0..seeds-1; pass seeds, not seed")
     comparison = compare_configs(refs, lambda m, s: run_config(m, seed=s, **choices), seeds=seeds, jobs=jobs,
                                  target=target, runs_dir=runs_dir, progress=progress,
@@ -167,6 +169,9 @@ def write_comparison(comparison: Comparison, *, plot: str | os.PathLike | None =
     return comparison
 
 
+_takes_run_options(compare, seed=False)
+
+
 def _run_ids(runs: Runs) -> list[str]:
     """Run ids from what a notebook has at hand: ids or folders, RunRecords, or a result's runs."""
     if isinstance(runs, (Comparison, PermutationReport)):
@@ -175,8 +180,6 @@ def _run_ids(runs: Runs) -> list[str]:
         runs = [runs]
     bad = [r for r in runs if not isinstance(r, (str, os.PathLike, RunRecord))]
     if bad:
-        from cifarbench.errors import CifarbenchError
-
         raise CifarbenchError(f"runs: expected run ids, RunRecords or a Comparison, not {type(bad[0]).__name__}")
     return [r.run_id if isinstance(r, RunRecord) else os.fspath(r) for r in runs]
 
@@ -207,6 +210,9 @@ def permutation(models: Sequence[Model], *, seeds: int = 3, permutation_seed: in
     return permutation_experiment(refs, lambda m, s: run_config(m, seed=s, **choices), seeds=seeds,
                                   permutation_seed=permutation_seed, reuse=reuse, runs_dir=runs_dir,
                                   progress=progress, on_epoch=on_epoch or EpochPrinter())
+
+
+_takes_run_options(permutation, seed=False)
 
 
 def evaluate(run: str, **kwargs: Any) -> Evaluation:

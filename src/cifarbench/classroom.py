@@ -32,7 +32,7 @@ from cifarbench import display_hooks
 from cifarbench.config import DataConfig, TrainConfig
 from cifarbench.data import ImageDataset, load_dataset, prepare
 from cifarbench.data.dataset import Split
-from cifarbench.errors import CifarbenchError
+from cifarbench.errors import CifarbenchError, Keyword, Spelling, as_keyword
 from cifarbench.evaluation.stats import Spread, mean_spread
 from cifarbench.models.reference import is_reference, label
 from cifarbench.runs import folders
@@ -214,8 +214,9 @@ def check_student(name: str) -> str:
     (no full-width or styled forms), and never invisible ones."""
     if (not isinstance(name, str) or not STUDENT.fullmatch(name) or unicodedata.normalize("NFKC", name) != name
             or any(ord(c) in _INVISIBLE for c in name)):
-        raise CifarbenchError(f"--student {name!r}: use letters, digits, spaces and -_. (up to 64 characters, "
-                              "starting with a letter or digit; plain letters, not full-width or styled ones)")
+        raise CifarbenchError("{option} {name!r}: use letters, digits, spaces and -_. (up to 64 characters, "
+                              "starting with a letter or digit; plain letters, not full-width or styled ones)",
+                              option=Keyword("student"), name=name)
     return name
 
 
@@ -228,7 +229,7 @@ def submit(run: str | None = None, *, student: str, out: str | os.PathLike,
     (record,) = stored_runs([run or _newest_completed(runs_dir)], runs_dir=runs_dir)
     folder = Path(out).expanduser()
     if folder.exists() and not folder.is_dir():
-        raise CifarbenchError(f"--out {folder}: not a folder")
+        raise CifarbenchError("{option} {folder}: not a folder", option=Keyword("out"), folder=folder)
     folder.mkdir(parents=True, exist_ok=True)
     archive = export_runs([record.run_id], folder / f"{name.replace(' ', '_')}-{record.run_id}.tar.gz",
                           runs_dir=runs_dir, student=name)
@@ -242,8 +243,8 @@ def _newest_completed(runs_dir: str | os.PathLike | None) -> str:
         for row in store.list_runs():
             if row.get("status") == "completed":
                 return row["id"]
-    raise CifarbenchError(f"no completed run in {folders.resolve_runs_dir(runs_dir)} to submit (--runs-dir names "
-                          "another runs folder)")
+    raise CifarbenchError("no completed run in {folder} to submit ({option} names another runs folder)",
+                          folder=folders.resolve_runs_dir(runs_dir), option=Keyword("runs_dir", ...))
 
 
 # --- The rules ------------------------------------------------------------------------------------------------
@@ -396,7 +397,7 @@ class HiddenSet:
 
         folder = Path(folder)
         if not folder.is_dir():
-            raise CifarbenchError(f"--hidden {folder}: not a folder of images")
+            raise CifarbenchError("{option} {folder}: not a folder of images", option=Keyword("hidden"), folder=folder)
         labels_file = Path(labels_file) if labels_file else folder / "labels.csv"
         files = expand_images([folder])
         return cls(folder, labels_file, files, match_labels(files, read_labels(labels_file, classes), labels_file))
@@ -416,10 +417,11 @@ class HiddenSet:
 def _work_folder(path: Path) -> Path:
     """An empty grading folder at `path`: created, or emptied when an earlier grading made it (and only then)."""
     if path.is_symlink() or (path.exists() and not path.is_dir()):
-        raise CifarbenchError(f"--work-dir {path}: not a plain folder")
+        raise CifarbenchError("{option} {path}: not a plain folder", option=Keyword("work_dir"), path=path)
     if path.exists() and any(path.iterdir()):
         if not (path / WORK_MARK).is_file():
-            raise CifarbenchError(f"--work-dir {path} holds files that no grading wrote; name an empty or new folder")
+            raise CifarbenchError("{option} {path} holds files that no grading wrote; name an empty or new folder",
+                                  option=Keyword("work_dir"), path=path)
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / WORK_MARK).write_text("made by `cifarbench grade`; emptied when grading runs again\n")
@@ -474,11 +476,12 @@ def read_roster(path: str | os.PathLike) -> list[str]:
     first column is the name)."""
     from cifarbench.fsutil import read_regular_file
 
-    text = read_regular_file(path, 1 << 20, "--roster file", error=CifarbenchError).decode("utf-8", "replace")
+    text = read_regular_file(path, 1 << 20, "roster file", error=CifarbenchError).decode("utf-8", "replace")
     names = [line.split(",")[0].strip() for line in text.splitlines()]
     names = [n for n in names if n and not n.startswith("#")]
     if not names:
-        raise CifarbenchError(f"--roster {path}: no names in it (one student per line)")
+        raise CifarbenchError("{option} {path}: no names in it (one student per line)", option=Keyword("roster"),
+                              path=path)
     return names
 
 
@@ -516,7 +519,8 @@ def grade(inbox: str | os.PathLike, *, trust_code: bool = False, data_dir: str |
           out: str | os.PathLike | None = None, work_dir: str | os.PathLike | None = None, device: str = "auto",
           progress: bool | None = None, on_run: Callable[[GradedRun], None] | None = None,
           data: ImageDataset | None = None, roster: str | os.PathLike | None = None, isolation: str = "auto",
-          limits: Limits | None = None, bundle_limits: BundleLimits | None = None) -> Grading:
+          limits: Limits | None = None, bundle_limits: BundleLimits | None = None,
+          spelling: Spelling = as_keyword) -> Grading:
     """Grade every submission (`*.tar.gz`) in `inbox`: re-score each run on the whole test set (and the hidden
     set), flag claims, selections and names that do not hold, and return the leaderboard. The front doors write
     it (`api.grade`: `leaderboard.html` and `leaderboard.csv` in `out`, default the inbox); `out` is also kept
@@ -526,12 +530,13 @@ def grade(inbox: str | os.PathLike, *, trust_code: bool = False, data_dir: str |
     a fresh temporary folder), removed once it is graded. cifarbench's own models are rebuilt here; student model
     code runs only with `trust_code`, and then each submission runs in a sandboxed child process with `limits` (time and
     memory; bubblewrap's namespaces where `isolation` allows: sandbox.py). The child sees images, never labels:
-    the scores are computed here. A bad submission is one row with its reason and never stops the others."""
+    the scores are computed here. A bad submission is one row with its reason and never stops the others; a
+    reason that names an option spells it by `spelling` (the caller's: the CLI's flags, the API's keywords)."""
     inbox = Path(inbox).expanduser()
     if not inbox.is_dir():
         raise CifarbenchError(f"{inbox} is not a folder of submissions")
     if hidden_labels is not None and hidden is None:
-        raise CifarbenchError("--hidden-labels needs --hidden FOLDER")
+        raise CifarbenchError("{labels} needs {hidden}", labels=Keyword("hidden_labels"), hidden=Keyword("hidden", ...))
     archives = sorted(p for p in inbox.iterdir() if p.name.endswith(".tar.gz") and not p.name.startswith(".")
                       and p.is_file() and not p.is_symlink())  # a link could name a file outside the inbox
     if not archives:
@@ -557,7 +562,7 @@ def grade(inbox: str | os.PathLike, *, trust_code: bool = False, data_dir: str |
             folder = work / f"{i:03d}"
             try:
                 graded = _grade_archive(archive, folder, data, hidden_set, seen, box=box, device=device,
-                                        bundle_limits=bundle_limits)
+                                        bundle_limits=bundle_limits, spelling=spelling)
             except (Exception, SystemExit) as exc:  # a crafted archive must not stop the others either
                 graded = [GradedRun(archive=archive.name, student=None,
                                     error=f"could not be graded ({type(exc).__name__}: {_line(exc)})")]
@@ -641,7 +646,7 @@ class _Box:
                             seconds=self.deadline - time.monotonic())
         failure = outcome.failure(self.limits)
         if failure:
-            raise CifarbenchError(f"its model code {failure}")
+            raise CifarbenchError("its model code {failure}", failure=failure)
         try:
             arrays = json.loads(outcome.stdout)
         except (ValueError, RecursionError):
@@ -670,7 +675,7 @@ def _predict_here(checkpoint: Path, images: dict[str, np.ndarray], ttas: Sequenc
 
 def _grade_archive(archive: Path, store: Path, data: ImageDataset, hidden: HiddenSet | None,
                    seen: dict[str, GradedRun], *, box: _Box | None, device: str,
-                   bundle_limits: BundleLimits | None) -> list[GradedRun]:
+                   bundle_limits: BundleLimits | None, spelling: Spelling) -> list[GradedRun]:
     """Every run of one archive, graded; or one row saying why the archive could not be."""
     try:
         bundle = read_bundle(archive, bundle_limits)
@@ -680,7 +685,7 @@ def _grade_archive(archive: Path, store: Path, data: ImageDataset, hidden: Hidde
         student = check_student(bundle.student)
         imported = import_runs(archive, runs_dir=store, limits=bundle_limits)
     except CifarbenchError as exc:
-        return [GradedRun(archive=archive.name, student=None, error=str(exc))]
+        return [GradedRun(archive=archive.name, student=None, error=exc.spelled(spelling))]
     rows = [GradedRun(archive=archive.name, student=student, run_id=run_id, error=f"not imported: {why}")
             for run_id, why in imported.skipped]
     for record in imported.imported:
@@ -695,13 +700,13 @@ def _grade_archive(archive: Path, store: Path, data: ImageDataset, hidden: Hidde
                         model_sha256=code_sha if isinstance(code_sha, str) else None)
         if box is not None:
             box.start()
-        _score(row, record, store, data, hidden, seen, box=box, device=device)
+        _score(row, record, store, data, hidden, seen, box=box, device=device, spelling=spelling)
         rows.append(row)
     return rows
 
 
 def _score(row: GradedRun, record: RunRecord, store: Path, data: ImageDataset, hidden: HiddenSet | None,
-           seen: dict[str, GradedRun], *, box: _Box | None, device: str) -> None:
+           seen: dict[str, GradedRun], *, box: _Box | None, device: str, spelling: Spelling) -> None:
     """Rebuild one imported run and fill in its scores and flags, or its error. Everything but the model's
     predictions is computed here, from the checkpoint read as data, before any of its code could run."""
     from cifarbench.models.registry import check_foreign_model
@@ -755,7 +760,7 @@ def _score(row: GradedRun, record: RunRecord, store: Path, data: ImageDataset, h
         row.flags += selection_flags(record, config, row.claimed_accuracy, len(test),
                                      recipe_epochs(config, convolutional))
     except CifarbenchError as exc:
-        row.error = str(exc)
+        row.error = exc.spelled(spelling)
     except (Exception, SystemExit) as exc:  # a model that crashes while building or scoring
         row.error = f"crashed while being rebuilt or scored ({type(exc).__name__}: {_line(exc)})"
     if row.error:

@@ -11,7 +11,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from cifarbench.errors import CifarbenchError
+from cifarbench.config import DATASETS
+from cifarbench.errors import CifarbenchError, as_flag, flag_of
+from cifarbench.exploring import SPLITS
+from cifarbench.options import RunOption, run_options
 from cifarbench.reporting.tables import printable
 from cifarbench.runs.limits import BundleLimits
 from cifarbench.sandbox import ISOLATIONS, Limits, choose_isolation
@@ -26,48 +29,40 @@ class _Parser(argparse.ArgumentParser):
         self.exit(1, f"cifarbench: error: {message} (see {self.prog} --help)\n")
 
 
+def _add_option(p: argparse.ArgumentParser, option: RunOption) -> None:
+    """One run option as a flag, from the table (cifarbench.options): its flag, type, choices and help."""
+    kwargs: dict[str, Any] = {"dest": option.keyword, "help": option.option.help}
+    if option.hint is bool:
+        kwargs.update(action="store_false" if option.negated else "store_true", default=None)
+    else:
+        kwargs.update(default=option.option.default, metavar=option.option.metavar)
+        if option.keyword == "set":
+            kwargs.update(action="append", default=[])
+        elif option.hint in (int, float):
+            kwargs["type"] = option.hint
+        if option.check.choices is not None and option.check.pattern is None:
+            kwargs["choices"] = option.check.choices
+        elif option.hint is int and None not in (option.check.ge, option.check.le) and \
+                option.check.le - option.check.ge < 4:  # a few levels (--tta): --help lists them
+            kwargs["choices"] = range(int(option.check.ge), int(option.check.le) + 1)
+    p.add_argument(option.flag, **kwargs)
+
+
+_DATA_OPTIONS = ("data_dir", "verify", "download")
+"""The run options that say where the data is read from: commands that load stored runs take them too."""
+
+
 def _data_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", help="folder with CIFAR-10 (default: $CIFARBENCH_DATA, then ./data)")
-    p.add_argument("--no-verify", dest="verify", action="store_false", default=None,
-                   help="accept files whose md5 is not the official one (e.g. the JPEG-q75 copy); recorded with the "
-                        "run")
-    p.add_argument("--no-download", dest="download", action="store_false", default=None,
-                   help="never fetch the data set; fail if no local copy is found")
+    for option in run_options():
+        if option.keyword in _DATA_OPTIONS:
+            _add_option(p, option)
 
 
-def _run_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--recipe", help="named recipe (default: the model's own; see `cifarbench models`)")
-    p.add_argument("--epochs", type=int, help="override the recipe's number of epochs")
-    p.add_argument("--batch-size", type=int, help="override the recipe's batch size")
-    p.add_argument("--lr", type=float,
-                   help="override the recipe's learning rate (with muon: of the non-filter parameters; the filters' "
-                        "is optimizer.muon_lr)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="set any config field by dotted name, e.g. --set optimizer.muon_lr=0.15 --set tta=0 "
-                        "--set model_kwargs.act=gelu (values are JSON; repeatable)")
-    p.add_argument("--optimizer", choices=["sgd", "muon", "adam", "adamw"],
-                   help="override the recipe's optimiser at its default settings for it (muon: Muon steps for the "
-                        "convolution filters, SGD for the rest; adam/adamw: rate 1e-3 unless --lr)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], help="override the recipe's precision")
-    p.add_argument("--budget", type=float, metavar="SECONDS",
-                   help="fit training plus the final evaluation into this many wall-clock seconds")
-    p.add_argument("--tta", type=int, choices=[0, 1, 2], help="test-time augmentation: 0 none, 1 mirror, 2 + translate")
-    p.add_argument("--widths", help="speedrun block widths, e.g. 64,256,256")
-    p.add_argument("--low-res", type=int, metavar="SIDE",
-                   help="progressive resizing: train the first half of the steps on SIDExSIDE images (0 = off)")
-    p.add_argument("--val-split", type=int, metavar="N",
-                   help="hold out N training images for validation (tune on these, never on the test set)")
-    p.add_argument("--permute-pixels", type=int, metavar="SEED",
-                   help="train and test on images under one fixed random permutation of the pixel positions, drawn "
-                        "from SEED (the permuted-pixels experiment)")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    p.add_argument("--sync-bn", action="store_true", default=None,
-                   help="under torchrun on GPUs: BatchNorm statistics over the global batch")
-    p.add_argument("--deterministic", action="store_true", default=None,
-                   help="kernels whose results do not depend on the thread count (CPU convolutions ~1.5x slower)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | mps (default: auto)")
-    p.add_argument("--dataset", choices=["cifar10", "mnist", "fashion-mnist"],
-                   help="data set to train and test on (default: cifar10)")
+def _run_flags(p: argparse.ArgumentParser, *, train: bool = False) -> None:
+    """Every run option (cifarbench.options: the same table as the Python API's keywords), and the CLI's own."""
+    for option in run_options():
+        if option.keyword not in _DATA_OPTIONS and (train or not option.option.train_only):
+            _add_option(p, option)
     p.add_argument("--tensorboard", metavar="DIR", help="also log every epoch to TensorBoard in DIR (needs "
                                                         "tensorboard)")
     p.add_argument("--runs-dir", help="run history folder (default: $CIFARBENCH_HOME, then ./runs)")
@@ -108,9 +103,9 @@ def _data_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("explore", help="per-class image grids and class counts")
     p.add_argument("--per-class", type=int, default=10, help="images per class (default 10)")
     p.add_argument("--out", default="grid.png", help="PNG to write (default grid.png)")
-    p.add_argument("--split", choices=["train", "test"], default="train")
+    p.add_argument("--split", choices=SPLITS, default="train")
     p.add_argument("--seed", type=int, default=0, help="which random examples to show")
-    p.add_argument("--dataset", choices=["cifar10", "mnist", "fashion-mnist"], default="cifar10")
+    p.add_argument("--dataset", choices=DATASETS, default="cifar10")
     p.add_argument("--json", action="store_true")
     _data_flags(p)
 
@@ -120,10 +115,9 @@ def _data_commands(sub: argparse._SubParsersAction) -> None:
 def _training_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train one model and record the run")
     p.add_argument("model", nargs="?", help=f"{MODEL_HELP} (omit with --resume)")
-    p.add_argument("--seed", type=int, help="seeds the weights and the data order (default 0)")
     p.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted or crashed run from its last checkpoint")
     _trust_flag(p)
-    _run_flags(p)
+    _run_flags(p, train=True)
 
     p = sub.add_parser("compare", help="train several models over seeds and compare them (the main job)")
     p.add_argument("models", nargs="+", metavar="MODEL", help=MODEL_HELP)
@@ -235,16 +229,16 @@ def _classroom_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="FOLDER", help="where leaderboard.html and leaderboard.csv go (default: INBOX)")
     p.add_argument("--work-dir", metavar="FOLDER",
                    help="where submissions are unpacked, one runs folder each (default: INBOX/.grading, emptied first)")
-    p.add_argument("--dataset", choices=["cifar10", "mnist", "fashion-mnist"], default="cifar10")
+    p.add_argument("--dataset", choices=DATASETS, default="cifar10")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
     p.add_argument("--trust-code", action="store_true",
                    help="run the students' own model code, each submission in a sandboxed process (docs/classroom.md)")
     p.add_argument("--roster", metavar="FILE", help="the expected students, one name per line: others are flagged, "
                                                     "and names with no submission listed")
-    p.add_argument("--timeout", type=float, default=Limits.timeout, metavar="SECONDS",
+    p.add_argument(flag_of("limits.timeout"), dest="timeout", type=float, default=Limits.timeout, metavar="SECONDS",
                    help=f"with --trust-code: wall-clock limit per submission (default {Limits.timeout:g})")
-    p.add_argument("--memory", type=int, default=Limits.memory_mib, metavar="MIB",
+    p.add_argument(flag_of("limits.memory_mib"), dest="memory", type=int, default=Limits.memory_mib, metavar="MIB",
                    help=f"with --trust-code: memory limit per submission in MiB (default {Limits.memory_mib})")
     p.add_argument("--isolation", choices=ISOLATIONS, default="auto",
                    help="with --trust-code: bubblewrap (no network, read-only, private folders hidden), process "
@@ -255,21 +249,24 @@ def _classroom_commands(sub: argparse._SubParsersAction) -> None:
 
 def _bundle_flags(p: argparse.ArgumentParser) -> None:
     """Caps on what one archive from elsewhere may cost (runs/bundle.BundleLimits)."""
-    p.add_argument("--max-bundle-mib", type=int, default=BundleLimits.max_bytes >> 20, metavar="MIB",
+    p.add_argument(flag_of("bundle_limits.max_bytes"), dest="max_bundle_mib", type=int,
+                   default=BundleLimits.max_bytes >> 20, metavar="MIB",
                    help=f"refuse an archive whose files inflate beyond this (default {BundleLimits.max_bytes >> 20})")
-    p.add_argument("--max-bundle-members", type=int, default=BundleLimits.max_members, metavar="N",
+    p.add_argument(flag_of("bundle_limits.max_members"), dest="max_bundle_members", type=int,
+                   default=BundleLimits.max_members, metavar="N",
                    help=f"refuse an archive of more members (default {BundleLimits.max_members})")
-    p.add_argument("--max-bundle-runs", type=int, default=BundleLimits.max_runs, metavar="N",
+    p.add_argument(flag_of("bundle_limits.max_runs"), dest="max_bundle_runs", type=int,
+                   default=BundleLimits.max_runs, metavar="N",
                    help=f"refuse an archive of more runs (default {BundleLimits.max_runs})")
 
 
 def _bundle_limits(args: argparse.Namespace) -> BundleLimits:
+    # The CLI counts MiB where BundleLimits counts bytes, so this check is the CLI's own.
     if args.max_bundle_mib < 1 or args.max_bundle_mib > 1 << 20:
-        raise CifarbenchError(f"--max-bundle-mib {args.max_bundle_mib}: must be in [1, {1 << 20}]")
-    for flag, value in (("--max-bundle-members", args.max_bundle_members), ("--max-bundle-runs",
-                                                                             args.max_bundle_runs)):
+        raise CifarbenchError(f"{flag_of('bundle_limits.max_bytes')} {args.max_bundle_mib}: must be in [1, {1 << 20}]")
+    for field, value in (("max_members", args.max_bundle_members), ("max_runs", args.max_bundle_runs)):
         if value < 1:
-            raise CifarbenchError(f"{flag} {value}: must be at least 1")
+            raise CifarbenchError(f"{flag_of('bundle_limits.' + field)} {value}: must be at least 1")
     return BundleLimits(args.max_bundle_mib << 20, args.max_bundle_members, args.max_bundle_runs)
 
 
@@ -341,22 +338,14 @@ def _note_unverified(dataset: dict) -> None:
 
 
 def _config(args: argparse.Namespace, model: str, seed: int):
-    from cifarbench.config import parse_changes
-    from cifarbench.training.recipes import config_for
+    """The config `cb.run_config` gives for these flags: each run option's flag is the keyword of the same name."""
+    from cifarbench.api import run_config
 
-    widths = None
-    if args.widths:
-        try:
-            widths = [int(w) for w in args.widths.split(",")]
-        except ValueError:
-            raise CifarbenchError(f"--widths {args.widths!r}: expected comma-separated integers such as "
-                                  f"64,256,256") from None
-    return config_for(model, recipe=args.recipe, seed=seed, device=args.device, optimizer=args.optimizer, lr=args.lr,
-                      widths=widths, set=parse_changes(args.set), epochs=args.epochs, batch_size=args.batch_size,
-                      precision=args.precision, data_dir=args.data_dir, verify=args.verify, download=args.download,
-                      budget_seconds=args.budget, tta=args.tta, val_split=args.val_split, compile=args.compile,
-                      sync_bn=args.sync_bn, deterministic=args.deterministic, low_res=args.low_res,
-                      dataset=args.dataset, permute_pixels=getattr(args, "permute_pixels", None))
+    given = {o.keyword: getattr(args, o.keyword, None) for o in run_options() if o.keyword != "seed"}
+    for option in run_options():
+        if option.parse and given.get(option.keyword) is not None:  # the CLI's text: --widths 64,256,256
+            given[option.keyword] = option.parse(given[option.keyword])
+    return run_config(model, seed=seed, **given)
 
 
 def _epoch_printer(args: argparse.Namespace):
@@ -437,18 +426,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"saved in {printable(result.run_dir)}")
 
 
-# Flags a resumed run keeps from its own config: changing them would no longer continue the same run.
-_RESUME_FIXED = ("seed", "epochs", "batch_size", "lr", "optimizer", "precision", "budget", "tta", "widths", "low_res",
-                 "val_split", "compile", "sync_bn", "deterministic", "dataset", "recipe", "permute_pixels")
-
-
 def _resume(args: argparse.Namespace):
     from cifarbench.running import resumable_config, train_run
 
-    given = [name for name in _RESUME_FIXED if getattr(args, name, None) not in (None, False)]
-    if args.set or given:
-        flags = [f"--{n.replace('_', '-')}" for n in given] + (["--set"] if args.set else [])
-        raise CifarbenchError(f"--resume continues a run under its own config; {', '.join(flags)} cannot change it "
+    # A resumed run keeps these from its own config: changing them would no longer continue the same run.
+    given = [o.flag for o in run_options() if o.option.fixed_on_resume and getattr(args, o.keyword, None) not in
+             (None, False, [])]
+    if given:
+        raise CifarbenchError(f"--resume continues a run under its own config; {', '.join(given)} cannot change it "
                               "(start a new run instead)")
     config = resumable_config(args.resume, args.runs_dir, args.trust_code)
     if args.model and args.model != config.model:
@@ -488,7 +473,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     report = compare(args.models, lambda m, s: _config(args, m, s), seeds=args.seeds, runs_dir=args.runs_dir,
                      on_epoch=_with_tensorboard(args, _epoch_printer(args)), target=args.target,
                      jobs=args.jobs, on_run=_run_printer(args) if args.jobs > 1 else None,
-                     retrain=args.retrain, on_reuse=reused)
+                     retrain=args.retrain, on_reuse=reused, spelling=as_flag)
     write_comparison(report, plot=args.plot, report=args.report, runs_dir=args.runs_dir, device=args.device)
     for failure in report.failures:
         print(f"cifarbench: warning: {printable(failure['model'])} seed {failure['seed']} failed: "
@@ -782,7 +767,7 @@ def cmd_grade(args: argparse.Namespace) -> None:
     result = grade(args.inbox, trust_code=args.trust_code, data_dir=args.data_dir, verify=args.verify,
                    download=args.download, dataset=args.dataset, hidden=args.hidden, hidden_labels=args.hidden_labels,
                    out=args.out, work_dir=args.work_dir, device=args.device, on_run=show, roster=args.roster,
-                   isolation=args.isolation, limits=limits, bundle_limits=_bundle_limits(args))
+                   isolation=args.isolation, limits=limits, bundle_limits=_bundle_limits(args), spelling=as_flag)
     if args.json:
         _print_json(result.to_dict())
         return
@@ -815,10 +800,8 @@ COMMANDS = {"download": cmd_download, "explore": cmd_explore, "models": cmd_mode
 
 def main(argv: Sequence[str] | None = None) -> int:
     from cifarbench import runtime
-    from cifarbench.errors import INTERFACE
 
     runtime.configure()
-    interface = INTERFACE.set("cli")  # messages name flags, not the Python API's keywords
     previous = _stop_on_sigterm()
     try:
         args = _parse(argv)
@@ -830,7 +813,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except CifarbenchError as exc:
-        print(f"cifarbench: error: {printable(str(exc))}", file=sys.stderr)
+        print(f"cifarbench: error: {printable(exc.spelled(as_flag))}", file=sys.stderr)  # flags, not keywords
         return 1
     except KeyboardInterrupt as exc:
         from cifarbench.errors import Interrupted
@@ -845,7 +828,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cifarbench: error: {printable(f'{exc.strerror or exc}{where}')}", file=sys.stderr)
         return 1
     finally:
-        INTERFACE.reset(interface)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return 0

@@ -16,7 +16,7 @@ from cifarbench import runtime
 from cifarbench.config import TrainConfig
 from cifarbench.data import ImageDataset, load_dataset
 from cifarbench.device import resolve_device
-from cifarbench.errors import INTERFACE, CifarbenchError, Interrupted
+from cifarbench.errors import CifarbenchError, Interrupted, Keyword, Spelling, as_keyword, spelled
 from cifarbench.evaluation.stats import PairComparison, pairwise_comparisons, training_warnings
 from cifarbench.provenance import environment
 from cifarbench.running import train_run
@@ -30,14 +30,16 @@ from cifarbench.training.state import EpochMetrics
 
 def check_target(target: float | None) -> None:
     if target is not None and not 0 < target <= 1:
-        raise CifarbenchError(f"--target {target:g} is not a fraction in (0, 1]; write e.g. 0.9 for 90%")
+        raise CifarbenchError("{option} {target:g} is not a fraction in (0, 1]; write e.g. 0.9 for 90%",
+                              option=Keyword("target"), target=target)
 
 
 def compare(models: Sequence[str], make: Callable[[str, int], TrainConfig], *, seeds: int = 1,
             runs_dir: str | os.PathLike | None = None, progress: bool | None = None,
             on_run: Callable[[RunRecord], None] | None = None,
             on_epoch: Callable[[TrainConfig, EpochMetrics], None] | None = None, target: float | None = None,
-            jobs: int = 1, retrain: bool = False, on_reuse: Callable[[RunRecord], None] | None = None) -> Comparison:
+            jobs: int = 1, retrain: bool = False, on_reuse: Callable[[RunRecord], None] | None = None,
+            spelling: Spelling = as_keyword) -> Comparison:
     """Train every model for `seeds` seeds (0..seeds-1) on the same data, then tabulate and compare them.
 
     A finished run of this runs folder trained from the same config (code and seed included) on the same data is
@@ -45,7 +47,8 @@ def compare(models: Sequence[str], make: Callable[[str, int], TrainConfig], *, s
     after an interruption, trains only what is missing.
 
     With `jobs` > 1 the runs go to that many worker processes, each with its share of the CPU threads (or its
-    own GPU); a run that fails is reported under `failures` and the others' results are kept.
+    own GPU); a run that fails is reported under `failures` and the others' results are kept, its error with
+    options spelled by `spelling` (the caller's: the CLI's flags, or the Python API's keywords).
 
     `make(model, seed)` builds each run's config, so the caller decides recipe and overrides. Each model's
     row has accuracy mean ± std, parameters, FLOPs per image, training seconds and, with `target` (a fraction
@@ -55,7 +58,7 @@ def compare(models: Sequence[str], make: Callable[[str, int], TrainConfig], *, s
     """
     runtime.configure()
     if seeds < 1 or jobs < 1:
-        raise CifarbenchError("--seeds and --jobs must be at least 1")
+        raise CifarbenchError("{seeds} and {jobs} must be at least 1", seeds=Keyword("seeds"), jobs=Keyword("jobs"))
     check_target(target)
     configs = {m: [make(m, s) for s in range(seeds)] for m in models}  # fail fast on a bad model or flag
     for model_configs in configs.values():  # a model's seeds differ only in the seed
@@ -78,7 +81,7 @@ def compare(models: Sequence[str], make: Callable[[str, int], TrainConfig], *, s
                 if on_run:
                     on_run(runs[-1])
         elif every:
-            trained, failures = _run_parallel(every, jobs, runs_dir, on_run)
+            trained, failures = _run_parallel(every, jobs, runs_dir, on_run, spelling)
             runs += trained
     except KeyboardInterrupt as exc:
         raise _interrupted(exc, runs, len(reused) + len(every)) from None
@@ -171,7 +174,7 @@ def run_warnings(runs: Sequence[RunRecord]) -> list[str]:
     return lines
 
 
-def _worker_init(threads: int, gpus: int, interface: str) -> None:
+def _worker_init(threads: int, gpus: int) -> None:
     """Pin a compare worker to its share of the CPU threads, or to one GPU (by worker number).
 
     On the CPU each worker also gets its own cores (worker k: cores k*threads ...): two single-threaded
@@ -180,7 +183,6 @@ def _worker_init(threads: int, gpus: int, interface: str) -> None:
     import multiprocessing
 
     worker = multiprocessing.current_process()._identity[0] - 1
-    INTERFACE.set(interface)  # errors spelled for the caller: flags for the CLI, keywords for Python
     torch.set_num_threads(threads)
     if gpus:
         torch.cuda.set_device(worker % gpus)
@@ -203,7 +205,8 @@ def _worker_run(config: TrainConfig, runs_dir: str | os.PathLike | None) -> dict
 
 
 def _run_parallel(configs: Sequence[TrainConfig], jobs: int, runs_dir: str | os.PathLike | None,
-                  on_run: Callable[[RunRecord], None] | None) -> tuple[list[RunRecord], list[dict[str, Any]]]:
+                  on_run: Callable[[RunRecord], None] | None,
+                  spelling: Spelling = as_keyword) -> tuple[list[RunRecord], list[dict[str, Any]]]:
     """Each config in a worker process: the finished runs, and the failures (model, seed, error)."""
     import concurrent.futures as cf
     import multiprocessing
@@ -212,7 +215,7 @@ def _run_parallel(configs: Sequence[TrainConfig], jobs: int, runs_dir: str | os.
     threads = max(1, (os.cpu_count() or 1) // jobs)
     # spawn: a fork of a process that already ran torch (threads, maybe CUDA) is not safe.
     pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                                  initializer=_worker_init, initargs=(threads, gpus, INTERFACE.get()))
+                                  initializer=_worker_init, initargs=(threads, gpus))
     runs, failures = [], []
     with pool:
         futures = {pool.submit(_worker_run, c, runs_dir): c for c in configs}
@@ -221,7 +224,8 @@ def _run_parallel(configs: Sequence[TrainConfig], jobs: int, runs_dir: str | os.
             try:
                 run = RunRecord.from_dict(future.result())
             except Exception as exc:  # a failed run (or a crashed worker) is reported; the rest go on
-                failures.append({"model": config.model, "seed": config.seed, "error": f"{type(exc).__name__}: {exc}"})
+                failures.append({"model": config.model, "seed": config.seed, "error": f"{type(exc).__name__}: "
+                                                                                      f"{spelled(exc, spelling)}"})
                 continue
             runs.append(run)
             if on_run:

@@ -3,7 +3,9 @@
 A `TrainConfig` is written next to every run's results, so it must hold plain values only. Each field declares
 what it accepts (`setting(default, gt=0, le=1e4)`, `choices=`, `pattern=`); `check_fields`, called from every
 config's `__post_init__`, reads the type hints and those declarations, so a config is valid (finite, bounded,
-of its type) before anything is written, and a new field is checked by declaring it.
+of its type) before anything is written, and a new field is checked by declaring it. A field the front doors offer
+also carries its `Option` (`setting(..., option=Option("help"))`): its keyword, help, unit and resume rule, from
+which cifarbench.options generates the CLI's flags, the Python API's keywords and docs/options.md.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import typing
 from dataclasses import KW_ONLY, MISSING, asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any, ClassVar
 
-from cifarbench.errors import CifarbenchError
+from cifarbench.errors import CifarbenchError, flag_of
 
 PRECISIONS = ("fp32", "bf16", "auto")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -58,9 +60,32 @@ class Check:
     length: tuple[int, int] | None = None
 
 
-def setting(default: Any = MISSING, *, default_factory: Any = MISSING, **check: Any) -> Any:
-    """A dataclass field with its `Check`, e.g. `lr: float = setting(0.01, gt=0, le=1e4)`."""
-    return field(default=default, default_factory=default_factory, metadata={"check": Check(**check)})
+@dataclass(frozen=True)
+class Option:
+    """How a config field is offered at the front doors, as a `cifarbench train`/`compare` flag and a
+    `cb.train`/`compare`/`run_config` keyword (cifarbench.options builds both from these)."""
+
+    help: str
+    """One line for `--help`, the keyword's docstring and docs/options.md."""
+    _: KW_ONLY
+    keyword: str = ""
+    """The Python keyword (default: the field's name); the flag is errors.flag_of(keyword)."""
+    metavar: str | None = None
+    unit: str = ""
+    fixed_on_resume: bool = True
+    """`train --resume` refuses it: changing it would no longer continue the same run."""
+    train_only: bool = False
+    """Offered by `train` alone (seed: `compare` trains seeds 0..seeds-1)."""
+    default: Any = None
+    """What the front doors pass when it is not given; None leaves the recipe's choice."""
+
+
+def setting(default: Any = MISSING, *, default_factory: Any = MISSING, option: Option | None = None,
+            **check: Any) -> Any:
+    """A dataclass field with its `Check`, e.g. `lr: float = setting(0.01, gt=0, le=1e4)`, and where the front
+    doors offer it, its `Option`."""
+    metadata = {"check": Check(**check), **({"option": option} if option else {})}
+    return field(default=default, default_factory=default_factory, metadata=metadata)
 
 
 def _number(x: float) -> str:
@@ -257,19 +282,26 @@ def check_fields(config: Any) -> None:
 @dataclass(kw_only=True)
 class DataConfig:
     section: ClassVar[str] = "data"
-    dataset: str = setting("cifar10", choices=DATASETS)
+    dataset: str = setting("cifar10", choices=DATASETS,
+                           option=Option("data set to train and test on (default: cifar10)"))
     """Registered data set name."""
-    data_dir: str | None = setting(None, length=(0, 4096))
+    data_dir: str | None = setting(None, length=(0, 4096), option=Option(
+        "folder with CIFAR-10 (default: $CIFARBENCH_DATA, then ./data)", fixed_on_resume=False))
     """Folder holding the data; None means $CIFARBENCH_DATA, then ./data."""
-    verify: bool = True
+    verify: bool = setting(True, option=Option(
+        "accept files whose md5 is not the official one (e.g. the JPEG-q75 copy); recorded with the run",
+        fixed_on_resume=False))
     """Refuse files whose md5 is not the official one. False accepts other copies (and is recorded)."""
-    download: bool = True
+    download: bool = setting(True, option=Option("never fetch the data set; fail if no local copy is found",
+                                                 fixed_on_resume=False))
     """Fetch the official archive when no local copy is found."""
     mean: tuple[float, ...] = setting((0.5, 0.5, 0.5), length=(1, 4))
     """Per-channel mean subtracted after scaling pixels to [0, 1] (the notebook's Normalize(0.5, 0.5))."""
     std: tuple[float, ...] = setting((0.5, 0.5, 0.5), gt=0, length=(1, 4))
     """Per-channel std divided by; with mean 0.5 this maps pixels to [-1, 1]."""
-    permute_pixels: int | None = setting(None, ge=0, le=MAX_SEED)
+    permute_pixels: int | None = setting(None, ge=0, le=MAX_SEED, option=Option(
+        "train and test on images under one fixed random permutation of the pixel positions, drawn from SEED (the "
+        "permuted-pixels experiment)", metavar="SEED"))
     """Seed of one fixed random permutation of the pixel positions applied to every train and test image (the
     permuted-pixels experiment); None leaves the images as they are."""
 
@@ -292,11 +324,15 @@ class DataConfig:
 @dataclass(kw_only=True)
 class OptimizerConfig:
     section: ClassVar[str] = "optimizer"
-    name: str = setting("sgd", choices=OPTIMIZERS)
+    name: str = setting("sgd", choices=OPTIMIZERS, option=Option(
+        "override the recipe's optimiser at its default settings for it (muon: Muon steps for the convolution "
+        "filters, SGD for the rest; adam/adamw: rate 1e-3 unless a learning rate is given)", keyword="optimizer"))
     """sgd (plain or Nesterov, as the notebook and airbench94); muon: convolution filters take Muon steps
     (orthogonalised momentum, `muon_lr`, `muon_momentum`) and all other parameters the SGD settings below; adam
     or adamw (torch's, with `beta1`, `beta2`; adamw's weight decay is decoupled from the gradient)."""
-    lr: float = setting(0.01, gt=0, le=1e4)
+    lr: float = setting(0.01, gt=0, le=1e4, option=Option(
+        "override the recipe's learning rate (with muon: of the non-filter parameters; the filters' is "
+        "optimizer.muon_lr)", keyword="lr", unit="per step"))
     """Learning rate per step (the notebook's 1e-2)."""
     momentum: float = setting(0.0, ge=0, lt=1)
     weight_decay: float = setting(0.0, ge=0, le=1)
@@ -374,17 +410,22 @@ class TrainConfig:
     model_sha256: str | None = setting(None, pattern=r"[0-9a-f]{64}", shown="a sha256 in hex")
     """For your own model: the sha256 of its source, whose copy is the run folder's model.py (None for registered
     models, whose code is the cifarbench version's)."""
-    recipe: str = setting("seed", pattern=NAME, shown="a name of letters, digits and _.+- (up to 64 characters)")
+    recipe: str = setting("seed", pattern=NAME, shown="a name of letters, digits and _.+- (up to 64 characters)",
+                          option=Option("named recipe (default: the model's own; see `cifarbench models`)"))
     """The named recipe these settings came from."""
-    epochs: int = setting(10, ge=1, le=10_000)
-    """Passes over the training set."""
-    batch_size: int = setting(100, ge=1, le=1_000_000)
-    """Examples per optimiser step."""
-    seed: int = setting(0, ge=0, le=MAX_SEED)
+    seed: int = setting(0, ge=0, le=MAX_SEED, option=Option("seeds the weights and the data order (default 0)",
+                                                            train_only=True))
     """Seeds the weight init and the data order; the same seed on the same device reproduces a run."""
-    device: str = setting("auto", pattern=r"auto|cpu|mps|cuda(:[0-9]{1,4})?", choices=(*DEVICES, "cuda:N"))
+    epochs: int = setting(10, ge=1, le=10_000, option=Option("override the recipe's number of epochs"))
+    """Passes over the training set."""
+    batch_size: int = setting(100, ge=1, le=1_000_000,
+                              option=Option("override the recipe's batch size", unit="examples"))
+    """Examples per optimiser step."""
+    device: str = setting("auto", pattern=r"auto|cpu|mps|cuda(:[0-9]{1,4})?", choices=(*DEVICES, "cuda:N"),
+                          option=Option("auto | cpu | cuda[:N] | mps (default: auto)", default="auto",
+                                        fixed_on_resume=False))
     """auto picks cuda, then mps, then cpu."""
-    precision: str = setting("fp32", choices=PRECISIONS)
+    precision: str = setting("fp32", choices=PRECISIONS, option=Option("override the recipe's precision"))
     """fp32, bf16 autocast (much faster for conv nets on CPUs with native bf16, many times slower on AVX2 alone;
     slightly different numbers; see docs/cpu-performance.md#bf16-and-channels-last), or auto: bf16 on CUDA (no loss
     scaling needed, unlike fp16); on a CPU what measures fastest at a budgeted run's start (written back here), or
@@ -403,31 +444,38 @@ class TrainConfig:
     """Initialise a model's patch-whitening layer from training-set patch covariance (models that have one)."""
     whiten_bias_fraction: float = setting(0.3, ge=0, le=1)
     """The whitening layer's bias trains for this fraction of training, then freezes."""
-    low_res: int = setting(0, ge=0, le=4096)
+    low_res: int = setting(0, ge=0, le=4096, option=Option(
+        "progressive resizing: train the first half of the steps on SIDExSIDE images (0 = off)", metavar="SIDE",
+        unit="pixels"))
     """Progressive resizing: the first `low_res_fraction` of the steps train on images scaled down to this
     side (cheaper steps, so a budget holds more of them); 0 = off. Evaluation is always at full size.
     Off in the recipes: the extra epochs bought no validation accuracy (docs/cpu-performance.md#what-did-not-help)."""
     low_res_fraction: float = setting(0.5, ge=0, le=1)
-    tta: int = setting(0, ge=0, le=2)
+    tta: int = setting(0, ge=0, le=2, option=Option("test-time augmentation: 0 none, 1 mirror, 2 + translate"))
     """Test-time augmentation of the final evaluation: 0 none, 1 mirror, 2 mirror + 1-pixel translations."""
     tta_threshold: float = setting(0.0, ge=0, le=1)
     """Selective TTA: when > 0, an image whose plain view gives its top class at least this probability keeps
     the plain prediction, and only the others get the extra views (0 = every image gets them)."""
-    budget_seconds: float | None = setting(None, gt=0, le=MAX_BUDGET_SECONDS)
+    budget_seconds: float | None = setting(None, gt=0, le=MAX_BUDGET_SECONDS, option=Option(
+        "fit training plus the final evaluation into this many wall-clock seconds", keyword="budget",
+        metavar="SECONDS", unit="seconds"))
     """Wall-clock budget for training plus the final evaluation; the schedule length is fitted to it."""
     budget_shape: str = setting("fixed", choices=("fixed", "compute"))
     """With a budget: "compute" re-picks speedrun's CPU shape (widths, batch, activation) at the run's start from
     the compute the budget buys on this machine (training.shape, recipes.shape_by_compute); "fixed" keeps it."""
     eval_every_epoch: bool = True
     """Evaluate after every epoch (learning curves). Budgeted runs turn it off to spend the time on training."""
-    val_split: int = setting(0, ge=0, le=1_000_000)
+    val_split: int = setting(0, ge=0, le=1_000_000, option=Option(
+        "hold out N training images for validation (tune on these, never on the test set)", metavar="N",
+        unit="images"))
     """Hold out this many training examples (the last ones of a fixed shuffle) for validation; per-epoch
     metrics are then measured on them. Anything tuned should look at these, never at the test set."""
-    compile: bool = False
+    compile: bool = setting(False, option=Option("torch.compile the model"))
     """torch.compile the model (faster steady state on GPU, a compile cost up front)."""
-    sync_bn: bool = False
+    sync_bn: bool = setting(False, option=Option("under torchrun on GPUs: BatchNorm statistics over the global batch"))
     """Under torchrun on GPUs: BatchNorm statistics over the global batch instead of each rank's slice."""
-    deterministic: bool = False
+    deterministic: bool = setting(False, option=Option(
+        "kernels whose results do not depend on the thread count (CPU convolutions ~1.5x slower)"))
     """Kernels whose results do not depend on the thread count: on a CPU convolutions skip oneDNN (whose weight
     gradients are summed in a thread-count-dependent order) for ATen's im2col + MKL path, so a seed gives the
     same bits with 1 thread as with 2, e.g. in `compare --jobs` workers, at a cost in speed. fp32 only on a CPU
@@ -518,19 +566,19 @@ def parse_changes(items: list[str]) -> dict:
     """`--set` arguments, FIELD=VALUE, as a dict for `TrainConfig.with_changes`. VALUE is read as JSON (0.5, true,
     [64,256,256]); anything that is not JSON is taken as a string (muon). JSON's NaN and Infinity, which Python's
     reader accepts, are refused: no config value may be one."""
-    changes = {}
+    changes, flag = {}, flag_of("set")  # the CLI's text: messages name its flag
     for item in items:
         key, eq, text = item.partition("=")
         if not eq or not key:
-            raise CifarbenchError(f"--set {shown_value(item)}: expected FIELD=VALUE, e.g. optimizer.lr=0.5")
+            raise CifarbenchError(f"{flag} {shown_value(item)}: expected FIELD=VALUE, e.g. optimizer.lr=0.5")
 
         def refuse(constant: str, key: str = key, text: str = text) -> None:
-            raise CifarbenchError(f"--set {key}={text[:40]}: {constant} is not a finite number")
+            raise CifarbenchError(f"{flag} {key}={text[:40]}: {constant} is not a finite number")
 
         try:
             changes[key] = json.loads(text, parse_constant=refuse)
         except RecursionError:
-            raise CifarbenchError(f"--set {key}: the value is nested too deeply") from None
+            raise CifarbenchError(f"{flag} {key}: the value is nested too deeply") from None
         except ValueError:
             changes[key] = text
     return changes

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from cifarbench.errors import CifarbenchError
+from cifarbench.errors import CifarbenchError, Keyword
 
 if TYPE_CHECKING:
     from cifarbench.config import TrainConfig
@@ -25,9 +25,11 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     kind = name.split(":")[0]
     if kind == "cuda" and not torch.cuda.is_available():
-        raise CifarbenchError("device 'cuda' was requested but no CUDA GPU is available; use --device cpu or auto")
+        raise CifarbenchError("device 'cuda' was requested but no CUDA GPU is available; use {cpu} or auto",
+                              cpu=Keyword("device", "cpu"))
     if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise CifarbenchError("device 'mps' was requested but MPS is not available; use --device cpu or auto")
+        raise CifarbenchError("device 'mps' was requested but MPS is not available; use {cpu} or auto",
+                              cpu=Keyword("device", "cpu"))
     if kind not in ("cpu", "cuda", "mps"):
         raise CifarbenchError(f"unknown device {name!r}; choose one of: auto, cpu, cuda, mps")
     try:

@@ -1,50 +1,101 @@
 """User-facing errors: the CLI prints their message as one line and exits with status 1.
 
-A message names what the user typed. Messages are written with the CLI's spelling (`--no-verify`); raised
-while Python code is the caller (the default interface), each flag is spelled as the API's keyword instead
-(`verify=False`), so a notebook user is never told to pass a flag."""
+A message names what the user typed, in the caller's own spelling: a flag from the CLI (`--no-verify`), a keyword
+from Python (`verify=False`). So a message never spells an option as text; it holds a `Keyword` part and each
+front door spells it: `CifarbenchError("{option} leaves no training data", option=Keyword("val_split", 500))`
+reads `val_split=500 leaves ...` from `str()` (the Python API's spelling, what a notebook shows) and
+`--val-split 500 leaves ...` from `spelled(as_flag)` (what the CLI prints). `flag_of` is the one mapping from a
+keyword to its flag; the CLI builds its option flags with it too.
+"""
 
-import contextvars
 import difflib
-import re
-from collections.abc import Sequence
-
-INTERFACE: contextvars.ContextVar[str] = contextvars.ContextVar("cifarbench_interface", default="python")
-"""'python' (the library's callers) or 'cli' (set by the command line's entry point)."""
-
-PYTHON_SPELLING = {
-    "--no-verify": "verify=False", "--no-download": "download=False", "--trust-code": "trust_code=True",
-    "--data-dir": "data_dir=", "--runs-dir": "runs_dir=", "--val-split": "val_split",
-    "--budget": "budget", "--epochs": "epochs", "--batch-size": "batch_size", "--lr": "lr", "--seeds": "seeds",
-    "--seed": "seed", "--jobs": "jobs", "--target": "target", "--top": "top", "--device": "device",
-    "--precision": "precision", "--optimizer": "optimizer", "--deterministic": "deterministic=True",
-    "--sync-bn": "sync_bn=True", "--tensorboard": "tensorboard", "--resume": "resume", "--dataset": "dataset",
-    "--per-class": "per_class", "--labels": "labels", "--widths": "widths", "--tta": "tta", "--out": "out",
-    "--student": "student", "--hidden": "hidden", "--hidden-labels": "hidden_labels", "--work-dir": "work_dir",
-    "--retrain": "retrain=True", "--roster": "roster", "--isolation": "isolation",
-    "--timeout": "limits=Limits(timeout=)", "--memory": "limits=Limits(memory_mib=)",
-    "--max-bundle-mib": "bundle_limits=BundleLimits(max_bytes=)",
-    "--max-bundle-members": "bundle_limits=BundleLimits(max_members=)",
-    "--max-bundle-runs": "bundle_limits=BundleLimits(max_runs=)",
-}
-_FLAG = re.compile(r"(?<![\w-])--[a-z][a-z-]*")
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 
-def python_spelling(message: str) -> str:
-    """`message` with each CLI flag it names spelled as the Python API's keyword (a `command` in backticks is
-    left as it is: it is something to run in a shell)."""
-    parts = message.split("`")
-    return "`".join(p if i % 2 else _FLAG.sub(lambda m: PYTHON_SPELLING.get(m.group(0), m.group(0)), p)
-                    for i, p in enumerate(parts))
+class _Unset(enum.Enum):
+    UNSET = "unset"  # an enum member, so a Keyword keeps "no value" through pickling (compare's workers)
+
+
+UNSET = _Unset.UNSET
+
+
+@dataclass(frozen=True)
+class Keyword:
+    """An option named in a message: its Python keyword (`val_split`; `limits.timeout` for a field of the object a
+    keyword takes) and, where the message gives one, its value (`Keyword("verify", False)`; `...` for "a value")."""
+
+    name: str
+    value: Any = UNSET
+
+
+OBJECTS = {"limits": "Limits", "bundle_limits": "BundleLimits"}
+"""Keywords that take an object: a message names its fields as `limits=Limits(timeout=...)`."""
+
+FLAGS = {"limits.timeout": "--timeout", "limits.memory_mib": "--memory", "bundle_limits.max_bytes": "--max-bundle-mib",
+         "bundle_limits.max_members": "--max-bundle-members", "bundle_limits.max_runs": "--max-bundle-runs"}
+"""The flags `flag_of`'s rule does not give: the fields of a keyword's object, which the CLI flattens."""
+
+
+def flag_of(name: str, value: Any = UNSET) -> str:
+    """The CLI's flag for keyword `name`: `--` and the keyword with dashes (`val_split` -> `--val-split`), `--no-...`
+    for a False (`verify=False` -> `--no-verify`), or the flag `FLAGS` gives."""
+    if name in FLAGS:
+        return FLAGS[name]
+    return f"--{'no-' if value is False else ''}{name.replace('_', '-')}"
+
+
+def as_flag(keyword: Keyword) -> str:
+    """The CLI's spelling: `--val-split 500`, `--no-verify`, `--deterministic`, `--data-dir`."""
+    flag = flag_of(keyword.name, keyword.value)
+    if keyword.value is UNSET or keyword.value is ... or isinstance(keyword.value, bool):
+        return flag
+    return f"{flag} {keyword.value}"
+
+
+def as_keyword(keyword: Keyword) -> str:
+    """The Python API's spelling: `val_split=500`, `verify=False`, `data_dir=...`, `limits=Limits(timeout=...)`;
+    a bare name without a value (`val_split`)."""
+    value = "..." if keyword.value is ... else "" if keyword.value is UNSET else repr(keyword.value)
+    owner, _, field = keyword.name.rpartition(".")
+    if owner in OBJECTS:
+        return f"{owner}={OBJECTS[owner]}({field}={value or '...'})"
+    return f"{keyword.name}={value}" if value else keyword.name
+
+
+Spelling = Callable[[Keyword], str]
+"""How a front door spells an option: `as_flag` (the CLI) or `as_keyword` (Python)."""
 
 
 class CifarbenchError(Exception):
-    """Something the user can fix (missing data, a bad file, a bad flag); never a bug."""
+    """Something the user can fix (missing data, a bad file, a bad flag); never a bug.
 
-    def __init__(self, message: str = "", *args: object) -> None:
-        if INTERFACE.get() == "python" and isinstance(message, str):
-            message = python_spelling(message)
+    `message` is plain text, or with `parts` a template whose `{name}` fields they fill: a `Keyword` is spelled
+    by the front door, an exception by its own message in the same spelling, anything else formatted as given.
+    A template's parts survive pickling (the attributes travel with the exception), so an error raised in a
+    worker process is still spelled by the caller."""
+
+    def __init__(self, message: str = "", *args: object, **parts: Any) -> None:
         super().__init__(message, *args)
+        self.parts = parts
+
+    def spelled(self, spelling: Spelling) -> str:
+        """The message with each option it names spelled by `spelling`."""
+        if not self.parts or not self.args or not isinstance(self.args[0], str):
+            return super().__str__()
+        return self.args[0].format_map({k: spelled(v, spelling) if isinstance(v, BaseException)
+                                        else spelling(v) if isinstance(v, Keyword) else v
+                                        for k, v in self.parts.items()})
+
+    def __str__(self) -> str:
+        return self.spelled(as_keyword)
+
+
+def spelled(exc: BaseException, spelling: Spelling) -> str:
+    """Any exception's message, a CifarbenchError's with its options spelled by `spelling`."""
+    return exc.spelled(spelling) if isinstance(exc, CifarbenchError) else str(exc)
 
 
 class Interrupted(KeyboardInterrupt):

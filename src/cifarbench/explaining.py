@@ -15,7 +15,7 @@ from cifarbench.config import TrainConfig
 from cifarbench.data import ImageDataset, load_dataset
 from cifarbench.data.loader import DeviceSplit
 from cifarbench.device import autocast_dtype, resolve_device
-from cifarbench.errors import CifarbenchError
+from cifarbench.errors import CifarbenchError, Keyword
 from cifarbench.evaluation.experiments import CORRUPTIONS, corruption_accuracy, translation_accuracy
 from cifarbench.evaluation.explain import ModelExplanation, explain_model
 from cifarbench.evaluation.stats import (
@@ -102,7 +102,7 @@ def explain_runs(refs: Sequence[str], out: str | os.PathLike, *, runs_dir: str |
     from cifarbench.reporting.plots import capacity_figure, save_figure
 
     if examples < 1:
-        raise CifarbenchError("--examples must be at least 1")
+        raise CifarbenchError("{option} must be at least 1", option=Keyword("examples"))
     runtime.configure()
     runs = stored_runs(refs, runs_dir=runs_dir)
     groups = group_runs(runs)
@@ -208,15 +208,18 @@ def run_experiment(name: str, refs: Sequence[str], *, shifts: int = 4, flip: boo
     if name not in EXPERIMENTS:
         raise CifarbenchError(f"unknown experiment {name!r}; choose from: {', '.join(EXPERIMENTS)}, permutation")
     if name == "translation" and not 0 <= shifts < 32:
-        raise CifarbenchError(f"--shifts {shifts}: give a largest shift from 0 to 31 pixels")
+        raise CifarbenchError("{option} {shifts}: give a largest shift from 0 to 31 pixels", option=Keyword("shifts"),
+                              shifts=shifts)
     if name == "corruption":
         bad = [s for s in severities if not 1 <= int(s) <= 5]
         if bad or not severities:
-            raise CifarbenchError(f"--severities must be levels from 1 to 5, e.g. 1,3,5 (got {list(severities)})")
+            raise CifarbenchError("{option} must be levels from 1 to 5, e.g. 1,3,5 (got {got})",
+                                  option=Keyword("severities"), got=list(severities))
         unknown = [k for k in kinds if k not in CORRUPTIONS]
         if unknown or not kinds:
-            raise CifarbenchError(f"--kinds: unknown corruption {unknown[0] if unknown else ''!r}; choose from: "
-                                  f"{', '.join(CORRUPTIONS)}")
+            raise CifarbenchError("{option}: unknown corruption {kind!r}; choose from: {choices}",
+                                  option=Keyword("kinds"), kind=unknown[0] if unknown else "",
+                                  choices=", ".join(CORRUPTIONS))
     runtime.configure()
     runs = stored_runs(refs, runs_dir=runs_dir)
     groups = group_runs(runs)
@@ -358,11 +361,12 @@ def permutation_experiment(models: Sequence[str], make: Callable[[str, int], Tra
 
     runtime.configure()
     if seeds < 1:
-        raise CifarbenchError("--seeds must be at least 1")
+        raise CifarbenchError("{option} must be at least 1", option=Keyword("seeds"))
     plain = {m: [make(m, s) for s in range(seeds)] for m in models}
     if any(c.data.permute_pixels is not None for cs in plain.values() for c in cs):
         raise CifarbenchError("the permutation experiment trains plain and permuted runs itself; leave out "
-                              "--permute-pixels (use --permutation-seed to choose the permutation)")
+                              "{permute} (use {seed} to choose the permutation)", permute=Keyword("permute_pixels"),
+                              seed=Keyword("permutation_seed"))
     permuted = {m: [replace(c, data=replace(c.data, permute_pixels=permutation_seed)) for c in cs]
                 for m, cs in plain.items()}
     for cs in plain.values():

@@ -11,7 +11,7 @@ from cifarbench import display_hooks
 from cifarbench.config import DataConfig
 from cifarbench.data import load_dataset
 from cifarbench.data.dataset import ImageDataset
-from cifarbench.errors import CifarbenchError
+from cifarbench.errors import CifarbenchError, Keyword
 
 SPLITS = ("train", "test")
 
@@ -72,12 +72,13 @@ def _per_class(n: int, counts: Sequence[int] = (), split: str = "train") -> int:
     """`n` images per class, if the grid can show them: at least 1, at most MAX_PER_CLASS and at most the images
     of the smallest (non-empty) class of the split, `counts` being its images per class."""
     if n < 1:
-        raise CifarbenchError("--per-class must be at least 1")
+        raise CifarbenchError("{option} must be at least 1", option=Keyword("per_class"))
     smallest = min((c for c in counts if c), default=MAX_PER_CLASS)
     if n > min(smallest, MAX_PER_CLASS):
         why = (f"the {split} split's smallest class has {smallest:,} images" if smallest < MAX_PER_CLASS
                else f"a grid row shows at most {MAX_PER_CLASS} images")
-        raise CifarbenchError(f"--per-class {n} is too many: {why}; choose at most {min(smallest, MAX_PER_CLASS)}")
+        raise CifarbenchError("{option} {n} is too many: {why}; choose at most {most}", option=Keyword("per_class"),
+                              n=n, why=why, most=min(smallest, MAX_PER_CLASS))
     return n
 
 

@@ -19,7 +19,7 @@ from cifarbench.data import ImageDataset, load_dataset, prepare
 from cifarbench.data.dataset import Split
 from cifarbench.data.loader import DeviceSplit
 from cifarbench.device import autocast_dtype, describe_device, kernel_choice, resolve_device
-from cifarbench.errors import CifarbenchError
+from cifarbench.errors import CifarbenchError, Keyword
 from cifarbench.evaluation.metrics import EvalResult, evaluate
 from cifarbench.models import build_model
 from cifarbench.models.reference import load_run_code
@@ -261,7 +261,7 @@ def predict_images(ref: str, images: Sequence[str | os.PathLike], *, top: int = 
     from cifarbench.image_files import classify_files, expand_images
 
     if top < 1:
-        raise CifarbenchError("--top must be at least 1")
+        raise CifarbenchError("{option} must be at least 1", option=Keyword("top"))
     images = expand_images(images)
     loaded = load_trained_model(ref, runs_dir=runs_dir, device=device, trust_code=trust_code)
     c = loaded.config

@@ -14,7 +14,7 @@ from cifarbench import runtime
 from cifarbench.config import DataConfig, TrainConfig
 from cifarbench.data import ImageDataset, fit_normalisation, load_dataset, prepare
 from cifarbench.device import describe_device, resolve_device
-from cifarbench.errors import CifarbenchError, Interrupted
+from cifarbench.errors import CifarbenchError, Interrupted, Keyword
 from cifarbench.evaluation.analysis import cost_of, training_flops
 from cifarbench.fsutil import atomic_write_text
 from cifarbench.models.reference import code_of, label, load_run_code
@@ -156,9 +156,10 @@ def _train(config: TrainConfig, world: ddp.DistEnv, device: torch.device, saved:
         if saved is not None:
             record.run_id = saved.run_id
             if saved.dataset["sha256"] != dataset.sha256:
-                raise CifarbenchError(f"run {saved.run_id} was trained on data with fingerprint "
-                                      f"{saved.dataset['sha256'][:12]}..., not this copy ({dataset.sha256[:12]}...); "
-                                      "point --data-dir at the same data")
+                raise CifarbenchError("run {run} was trained on data with fingerprint {saved}..., not this copy "
+                                      "({here}...); point {data_dir} at the same data", run=saved.run_id,
+                                      saved=saved.dataset["sha256"][:12], here=dataset.sha256[:12],
+                                      data_dir=Keyword("data_dir", ...))
             store.reopen_run(saved.run_id)
         else:
             record.run_id = folders.new_run_id(label(config.model), config.seed)

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cifarbench.errors import CifarbenchError
+from cifarbench.errors import CifarbenchError, Keyword
 
 ISOLATIONS = ("auto", "bubblewrap", "process")
 MAX_OUTPUT_BYTES = 16 << 20
@@ -46,9 +46,11 @@ class Limits:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.timeout, int | float) and 0 < self.timeout <= 7 * 24 * 3600):
-            raise CifarbenchError(f"--timeout {self.timeout}: must be a number of seconds in (0, 604800]")
+            raise CifarbenchError("{option} {value}: must be a number of seconds in (0, 604800]",
+                                  option=Keyword("limits.timeout"), value=self.timeout)
         if not (isinstance(self.memory_mib, int) and 256 <= self.memory_mib <= 1 << 22):
-            raise CifarbenchError(f"--memory {self.memory_mib}: must be a number of MiB in [256, 4194304]")
+            raise CifarbenchError("{option} {value}: must be a number of MiB in [256, 4194304]",
+                                  option=Keyword("limits.memory_mib"), value=self.memory_mib)
 
 
 @dataclass(frozen=True)
@@ -80,12 +82,14 @@ def choose_isolation(wanted: str = "auto") -> Isolation:
     """`auto`: bubblewrap where it is installed and can create namespaces, else a plain process; `bubblewrap`
     refuses to go on without it."""
     if wanted not in ISOLATIONS:
-        raise CifarbenchError(f"--isolation {wanted!r}: choose one of {', '.join(ISOLATIONS)}")
+        raise CifarbenchError("{option} {wanted!r}: choose one of {choices}", option=Keyword("isolation"),
+                              wanted=wanted, choices=", ".join(ISOLATIONS))
     bwrap = shutil.which("bwrap")
     works = bwrap is not None and _bubblewrap_works(bwrap)
     if wanted == "bubblewrap" and not works:
-        raise CifarbenchError("--isolation bubblewrap: bwrap is not installed or cannot create namespaces here "
-                              "(apt-get install bubblewrap; or --isolation process)")
+        raise CifarbenchError("{option}: bwrap is not installed or cannot create namespaces here "
+                              "(apt-get install bubblewrap; or {other})", option=Keyword("isolation", "bubblewrap"),
+                              other=Keyword("isolation", "process"))
     return Isolation("bubblewrap" if works and wanted != "process" else "process")
 
 
@@ -114,12 +118,15 @@ class Outcome:
                 return name
         return None
 
-    def failure(self, limits: Limits) -> str | None:
-        """Why it failed, in a few words; None when it exited 0."""
+    def failure(self, limits: Limits) -> CifarbenchError | None:
+        """Why it failed, in a few words (an error whose options each front door spells); None when it exited 0."""
+        memory, timeout = Keyword("limits.memory_mib"), Keyword("limits.timeout")
         if self.exceeded:
-            return f"was stopped: it {self.exceeded}, over the limits ({limits.memory_mib} MiB, --memory)"
+            return CifarbenchError("was stopped: it {exceeded}, over the limits ({mib} MiB, {memory})",
+                                   exceeded=self.exceeded, mib=limits.memory_mib, memory=memory)
         if self.returncode is None:
-            return f"timed out after {limits.timeout:g} s per submission (--timeout)"
+            return CifarbenchError("timed out after {seconds:g} s per submission ({timeout})", seconds=limits.timeout,
+                                   timeout=timeout)
         if self.returncode == 0:
             return None
         last = f": {self.exception}" if self.exception else ""
@@ -128,12 +135,14 @@ class Outcome:
                 name = signal.Signals(-self.returncode).name
             except ValueError:
                 name = f"signal {-self.returncode}"
-            hint = f" (likely out of memory: the limit is {limits.memory_mib} MiB, --memory)" \
+            hint = " (likely out of memory: the limit is {mib} MiB, {memory})" \
                 if name in ("SIGKILL", "SIGSEGV", "SIGABRT", "SIGBUS") else ""
-            return f"killed by {name}{hint}{last}"
+            return CifarbenchError("killed by {name}" + hint + "{last}", name=name, mib=limits.memory_mib,
+                                   memory=memory, last=last)
         if self.exception == "MemoryError":
-            return f"ran out of memory (the limit is {limits.memory_mib} MiB, --memory){last}"
-        return f"exited with status {self.returncode}{last}"
+            return CifarbenchError("ran out of memory (the limit is {mib} MiB, {memory}){last}", mib=limits.memory_mib,
+                                   memory=memory, last=last)
+        return CifarbenchError("exited with status {status}{last}", status=self.returncode, last=last)
 
 
 def _set_limits(memory_bytes: int) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from cifarbench.data.dataset import ImageDataset, Split, fingerprint
 from cifarbench.data.safe_pickle import safe_load_pickle
-from cifarbench.errors import DataError
+from cifarbench.errors import DataError, Keyword
 from cifarbench.fsutil import MiB, atomic_write, check_zip_archive, file_digest, open_regular_file, read_regular_file
 from cifarbench.progress import say
 
@@ -113,7 +113,7 @@ def ensure_cifar10(data_dir: str | os.PathLike | None = None, *, download: bool 
         return root
     archive = root / ARCHIVE
     if not archive.is_file() and not download:
-        raise DataError(_missing_message(root))
+        raise _missing(root)
     if not dl.is_download_rank():
         # Extraction renames each file into place, so a file that exists is complete.
         wanted = [root / m for m in ARCHIVE_MEMBERS if not m.endswith("readme.html")]
@@ -124,12 +124,13 @@ def ensure_cifar10(data_dir: str | os.PathLike | None = None, *, download: bool 
         try:
             dl.download(url or default_url(), archive, ARCHIVE_MD5, cafile=cafile, progress=progress)
         except DataError as exc:  # keeps its class: a DownloadError stays one
-            raise type(exc)(f"{exc}{source}. {_missing_message(root)}") from None
+            raise type(exc)("{cause}{source}. {missing}", cause=exc, source=source, missing=_missing(root)) from None
     elif verify:
         actual = file_digest(archive, max_bytes=ARCHIVE_MAX_BYTES, what="CIFAR-10 archive")
         if actual != ARCHIVE_MD5:
-            raise DataError(f"{archive}: md5 {actual} is not the official {ARCHIVE_MD5} "
-                            "(pass --no-verify to use this copy anyway)")
+            raise DataError("{archive}: md5 {actual} is not the official {official} (pass {option} to use this "
+                            "copy anyway)", archive=archive, actual=actual, official=ARCHIVE_MD5,
+                            option=Keyword("verify", False))
     wanted = [m for m in ARCHIVE_MEMBERS if not m.endswith("readme.html")]
     written = dl.safe_extract_tar(archive, root, ARCHIVE_MEMBERS)
     missing = sorted(set(wanted) - {p.relative_to(root).as_posix() for p in written})
@@ -138,10 +139,11 @@ def ensure_cifar10(data_dir: str | os.PathLike | None = None, *, download: bool 
     return root
 
 
-def _missing_message(root: Path) -> str:
-    return (f"CIFAR-10 not found in {root.resolve()} (looked for {PY_DIR}/, {BIN_DIR}/ or {ARCHIVE}); "
-            "run `cifarbench download --data-dir DIR` where the internet is reachable, or point "
-            "--data-dir / $CIFARBENCH_DATA at a folder holding a copy")
+def _missing(root: Path) -> DataError:
+    return DataError("CIFAR-10 not found in {root} (looked for {py}/, {binary}/ or {archive}); run `cifarbench "
+                     "download --data-dir DIR` where the internet is reachable, or point {data_dir} / $CIFARBENCH_DATA "
+                     "at a folder holding a copy", root=root.resolve(), py=PY_DIR, binary=BIN_DIR, archive=ARCHIVE,
+                     data_dir=Keyword("data_dir", ...))
 
 
 def load_cifar10(data_dir: str | os.PathLike | None = None, *, verify: bool = True, download: bool = True,
@@ -175,15 +177,17 @@ def _check_md5(layout: _Layout, md5s: dict[str, str], *, strict: bool) -> bool:
     """True when every file matches the official md5; with `strict`, a mismatch is an error."""
     if layout.kind == "binary":
         if strict:
-            raise DataError(f"{layout.folder}: no official per-file md5s exist for the binary layout, so it "
-                            "cannot be verified (use the python layout, or pass --no-verify to accept it)")
+            raise DataError("{folder}: no official per-file md5s exist for the binary layout, so it cannot be "
+                            "verified (use the python layout, or pass {option} to accept it)", folder=layout.folder,
+                            option=Keyword("verify", False))
         return False
     for name, actual in md5s.items():
         expected = OFFICIAL_MD5[name]
         if actual != expected:
             if strict:
-                raise DataError(f"{layout.folder / name}: md5 {actual} does not match the official {expected}; "
-                                "not the official CIFAR-10 file (pass --no-verify to use this copy anyway)")
+                raise DataError("{path}: md5 {actual} does not match the official {expected}; not the official "
+                                "CIFAR-10 file (pass {option} to use this copy anyway)", path=layout.folder / name,
+                                actual=actual, expected=expected, option=Keyword("verify", False))
             return False
     return True
 

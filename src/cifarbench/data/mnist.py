@@ -20,7 +20,7 @@ import numpy as np
 
 from cifarbench.data.cifar10 import resolve_data_dir
 from cifarbench.data.dataset import ImageDataset, Split, fingerprint
-from cifarbench.errors import DataError
+from cifarbench.errors import DataError, Keyword
 from cifarbench.fsutil import MiB, read_regular_file
 
 TRAIN_IMAGES, TRAIN_LABELS = "train-images-idx3-ubyte", "train-labels-idx1-ubyte"
@@ -98,7 +98,7 @@ def ensure_idx(name: str, data_dir: str | os.PathLike | None = None, *, download
     if files:
         return files
     if not download:
-        raise DataError(_missing_message(spec, root))
+        raise _missing(spec, root)
     dest = root / spec.folder
     for file in FILES:
         target = dest / f"{file}.gz"
@@ -106,14 +106,16 @@ def ensure_idx(name: str, data_dir: str | os.PathLike | None = None, *, download
             try:
                 fetch(f"{mirror or spec.mirror}{file}.gz", target, spec.md5[file], cafile=cafile, progress=progress)
             except DataError as exc:
-                raise DataError(f"{exc}. {_missing_message(spec, root)}") from None
+                raise DataError("{cause}. {missing}", cause=exc, missing=_missing(spec, root)) from None
     return {file: dest / f"{file}.gz" for file in FILES}
 
 
-def _missing_message(spec: IdxDataset, root: Path) -> str:
-    return (f"{spec.title} not found in {root.resolve()} (looked in {spec.folder}/, {spec.torchvision_folder}/raw/ "
-            f"and the folder itself for {', '.join(f + '[.gz]' for f in FILES)}); download it where the internet is "
-            "reachable, or point --data-dir / $CIFARBENCH_DATA at a folder holding a copy")
+def _missing(spec: IdxDataset, root: Path) -> DataError:
+    return DataError("{title} not found in {root} (looked in {folder}/, {raw}/raw/ and the folder itself for "
+                     "{files}); download it where the internet is reachable, or point {data_dir} / $CIFARBENCH_DATA "
+                     "at a folder holding a copy", title=spec.title, root=root.resolve(), folder=spec.folder,
+                     raw=spec.torchvision_folder, files=", ".join(f + "[.gz]" for f in FILES),
+                     data_dir=Keyword("data_dir", ...))
 
 
 def load_idx_dataset(name: str, data_dir: str | os.PathLike | None = None, *, verify: bool = True,
@@ -141,17 +143,20 @@ def _check_md5(spec: IdxDataset, files: dict[str, Path], payloads: dict[str, byt
     for file, path in files.items():
         actual = hashlib.md5(payloads[file]).hexdigest()
         if actual in others:  # same file names, different data set: never right, verified or not
-            raise DataError(f"{path} is the official {others[actual].title} file, not {spec.title}'s; "
-                            f"choose --dataset {others[actual].name} or point --data-dir elsewhere")
+            raise DataError("{path} is the official {other} file, not {title}'s; choose {dataset} or point {data_dir} "
+                            "elsewhere", path=path, other=others[actual].title, title=spec.title,
+                            dataset=Keyword("dataset", others[actual].name), data_dir=Keyword("data_dir", ...))
         if path.suffix != ".gz":
             if strict:
-                raise DataError(f"{path}: only the official .gz files have published md5s, so an uncompressed "
-                                "file cannot be verified (keep the .gz beside it, or pass --no-verify)")
+                raise DataError("{path}: only the official .gz files have published md5s, so an uncompressed file "
+                                "cannot be verified (keep the .gz beside it, or pass {option})", path=path,
+                                option=Keyword("verify", False))
             official = False
         elif actual != spec.md5[file]:
             if strict:
-                raise DataError(f"{path}: md5 {actual} does not match the official {spec.md5[file]}; not the "
-                                f"official {spec.title} file (pass --no-verify to use this copy anyway)")
+                raise DataError("{path}: md5 {actual} does not match the official {expected}; not the official "
+                                "{title} file (pass {option} to use this copy anyway)", path=path, actual=actual,
+                                expected=spec.md5[file], title=spec.title, option=Keyword("verify", False))
             official = False
     return official
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from cifarbench.errors import CifarbenchError
+from cifarbench.errors import CifarbenchError, Keyword
 
 REFERENCE = re.compile(r"(?P<where>[^\x00\n]{1,1000}):(?P<name>[A-Za-z_][A-Za-z0-9_]*)")
 """`file.py:Name` or `package.module:Name`; registered models are plain names."""
@@ -249,8 +249,8 @@ def load_run_code(folder: Path, ref: str, sha256: str, *, trusted: bool) -> None
 
     path = folder / "model.py"
     if not trusted:  # before the cache: code loaded for one run is no consent for another that names its sha256
-        raise CifarbenchError(f"refusing to run {path}: model code that came with a run from elsewhere; read it "
-                              "first, then pass --trust-code to run it")
+        raise CifarbenchError("refusing to run {path}: model code that came with a run from elsewhere; read it "
+                              "first, then pass {option} to run it", path=path, option=Keyword("trust_code", True))
     if sha256 in _CODE:
         return
     code = read_regular_file(path, MAX_SOURCE_BYTES, "model code", error=CifarbenchError).decode("utf-8", "replace")
@@ -280,8 +280,8 @@ def call_factory(factory: Callable[..., Any], ref: str, *, num_classes: int, in_
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     unknown = sorted(k for k in kwargs if k not in params and not takes_any)
     if unknown:
-        raise CifarbenchError(f"model {ref!r} has no argument {', '.join(map(repr, unknown))} "
-                              "(set with --set model_kwargs.NAME=VALUE)")
+        raise CifarbenchError("model {ref!r} has no argument {unknown} (set with {option} model_kwargs.NAME=VALUE)",
+                              ref=ref, unknown=", ".join(map(repr, unknown)), option=Keyword("set"))
     given = dict(kwargs)
     for key, value in (("num_classes", num_classes), ("in_shape", tuple(in_shape))):
         if key in params:

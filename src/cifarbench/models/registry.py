@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cifarbench.errors import CifarbenchError
+from cifarbench.errors import CifarbenchError, Keyword
 from cifarbench.models import reference
 from cifarbench.models.reference import call_factory
 
@@ -125,8 +125,9 @@ def check_foreign_model(ref: str, code_sha256: str | None, *, source: str) -> No
         asked = f"{ref!r}, an importable callable or file, with no code of its own (no model_sha256)"
     else:
         asked = f"{ref!r}, which is no registered model"
-    raise CifarbenchError(f"{source} came from elsewhere and names model {asked}; refusing to build it: a run from "
-                          "elsewhere may name a registered model or bring its own model.py (run with --trust-code)")
+    raise CifarbenchError("{source} came from elsewhere and names model {asked}; refusing to build it: a run from "
+                          "elsewhere may name a registered model or bring its own model.py (run with {option})",
+                          source=source, asked=asked, option=Keyword("trust_code", True))
 
 
 MAX_FOREIGN_PARAMS = 200_000_000

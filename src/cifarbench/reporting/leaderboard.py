@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cifarbench.errors import CifarbenchError
+from cifarbench.errors import CifarbenchError, Keyword
 from cifarbench.fsutil import atomic_write_text
 from cifarbench.reporting.html import CSP, STYLE, esc, table
 from cifarbench.reporting.tables import format_table
@@ -180,7 +180,8 @@ def check_leaderboard_folder(folder: str | os.PathLike) -> Path:
     target = Path(folder).expanduser()
     for name in LEADERBOARD_FILES:
         if (target / name).is_symlink() or ((target / name).exists() and not (target / name).is_file()):
-            raise CifarbenchError(f"{target / name} is not a plain file; remove it or choose --out FOLDER")
+            raise CifarbenchError("{path} is not a plain file; remove it or choose {option}", path=target / name,
+                                  option=Keyword("out", ...))
     return target
 
 

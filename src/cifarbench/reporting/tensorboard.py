@@ -7,15 +7,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cifarbench.errors import CifarbenchError
+from cifarbench.errors import CifarbenchError, Keyword
 
 
 def _summary_writer_class() -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise CifarbenchError("--tensorboard needs the tensorboard package, which is not installed "
-                              "(pip install tensorboard)") from None
+        raise CifarbenchError("{option} needs the tensorboard package, which is not installed "
+                              "(pip install tensorboard)", option=Keyword("tensorboard")) from None
     return SummaryWriter
 
 

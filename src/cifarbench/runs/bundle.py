@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cifarbench.errors import CifarbenchError
+from cifarbench.errors import CifarbenchError, Keyword
 from cifarbench.fsutil import atomic_write, file_digest
 from cifarbench.provenance import environment
 from cifarbench.runs import folders
@@ -154,8 +154,8 @@ class _Inflated:
         data = self.raw.read(room if n is None or n < 0 else min(n, room))
         self.count += len(data)
         if self.count > self.cap:
-            raise CifarbenchError(f"{self.source}: inflates to more than {self.cap >> 20} MiB; refused "
-                                  "(--max-bundle-mib raises the cap)")
+            raise CifarbenchError("{source}: inflates to more than {mib} MiB; refused ({option} raises the cap)",
+                                  source=self.source, mib=self.cap >> 20, option=Keyword("bundle_limits.max_bytes"))
         return data
 
 
@@ -198,8 +198,8 @@ def _manifest(tar: tarfile.TarFile, archive: Path, limits: BundleLimits) -> Bund
     except (ValueError, RecursionError):
         raise CifarbenchError(f"{archive}: its manifest is not JSON") from None
     if isinstance(data, dict) and isinstance(data.get("runs"), list) and len(data["runs"]) > limits.max_runs:
-        raise CifarbenchError(f"{archive}: holds {len(data['runs'])} runs, more than {limits.max_runs} "
-                              "(--max-bundle-runs raises the cap)")
+        raise CifarbenchError("{archive}: holds {n} runs, more than {most} ({option} raises the cap)", archive=archive,
+                              n=len(data["runs"]), most=limits.max_runs, option=Keyword("bundle_limits.max_runs"))
     return Bundle.from_manifest(data, str(archive))
 
 
@@ -230,8 +230,9 @@ def extract_bundle(archive: str | os.PathLike, staging: Path, limits: BundleLimi
         while (member := tar.next()) is not None:  # after the manifest (iterating would yield it again)
             members += 1
             if members > limits.max_members:
-                raise CifarbenchError(f"{archive}: more than {limits.max_members} members; refused "
-                                      "(--max-bundle-members raises the cap)")
+                raise CifarbenchError("{archive}: more than {most} members; refused ({option} raises the cap)",
+                                      archive=archive, most=limits.max_members,
+                                      option=Keyword("bundle_limits.max_members"))
             name = member.name[2:] if member.name.startswith("./") else member.name
             if member.isdir() and name.rstrip("/") in folders_:
                 continue
@@ -242,8 +243,9 @@ def extract_bundle(archive: str | os.PathLike, staging: Path, limits: BundleLimi
                 raise CifarbenchError(f"{archive}: refusing to extract member {printable_name(member.name)}: {kind}")
             total += member.size
             if total > limits.max_bytes:
-                raise CifarbenchError(f"{archive}: its files come to more than {limits.max_bytes >> 20} MiB "
-                                      "uncompressed; refused (--max-bundle-mib raises the cap)")
+                raise CifarbenchError("{archive}: its files come to more than {mib} MiB uncompressed; refused "
+                                      "({option} raises the cap)", archive=archive, mib=limits.max_bytes >> 20,
+                                      option=Keyword("bundle_limits.max_bytes"))
             target = staging / run_id / file_name
             target.parent.mkdir(parents=True, exist_ok=True)
             digest = hashlib.sha256()

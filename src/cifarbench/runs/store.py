@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from cifarbench.errors import CifarbenchError
+from cifarbench.errors import CifarbenchError, Keyword
 from cifarbench.fsutil import check_regular_file, pid_alive
 from cifarbench.runs.folders import resolve_runs_dir
 from cifarbench.runs.records import RunRecord
@@ -192,13 +192,14 @@ class RunStore:
         if isinstance(exc, OverflowError):
             hint = "; a number is too large to store (SQLite integers are 64-bit)"
         elif "full" in text:
-            hint = "; free space on that disk, or point --runs-dir / $CIFARBENCH_HOME at another one"
+            hint = "; free space on that disk, or point {runs_dir} / $CIFARBENCH_HOME at another one"
         elif "malformed" in text or "not a database" in text or "no such table" in text or "no such column" in text:
             hint = ("; the file is damaged or not a cifarbench run store: move it aside (a new one is started) or "
-                    "point --runs-dir elsewhere")
+                    "point {runs_dir} elsewhere")
         else:
             hint = ""
-        return CifarbenchError(f"run store {self.path}{' ' + doing if doing else ''}: {text}{hint}")
+        return CifarbenchError("run store {path}{doing}: {text}" + hint, path=self.path,
+                               doing=" " + doing if doing else "", text=text, runs_dir=Keyword("runs_dir", ...))
 
     def _check_file(self) -> int:
         """The file's schema version, refusing a newer one and an SQLite file that holds someone else's tables."""
@@ -211,8 +212,9 @@ class RunStore:
         tables = {n for n in (names or "").split("\x1f") if n and not n.startswith("sqlite_")}
         if (version == 0 and not tables <= _TABLES) or (version > 0 and not _TABLES <= tables):
             held = ", ".join(map(repr, sorted(tables)))[:200] or "none"
-            raise CifarbenchError(f"run store {self.path} is an SQLite file but not a cifarbench run store (it holds "
-                                  f"tables {held}); point --runs-dir elsewhere")
+            raise CifarbenchError("run store {path} is an SQLite file but not a cifarbench run store (it holds "
+                                  "tables {held}); point {runs_dir} elsewhere", path=self.path, held=held,
+                                  runs_dir=Keyword("runs_dir", ...))
         return version
 
     def close(self) -> None:
@@ -264,8 +266,9 @@ class RunStore:
 
     def _check_version(self, version: int, target: int) -> None:
         if version > target:
-            raise CifarbenchError(f"run store {self.path} has schema {version}, newer than this cifarbench "
-                                  f"({target}); upgrade cifarbench, or use another --runs-dir")
+            raise CifarbenchError("run store {path} has schema {version}, newer than this cifarbench ({target}); "
+                                  "upgrade cifarbench, or use another {runs_dir}", path=self.path, version=version,
+                                  target=target, runs_dir=Keyword("runs_dir"))
 
     @_guarded
     def _mark_dead_runs(self) -> None:
@@ -395,8 +398,9 @@ class RunStore:
             run["environment"] = _json_field(run.pop("environment_json", None) or "null", (dict, type(None)),
                                              "environment_json")
         except KeyError as exc:
-            raise CifarbenchError(f"run store {self.path}: table runs has no column {exc}; not a cifarbench run "
-                                  "store (point --runs-dir elsewhere)") from None
+            raise CifarbenchError("run store {path}: table runs has no column {exc}; not a cifarbench run store "
+                                  "(point {runs_dir} elsewhere)", path=self.path, exc=exc,
+                                  runs_dir=Keyword("runs_dir", ...)) from None
         except ValueError as exc:
             raise CifarbenchError(f"run store {self.path}: run {run.get('id')!r} has a damaged {exc}; remove it with "
                                   f"`cifarbench runs rm {run.get('id')}`") from None

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from cifarbench.errors import CifarbenchError
+from cifarbench.errors import CifarbenchError, Keyword
 from cifarbench.fsutil import MiB, atomic_write, check_zip_archive, open_regular_file, pid_alive
 
 FORMAT = "cifarbench-checkpoint-v1"
@@ -94,13 +94,14 @@ def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
 def _write_error(path: Path, exc: OSError) -> CifarbenchError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         why = "the disk is full" if exc.errno == errno.ENOSPC else "the disk quota is exceeded"
-        todo = (f"free space on the disk holding {path.parent}, or point --runs-dir / $CIFARBENCH_HOME at "
-                "another disk, then train again")
+        todo = "free space on the disk holding {folder}, or point {runs_dir} / $CIFARBENCH_HOME at another disk, " \
+               "then train again"
     else:
         why = exc.strerror or str(exc) or type(exc).__name__
-        todo = f"check that {path.parent} is writable"
-    return CifarbenchError(f"cannot write checkpoint {path}: {why} ({errno.errorcode.get(exc.errno or 0, 'OSError')}); "
-                           f"{todo}; the previous checkpoint, if any, is unchanged")
+        todo = "check that {folder} is writable"
+    return CifarbenchError("cannot write checkpoint {path}: {why} ({code}); " + todo + "; the previous checkpoint, if "
+                           "any, is unchanged", path=path, why=why, code=errno.errorcode.get(exc.errno or 0, "OSError"),
+                           folder=path.parent, runs_dir=Keyword("runs_dir", ...))
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from cifarbench.data.dataset import Split
-from cifarbench.errors import CifarbenchError
+from cifarbench.errors import CifarbenchError, Keyword
 from cifarbench.evaluation.metrics import EvalResult, sum_dtype
 from cifarbench.world import SINGLE as SINGLE
 from cifarbench.world import DistEnv as DistEnv
@@ -59,7 +59,8 @@ def wrap(model: torch.nn.Module, world: DistEnv, device: torch.device, sync_bn: 
         return model
     if sync_bn:
         if device.type != "cuda":
-            raise CifarbenchError("--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU implementation)")
+            raise CifarbenchError("{option} needs CUDA (torch's SyncBatchNorm has no CPU implementation)",
+                                  option=Keyword("sync_bn", True))
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 

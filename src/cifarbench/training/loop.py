@@ -23,7 +23,7 @@ from cifarbench.data.augment import Augmenter
 from cifarbench.data.dataset import ImageDataset, Split
 from cifarbench.data.loader import DeviceSplit
 from cifarbench.device import autocast, autocast_dtype, keep_cpu_memory, kernel_choice, synchronize
-from cifarbench.errors import CifarbenchError
+from cifarbench.errors import CifarbenchError, Keyword
 from cifarbench.evaluation.metrics import EvalResult, evaluate, sum_dtype
 from cifarbench.models import build_model as create
 from cifarbench.models.reference import label
@@ -120,8 +120,9 @@ def check_settings(config: TrainConfig, device: torch.device) -> None:
     """Refuse a combination `device` cannot honour (callers check before they write anything)."""
     if config.deterministic and device.type == "cpu" and autocast_dtype(config, device) is not None:
         # bf16 convolutions have no thread-count-independent kernel (docs/distributed.md).
-        raise CifarbenchError("--deterministic on a CPU needs --precision fp32 (bf16 convolutions have no "
-                              "thread-independent kernel)")
+        raise CifarbenchError("{deterministic} on a CPU needs {precision} (bf16 convolutions have no "
+                              "thread-independent kernel)", deterministic=Keyword("deterministic", True),
+                              precision=Keyword("precision", "fp32"))
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -135,7 +136,8 @@ def split_validation(train: Split, size: int) -> tuple[Split, Split | None]:
     if size <= 0:
         return train, None
     if size >= len(train):
-        raise CifarbenchError(f"--val-split {size} leaves no training data ({len(train)} examples)")
+        raise CifarbenchError("{option} {size} leaves no training data ({n} examples)", option=Keyword("val_split"),
+                              size=size, n=len(train))
     order = np.random.default_rng(0).permutation(len(train))
     keep, held = np.sort(order[:-size]), np.sort(order[-size:])
     return Split(train.images[keep], train.labels[keep]), Split(train.images[held], train.labels[held])
