@@ -295,7 +295,8 @@ class _Setup:
 
     def end_epoch(self, loss_sum: torch.Tensor, last: bool, seconds: float, announce: bool) -> EpochMetrics:
         """Settle the epoch's sums over ranks, evaluate (validation every epoch; the test set at the end with the
-        configured TTA, plain after other epochs when the config asks for learning curves) and record it."""
+        configured TTA, plain after other epochs when the config asks for learning curves and holds out no
+        validation split: with one, the curves are validation's and the test set is scored once) and record it."""
         pos, c = self.result.position, self.config
         pos.elapsed += seconds
         pos.in_epoch, pos.loss_sum = False, float(ddp.all_sum(loss_sum, self.world))
@@ -305,7 +306,8 @@ class _Setup:
         if last and c.tta:
             unsure = " (the images the model is unsure of)" if c.tta_threshold > 0 else ""
             say(f"evaluating the test set ({tta_views(c.tta)} TTA views{unsure})...", enabled=announce)
-        test = self.final_evaluation() if last else self.evaluate(self.test_data) if c.eval_every_epoch else None
+        curve = c.eval_every_epoch and self.val_data is None
+        test = self.final_evaluation() if last else self.evaluate(self.test_data) if curve else None
         metrics = EpochMetrics(pos.epoch, pos.loss_sum / max(pos.seen, 1), test.loss if test else None,
                                test.accuracy if test else None, pos.elapsed, time.perf_counter() - eval_start,
                                val.loss if val else None, val.accuracy if val else None)
