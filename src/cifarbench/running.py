@@ -24,7 +24,16 @@ from cifarbench.runs import folders
 from cifarbench.runs.records import RunRecord
 from cifarbench.runs.store import RunStore
 from cifarbench.training import distributed as ddp
-from cifarbench.training.loop import TrainResult, build_model, check_settings, low_res_side, split_validation, train
+from cifarbench.training.estimate import RunEstimate, estimate, worth_estimating
+from cifarbench.training.loop import (
+    TrainResult,
+    build_model,
+    check_settings,
+    low_res_side,
+    split_validation,
+    steps_in_epoch,
+    train,
+)
 from cifarbench.training.recipes import shape_by_compute
 from cifarbench.training.shape import ThreadWatch, probe_throughput
 from cifarbench.training.state import EpochMetrics, RunCheckpoint
@@ -147,6 +156,10 @@ def _train(config: TrainConfig, world: ddp.DistEnv, device: torch.device, saved:
                        params=cost.params, flops_per_image=cost.flops_per_image, device=describe_device(device),
                        world_size=world.world_size, dataset=dataset.info(), config=config.to_dict(),
                        environment=environment())
+    if saved is None and not world.enabled and worth_estimating(config, len(dataset.train) - config.val_split):
+        record.estimate = _estimate(config, dataset, device, model, record, probe)
+        if progress is not False:
+            note(record.estimate.line(label(config.model)), prefix="")
     store = RunStore(runs_dir)
     try:
         if saved is not None:
@@ -166,6 +179,15 @@ def _train(config: TrainConfig, world: ddp.DistEnv, device: torch.device, saved:
                      on_epoch, started, probe, shape, precision, resume=resume_command(record.run_id, runs_dir))
     finally:
         store.close()
+
+
+def _estimate(config: TrainConfig, dataset: ImageDataset, device: torch.device, model: torch.nn.Module,
+              record: RunRecord, probe: dict | None) -> RunEstimate:
+    """The run's cost before it starts (`estimate.estimate`): the budget's probe reused, else a few steps timed."""
+    train_images = len(dataset.train) - config.val_split
+    return estimate(model, config, device, in_shape=dataset.image_shape, classes=len(dataset.classes),
+                    params=record.params, flops_per_image=record.flops_per_image, train_images=train_images,
+                    test_images=len(dataset.test), steps_per_epoch=steps_in_epoch(train_images, config), probe=probe)
 
 
 def preflight(config: TrainConfig, dataset: ImageDataset) -> tuple[TrainConfig, torch.nn.Module]:
@@ -239,12 +261,12 @@ def _first_sentence(text: str, limit: int = 160) -> str:
     return cut
 
 
-def note(message: str) -> None:
+def note(message: str, prefix: str = "note: ") -> None:
     """Tell the user something about their run that is not an error, in one line where progress goes (stderr from
     a script, the cell's output in a notebook: not an error's pink)."""
     from cifarbench.reporting.progress import progress_stream
 
-    print(f"note: {message}", file=progress_stream(), flush=True)
+    print(f"{prefix}{message}", file=progress_stream(), flush=True)
 
 
 def _epochs_saved(run_dir: Path) -> int:
@@ -264,9 +286,11 @@ def resume_command(run_id: str, runs_dir: str | os.PathLike | None) -> str:
 def _start(store: RunStore, record: RunRecord, run_dir: Path, requested: dict) -> None:
     """The run's folder with its config.json (the config as run, and as requested; and its model's code), and its
     history row: both or neither."""
+    estimate = record.estimate.to_dict() if record.estimate is not None else None
     folders.write_json(run_dir / folders.CONFIG, {"run_id": record.run_id, "config": record.config,
                                                   "requested": requested, "dataset": record.dataset,
-                                                  "device": record.device, **record.environment})
+                                                  "device": record.device, "estimate": estimate,
+                                                  **record.environment})
     sha = record.config.get("model_sha256")
     if sha:
         atomic_write_text(run_dir / folders.MODEL_CODE, code_of(sha))

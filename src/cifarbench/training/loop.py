@@ -27,7 +27,7 @@ from cifarbench.errors import CifarbenchError
 from cifarbench.evaluation.metrics import EvalResult, evaluate, sum_dtype
 from cifarbench.models import build_model as create
 from cifarbench.models.reference import label
-from cifarbench.reporting.progress import bar, say, tta_views
+from cifarbench.reporting.progress import bar, say, step_lines, tta_views
 from cifarbench.training import budget
 from cifarbench.training import distributed as ddp
 from cifarbench.training.lookahead import Lookahead
@@ -151,6 +151,13 @@ def build_model(config: TrainConfig, dataset: ImageDataset, device: torch.device
     return model
 
 
+def steps_in_epoch(train_images: int, config: TrainConfig) -> int:
+    """Optimiser steps per epoch: the last short batch dropped (`drop_last`) or kept."""
+    if config.drop_last and train_images >= config.batch_size:
+        return train_images // config.batch_size
+    return math.ceil(train_images / config.batch_size)
+
+
 # --- per-step rules: each a small function of the training progress (fraction of planned steps done) ---------
 
 
@@ -232,8 +239,7 @@ class _Setup:
             model.load_state_dict(resume_weights)
             result.restore(resume, config)
         n = len(train_data)
-        steps_per_epoch = n // config.batch_size if config.drop_last and n >= config.batch_size else math.ceil(
-            n / config.batch_size)
+        steps_per_epoch = steps_in_epoch(n, config)
         side = min(dataset.image_shape[1:])
         low_res = low_res_side(config, side)
         seconds, share = budget.evaluation_seconds, budget.evaluation_share  # measured as the plan needs them
@@ -335,6 +341,7 @@ def train(config: TrainConfig, dataset: ImageDataset, device: torch.device, *,
     check_settings(config, device)
     run = _Setup.build(config, dataset, device, world, resume, resume_weights, started, threads)
     result, plan, pos = run.result, run.plan, run.result.position
+    lines = step_lines(label(config.model), pos.step, enabled=world.is_main and progress is not False)
     with kernel_choice(config.deterministic), _StopAtStepBoundary() as stop:
         while pos.step < plan.total_steps:
             if not pos.in_epoch:
@@ -364,6 +371,7 @@ def train(config: TrainConfig, dataset: ImageDataset, device: torch.device, *,
                 average_weights(result, config, progress_now, pos.step, plan)
                 plan.after_step(pos.step, low)
                 pos.total_steps = plan.total_steps
+                lines(pos.step, plan.total_steps, len(idx))
                 if stop.requested:
                     _close(shown)
                     pos.loss_sum, pos.elapsed = float(loss_sum), pos.elapsed + time.perf_counter() - epoch_start
