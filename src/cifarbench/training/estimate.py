@@ -22,6 +22,7 @@ from cifarbench.errors import INTERFACE
 from cifarbench.evaluation.metrics import TTA_VIEWS
 from cifarbench.reporting.progress import duration
 from cifarbench.training.optim import make_optimizer
+from cifarbench.training.shape import candidate
 
 LONG_RUN_SECONDS = 600.0
 """An estimate above this says how to cut the run (epochs or a budget)."""
@@ -62,6 +63,9 @@ class RunEstimate:
     budget_seconds: float | None = None
     seconds: float = 0.0
     """What measuring took."""
+    trains_in: str = ""
+    """The precision and memory layout the run trains in ("fp32 channels-last"), as measured and chosen by a
+    budgeted CPU run's probe (`shape.choose_kernels`) or as the config gives them."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,7 +86,7 @@ class RunEstimate:
         rate = f"{self.images_per_second:,.0f} images/s" + (" (the budget's probe)" if self.source != "probe" else
                                                              f" (measured on {self.steps} steps of {self.batch})")
         head = (f"cost: {name}: {self.params:,} parameters, {self.flops_per_image / 1e6:,.2f} MFLOPs per image "
-                f"(forward; 2 per multiply-add), {rate}")
+                f"(forward; 2 per multiply-add), {rate}" + (f" in {self.trains_in}" if self.trains_in else ""))
         if self.budget_seconds:
             return f"{head}; the run is planned to end within its {self.budget_seconds:g} s budget"
         text = (f"{head}; about {duration(self.epoch_seconds)} per epoch of {self.steps_per_epoch} steps, "
@@ -161,6 +165,7 @@ def estimate(model: nn.Module, config: TrainConfig, device: torch.device, *, in_
     """The run's estimate: from the budget's probe when there was one (`probe`, its images/s), else measured
     here (`measure`). `train_images` is what an epoch trains on (after the validation split)."""
     val_images = config.val_split
+    trains_in = candidate("bf16" if autocast_dtype(config, device) else "fp32", config.channels_last)
     evaluations = evaluated_images(config, test_images, val_images)
     if probe is not None:
         rate = float(probe["images_per_second"])
@@ -168,11 +173,11 @@ def estimate(model: nn.Module, config: TrainConfig, device: torch.device, *, in_
         # Without a measured forward pass, one evaluation image is priced at a third of a training one.
         return RunEstimate(params, flops_per_image, rate, None, "budget probe", 0, config.batch_size,
                            steps_per_epoch, config.epochs, epoch, evaluations / (3 * rate),
-                           float(config.budget_seconds or 0), config.budget_seconds)
+                           float(config.budget_seconds or 0), config.budget_seconds, trains_in=trains_in)
     rate, eval_rate, steps, batch, seconds = measure(model, config, device, in_shape, classes)
     epoch = min(steps_per_epoch * config.batch_size, train_images) / rate
     evaluation = evaluations / eval_rate
     total = config.budget_seconds if config.budget_seconds else epoch * config.epochs + evaluation
     return RunEstimate(params, flops_per_image, rate, eval_rate, "probe", steps, batch, steps_per_epoch,
-                       config.epochs, epoch, evaluation, float(total), config.budget_seconds, seconds)
+                       config.epochs, epoch, evaluation, float(total), config.budget_seconds, seconds, trains_in)
 
