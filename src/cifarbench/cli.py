@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -476,9 +477,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> None:
     from cifarbench.comparing import compare
-    from cifarbench.reporting.tables import comparison_table
+    from cifarbench.reporting.tables import comparison_table, wall_times
+
+    started, reused_ids = time.perf_counter(), []
 
     def reused(run) -> None:
+        reused_ids.append(run.run_id)
         print(f"reusing run {printable(run.run_id)} ({printable(run.model)}, seed {run.seed}): finished with the same "
               "config and data (--retrain trains it again)", file=sys.stderr, flush=True)
 
@@ -499,6 +503,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(f"\nlearning curves: {report.plot_file}")
     if report.report:
         print(f"report: {report.report}")
+    print(printable(wall_times(report.runs, time.perf_counter() - started, reused_ids)))
 
 
 def _print_pairs(comparison, hint: str = "") -> None:

@@ -99,6 +99,26 @@ def comparison_rows(results: Sequence[ModelSummary]) -> list[list[str]]:
     return rows
 
 
+def wall_times(runs: Sequence[Any], command_seconds: float, reused: Sequence[str] = ()) -> str:
+    """Each run's own wall time (with its estimate before training, when it had one), their sum over the runs this
+    command trained, and the command's own wall time: what the gap between the two costs (loading, reports)."""
+    from cifarbench.models.reference import label
+    from cifarbench.reporting.progress import duration
+
+    parts, total = [], 0.0
+    for r in runs:
+        wall = r.wall_seconds or 0.0
+        estimate = getattr(r, "estimate", None)
+        guess = f", estimated {duration(estimate.total_seconds)}" if estimate is not None else ""
+        if r.run_id in reused:
+            parts.append(f"{label(r.model)} seed {r.seed} reused")
+            continue
+        total += wall
+        parts.append(f"{label(r.model)} seed {r.seed} {duration(wall)}{guess}")
+    return (f"wall time: {'; '.join(parts)}. Runs trained: {duration(total)} together; this command: "
+            f"{duration(command_seconds)}")
+
+
 def comparison_table(results: Sequence[ModelSummary]) -> str:
     """The compare command's table: accuracy mean ± std over seeds, parameters, FLOPs per image, training
     seconds and, with a target, the time to reach it."""
