@@ -149,3 +149,15 @@ def test_without_a_bar_the_run_says_where_it_is_at_least_every_30_s(tiny_py: Pat
     steps = [line for line in err if line.startswith("fnn: step ")]
     assert [line.split(",")[0] for line in steps] == [f"fnn: step {i}/10" for i in range(1, 11)]
     assert steps[0].endswith("of training left") and err[0].startswith("cost: fnn: ")
+
+
+def test_compare_ends_with_each_runs_wall_time_its_estimate_their_sum_and_the_commands_own() -> None:
+    from cifarbench.reporting.tables import wall_times
+    from cifarbench.runs.records import RunRecord
+
+    runs = [RunRecord("a", "fnn", "seed", 0, 5, wall_seconds=30.0),
+            RunRecord("b", "cnn", "seed", 0, 10, wall_seconds=90.0, estimate=estimate_of(80.0)),
+            RunRecord("c", "cnn", "seed", 1, 10, wall_seconds=500.0)]
+    line = wall_times(runs, 150.0, reused=["c"])
+    assert line == ("wall time: fnn seed 0 30 s; cnn seed 0 1 min 30 s, estimated 1 min 20 s; cnn seed 1 reused. "
+                    "Runs trained: 2 min 00 s together; this command: 2 min 30 s")
