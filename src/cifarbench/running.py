@@ -158,7 +158,7 @@ def _train(config: TrainConfig, world: ddp.DistEnv, device: torch.device, saved:
                        environment=environment())
     if saved is None and not world.enabled and worth_estimating(config, len(dataset.train) - config.val_split):
         record.estimate = _estimate(config, dataset, device, model, record, probe)
-        if progress is not False:
+        if progress is not False and record.estimate is not None:
             note(record.estimate.line(label(config.model)), prefix="")
     store = RunStore(runs_dir)
     try:
@@ -182,12 +182,17 @@ def _train(config: TrainConfig, world: ddp.DistEnv, device: torch.device, saved:
 
 
 def _estimate(config: TrainConfig, dataset: ImageDataset, device: torch.device, model: torch.nn.Module,
-              record: RunRecord, probe: dict | None) -> RunEstimate:
-    """The run's cost before it starts (`estimate.estimate`): the budget's probe reused, else a few steps timed."""
+              record: RunRecord, probe: dict | None) -> RunEstimate | None:
+    """The run's cost before it starts (`estimate.estimate`): the budget's probe reused, else a few steps timed.
+    None where the timed steps fail: the estimate is advice, and the run's own steps say what fails in its words."""
     train_images = len(dataset.train) - config.val_split
-    return estimate(model, config, device, in_shape=dataset.image_shape, classes=len(dataset.classes),
-                    params=record.params, flops_per_image=record.flops_per_image, train_images=train_images,
-                    test_images=len(dataset.test), steps_per_epoch=steps_in_epoch(train_images, config), probe=probe)
+    try:
+        return estimate(model, config, device, in_shape=dataset.image_shape, classes=len(dataset.classes),
+                        params=record.params, flops_per_image=record.flops_per_image, train_images=train_images,
+                        test_images=len(dataset.test), steps_per_epoch=steps_in_epoch(train_images, config),
+                        probe=probe)
+    except Exception:  # noqa: BLE001 - see the docstring
+        return None
 
 
 def preflight(config: TrainConfig, dataset: ImageDataset) -> tuple[TrainConfig, torch.nn.Module]:
