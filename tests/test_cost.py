@@ -109,7 +109,8 @@ def run(data: Path, runs: Path, estimated: bool, monkeypatch: pytest.MonkeyPatch
 
 @pytest.mark.slow
 def test_the_estimate_is_recorded_and_changes_nothing_the_run_computes(tiny_py: Path, tmp_path: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
     plain = run(tiny_py, tmp_path / "a", False, monkeypatch)
     measured = run(tiny_py, tmp_path / "b", True, monkeypatch)
     assert plain["record"].estimate is None and measured["record"].estimate is not None
@@ -120,6 +121,19 @@ def test_the_estimate_is_recorded_and_changes_nothing_the_run_computes(tiny_py: 
     assert saved["source"] == "probe" and saved["steps"] >= 1 and saved["steps_per_epoch"] == 5
     assert json.loads((folder / folders.CONFIG).read_text())["estimate"] == saved
     assert saved["params"] == measured["record"].params
+    from cifarbench.cli import main
+
+    assert main(["runs", "show", measured["record"].run_id, "--runs-dir", str(tmp_path / "b")]) == 0
+    shown = capsys.readouterr().out
+    assert f"estimate before training: {duration(saved['total_seconds'])}" in shown and "; took " in shown
+
+
+def test_an_estimate_from_elsewhere_is_shown_only_when_every_field_has_its_type() -> None:
+    good = estimate_of(300).to_dict()
+    assert est.RunEstimate.from_dict(good) == estimate_of(300)
+    for bad in ({**good, "total_seconds": "300"}, {**good, "source": 1}, {**good, "params": float("nan")},
+                {**good, "epoch_seconds": True}, {"params": 1}, None, []):
+        assert est.RunEstimate.from_dict(bad) is None
 
 
 @pytest.mark.slow

@@ -619,7 +619,7 @@ def cmd_runs(args: argparse.Namespace) -> None:
 
 
 def _runs_show(args: argparse.Namespace) -> None:
-    from cifarbench.reporting.tables import budget_lines, history_table
+    from cifarbench.reporting.tables import budget_lines, estimate_line, history_table
     from cifarbench.runs.catalog import stored_runs
 
     (run,) = stored_runs([args.run_id], runs_dir=args.runs_dir)
@@ -641,6 +641,8 @@ def _runs_show(args: argparse.Namespace) -> None:
           f" copy in {printable(data.get('source'))}, {data.get('train_size')} train / {data.get('test_size')} test)")
     if run.budget is not None:
         print(budget_lines(run.budget))
+    if run.estimate is not None:
+        print(estimate_line(run.estimate, run.wall_seconds))
     print(f"config: {json.dumps(run.config, indent=2)}\n")
     print(history_table([h.to_dict() for h in run.history]) if run.history else "no finished epochs")
 

@@ -214,6 +214,15 @@ def precision_line(precision: dict[str, Any] | None) -> str | None:
             f", {native}; measured images/s on one thread: {rates})")
 
 
+def estimate_line(estimate: Any, wall_seconds: float | None) -> str:
+    """The cost estimated before training against the run's real wall time."""
+    from cifarbench.reporting.progress import duration
+
+    took = f"; took {duration(wall_seconds)}" if wall_seconds else ""
+    return (f"estimate before training: {duration(estimate.total_seconds)} ({duration(estimate.epoch_seconds)} per "
+            f"epoch, {estimate.images_per_second:,.0f} images/s in {printable(str(estimate.trains_in))}){took}")
+
+
 def budget_lines(budget: Any) -> str:
     """A budgeted run's budget in a few lines: seconds planned and used, steps, threads, precision, what it cut."""
     lines = [f"budget: {budget.budget_seconds:g} s, used {budget.used_seconds:.1f} s; {budget.steps} steps, "

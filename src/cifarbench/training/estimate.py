@@ -8,6 +8,7 @@ without them. A budgeted CPU run has measured already (`shape.probe_throughput`)
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -74,10 +75,18 @@ class RunEstimate:
     def from_dict(cls, d: dict | None) -> RunEstimate | None:
         if not isinstance(d, dict):
             return None
-        known = {f.name for f in fields(cls)}
+        values = {f.name: d.get(f.name) for f in fields(cls) if f.name in d}
+        # A record from elsewhere (an imported run) is data: shown only when every field has its type.
+        for f in fields(cls):
+            v = values.get(f.name)
+            text = f.type == "str"
+            if (v is not None or f.name in ("params", "images_per_second", "total_seconds")) and (
+                    not isinstance(v, str) if text else
+                    isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                return None
         try:
-            return cls(**{k: v for k, v in d.items() if k in known})
-        except TypeError:  # an older or foreign record without every field: not an error, just not shown
+            return cls(**values)
+        except TypeError:  # an older record without every field: not an error, just not shown
             return None
 
     def line(self, name: str) -> str:
