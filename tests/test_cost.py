@@ -61,8 +61,10 @@ def test_durations_read_as_a_person_would_say_them() -> None:
 
 
 def estimate_of(total: float, budget: float | None = None) -> est.RunEstimate:
-    return est.RunEstimate(62_006, 1_300_000, 250.0, 900.0, "probe", 3, 64, 782, 10, total / 11, total / 11, total,
-                           budget)
+    return est.RunEstimate(params=62_006, flops_per_image=1_300_000, images_per_second=250.0,
+                           eval_images_per_second=900.0, source="probe", steps=3, batch=64, steps_per_epoch=782,
+                           epochs=10, epoch_seconds=total / 11, eval_seconds=total / 11, total_seconds=total,
+                           budget_seconds=budget)
 
 
 def test_the_line_names_the_cost_and_past_ten_minutes_how_to_cut_it_in_the_callers_spelling() -> None:
@@ -169,9 +171,11 @@ def test_compare_ends_with_each_runs_wall_time_its_estimate_their_sum_and_the_co
     from cifarbench.reporting.tables import wall_times
     from cifarbench.runs.records import RunRecord
 
-    runs = [RunRecord("a", "fnn", "seed", 0, 5, wall_seconds=30.0),
-            RunRecord("b", "cnn", "seed", 0, 10, wall_seconds=90.0, estimate=estimate_of(80.0)),
-            RunRecord("c", "cnn", "seed", 1, 10, wall_seconds=500.0)]
+    def record(run_id: str, model: str, seed: int, wall: float, **more) -> RunRecord:
+        return RunRecord(run_id=run_id, model=model, recipe="seed", seed=seed, epochs=10, wall_seconds=wall, **more)
+
+    runs = [record("a", "fnn", 0, 30.0), record("b", "cnn", 0, 90.0, estimate=estimate_of(80.0)),
+            record("c", "cnn", 1, 500.0)]
     line = wall_times(runs, 150.0, reused=["c"])
     assert line == ("wall time: fnn seed 0 30 s; cnn seed 0 1 min 30 s, estimated 1 min 20 s; cnn seed 1 reused. "
                     "Runs trained: 2 min 00 s together; this command: 2 min 30 s")

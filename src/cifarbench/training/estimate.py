@@ -37,7 +37,7 @@ SHORTEST_RUN_IMAGES = 20 * PROBE_BATCH_MAX
 gets no estimate."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunEstimate:
     """A run's cost as estimated before it started (recorded, so the real time can be compared with it)."""
 
@@ -180,13 +180,18 @@ def estimate(model: nn.Module, config: TrainConfig, device: torch.device, *, in_
         rate = float(probe["images_per_second"])
         epoch = train_images / rate
         # Without a measured forward pass, one evaluation image is priced at a third of a training one.
-        return RunEstimate(params, flops_per_image, rate, None, "budget probe", 0, config.batch_size,
-                           steps_per_epoch, config.epochs, epoch, evaluations / (3 * rate),
-                           float(config.budget_seconds or 0), config.budget_seconds, trains_in=trains_in)
+        return RunEstimate(params=params, flops_per_image=flops_per_image, images_per_second=rate,
+                           eval_images_per_second=None, source="budget probe", steps=0, batch=config.batch_size,
+                           steps_per_epoch=steps_per_epoch, epochs=config.epochs, epoch_seconds=epoch,
+                           eval_seconds=evaluations / (3 * rate), total_seconds=float(config.budget_seconds or 0),
+                           budget_seconds=config.budget_seconds, trains_in=trains_in)
     rate, eval_rate, steps, batch, seconds = measure(model, config, device, in_shape, classes)
     epoch = min(steps_per_epoch * config.batch_size, train_images) / rate
     evaluation = evaluations / eval_rate
     total = config.budget_seconds if config.budget_seconds else epoch * config.epochs + evaluation
-    return RunEstimate(params, flops_per_image, rate, eval_rate, "probe", steps, batch, steps_per_epoch,
-                       config.epochs, epoch, evaluation, float(total), config.budget_seconds, seconds, trains_in)
+    return RunEstimate(params=params, flops_per_image=flops_per_image, images_per_second=rate,
+                       eval_images_per_second=eval_rate, source="probe", steps=steps, batch=batch,
+                       steps_per_epoch=steps_per_epoch, epochs=config.epochs, epoch_seconds=epoch,
+                       eval_seconds=evaluation, total_seconds=float(total), budget_seconds=config.budget_seconds,
+                       seconds=seconds, trains_in=trains_in)
 
