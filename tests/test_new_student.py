@@ -114,8 +114,11 @@ def test_a_new_student_follows_the_readme_from_a_fresh_copy_to_the_report_in_chr
     md5s = {name: md5_of(data / cifar10.PY_DIR / name) for name in cifar10.OFFICIAL_MD5}
     env = {k: v for k, v in os.environ.items()
            if k not in ("VIRTUAL_ENV", "CIFARBENCH_HOME", "CIFARBENCH_MIRROR", "PYTHONHOME")}
+    # The student's own PATH, less any virtual environment's (this test may run from the project's .venv).
+    path = [p for p in env.get("PATH", "/usr/bin:/bin").split(os.pathsep)
+            if not (Path(p) / "activate").is_file()]
     env.update(CIFARBENCH_DATA=str(data), CIFARBENCH_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(hook),
-               TINY_CIFAR_MD5=json.dumps(md5s), PATH="/usr/local/bin:/usr/bin:/bin")
+               TINY_CIFAR_MD5=json.dumps(md5s), PATH=os.pathsep.join(path))
     # One shell, as a student types them: the install line (activating the venv), then each command.
     script = "set -e\n" + "\n".join([install, *[f"echo '$ {c}' >&2\n{c}" for c in run]]) + "\n"
     proc = subprocess.run(["bash", "-c", script], cwd=project, env=env, capture_output=True, text=True)
