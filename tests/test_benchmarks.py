@@ -159,3 +159,20 @@ def test_grade_isolation_times_the_same_inbox_in_process_and_boxed(tiny_py: Path
     assert out["bundles"] == 2 and grading["in-process"]["graded"] == 2 and grading["process"]["graded"] == 2
     assert "overhead_per_bundle_s" in grading["process"]
     assert "seconds" in grading["bubblewrap"] or "bubblewrap" in grading["bubblewrap"]["error"]
+
+
+def test_own_model_speed_sets_the_notebook_cnn_as_a_file_model_beside_the_registered_one() -> None:
+    done = run_benchmark("own_model_speed.py", "--steps", "1", "--rounds", "1", "--batch-size", "8")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["benchmark"] == "own_model_speed" and out["cpu"] and out["capability"]
+    own, builtin = out["results"]
+    assert own["model"].endswith("notebook_models.py:CNNModel") and builtin["model"] == "cnn"
+    assert own["params"] == builtin["params"] and own["flops_per_image"] == builtin["flops_per_image"]
+    # The notebook's `.view` cannot take channels-last: before and after, it trains in the standard layout.
+    assert own["before"]["trains_in"] == "fp32 contiguous" and own["after"]["trains_in"].endswith("contiguous")
+    assert builtin["before"]["trains_in"] == "fp32 channels-last"
+    for r in (own, builtin):
+        assert r["after"]["trains_in"] == r["choice"]["chosen"]
+        assert r["speedup"] == pytest.approx(r["after"]["images_per_second"] / r["before"]["images_per_second"],
+                                             rel=0.01)

@@ -274,6 +274,26 @@ def test_selection_flags_say_when_the_test_set_may_have_chosen_the_model() -> No
     assert kinds(selection_flags(record, replace(config, budget_seconds=60.0), 0.50, 10_000, 10)) == []
 
 
+def test_test_selection_fires_only_where_a_test_curve_could_have_chosen_the_epochs() -> None:
+    def record(*accs: float | None) -> RunRecord:
+        history = [EpochMetrics(epoch=e, train_loss=1.0, test_loss=1.0 if a is not None else None, test_accuracy=a,
+                                seconds=e, eval_seconds=0.1) for e, a in enumerate(accs, 1)]
+        return RunRecord(run_id="r", model="cnn", recipe="seed", seed=0, epochs=len(accs), history=history)
+
+    def kinds(run: RunRecord, default: int = 10) -> list[str]:
+        config = TrainConfig(model="cnn", epochs=len(run.history))
+        return [f.kind for f in selection_flags(run, config, None, 10_000, default)]
+
+    assert kinds(record(0.40)) == []  # one epoch: no earlier test accuracy was shown
+    assert kinds(record(None, None, 0.55)) == []  # test scored only at the end (e.g. eval_every_epoch off)
+    assert kinds(record(0.40, 0.50, 0.60)) == []  # cut short while still rising: before any peak
+    assert kinds(record(0.40, 0.55, 0.551)) == ["test-selection"]  # flat within noise at its end: a peak
+    assert kinds(record(0.40, 0.55, 0.50)) == ["test-selection"]
+    assert kinds(record(*[0.1 * i for i in range(1, 12)])) == ["test-selection"]  # longer than the default
+    assert kinds(record(0.40, 0.50, 0.60), default=3) == []  # the recipe's own epochs
+
+
+
 def entry(student: str, accs: list[float], images: int = 10_000) -> LeaderboardEntry:
     return LeaderboardEntry(rank=0, tied=False, student=student, model="cnn", recipe="seed",
                             run_ids=[f"{student}{i}" for i in range(len(accs))], params=None, train_flops=None,

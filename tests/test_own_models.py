@@ -380,3 +380,28 @@ def test_every_top_level_name_reaches_the_api_and_no_module_shadows_one() -> Non
     assert not {m.name for m in pkgutil.iter_modules(cifarbench.__path__)} & names
     assert all(getattr(cb, name) is getattr(cifarbench.api, name) for name in names)
     assert names <= set(dir(cb))
+
+
+@pytest.mark.slow
+def test_a_budgeted_own_model_trains_in_the_layout_measured_fastest_and_a_view_model_in_the_standard_one(
+        student: Path, tiny_py: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    flat = student.with_name("flatcnn.py")
+    flat.write_text(MY_CNN.replace("x.view(x.size(0), -1)", "x.flatten(1)"))
+    chosen = {}
+    for path in (student, flat):
+        status, out, err = cli(capsys, "train", f"{path}:MyCNN", *train_args(tiny_py, tmp_path / "runs"),
+                               "--budget", "2", "--json")
+        assert status == 0, err
+        run = json.loads(out)
+        kernels = run["budget"]["precision"]
+        assert run["config"]["channels_last"] == kernels["channels_last"]  # trained as chosen, and recorded
+        assert run["estimate"]["trains_in"] == kernels["chosen"] and kernels["chosen"] in err
+        chosen[path.name] = kernels
+    # `.view` cannot take channels-last: the probe's step failed there, so the standard layout was chosen.
+    assert chosen["mycnn.py"]["not_chosen"]["fp32 channels-last"].startswith("failed")
+    assert chosen["mycnn.py"]["chosen"].endswith("contiguous")
+    # With .flatten(1) both layouts were timed, and the faster one chosen.
+    rates = {k: v for k, v in chosen["flatcnn.py"]["images_per_second"].items() if k.startswith("fp32")}
+    assert set(rates) == {"fp32 channels-last", "fp32 contiguous"}
+    if chosen["flatcnn.py"]["precision"] == "fp32":  # (bf16 may win where it is native)
+        assert chosen["flatcnn.py"]["chosen"] == max(rates, key=rates.get)

@@ -407,6 +407,32 @@ def test_progressive_resizing_trains_the_first_half_on_small_images(tiny_py: Pat
     assert result.final is not None and result.final.n == len(dataset.test)  # evaluated at full size
 
 
+def test_with_a_validation_split_the_test_set_is_scored_once_and_curves_are_validation(
+        tiny_py: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cifarbench.training.loop as loop
+
+    dataset = load_cifar10(tiny_py, verify=False, download=False)
+    scored: list[int] = []
+    real = loop.evaluate
+
+    def counting(model, data, **kwargs):
+        scored.append(len(data))
+        return real(model, data, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate", counting)
+    for val_split in (0, 30):
+        scored.clear()
+        config = make_config("fnn", data_dir=str(tiny_py), verify=False, epochs=3, batch_size=10,
+                             val_split=val_split, device="cpu")
+        history = train(config, dataset, torch.device("cpu"), progress=False).history
+        tests = [h.test_accuracy is not None for h in history]
+        if val_split:
+            assert tests == [False, False, True] and all(h.val_accuracy is not None for h in history)
+            assert scored.count(len(dataset.test)) == 1 and scored.count(val_split) == 3
+        else:
+            assert tests == [True, True, True] and scored.count(len(dataset.test)) == 3
+
+
 def test_validation_split_is_fixed_disjoint_and_used(tiny_py: Path) -> None:
     dataset = load_cifar10(tiny_py, verify=False, download=False)
     kept, held = split_validation(dataset.train, 30)

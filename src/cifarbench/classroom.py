@@ -284,8 +284,10 @@ def selection_flags(record: RunRecord, config: TrainConfig, claimed: float | Non
     - claim-from-epoch (error): the claim is not the final model's test accuracy but equals an earlier epoch's,
       i.e. a figure picked from the per-epoch test curve (which cifarbench prints after every epoch).
     - test-selection (warning): the run trained for another number of epochs than its recipe's default with
-      no validation split (`--val-split`), so the only per-epoch accuracies the student could have chosen the
-      epoch count on were the test set's. It says the choice may have looked at the test set, not that it did.
+      no validation split (`--val-split`), and its test accuracy was shown after an earlier epoch (a curve to
+      choose the epoch count on). Not when the run was shorter than the default and its test accuracy still
+      rose past evaluation noise in its last epoch: stopping before the peak can only understate the figure.
+      It says the choice may have looked at the test set, not that it did.
     """
     flags = []
     history = record.history
@@ -299,13 +301,26 @@ def selection_flags(record: RunRecord, config: TrainConfig, claimed: float | Non
                                   "per-epoch test curve"))
                 break
     if (config.val_split == 0 and not config.budget_seconds and recipe_epochs is not None
-            and config.epochs != recipe_epochs):
+            and config.epochs != recipe_epochs and _test_curve_could_choose(history, config.epochs < recipe_epochs,
+                                                                             claim_tolerance(images))):
         epochs = f"{config.epochs} epoch" + ("s" if config.epochs != 1 else "")
         flags.append(Flag("test-selection", "warning", f"trained {epochs} (the {config.recipe} recipe's default is "
-                          f"{recipe_epochs}) with no validation split: if the epoch count was chosen by watching the "
-                          "per-epoch test accuracy, the test figure is optimistic (choose on --val-split 5000 "
+                          f"{recipe_epochs}) with no validation split, watching the per-epoch test accuracy: if the "
+                          "epoch count was chosen on it, the test figure is optimistic (choose on --val-split 5000 "
                           "instead)"))
     return flags
+
+
+def _test_curve_could_choose(history: list, shorter: bool, noise: float) -> bool:
+    """Whether the run showed test accuracies before its last epoch that an epoch count could have been chosen
+    on: none shown (one epoch, or no per-epoch evaluation) cannot have chosen it, and a shorter run whose test
+    accuracy was still rising by more than `noise` at its end stopped before any peak."""
+    earlier = [a for a in (_number(h.test_accuracy) for h in history[:-1]) if a is not None]
+    final = _number(history[-1].test_accuracy) if history else None
+    if not earlier:
+        return False
+    rising = final is not None and final - max(earlier) > noise
+    return not (shorter and rising)
 
 
 def recipe_epochs(config: TrainConfig, convolutional: bool) -> int | None:

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -413,7 +414,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         config = _config(args, args.model, 0 if args.seed is None else args.seed)
         show = _with_tensorboard(args, _epoch_printer(args))
         result = train_run(config, runs_dir=args.runs_dir, on_epoch=lambda m: show(config, m),
-                           started=runtime.process_started())
+                           started=runtime.process_started(), spelling=as_flag)
     if not result.run_id:
         return  # a non-zero torchrun rank: rank 0 reports for everyone
     if args.json:
@@ -464,9 +465,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_compare(args: argparse.Namespace) -> None:
     from cifarbench.api import write_comparison
     from cifarbench.comparing import compare
-    from cifarbench.reporting.tables import comparison_table
+    from cifarbench.reporting.tables import comparison_table, wall_times
+
+    started, reused_ids = time.perf_counter(), []
 
     def reused(run) -> None:
+        reused_ids.append(run.run_id)
         print(f"reusing run {printable(run.run_id)} ({printable(run.model)}, seed {run.seed}): finished with the same "
               "config and data (--retrain trains it again)", file=sys.stderr, flush=True)
 
@@ -488,6 +492,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(f"\nlearning curves: {report.plot_file}")
     if report.report:
         print(f"report: {report.report}")
+    print(printable(wall_times(report.runs, time.perf_counter() - started, reused_ids)))
 
 
 def _print_pairs(comparison, hint: str = "") -> None:
@@ -603,7 +608,7 @@ def cmd_runs(args: argparse.Namespace) -> None:
 
 
 def _runs_show(args: argparse.Namespace) -> None:
-    from cifarbench.reporting.tables import budget_lines, history_table
+    from cifarbench.reporting.tables import budget_lines, estimate_line, history_table
     from cifarbench.runs.catalog import stored_runs
 
     (run,) = stored_runs([args.run_id], runs_dir=args.runs_dir)
@@ -625,6 +630,8 @@ def _runs_show(args: argparse.Namespace) -> None:
           f" copy in {printable(data.get('source'))}, {data.get('train_size')} train / {data.get('test_size')} test)")
     if run.budget is not None:
         print(budget_lines(run.budget))
+    if run.estimate is not None:
+        print(estimate_line(run.estimate, run.wall_seconds))
     print(f"config: {json.dumps(run.config, indent=2)}\n")
     print(history_table([h.to_dict() for h in run.history]) if run.history else "no finished epochs")
 

@@ -77,7 +77,8 @@ def compare(models: Sequence[str], make: Callable[[str, int], TrainConfig], *, s
         if jobs == 1:
             for config in every:
                 runs.append(train_run(config, runs_dir=runs_dir, dataset=dataset, progress=progress,
-                                      on_epoch=(lambda m, c=config: on_epoch(c, m)) if on_epoch else None))
+                                      on_epoch=(lambda m, c=config: on_epoch(c, m)) if on_epoch else None,
+                                      spelling=spelling))
                 if on_run:
                     on_run(runs[-1])
         elif every:

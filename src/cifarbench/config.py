@@ -464,12 +464,15 @@ class TrainConfig:
     """With a budget: "compute" re-picks speedrun's CPU shape (widths, batch, activation) at the run's start from
     the compute the budget buys on this machine (training.shape, recipes.shape_by_compute); "fixed" keeps it."""
     eval_every_epoch: bool = True
-    """Evaluate after every epoch (learning curves). Budgeted runs turn it off to spend the time on training."""
+    """Score the test set after every epoch (learning curves) when no validation split is held out (with one, the
+    curves are validation's and the test set is scored once, at the end). Budgeted runs turn it off to spend the
+    time on training."""
     val_split: int = setting(0, ge=0, le=1_000_000, option=Option(
         "hold out N training images for validation (tune on these, never on the test set)", metavar="N",
         unit="images"))
     """Hold out this many training examples (the last ones of a fixed shuffle) for validation; per-epoch
-    metrics are then measured on them. Anything tuned should look at these, never at the test set."""
+    metrics are then measured on them, and the test set only at the end. Anything tuned should look at these,
+    never at the test set."""
     compile: bool = setting(False, option=Option("torch.compile the model"))
     """torch.compile the model (faster steady state on GPU, a compile cost up front)."""
     sync_bn: bool = setting(False, option=Option("under torchrun on GPUs: BatchNorm statistics over the global batch"))

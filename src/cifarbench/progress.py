@@ -4,7 +4,8 @@ terminal or a notebook widget can show one, a bar within the epoch."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # annotations only: the data loaders import `say` without pulling in torch
@@ -55,6 +56,61 @@ def _widgets() -> bool:
     except ImportError:
         return False
     return "ipykernel" in sys.modules
+
+
+def draws_bar() -> bool:
+    """Whether `bar` can draw here: a notebook with ipywidgets, or a terminal."""
+    return _widgets() or sys.stderr.isatty()
+
+
+LINE_EVERY = 30.0
+"""Seconds between step lines where no bar is drawn (a log file, a notebook without ipywidgets)."""
+
+
+def duration(seconds: float) -> str:
+    """'4.2 s', '42 s', '3 min 05 s', '2 h 07 min'."""
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+class StepLines:
+    """Where no bar can be drawn, one line at least every `every` seconds of training: steps done of the total,
+    images/s and the training time left, both at the rate since the last line. Call it after every step."""
+
+    UNKNOWN = 10**8
+    """A total at least this large is a budgeted run's not yet planned one: not shown."""
+
+    def __init__(self, desc: str, step: int = 0, every: float = LINE_EVERY, stream: IO[str] | None = None,
+                 clock: Callable[[], float] | None = None):
+        self.desc, self.every, self.stream, self.clock = desc, every, stream, clock or time.monotonic
+        self.since, self.step, self.images = self.clock(), step, 0
+
+    def __call__(self, step: int, total: int, images: int) -> None:
+        self.images += images
+        now = self.clock()
+        seconds = now - self.since
+        if seconds < self.every:
+            return
+        per_step = seconds / max(step - self.step, 1)
+        known = total < self.UNKNOWN
+        text = f"{self.desc}: step {step}" + (f"/{total}" if known else "") + f", {self.images / seconds:,.0f} images/s"
+        if known:
+            text += f", about {duration(per_step * (total - step))} of training left"
+        print(text, file=self.stream or progress_stream(), flush=True)
+        self.since, self.step, self.images = now, step, 0
+
+
+def step_lines(desc: str, step: int = 0, *, enabled: bool | None = None) -> Callable[[int, int, int], None]:
+    """`StepLines` where no bar is drawn, else (or disabled) a call that does nothing."""
+    if enabled is False or draws_bar():
+        return lambda step, total, images: None
+    return StepLines(desc, step)
 
 
 def bar(iterable: Iterable[Any], *, total: int, desc: str, initial: int = 0,

@@ -14,7 +14,7 @@ from cifarbench import runtime
 from cifarbench.config import DataConfig, TrainConfig
 from cifarbench.data import ImageDataset, fit_normalisation, load_dataset, prepare
 from cifarbench.device import describe_device, resolve_device
-from cifarbench.errors import CifarbenchError, Interrupted, Keyword
+from cifarbench.errors import CifarbenchError, Interrupted, Keyword, Spelling, as_keyword
 from cifarbench.evaluation.analysis import cost_of, training_flops
 from cifarbench.fsutil import atomic_write_text
 from cifarbench.models.reference import code_of, label, load_run_code
@@ -25,7 +25,16 @@ from cifarbench.runs.predictions import write_predictions
 from cifarbench.runs.records import RunRecord
 from cifarbench.runs.store import RunStore
 from cifarbench.training import distributed as ddp
-from cifarbench.training.loop import TrainResult, build_model, check_settings, low_res_side, split_validation, train
+from cifarbench.training.estimate import RunEstimate, estimate, worth_estimating
+from cifarbench.training.loop import (
+    TrainResult,
+    build_model,
+    check_settings,
+    low_res_side,
+    split_validation,
+    steps_in_epoch,
+    train,
+)
 from cifarbench.training.recipes import shape_by_compute
 from cifarbench.training.shape import ThreadWatch, probe_throughput
 from cifarbench.training.state import EpochMetrics, RunCheckpoint
@@ -34,7 +43,8 @@ from cifarbench.training.state import EpochMetrics, RunCheckpoint
 def train_run(config: TrainConfig | None = None, *, runs_dir: str | os.PathLike | None = None,
               dataset: ImageDataset | None = None, progress: bool | None = None,
               on_epoch: Callable[[EpochMetrics], None] | None = None, resume: str | None = None,
-              data: DataConfig | None = None, trust_code: bool = False, started: float | None = None) -> RunRecord:
+              data: DataConfig | None = None, trust_code: bool = False, started: float | None = None,
+              spelling: Spelling = as_keyword) -> RunRecord:
     """Train one run end to end: its folder (config, checkpoint, metrics) and its row in the run history.
 
     With `resume` (a run id, run folder or checkpoint in `runs_dir`), continue that run from its last checkpoint
@@ -42,7 +52,8 @@ def train_run(config: TrainConfig | None = None, *, runs_dir: str | os.PathLike 
     bit on CPU, as if it had never stopped. A non-zero torchrun rank returns a record without a run folder.
     An own model is rebuilt from the run's copy of its code; for a run imported from elsewhere that code runs
     only with `trust_code`. `started` (a time.perf_counter() value) is when a budget's clock started, if before
-    this call (the CLI: when its process started).
+    this call (the CLI: when its process started). `spelling` names options in what the run says (the CLI's flags,
+    the API's keywords).
     """
     runtime.configure()
     saved = None
@@ -58,7 +69,7 @@ def train_run(config: TrainConfig | None = None, *, runs_dir: str | os.PathLike 
     threads = torch.get_num_threads()  # a budget's probe may pick fewer for this run; the caller keeps its own
     try:
         record = _train(config, world, device, saved, runs_dir=runs_dir, dataset=dataset, progress=progress,
-                        on_epoch=on_epoch, started=started)
+                        on_epoch=on_epoch, started=started, spelling=spelling)
         finished = True
         return record
     finally:
@@ -129,7 +140,8 @@ def _resumable(ref: str, runs_dir: str | os.PathLike | None, trust_code: bool) -
 
 def _train(config: TrainConfig, world: ddp.DistEnv, device: torch.device, saved: RunCheckpoint | None, *,
            runs_dir: str | os.PathLike | None, dataset: ImageDataset | None, progress: bool | None,
-           on_epoch: Callable[[EpochMetrics], None] | None, started: float | None = None) -> RunRecord:
+           on_epoch: Callable[[EpochMetrics], None] | None, started: float | None = None,
+           spelling: Spelling = as_keyword) -> RunRecord:
     requested = config.to_dict()  # as asked, before the run adapts it: what `compare` finds a finished run by
     # Under torchrun only rank 0 downloads (and shows progress); the others wait for its files (data.download).
     dataset = dataset or load_dataset(config.data, progress=progress if world.is_main else False)
@@ -151,6 +163,10 @@ def _train(config: TrainConfig, world: ddp.DistEnv, device: torch.device, saved:
                        status="running", params=cost.params, flops_per_image=cost.flops_per_image,
                        device=describe_device(device), world_size=world.world_size, dataset=dataset.info(),
                        config=config.to_dict(), environment=environment())
+    if saved is None and not world.enabled and worth_estimating(config, len(dataset.train) - config.val_split):
+        record.estimate = _estimate(config, dataset, device, model, record, probe)
+        if progress is not False and record.estimate is not None:
+            note(record.estimate.line(label(config.model), spelling), prefix="")
     store = RunStore(runs_dir)
     try:
         if saved is not None:
@@ -171,6 +187,20 @@ def _train(config: TrainConfig, world: ddp.DistEnv, device: torch.device, saved:
                      on_epoch, started, probe, shape, precision, resume=resume_command(record.run_id, runs_dir))
     finally:
         store.close()
+
+
+def _estimate(config: TrainConfig, dataset: ImageDataset, device: torch.device, model: torch.nn.Module,
+              record: RunRecord, probe: dict | None) -> RunEstimate | None:
+    """The run's cost before it starts (`estimate.estimate`): the budget's probe reused, else a few steps timed.
+    None where the timed steps fail: the estimate is advice, and the run's own steps say what fails in its words."""
+    train_images = len(dataset.train) - config.val_split
+    try:
+        return estimate(model, config, device, in_shape=dataset.image_shape, classes=len(dataset.classes),
+                        params=record.params, flops_per_image=record.flops_per_image, train_images=train_images,
+                        test_images=len(dataset.test), steps_per_epoch=steps_in_epoch(train_images, config),
+                        probe=probe)
+    except Exception:  # noqa: BLE001 - see the docstring
+        return None
 
 
 def preflight(config: TrainConfig, dataset: ImageDataset) -> tuple[TrainConfig, torch.nn.Module]:
@@ -244,12 +274,12 @@ def _first_sentence(text: str, limit: int = 160) -> str:
     return cut
 
 
-def note(message: str) -> None:
+def note(message: str, prefix: str = "note: ") -> None:
     """Tell the user something about their run that is not an error, in one line where progress goes (stderr from
     a script, the cell's output in a notebook: not an error's pink)."""
     from cifarbench.progress import progress_stream
 
-    print(f"note: {message}", file=progress_stream(), flush=True)
+    print(f"{prefix}{message}", file=progress_stream(), flush=True)
 
 
 def _epochs_saved(run_dir: Path) -> int:
@@ -269,9 +299,11 @@ def resume_command(run_id: str, runs_dir: str | os.PathLike | None) -> str:
 def _start(store: RunStore, record: RunRecord, run_dir: Path, requested: dict) -> None:
     """The run's folder with its config.json (the config as run, and as requested; and its model's code), and its
     history row: both or neither."""
+    estimate = record.estimate.to_dict() if record.estimate is not None else None
     folders.write_json(run_dir / folders.CONFIG, {"run_id": record.run_id, "config": record.config,
                                                   "requested": requested, "dataset": record.dataset,
-                                                  "device": record.device, **record.environment})
+                                                  "device": record.device, "estimate": estimate,
+                                                  **record.environment})
     sha = record.config.get("model_sha256")
     if sha:
         atomic_write_text(run_dir / folders.MODEL_CODE, code_of(sha))

@@ -32,8 +32,10 @@ def rules() -> list[str]:
         "claim-mismatch: the claimed accuracy is further from the re-scored one than evaluation noise allows "
         f"({100 * CLAIM_TOLERANCE:g} points, and at least {CLAIM_TOLERANCE_IMAGES} images). claim-from-epoch: the "
         "claim is an earlier epoch's test accuracy, not the final model's.",
-        "test-selection (a warning, not proof): the epoch count differs from the recipe's default and no "
-        "validation split was held out, so it may have been chosen on the test set.",
+        "test-selection (a warning, not proof): the epoch count differs from the recipe's default, no "
+        "validation split was held out and the test accuracy was shown after earlier epochs, so it may have been "
+        "chosen on the test set (not for a shorter run whose test accuracy was still rising past noise at its "
+        "end).",
         "Parameters are counted from the submitted weights; training compute and seconds are as each run reports "
         "them.",
         "Ran: in-process for cifarbench's own models (no student code); bubblewrap or process for student code run "

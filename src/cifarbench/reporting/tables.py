@@ -99,6 +99,26 @@ def comparison_rows(results: Sequence[ModelSummary]) -> list[list[str]]:
     return rows
 
 
+def wall_times(runs: Sequence[Any], command_seconds: float, reused: Sequence[str] = ()) -> str:
+    """Each run's own wall time (with its estimate before training, when it had one), their sum over the runs this
+    command trained, and the command's own wall time: what the gap between the two costs (loading, reports)."""
+    from cifarbench.models.reference import label
+    from cifarbench.progress import duration
+
+    parts, total = [], 0.0
+    for r in runs:
+        wall = r.wall_seconds or 0.0
+        estimate = getattr(r, "estimate", None)
+        guess = f", estimated {duration(estimate.total_seconds)}" if estimate is not None else ""
+        if r.run_id in reused:
+            parts.append(f"{label(r.model)} seed {r.seed} reused")
+            continue
+        total += wall
+        parts.append(f"{label(r.model)} seed {r.seed} {duration(wall)}{guess}")
+    return (f"wall time: {'; '.join(parts)}. Runs trained: {duration(total)} together; this command: "
+            f"{duration(command_seconds)}")
+
+
 def comparison_table(results: Sequence[ModelSummary]) -> str:
     """The compare command's table: accuracy mean ± std over seeds, parameters, FLOPs per image, training
     seconds and, with a target, the time to reach it."""
@@ -192,6 +212,15 @@ def precision_line(precision: dict[str, Any] | None) -> str | None:
     native = "native bf16" if precision.get("native_bf16") else "no native bf16"
     return (f"precision {printable(str(precision.get('chosen')))} (asked: {printable(str(precision.get('requested')))}"
             f", {native}; measured images/s on one thread: {rates})")
+
+
+def estimate_line(estimate: Any, wall_seconds: float | None) -> str:
+    """The cost estimated before training against the run's real wall time."""
+    from cifarbench.progress import duration
+
+    took = f"; took {duration(wall_seconds)}" if wall_seconds else ""
+    return (f"estimate before training: {duration(estimate.total_seconds)} ({duration(estimate.epoch_seconds)} per "
+            f"epoch, {estimate.images_per_second:,.0f} images/s in {printable(str(estimate.trains_in))}){took}")
 
 
 def budget_lines(budget: Any) -> str:

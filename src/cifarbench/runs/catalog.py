@@ -11,6 +11,7 @@ from cifarbench.runs import folders
 from cifarbench.runs.records import RunRecord
 from cifarbench.runs.store import RunStore
 from cifarbench.training.budget import BudgetReport
+from cifarbench.training.estimate import RunEstimate
 
 
 def stored_runs(refs: Sequence[str], *, runs_dir: str | os.PathLike | None = None) -> list[RunRecord]:
@@ -24,6 +25,7 @@ def stored_runs(refs: Sequence[str], *, runs_dir: str | os.PathLike | None = Non
     for record in records:
         record.run_dir = str(folders.run_folder(runs_dir, record.run_id))
         record.budget = BudgetReport.from_dict(folders.read_budget(record.run_dir))  # kept in metrics.json only
+        record.estimate = RunEstimate.from_dict(folders.read_estimate(record.run_dir))
     return records
 
 

@@ -79,15 +79,24 @@ def read_experiments(run_dir: str | os.PathLike) -> dict[str, dict]:
 
 def read_budget(run_dir: str | os.PathLike) -> dict | None:
     """A budgeted run's `budget` from its metrics.json (None when absent, not budgeted or damaged)."""
-    path = Path(run_dir) / METRICS
+    return _read_entry(Path(run_dir) / METRICS, "budget")
+
+
+def read_estimate(run_dir: str | os.PathLike) -> dict | None:
+    """The run's cost `estimate` from its config.json (written as it starts, so a stopped run has it too)."""
+    return _read_entry(Path(run_dir) / CONFIG, "estimate")
+
+
+def _read_entry(path: Path, key: str) -> dict | None:
+    """One object-valued entry of a run's JSON file (None when absent or damaged)."""
     if not path.is_file():
         return None
     try:
-        data = json.loads(read_regular_file(path, MAX_METRICS_BYTES, "metrics file"))
+        data = json.loads(read_regular_file(path, MAX_METRICS_BYTES, "run file"))
     except (CifarbenchError, ValueError, RecursionError):
         return None
-    budget = data.get("budget") if isinstance(data, dict) else None
-    return budget if isinstance(budget, dict) else None
+    entry = data.get(key) if isinstance(data, dict) else None
+    return entry if isinstance(entry, dict) else None
 
 
 def store_experiment(run_dir: str | os.PathLike, name: str, result: dict) -> None:

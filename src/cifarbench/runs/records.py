@@ -12,6 +12,7 @@ from cifarbench import display_hooks
 from cifarbench.evaluation.analysis import summarise_time_to_target, time_to_target
 from cifarbench.evaluation.stats import PairComparison
 from cifarbench.training.budget import BudgetReport
+from cifarbench.training.estimate import RunEstimate
 from cifarbench.training.state import EpochMetrics
 
 ENVIRONMENT_KEYS = ("code_version", "torch_version", "python", "platform", "cpu")
@@ -53,12 +54,16 @@ class RunRecord:
     """None for a run trained into this store; 'imported' for one that arrived from elsewhere."""
     budget: BudgetReport | None = None
     """A budgeted run's planned and used seconds, measured throughput, shape choice and what it gave up."""
+    estimate: RunEstimate | None = None
+    """The cost said before training (measured images/s, seconds per epoch and for the run), to set beside
+    `wall_seconds`."""
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON shape (`--json`, metrics.json): flat provenance keys, the budget and TTA settings."""
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("environment", "history")}
         d["history"] = [h.to_dict() for h in self.history]
         d["budget"] = self.budget.to_dict() if self.budget is not None else None
+        d["estimate"] = self.estimate.to_dict() if self.estimate is not None else None
         d.update(tta=self.config.get("tta"), tta_threshold=self.config.get("tta_threshold"),
                  budget_seconds=self.config.get("budget_seconds"), **self.environment)
         return d
@@ -66,9 +71,10 @@ class RunRecord:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunRecord:
         """Inverse of `to_dict` (unknown keys ignored, so older files load)."""
-        known = {f.name for f in fields(cls)} - {"environment", "history", "budget"}
+        known = {f.name for f in fields(cls)} - {"environment", "history", "budget", "estimate"}
         record = cls(**{k: v for k, v in d.items() if k in known})
         record.budget = BudgetReport.from_dict(d.get("budget"))
+        record.estimate = RunEstimate.from_dict(d.get("estimate"))
         record.history = [EpochMetrics.from_dict(h) for h in d.get("history") or []]
         record.environment = {k: d[k] for k in ENVIRONMENT_KEYS if isinstance(d.get(k), str)}
         return record

@@ -27,7 +27,7 @@ from cifarbench.errors import CifarbenchError, Keyword
 from cifarbench.evaluation.metrics import EvalResult, evaluate, sum_dtype
 from cifarbench.models import build_model as create
 from cifarbench.models.reference import label
-from cifarbench.progress import bar, say, tta_views
+from cifarbench.progress import bar, say, step_lines, tta_views
 from cifarbench.training import budget
 from cifarbench.training import distributed as ddp
 from cifarbench.training.lookahead import Lookahead
@@ -155,6 +155,13 @@ def build_model(config: TrainConfig, dataset: ImageDataset, device: torch.device
     return model
 
 
+def steps_in_epoch(train_images: int, config: TrainConfig) -> int:
+    """Optimiser steps per epoch: the last short batch dropped (`drop_last`) or kept."""
+    if config.drop_last and train_images >= config.batch_size:
+        return train_images // config.batch_size
+    return math.ceil(train_images / config.batch_size)
+
+
 # --- per-step rules: each a small function of the training progress (fraction of planned steps done) ---------
 
 
@@ -236,8 +243,7 @@ class _Setup:
             model.load_state_dict(resume_weights)
             result.restore(resume, config)
         n = len(train_data)
-        steps_per_epoch = n // config.batch_size if config.drop_last and n >= config.batch_size else math.ceil(
-            n / config.batch_size)
+        steps_per_epoch = steps_in_epoch(n, config)
         side = min(dataset.image_shape[1:])
         low_res = low_res_side(config, side)
         seconds, share = budget.evaluation_seconds, budget.evaluation_share  # measured as the plan needs them
@@ -304,7 +310,8 @@ class _Setup:
 
     def end_epoch(self, loss_sum: torch.Tensor, last: bool, seconds: float, announce: bool) -> EpochMetrics:
         """Settle the epoch's sums over ranks, evaluate (validation every epoch; the test set at the end with the
-        configured TTA, plain after other epochs when the config asks for learning curves) and record it."""
+        configured TTA, plain after other epochs when the config asks for learning curves and holds out no
+        validation split: with one, the curves are validation's and the test set is scored once) and record it."""
         pos, c = self.result.position, self.config
         pos.elapsed += seconds
         pos.in_epoch, pos.loss_sum = False, float(ddp.all_sum(loss_sum, self.world))
@@ -314,7 +321,8 @@ class _Setup:
         if last and c.tta:
             unsure = " (the images the model is unsure of)" if c.tta_threshold > 0 else ""
             say(f"evaluating the test set ({tta_views(c.tta)} TTA views{unsure})...", enabled=announce)
-        test = self.final_evaluation() if last else self.evaluate(self.test_data) if c.eval_every_epoch else None
+        curve = c.eval_every_epoch and self.val_data is None
+        test = self.final_evaluation() if last else self.evaluate(self.test_data) if curve else None
         metrics = EpochMetrics(epoch=pos.epoch, train_loss=pos.loss_sum / max(pos.seen, 1),
                                test_loss=test.loss if test else None, test_accuracy=test.accuracy if test else None,
                                seconds=pos.elapsed, eval_seconds=time.perf_counter() - eval_start,
@@ -343,6 +351,7 @@ def train(config: TrainConfig, dataset: ImageDataset, device: torch.device, *,
     check_settings(config, device)
     run = _Setup.build(config, dataset, device, world, resume, resume_weights, started, threads)
     result, plan, pos = run.result, run.plan, run.result.position
+    lines = step_lines(label(config.model), pos.step, enabled=world.is_main and progress is not False)
     with kernel_choice(config.deterministic), _StopAtStepBoundary() as stop:
         while pos.step < plan.total_steps:
             if not pos.in_epoch:
@@ -372,6 +381,7 @@ def train(config: TrainConfig, dataset: ImageDataset, device: torch.device, *,
                 average_weights(result, config, progress_now, pos.step, plan)
                 plan.after_step(pos.step, low)
                 pos.total_steps = plan.total_steps
+                lines(pos.step, plan.total_steps, len(idx))
                 if stop.requested:
                     _close(shown)
                     pos.loss_sum, pos.elapsed = float(loss_sum), pos.elapsed + time.perf_counter() - epoch_start
