@@ -26,6 +26,7 @@ PYTHON_SPELLING = {
     "--max-bundle-mib": "bundle_limits=BundleLimits(max_bytes=)",
     "--max-bundle-members": "bundle_limits=BundleLimits(max_members=)",
     "--max-bundle-runs": "bundle_limits=BundleLimits(max_runs=)",
+    "--param": "params", "--trials": "trials", "--study": "study", "--executor": "executor", "--address": "address",
 }
 _FLAG = re.compile(r"(?<![\w-])--[a-z][a-z-]*")
 

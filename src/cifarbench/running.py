@@ -33,7 +33,8 @@ from cifarbench.training.state import EpochMetrics, RunCheckpoint
 def train_run(config: TrainConfig | None = None, *, runs_dir: str | os.PathLike | None = None,
               dataset: ImageDataset | None = None, progress: bool | None = None,
               on_epoch: Callable[[EpochMetrics], None] | None = None, resume: str | None = None,
-              data: DataConfig | None = None, trust_code: bool = False) -> RunRecord:
+              data: DataConfig | None = None, trust_code: bool = False, run_id: str | None = None,
+              score_test: bool = True) -> RunRecord:
     """Train one run end to end: its folder (config, checkpoint, metrics) and its row in the run history.
 
     With `resume` (a run id, run folder or checkpoint in `runs_dir`), continue that run from its last checkpoint
@@ -41,6 +42,9 @@ def train_run(config: TrainConfig | None = None, *, runs_dir: str | os.PathLike 
     bit on CPU, as if it had never stopped. A non-zero torchrun rank returns a record without a run folder.
     An own model is rebuilt from the run's copy of its code; for a run imported from elsewhere that code runs
     only with `trust_code`.
+
+    `run_id` names a new run (a Ray task trains under the id its driver chose, so the bundle it returns can be
+    checked against it); without `score_test` the test set is never evaluated (a tuning trial).
     """
     runtime.configure()
     saved = None
@@ -56,7 +60,7 @@ def train_run(config: TrainConfig | None = None, *, runs_dir: str | os.PathLike 
     threads = torch.get_num_threads()  # a budget's probe may pick fewer for this run; the caller keeps its own
     try:
         record = _train(config, world, device, saved, runs_dir=runs_dir, dataset=dataset, progress=progress,
-                        on_epoch=on_epoch)
+                        on_epoch=on_epoch, run_id=run_id, score_test=score_test)
         finished = True
         return record
     finally:
@@ -127,7 +131,8 @@ def _resumable(ref: str, runs_dir: str | os.PathLike | None, trust_code: bool) -
 
 def _train(config: TrainConfig, world: ddp.DistEnv, device: torch.device, saved: RunCheckpoint | None, *,
            runs_dir: str | os.PathLike | None, dataset: ImageDataset | None, progress: bool | None,
-           on_epoch: Callable[[EpochMetrics], None] | None) -> RunRecord:
+           on_epoch: Callable[[EpochMetrics], None] | None, run_id: str | None = None,
+           score_test: bool = True) -> RunRecord:
     requested = config.to_dict()  # as asked, before the run adapts it: what `compare` finds a finished run by
     # Under torchrun only rank 0 downloads (and shows progress); the others wait for its files (data.download).
     dataset = dataset or load_dataset(config.data, progress=progress if world.is_main else False)
@@ -157,13 +162,15 @@ def _train(config: TrainConfig, world: ddp.DistEnv, device: torch.device, saved:
                                       "point --data-dir at the same data")
             store.reopen_run(saved.run_id)
         else:
-            record.run_id = folders.new_run_id(label(config.model), config.seed)
+            record.run_id = folders.check_run_id(run_id) if run_id else folders.new_run_id(label(config.model),
+                                                                                              config.seed)
         run_dir = folders.run_folder(runs_dir, record.run_id)
         record.run_dir = str(run_dir)
         if saved is None:
             _start(store, record, run_dir, requested)
         return _loop(config, dataset, device, world, record, store, run_dir, model, training, weights, progress,
-                     on_epoch, started, probe, shape, precision, resume=resume_command(record.run_id, runs_dir))
+                     on_epoch, started, probe, shape, precision, resume=resume_command(record.run_id, runs_dir),
+                     score_test=score_test)
     finally:
         store.close()
 
@@ -280,7 +287,8 @@ def _start(store: RunStore, record: RunRecord, run_dir: Path, requested: dict) -
 def _loop(config: TrainConfig, dataset: ImageDataset, device: torch.device, world: ddp.DistEnv, record: RunRecord,
           store: RunStore, run_dir: Path, model: torch.nn.Module, training, weights, progress: bool | None,
           on_epoch: Callable[[EpochMetrics], None] | None, started: float | None = None, probe: dict | None = None,
-          shape: dict | None = None, precision: dict | None = None, resume: str = "") -> RunRecord:
+          shape: dict | None = None, precision: dict | None = None, resume: str = "",
+          score_test: bool = True) -> RunRecord:
     def checkpoint(result: TrainResult) -> None:
         RunCheckpoint(record.run_id, config.model, list(dataset.classes), dataset.image_shape, record.config,
                       record.dataset, result.model.state_dict(), record.environment,
@@ -298,7 +306,8 @@ def _loop(config: TrainConfig, dataset: ImageDataset, device: torch.device, worl
         watch.busy = probe["others_running"]
     try:
         result = train(config, dataset, device, on_epoch=after_epoch, on_interrupt=checkpoint, progress=progress,
-                       resume=training, resume_weights=weights, world=world, started=started, threads=watch)
+                       resume=training, resume_weights=weights, world=world, started=started, threads=watch,
+                       score_test=score_test)
     except KeyboardInterrupt as exc:
         signal_name = "SIGTERM" if exc.args == ("SIGTERM",) else "SIGINT"
         why = "stopped by SIGTERM (a timeout or a shutdown)" if signal_name == "SIGTERM" else "interrupted"
@@ -310,13 +319,15 @@ def _loop(config: TrainConfig, dataset: ImageDataset, device: torch.device, worl
     except BaseException as exc:
         store.finish_run(record.run_id, "failed", error=f"{type(exc).__name__}: {exc}"[:500])
         raise
-    assert result.final is not None
+    assert result.final is not None or not score_test
     final = result.final
     side = min(dataset.image_shape[1:])
-    record.status, record.test_accuracy, record.test_loss = "completed", final.accuracy, final.loss
+    record.status = "completed"
+    if final is not None:  # a tuning trial never touches the test set
+        record.test_accuracy, record.test_loss = final.accuracy, final.loss
+        record.per_class_accuracy, record.confusion = final.per_class_accuracy, final.confusion
     record.train_seconds, record.wall_seconds, record.steps = result.train_seconds, result.wall_seconds, result.steps
-    record.history, record.per_class_accuracy = result.history, final.per_class_accuracy
-    record.confusion = final.confusion
+    record.history = result.history
     record.budget = result.budget
     if record.budget is not None:
         record.budget.probe, record.budget.shape, record.budget.precision = probe, shape, precision
