@@ -194,7 +194,7 @@ def tune(base: TrainConfig, params: Sequence[ParamSpec], *, trials: int, study: 
     check_executor(executor, address)
     require("optuna", "tune", "tune")
     check_params(base, params)
-    name = check_study_name(study or f"tune-{_safe(base.model)}")
+    name = check_study_name(f"tune-{_safe(base.model)}" if study is None else study)
     base = replace(base, eval_every_epoch=False)
     opened = _open_study(name, base, params, seed, runs_dir)
     from cifarbench.data import load_dataset
@@ -233,7 +233,8 @@ def _open_study(name: str, base: TrainConfig, params: Sequence[ParamSpec], seed:
     path.parent.mkdir(parents=True, exist_ok=True)
     storage = optuna.storages.RDBStorage(f"sqlite:///{path}")
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, len(params) * 2)))
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=STARTUP_TRIALS, n_warmup_steps=WARMUP_EPOCHS)
+    # Steps are epochs counted from 1, and Optuna prunes from step == n_warmup_steps on.
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=STARTUP_TRIALS, n_warmup_steps=WARMUP_EPOCHS + 1)
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", sampler=sampler,
                                 pruner=pruner, load_if_exists=True)
     fixed = json.loads(json.dumps(base.to_dict()))
@@ -363,8 +364,12 @@ def _result(study: Any, name: str, runs_dir: str | os.PathLike | None, base: Tra
     best = max(complete, key=lambda r: (r.value, -r.number)) if complete else None
     importances: dict[str, float] = {}
     if len(complete) >= 2:  # Optuna's importances need two finished trials, and some spread among them
+        import warnings
+
         try:
-            importances = {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
+            with warnings.catch_warnings():  # with a few trials it warns that all importances come out equal
+                warnings.simplefilter("ignore")
+                importances = {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
         except (RuntimeError, ValueError, ZeroDivisionError):
             importances = {}
     return TuneResult(name, str(study_path(name, runs_dir)), study.user_attrs.get("base", base.to_dict()),

@@ -38,7 +38,7 @@ def importance_figure(importances: Mapping[str, float]):
     ax = fig.add_subplot()
     names = list(importances)[::-1]
     ax.barh(names, [importances[n] for n in names], color="tab:blue")
-    ax.set_xlabel("importance (fANOVA, share of the validation accuracy's variance)")
+    ax.set_xlabel("importance (Optuna's default evaluator, normalised to sum to 1)")
     return fig
 
 
@@ -63,7 +63,7 @@ def write_study_report(result: Any, histories: Mapping[int, Sequence[Mapping[str
                 png_bytes(history_figure(result.trials)))]
     notes = []
     if result.importances:
-        figures.append(("Parameter importances", "Optuna's fANOVA importance over the completed trials",
+        figures.append(("Parameter importances", "optuna.importance.get_param_importances over the completed trials",
                         png_bytes(importance_figure(result.importances))))
     else:
         notes.append("parameter importances need at least two completed trials with different values")
