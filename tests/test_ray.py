@@ -135,3 +135,19 @@ def test_grading_on_ray_gives_the_local_leaderboard(local_ray, tmp_path: Path) -
     keep = ("archive", "student", "run_id", "rescored_accuracy", "error", "flags")
     assert [{k: r[k] for k in keep} for r in on_ray["runs"]] == [{k: r[k] for k in keep} for r in local["runs"]]
     assert sum(r["graded"] for r in local["runs"]) == 2
+
+
+def test_tune_on_ray_stores_every_trial_and_scores_test_once(local_ray, tiny_py: Path, tmp_path: Path) -> None:
+    pytest.importorskip("optuna")
+    from cifarbench.tuning import parse_param, tune
+
+    config = make_config("fnn", data_dir=str(tiny_py), verify=False, epochs=2, batch_size=20, device="cpu",
+                         val_split=20)
+    out = tune(config, [parse_param("optimizer.lr=log:1e-3:3e-1")], trials=3, jobs=2, executor="ray",
+               runs_dir=tmp_path / "runs")
+    assert [t.state for t in out.trials] == ["complete"] * 3
+    with RunStore(tmp_path / "runs", read_only=True) as store:
+        runs = store.list_runs()  # (every trial is fnn seed 0)
+    assert sorted(r["id"] for r in runs) == sorted(t.run_id for t in out.trials)
+    tested = [r for r in runs if r["test_accuracy"] is not None]  # trials never touch the test set
+    assert [r["id"] for r in tested] == [out.best.run_id] and tested[0]["test_accuracy"] == out.test_accuracy
