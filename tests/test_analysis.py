@@ -90,7 +90,9 @@ def test_confusion_per_class_and_confident_mistakes() -> None:
 
 
 def result(model: str, time_to_target=None) -> ModelSummary:
-    return ModelSummary(model, "seed", [0, 1], 0.5512, 0.0042, 73.94, 1.26, 315_722, 8_377_600, time_to_target, [])
+    return ModelSummary(model=model, recipe="seed", seeds=[0, 1], test_accuracy_mean=0.5512, test_accuracy_std=0.0042,
+                        train_seconds_mean=73.94, train_seconds_std=1.26, params=315_722, flops_per_image=8_377_600,
+                        time_to_target=time_to_target, run_ids=[])
 
 
 def test_comparison_table_is_markdown_with_time_to_target_only_when_asked() -> None:

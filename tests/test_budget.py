@@ -233,10 +233,13 @@ def test_airbench94_recipe_is_airbench94_on_every_device() -> None:
 
 
 def test_budget_report_travels_in_the_run_record() -> None:
-    report = BudgetReport(30.0, 29.1, 100, 3.4, 1740.8, 0.29, 1.0, 0.8, 0.9, 2, 0.6, 1, 0.6,
-                          ["TTA level 2 (threshold 0.6) -> level 1 (threshold 0.6)"], 1,
-                          {"images_per_second": 900.0}, {"by": "compute", "expected_pflop": 0.01})
-    record = RunRecord("r", "speedrun", "fast", 0, 1, budget=report)
+    report = BudgetReport(budget_seconds=30.0, used_seconds=29.1, steps=100, steps_per_second=3.4,
+                          images_per_second=1740.8, step_seconds=0.29, eval_reserved_seconds=1.0,
+                          eval_estimate_seconds=0.8, eval_seconds=0.9, tta_planned=2, tta_threshold_planned=0.6,
+                          tta_used=1, tta_threshold_used=0.6,
+                          cuts=["TTA level 2 (threshold 0.6) -> level 1 (threshold 0.6)"], threads=1,
+                          probe={"images_per_second": 900.0}, shape={"by": "compute", "expected_pflop": 0.01})
+    record = RunRecord(run_id="r", model="speedrun", recipe="fast", seed=0, epochs=1, budget=report)
     d = record.to_dict()
     assert d["budget"]["cuts"] == report.cuts and d["budget"]["shape"]["by"] == "compute"
     assert RunRecord.from_dict(d).budget == report

@@ -262,8 +262,9 @@ def test_claims_within_evaluation_noise_pass_and_beyond_it_are_flagged() -> None
 
 
 def test_selection_flags_say_when_the_test_set_may_have_chosen_the_model() -> None:
-    history = [EpochMetrics(e, 1.0, 1.0, acc, e, 0.1) for e, acc in ((1, 0.40), (2, 0.55), (3, 0.50))]
-    record = RunRecord("r", "cnn", "seed", 0, 3, history=history)
+    history = [EpochMetrics(epoch=e, train_loss=1.0, test_loss=1.0, test_accuracy=acc, seconds=e, eval_seconds=0.1)
+               for e, acc in ((1, 0.40), (2, 0.55), (3, 0.50))]
+    record = RunRecord(run_id="r", model="cnn", recipe="seed", seed=0, epochs=3, history=history)
     config = TrainConfig(model="cnn", epochs=3)
     kinds = lambda flags: [f.kind for f in flags]  # noqa: E731
     assert kinds(selection_flags(record, config, 0.55, 10_000, 10)) == ["claim-from-epoch", "test-selection"]
@@ -273,8 +274,10 @@ def test_selection_flags_say_when_the_test_set_may_have_chosen_the_model() -> No
 
 
 def entry(student: str, accs: list[float], images: int = 10_000) -> LeaderboardEntry:
-    return LeaderboardEntry(0, False, student, "cnn", "seed", [f"{student}{i}" for i in range(len(accs))], None,
-                            None, None, None, mean_spread(accs), None, images, [])
+    return LeaderboardEntry(rank=0, tied=False, student=student, model="cnn", recipe="seed",
+                            run_ids=[f"{student}{i}" for i in range(len(accs))], params=None, train_flops=None,
+                            train_seconds=None, claimed=None, rescored=mean_spread(accs), hidden=None, images=images,
+                            flags=[])
 
 
 def test_ranks_share_a_place_only_within_noise() -> None:
@@ -288,11 +291,13 @@ def test_ranks_share_a_place_only_within_noise() -> None:
 
 
 def test_several_seeds_of_a_student_are_one_entry_with_mean_and_spread() -> None:
-    runs = [GradedRun("x.tar.gz", "Ann", f"r{s}", "cnn", "seed", s, 10, 100, 10**12, 5.0, a, a, test_images=10_000,
-                      flags=[Flag("test-selection", "warning", "...")] if s == 0 else [])
+    runs = [GradedRun(archive="x.tar.gz", student="Ann", run_id=f"r{s}", model="cnn", recipe="seed", seed=s, epochs=10,
+                      params=100, train_flops=10**12, train_seconds=5.0, claimed_accuracy=a, rescored_accuracy=a,
+                      test_images=10_000, flags=[Flag("test-selection", "warning", "...")] if s == 0 else [])
             for s, a in enumerate((0.60, 0.62, 0.64))]
-    runs.append(GradedRun("y.tar.gz", "Ben", "q", "fnn", "seed", 0, 5, 10, 10**11, 1.0, 0.45, 0.45,
-                          test_images=10_000))
+    runs.append(GradedRun(archive="y.tar.gz", student="Ben", run_id="q", model="fnn", recipe="seed", seed=0, epochs=5,
+                          params=10, train_flops=10**11, train_seconds=1.0, claimed_accuracy=0.45,
+                          rescored_accuracy=0.45, test_images=10_000))
     board = leaderboard(runs, test_images=10_000)
     assert [(e.student, len(e.run_ids), e.rank) for e in board] == [("Ann", 3, 1), ("Ben", 1, 2)]
     assert board[0].rescored.mean == pytest.approx(0.62) and board[0].rescored.std == pytest.approx(0.02)

@@ -405,8 +405,8 @@ IDS = ("20240101-120000-fnn-s0-ab12", "20240101-120000-fnn-s1-cd34", "20240202-0
 
 def _start(store: RunStore, run_id: str, **config: Any) -> None:
     c = {**CONFIG, **config}
-    store.start_run(RunRecord(run_id, c["model"], c["recipe"], c["seed"], c["epochs"], config=c,
-                              dataset={"sha256": "ab"}, device="cpu", params=10))
+    store.start_run(RunRecord(run_id=run_id, model=c["model"], recipe=c["recipe"], seed=c["seed"], epochs=c["epochs"],
+                              config=c, dataset={"sha256": "ab"}, device="cpu", params=10))
 
 
 @pytest.fixture

@@ -138,7 +138,7 @@ def test_budget_start_trains_and_records_what_the_probe_chose(monkeypatch, capsy
     def probe(**kwargs) -> Throughput:
         steps = FakeSteps(AVX2)
         kernels = choose_kernels(steps, kwargs["requested"], native_bf16=False, clock=steps.clock)
-        return Throughput(800.0, 2, {}, 1.5, kernels=kernels, most_threads=2)
+        return Throughput(images_per_second=800.0, threads=2, tried={}, seconds=1.5, kernels=kernels, most_threads=2)
 
     monkeypatch.setattr(running, "probe_throughput", probe)
     config = make_config("speedrun", "fast", budget_seconds=60, device="cpu")
@@ -195,6 +195,7 @@ def test_thread_watch_follows_the_competition_and_undoes_a_change_that_made_step
 def test_kernel_choice_round_trips_through_the_budget_report() -> None:
     from cifarbench.training.budget import BudgetReport
 
-    choice = KernelChoice("fp32", True, "auto", False, {"fp32 channels-last": 400.0}, {"bf16": "x"}, 0.9)
-    report = BudgetReport(60.0, precision=choice.to_dict(), thread_changes=["step 9: threads 2 -> 1"])
+    choice = KernelChoice(precision="fp32", channels_last=True, requested="auto", native_bf16=False,
+                          images_per_second={"fp32 channels-last": 400.0}, not_chosen={"bf16": "x"}, seconds=0.9)
+    report = BudgetReport(budget_seconds=60.0, precision=choice.to_dict(), thread_changes=["step 9: threads 2 -> 1"])
     assert BudgetReport.from_dict(report.to_dict()) == report

@@ -172,8 +172,8 @@ def test_train_arguments_end_in_a_run_or_one_error_line(model: str, flags: list[
         with torch.device("meta"):
             create_model(config.model, **config.model_kwargs)
         recorded.append(config)
-        return RunRecord("recorded", config.model, config.recipe, config.seed, config.epochs, test_accuracy=0.0,
-                         test_loss=0.0, train_seconds=0.0, train_flops=0)
+        return RunRecord(run_id="recorded", model=config.model, recipe=config.recipe, seed=config.seed,
+                         epochs=config.epochs, test_accuracy=0.0, test_loss=0.0, train_seconds=0.0, train_flops=0)
 
     monkeypatch.setattr(cifarbench.running, "train_run", record)
     monkeypatch.chdir(tmp_path)

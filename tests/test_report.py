@@ -173,7 +173,8 @@ def test_report_refuses_runs_of_different_data_sets(tmp_path: Path) -> None:
     from cifarbench.errors import CifarbenchError
     from cifarbench.runs.records import RunRecord
 
-    runs = [RunRecord(f"r{i}", "fnn", "seed", 0, 1, dataset={"name": n}) for i, n in enumerate(("cifar10", "mnist"))]
+    runs = [RunRecord(run_id=f"r{i}", model="fnn", recipe="seed", seed=0, epochs=1, dataset={"name": n})
+            for i, n in enumerate(("cifar10", "mnist"))]
     with pytest.raises(CifarbenchError, match="different data sets"):
         build_report(runs, [], tmp_path / "r.html")
 
@@ -233,7 +234,8 @@ def test_seed_whiskers_of_equal_accuracies_draw_although_the_mean_rounds_outside
 
     same = [0.001] * 3
     assert plots.per_class_figure({"fnn": [[0.001] * 10] * 3}, [f"c{i}" for i in range(10)]).axes[0].patches
-    row = PermutationRow("fnn", mean_spread(same), mean_spread(same), None, [], [])
+    row = PermutationRow(model="fnn", plain=mean_spread(same), permuted=mean_spread(same), change=None, plain_runs=[],
+                         permuted_runs=[])
     assert [round(b.get_height(), 9) for b in plots.permutation_figure([row]).axes[0].patches] == [0.1, 0.1]
     band = plots.learning_curves_figure({"fnn": [[{"epoch": 1, "seconds": 1.0, "test_accuracy": 0.001}]] * 3})
     assert band.axes[0].lines

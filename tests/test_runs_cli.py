@@ -132,8 +132,10 @@ def test_runs_rm_of_a_run_whose_folder_is_gone_and_of_a_running_run(two_runs, ca
 
 def test_store_delete_run(tmp_path: Path) -> None:
     with RunStore(tmp_path) as store:
-        store.start_run(RunRecord("r1", "fnn", "seed", 0, 1, config={"model": "fnn"}, device="cpu", params=1))
-        store.add_epoch("r1", EpochMetrics(1, 1.0, 1.0, 0.1, 1.0, 0.1))
+        store.start_run(RunRecord(run_id="r1", model="fnn", recipe="seed", seed=0, epochs=1, config={"model": "fnn"},
+                                  device="cpu", params=1))
+        store.add_epoch("r1", EpochMetrics(epoch=1, train_loss=1.0, test_loss=1.0, test_accuracy=0.1, seconds=1.0,
+                                           eval_seconds=0.1))
         assert store.delete_run("r1") is True and store.delete_run("r1") is False and store.list_runs() == []
 
 

@@ -17,17 +17,20 @@ CONFIG = {"model": "fnn", "recipe": "seed", "seed": 0, "epochs": 2}
 
 
 def start(store: RunStore, run_id: str) -> None:
-    store.start_run(RunRecord(run_id, "fnn", "seed", 0, 2, config=CONFIG, dataset={"sha256": "ab"}, device="cpu",
-                              params=10, run_dir="/x", environment={"code_version": "v", "torch_version": "t"}))
+    store.start_run(RunRecord(run_id=run_id, model="fnn", recipe="seed", seed=0, epochs=2, config=CONFIG,
+                              dataset={"sha256": "ab"}, device="cpu", params=10, run_dir="/x",
+                              environment={"code_version": "v", "torch_version": "t"}))
 
 
 def test_run_lifecycle(tmp_path: Path) -> None:
     with RunStore(tmp_path) as store:
         start(store, "run-one")
-        store.add_epoch("run-one", EpochMetrics(1, 2.0, 1.9, 0.3, 1.0, 0.1, val_loss=2.5, val_accuracy=0.25))
+        store.add_epoch("run-one", EpochMetrics(epoch=1, train_loss=2.0, test_loss=1.9, test_accuracy=0.3, seconds=1.0,
+                                                eval_seconds=0.1, val_loss=2.5, val_accuracy=0.25))
         assert store.get_run("run-one")["status"] == "running"
         store.finish_run("run-one", "completed",
-                         record=RunRecord("run-one", "fnn", "seed", 0, 2, "completed", 0.3, 1.9, 1.0))
+                         record=RunRecord(run_id="run-one", model="fnn", recipe="seed", seed=0, epochs=2,
+                                          status="completed", test_accuracy=0.3, test_loss=1.9, train_seconds=1.0))
         run = store.get_run("run-on")  # unique prefix of 6 characters
         assert run["status"] == "completed" and run["config"] == CONFIG and run["history"][0]["test_accuracy"] == 0.3
         assert (run["history"][0]["val_loss"], run["history"][0]["val_accuracy"]) == (2.5, 0.25)  # every epoch field

@@ -49,7 +49,8 @@ config = {"model": "fnn", "recipe": "seed", "seed": 0, "epochs": 2}
 with RunStore(runs) as store:
     for i in range(count):
         run_id = f"{prefix}-{i}"
-        store.start_run(RunRecord(run_id, "fnn", "seed", 0, 2, config=config, dataset={"sha256": "ab"}))
+        store.start_run(RunRecord(run_id=run_id, model="fnn", recipe="seed", seed=0, epochs=2, config=config,
+                                  dataset={"sha256": "ab"}))
         print(run_id, flush=True)
         if i == 0 and party:
             Path(f"{go}.{prefix}").touch()
@@ -147,8 +148,9 @@ def test_sigkilled_writers_never_lose_a_committed_run(tmp_path: Path) -> None:
 
 
 def start(store: RunStore, run_id: str) -> None:
-    store.start_run(RunRecord(run_id, "fnn", "seed", 0, 2, config=CONFIG, dataset={"sha256": "ab"}, device="cpu",
-                              params=10, run_dir="/x", environment={"code_version": "v", "torch_version": "t"}))
+    store.start_run(RunRecord(run_id=run_id, model="fnn", recipe="seed", seed=0, epochs=2, config=CONFIG,
+                              dataset={"sha256": "ab"}, device="cpu", params=10, run_dir="/x",
+                              environment={"code_version": "v", "torch_version": "t"}))
 
 
 def user_version(db_file: Path) -> int:
@@ -262,6 +264,7 @@ def test_a_version_1_store_keeps_its_runs_and_gains_every_epoch_field(tmp_path: 
         old = store.record("old")
         assert (old.test_accuracy, old.history[0].test_accuracy, old.history[0].val_accuracy) == (0.4, 0.4, None)
         start(store, "new")
-        store.add_epoch("new", EpochMetrics(1, 1.0, 1.1, 0.5, 2.0, 0.1, val_loss=1.2, val_accuracy=0.45))
+        store.add_epoch("new", EpochMetrics(epoch=1, train_loss=1.0, test_loss=1.1, test_accuracy=0.5, seconds=2.0,
+                                            eval_seconds=0.1, val_loss=1.2, val_accuracy=0.45))
         assert store.record("new").history[0].val_accuracy == 0.45
     assert user_version(tmp_path / "cifarbench.db") == 2

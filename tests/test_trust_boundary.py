@@ -624,7 +624,8 @@ def test_a_renamed_copy_of_another_students_run_is_a_duplicate(data: Path, tmp_p
 def test_look_alike_names_are_flagged_and_the_roster_is_checked() -> None:
     from cifarbench.classroom import GradedRun
 
-    runs = [GradedRun(f"{n}.tar.gz", n, rescored_accuracy=0.5) for n in ("Ada", "\u0410da", "Zed", "Bob")]
+    runs = [GradedRun(archive=f"{n}.tar.gz", student=n, rescored_accuracy=0.5)
+            for n in ("Ada", "\u0410da", "Zed", "Bob")]
     missing = name_flags(runs, ["Ada", "Bob", "Eve", "Ｄａｎ"])
     flags = {r.student: {f.kind for f in r.flags} for r in runs}
     assert flags["\u0410da"] == {"look-alike", "not-on-roster"}
@@ -632,7 +633,7 @@ def test_look_alike_names_are_flagged_and_the_roster_is_checked() -> None:
     assert flags["Zed"] == {"not-on-roster"}
     assert missing == ["Eve", "Ｄａｎ"]
     assert name_skeleton("Ｄａｎ") == name_skeleton("dan") and name_skeleton("B0b") == name_skeleton("Bob")
-    alone = [GradedRun("x.tar.gz", "Jоhn")]  # Cyrillic о, no other name to collide with
+    alone = [GradedRun(archive="x.tar.gz", student="Jоhn")]  # Cyrillic о, no other name to collide with
     name_flags(alone, None)
     assert {f.kind for f in alone[0].flags} == {"mixed-script"}
 
@@ -809,7 +810,7 @@ def test_names_that_pass_for_another_are_flagged_and_unusual_letters_refused() -
     pairs = [("Ann Lee", "ann lee"), ("Ann Lee", "Ann  Lee"), ("Alice", "AIice"), ("Ada", "ɑda"), ("Kim", "Kirn"),
              ("HANNA", "ΗANNA"), ("Nina", "Νina")]
     for real, fake in pairs:
-        runs = [GradedRun("a.tar.gz", real), GradedRun("b.tar.gz", fake)]
+        runs = [GradedRun(archive="a.tar.gz", student=real), GradedRun(archive="b.tar.gz", student=fake)]
         name_flags(runs, None)
         assert all("look-alike" in {f.kind for f in r.flags} for r in runs), (real, fake)
     for bad in ("Ａnn", "\U0001d400nn", "Ann\u3164", "\u3164"):

@@ -34,7 +34,8 @@ def cli_json(capsys: pytest.CaptureFixture, *argv: str) -> dict:
 def small_dataset() -> ImageDataset:
     rng = np.random.default_rng(0)
     split = lambda n: Split(rng.integers(0, 256, (n, 3, 4, 4), dtype=np.uint8), np.arange(n) % 10)  # noqa: E731
-    return ImageDataset("cifar10", tuple("abcdefghij"), split(6), split(4), "f" * 64, False, "here", "python")
+    return ImageDataset(name="cifar10", classes=tuple("abcdefghij"), train=split(6), test=split(4), sha256="f" * 64,
+                        verified=False, source="here", layout="python")
 
 
 # --- Fast: the pieces -------------------------------------------------------------------------------------
@@ -74,7 +75,8 @@ def test_permute_pixels_is_a_validated_config_field() -> None:
 
 def record(model: str, seed: int, acc: float, permute: int | None = None, run_id: str | None = None) -> RunRecord:
     config = {"data": {"permute_pixels": permute}}
-    return RunRecord(run_id or f"{model}-{seed}-{permute}", model, "seed", seed, 1, test_accuracy=acc, config=config)
+    return RunRecord(run_id=run_id or f"{model}-{seed}-{permute}", model=model, recipe="seed", seed=seed, epochs=1,
+                     test_accuracy=acc, config=config)
 
 
 def test_permuted_runs_are_their_own_group() -> None:
@@ -262,7 +264,7 @@ def test_from_python_the_experiments_take_records_and_display_their_tables_and_f
     where = {"runs_dir": trained["runs"], "data_dir": trained["data"], "verify": False, "device": "cpu"}
     records = cb.stored_runs(trained["ids"], runs_dir=trained["runs"])
     shifted = cb.experiment("corruption", records, kinds=["contrast"], severities=[5], **where)
-    comparison = cb.Comparison([], records)  # a result's runs are taken as they are
+    comparison = cb.Comparison(results=[], runs=records)  # a result's runs are taken as they are
     assert cb.experiment("corruption", comparison, kinds=["contrast"], severities=[5], **where).results == \
         shifted.results
     assert shifted.runs_by_model == {"fnn": trained["ids"][:2], "cnn": trained["ids"][2:]}

@@ -84,7 +84,7 @@ class Flag:
         return asdict(self)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GradedRun:
     """One run of one submission: what it claims, what it re-scores, its flags, or why it was not graded."""
 
@@ -124,7 +124,7 @@ class GradedRun:
                 "flags": [f.to_dict() for f in self.flags]}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LeaderboardEntry:
     """One student's runs of one model (several seeds: mean ± spread), ranked by their re-scored accuracy (on the
     hidden set when there is one)."""
@@ -169,7 +169,7 @@ class LeaderboardEntry:
                 "images": self.images, "flags": self.flags, "isolation": self.isolation}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Grading:
     """A graded inbox: every run (graded or not, with reasons), the leaderboard, and where it was written."""
 
@@ -367,14 +367,14 @@ def leaderboard(runs: Sequence[GradedRun], *, test_images: int, hidden_images: i
         flops = [r.train_flops for r in rs if r.train_flops is not None]
         kinds = list(dict.fromkeys(f.kind for r in rs for f in r.flags))
         isolation = ", ".join(dict.fromkeys(r.isolation or "-" for r in rs))
-        entries.append(LeaderboardEntry(0, False, student or "?", model or "?", recipe or "?",
-                                        [r.run_id or "?" for r in rs], rs[0].params,
-                                        statistics.fmean(flops) if flops else None,
-                                        _spread([r.train_seconds for r in rs]),
-                                        _spread([r.claimed_accuracy for r in rs]),
-                                        mean_spread([r.rescored_accuracy for r in rs]),  # type: ignore[misc]
-                                        hidden, hidden_images if hidden is not None else test_images, kinds,
-                                        isolation))
+        entries.append(LeaderboardEntry(rank=0, tied=False, student=student or "?", model=model or "?",
+                                        recipe=recipe or "?", run_ids=[r.run_id or "?" for r in rs],
+                                        params=rs[0].params, train_flops=statistics.fmean(flops) if flops else None,
+                                        train_seconds=_spread([r.train_seconds for r in rs]),
+                                        claimed=_spread([r.claimed_accuracy for r in rs]),
+                                        rescored=mean_spread([r.rescored_accuracy for r in rs]),  # type: ignore[misc]
+                                        hidden=hidden, images=hidden_images if hidden is not None else test_images,
+                                        flags=kinds, isolation=isolation))
     return rank_entries(entries)
 
 
@@ -591,8 +591,9 @@ def grade(inbox: str | os.PathLike, *, trust_code: bool = False, data_dir: str |
     _flag_shared_weights(runs)
     missing = name_flags(runs, expected)
     board = leaderboard(runs, test_images=len(data.test), hidden_images=len(hidden_set.files) if hidden_set else None)
-    result = Grading(str(inbox), runs, board, data.info(), hidden_set.info() if hidden_set else None, trust_code,
-                     str(work), isolation=box.isolation.describe() if box else "in-process (no student code runs)",
+    result = Grading(inbox=str(inbox), runs=runs, leaderboard=board, dataset=data.info(),
+                     hidden=hidden_set.info() if hidden_set else None, trust_code=trust_code, work_dir=str(work),
+                     isolation=box.isolation.describe() if box else "in-process (no student code runs)",
                      roster=str(roster) if roster is not None else None, missing=missing)
     if write:
         target.mkdir(parents=True, exist_ok=True)
@@ -609,7 +610,8 @@ def _grade_one(archive: Path, folder: Path, data: ImageDataset, hidden: HiddenSe
         return _grade_archive(archive, folder, data, hidden, seen, box=box, device=device,
                               bundle_limits=bundle_limits)
     except (Exception, SystemExit) as exc:  # a crafted archive must not stop the others either
-        return [GradedRun(archive.name, None, error=f"could not be graded ({type(exc).__name__}: {_line(exc)})")]
+        return [GradedRun(archive=archive.name, student=None,
+                          error=f"could not be graded ({type(exc).__name__}: {_line(exc)})")]
     finally:
         shutil.rmtree(folder, ignore_errors=True)  # the work folder never holds more than one submission
 
@@ -755,15 +757,17 @@ def _grade_archive(archive: Path, store: Path, data: ImageDataset, hidden: Hidde
         student = check_student(bundle.student)
         imported = import_runs(archive, runs_dir=store, limits=bundle_limits)
     except CifarbenchError as exc:
-        return [GradedRun(archive.name, None, error=str(exc))]
-    rows = [GradedRun(archive.name, student, run_id, error=f"not imported: {why}")
+        return [GradedRun(archive=archive.name, student=None, error=str(exc))]
+    rows = [GradedRun(archive=archive.name, student=student, run_id=run_id, error=f"not imported: {why}")
             for run_id, why in imported.skipped]
     for record in imported.imported:
         # The manifest is the student's text: only well-typed values go into the leaderboard.
         code_sha = record.config.get("model_sha256") if isinstance(record.config, dict) else None
-        row = GradedRun(archive.name, student, record.run_id, label(str(record.model))[:200], str(record.recipe)[:64],
-                        _integer(record.seed), len(record.history) or _integer(record.epochs), None,
-                        _integer(record.train_flops), _number(record.train_seconds), _number(record.test_accuracy, 1),
+        row = GradedRun(archive=archive.name, student=student, run_id=record.run_id,
+                        model=label(str(record.model))[:200], recipe=str(record.recipe)[:64],
+                        seed=_integer(record.seed), epochs=len(record.history) or _integer(record.epochs), params=None,
+                        train_flops=_integer(record.train_flops), train_seconds=_number(record.train_seconds),
+                        claimed_accuracy=_number(record.test_accuracy, 1),
                         isolation=box.isolation.kind if box else "in-process",
                         model_sha256=code_sha if isinstance(code_sha, str) else None)
         if box is not None:

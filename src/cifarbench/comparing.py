@@ -106,7 +106,8 @@ def compare(models: Sequence[str], make: Callable[[str, int], TrainConfig], *, s
     plot_path = Path(plot) if plot else resolve_runs_dir(runs_dir) / f"compare-{time.strftime('%Y%m%d-%H%M%S')}.png"
     plot_learning_curves({s.model: [[h.to_dict() for h in r.history] for r in runs if r.run_id in s.run_ids]
                           for s in results}, plot_path, target=target)
-    comparison = Comparison(results, runs, target, dataset.info(), failures, str(plot_path), None, jobs, environment())
+    comparison = Comparison(results=results, runs=runs, target=target, dataset=dataset.info(), failures=failures,
+                            plot_file=str(plot_path), report=None, jobs=jobs, environment=environment())
     correct = per_example_correctness(runs, dataset, device=first.device, runs_dir=runs_dir, progress=progress)
     comparison.pairs, comparison.warnings = pairwise(runs, correct), run_warnings(runs)
     if report:
@@ -166,8 +167,8 @@ def compare_runs(refs: Sequence[str], *, runs_dir: str | os.PathLike | None = No
     if mcnemar or data_dir is not None:
         correct = per_example_correctness(runs, None, device=device, runs_dir=runs_dir, trust_code=trust_code,
                                           progress=progress, data_dir=data_dir, verify=verify, download=download)
-    return Comparison(summarise(runs, target), runs, target, environment=environment(), pairs=pairwise(runs, correct),
-                      warnings=run_warnings(runs))
+    return Comparison(results=summarise(runs, target), runs=runs, target=target, environment=environment(),
+                      pairs=pairwise(runs, correct), warnings=run_warnings(runs))
 
 
 def per_example_correctness(runs: Sequence[RunRecord], dataset: ImageDataset | None, *, device: str = "auto",

@@ -17,7 +17,7 @@ import operator
 import re
 import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
+from dataclasses import KW_ONLY, MISSING, asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any, ClassVar
 
 from cifarbench.errors import CifarbenchError
@@ -42,7 +42,7 @@ MAX_JSON_INT = 2**53
 """Larger integers do not survive a JSON reader that parses numbers as doubles."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Check:
     """What one config field accepts besides its type: bounds for numbers (and tuple items), a fixed set or a
     full-match pattern for strings, a length range for strings and tuples."""
@@ -254,7 +254,7 @@ def check_fields(config: Any) -> None:
         object.__setattr__(config, f.name, check_field(type(config), f.name, getattr(config, f.name)))
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DataConfig:
     section: ClassVar[str] = "data"
     dataset: str = setting("cifar10", choices=DATASETS)
@@ -289,7 +289,7 @@ class DataConfig:
             raise CifarbenchError(f"data.mean {self.mean} and data.std {self.std} must have one entry per channel each")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class OptimizerConfig:
     section: ClassVar[str] = "optimizer"
     name: str = setting("sgd", choices=OPTIMIZERS)
@@ -370,6 +370,7 @@ class TrainConfig:
     model: str = setting(pattern=MODEL_REF, shown="a registered model's name, or file.py:Name / module:Name")
     """A registered model's name (`cifarbench models` lists them), or a reference to your own: `path/to/file.py:Name`
     or `package.module:Name`, Name an nn.Module subclass or a function that returns one."""
+    _: KW_ONLY  # the model may be given by position; every other field by name
     model_sha256: str | None = setting(None, pattern=r"[0-9a-f]{64}", shown="a sha256 in hex")
     """For your own model: the sha256 of its source, whose copy is the run folder's model.py (None for registered
     models, whose code is the cifarbench version's)."""

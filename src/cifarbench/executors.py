@@ -204,7 +204,7 @@ def grade_on_ray(archives: Sequence[Path], data: Any, hidden: Any, *, box: Any, 
         try:
             content = _read_archive(archive, bundle_limits)
         except CifarbenchError as exc:  # as the local grading says it, from the same bounded read
-            refs.append(GradedRun(archive.name, None, error=str(exc)))
+            refs.append(GradedRun(archive=archive.name, student=None, error=str(exc)))
             continue
         refs.append(remote.options(max_retries=RETRIES, **resources).remote(
             content, str(archive), data_ref, hidden_ref, (box.isolation, box.limits) if box is not None else None,
@@ -218,7 +218,8 @@ def grade_on_ray(archives: Sequence[Path], data: Any, hidden: Any, *, box: Any, 
             try:
                 out.append(ray.get(ref))
             except Exception as exc:
-                out.append([GradedRun(archive.name, None, error=f"could not be graded ({failure_line(exc)})")])
+                out.append([GradedRun(archive=archive.name, student=None,
+                                      error=f"could not be graded ({failure_line(exc)})")])
     except BaseException:
         for ref in refs:
             if not isinstance(ref, GradedRun):

@@ -69,7 +69,7 @@ def explain_trained(loaded: TrainedModel, dataset: ImageDataset, *, label: str, 
 
 # --- The gallery ------------------------------------------------------------------------------------------
 
-@dataclass
+@dataclass(kw_only=True)
 class ExplainedRun:
     run_id: str
     label: str
@@ -127,8 +127,8 @@ def explain_runs(refs: Sequence[str], out: str | os.PathLike, *, runs_dir: str |
         seen = _test_data(loaded, copies, data_dir=data_dir, verify=verify, download=download, progress=progress)
         explained = explain_trained(loaded, seen, label=f"{labels[run.run_id]} seed {run.seed}", examples=examples)
         files = [str(save_figure(f.figure, root / run.run_id / f"{f.key}.png")) for f in explained.figures]
-        result.runs.append(ExplainedRun(run.run_id, labels[run.run_id], run.seed, explained.accuracy, files,
-                                        explained.notes))
+        result.runs.append(ExplainedRun(run_id=run.run_id, label=labels[run.run_id], seed=run.seed,
+                                        accuracy=explained.accuracy, files=files, notes=explained.notes))
         result.files += files
         result.notes += explained.notes
     result.files.append(str(save_figure(capacity_figure([s.to_dict() for s in summarise(runs)]),
@@ -152,7 +152,7 @@ class ExperimentRow:
         return {"condition": self.condition, "accuracy": {k: v.to_dict() for k, v in self.accuracy.items()}}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ExperimentReport:
     """An experiment over stored runs: each run's result (also kept in its experiments.json) and, per
     condition, each model's mean and spread over its seeds."""
@@ -255,7 +255,8 @@ def run_experiment(name: str, refs: Sequence[str], *, shifts: int = 4, flip: boo
         if on_run:
             on_run(run, result)
     by_label = {label: [results[r.run_id] for r in rs] for label, rs in groups.items()}
-    report = ExperimentReport(name, list(groups), summarise_experiment(name, by_label), results,
+    report = ExperimentReport(name=name, models=list(groups), rows=summarise_experiment(name, by_label),
+                              results=results,
                               runs_by_model={label: [r.run_id for r in rs] for label, rs in groups.items()})
     if out is not None:
         from cifarbench.reporting.plots import robustness_figure, save_figure
@@ -288,7 +289,7 @@ def robustness_figure_of(runs: Sequence[RunRecord], runs_dir: str | os.PathLike 
 
 # --- Permuted pixels ---------------------------------------------------------------------------------------
 
-@dataclass
+@dataclass(kw_only=True)
 class PermutationRow:
     """One model trained and tested on the images as they are and on permuted pixels, over the same seeds."""
 
@@ -307,7 +308,7 @@ class PermutationRow:
                 "permuted_runs": self.permuted_runs}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PermutationReport:
     """The permuted-pixels experiment: each model's accuracy plain and permuted, and every pair of models
     compared in each condition (difference with interval, McNemar)."""
@@ -392,7 +393,7 @@ def permutation_experiment(models: Sequence[str], make: Callable[[str, int], Tra
         with RunStore(runs_dir, read_only=True) as store:
             ids = [row["id"] for row in store.list_runs() if row["status"] == "completed"]
         candidates = stored_runs(ids, runs_dir=runs_dir) if ids else []
-    report = PermutationReport(permutation_seed, [], [], [], [])
+    report = PermutationReport(permutation_seed=permutation_seed, rows=[], plain_pairs=[], permuted_pairs=[], runs=[])
     done: dict[tuple[str, int, bool], RunRecord] = {}
     for m in models:
         for kind, configs in ((False, plain[m]), (True, permuted[m])):
@@ -416,8 +417,9 @@ def permutation_experiment(models: Sequence[str], make: Callable[[str, int], Tra
         a = {s: r.test_accuracy for (mm, s, p), r in done.items() if mm == m and not p and r.test_accuracy is not None}
         b = {s: r.test_accuracy for (mm, s, p), r in done.items() if mm == m and p and r.test_accuracy is not None}
         common, xs, ys = paired_by_seed(a, b)
-        report.rows.append(PermutationRow(
-            m, mean_spread(list(a.values())) if a else None, mean_spread(list(b.values())) if b else None,
-            paired_difference(xs, ys) if common else None,
-            [done[(m, s, False)].run_id for s in range(seeds)], [done[(m, s, True)].run_id for s in range(seeds)]))
+        report.rows.append(PermutationRow(model=m, plain=mean_spread(list(a.values())) if a else None,
+                                          permuted=mean_spread(list(b.values())) if b else None,
+                                          change=paired_difference(xs, ys) if common else None,
+                                          plain_runs=[done[(m, s, False)].run_id for s in range(seeds)],
+                                          permuted_runs=[done[(m, s, True)].run_id for s in range(seeds)]))
     return report

@@ -54,7 +54,7 @@ def resolve_checkpoint(ref: str, runs_dir: str | os.PathLike | None = None) -> t
     return folders.run_folder(runs_dir, run["id"]) / folders.CHECKPOINT, run.get("origin") is None
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainedModel:
     """A checkpoint's model with its weights loaded, in eval mode on `device`, and what it was trained with."""
 
@@ -155,10 +155,10 @@ def load_trained_model(ref: str, *, runs_dir: str | os.PathLike | None = None, d
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.eval()
-    return TrainedModel(path, ckpt, config, model, dev, own)
+    return TrainedModel(path=path, checkpoint=ckpt, config=config, model=model, device=dev, own=own)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Evaluation:
     """A saved model scored on a whole test set."""
 
@@ -218,10 +218,11 @@ def evaluate_checkpoint(ref: str, *, runs_dir: str | os.PathLike | None = None, 
     if c.tta:
         say(f"evaluating the test set ({tta_views(c.tta)} TTA views)...", enabled=progress)
     result = loaded.evaluate(dataset, keep_probabilities=keep_probabilities)
-    return Evaluation(str(loaded.path), loaded.checkpoint.run_id, loaded.checkpoint.model, loaded.classes, c.tta,
-                      c.tta_threshold, result, describe_device(loaded.device), dataset.info(),
-                      dataset.sha256 == loaded.checkpoint.dataset["sha256"], result.probabilities,
-                      dataset.test.labels if keep_probabilities else None)
+    return Evaluation(checkpoint=str(loaded.path), run_id=loaded.checkpoint.run_id, model=loaded.checkpoint.model,
+                      classes=loaded.classes, tta=c.tta, tta_threshold=c.tta_threshold, result=result,
+                      device=describe_device(loaded.device), dataset=dataset.info(),
+                      dataset_matches_training=dataset.sha256 == loaded.checkpoint.dataset["sha256"],
+                      probabilities=result.probabilities, labels=dataset.test.labels if keep_probabilities else None)
 
 
 def predict_test_set(ref: str, **kwargs) -> Evaluation:
@@ -278,7 +279,7 @@ def predict_images(ref: str, images: Sequence[str | os.PathLike], *, top: int = 
                        classes=loaded.classes, predictions=predictions, warnings=[warning] if warning else [])
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ImageScore:
     """A saved model scored on labelled image files: accuracy, per-class accuracy, confusion, each image's verdict."""
 
@@ -340,6 +341,6 @@ def score_images(ref: str, images: Sequence[str | os.PathLike], labels: str | os
     assert result.probabilities is not None
     predicted = result.probabilities.argmax(1).tolist()
     warning = unfinished_warning(loaded)
-    return ImageScore(str(loaded.path), loaded.checkpoint.run_id, loaded.checkpoint.model, loaded.classes,
-                      str(labels), [str(f) for f in files], truth.tolist(), predicted, result,
-                      [warning] if warning else [])
+    return ImageScore(checkpoint=str(loaded.path), run_id=loaded.checkpoint.run_id, model=loaded.checkpoint.model,
+                      classes=loaded.classes, labels_file=str(labels), images=[str(f) for f in files],
+                      labels=truth.tolist(), predicted=predicted, result=result, warnings=[warning] if warning else [])

@@ -141,17 +141,17 @@ def _train(config: TrainConfig, world: ddp.DistEnv, device: torch.device, saved:
     training, weights = (saved.training, saved.state_dict) if saved is not None else (None, None)
     if not world.is_main:  # the other ranks train their shares; rank 0 alone writes the run
         result = train(config, dataset, device, progress=False, resume=training, resume_weights=weights, world=world)
-        return RunRecord("", config.model, config.recipe, config.seed, config.epochs,
+        return RunRecord(run_id="", model=config.model, recipe=config.recipe, seed=config.seed, epochs=config.epochs,
                          test_accuracy=result.final.accuracy if result.final else None, world_size=world.world_size)
     started, probe, shape, precision = None, None, None, None
     if config.budget_seconds and device.type == "cpu" and saved is None and not world.enabled:
         config, started, probe, shape, precision = budget_start(config, dataset)
     config, model = preflight(config, dataset)  # before anything is written: a refusal leaves nothing behind
     cost = cost_of(model, dataset.image_shape)
-    record = RunRecord("", config.model, config.recipe, config.seed, config.epochs, status="running",
-                       params=cost.params, flops_per_image=cost.flops_per_image, device=describe_device(device),
-                       world_size=world.world_size, dataset=dataset.info(), config=config.to_dict(),
-                       environment=environment())
+    record = RunRecord(run_id="", model=config.model, recipe=config.recipe, seed=config.seed, epochs=config.epochs,
+                       status="running", params=cost.params, flops_per_image=cost.flops_per_image,
+                       device=describe_device(device), world_size=world.world_size, dataset=dataset.info(),
+                       config=config.to_dict(), environment=environment())
     store = RunStore(runs_dir)
     try:
         if saved is not None:
@@ -290,9 +290,10 @@ def _loop(config: TrainConfig, dataset: ImageDataset, device: torch.device, worl
           shape: dict | None = None, precision: dict | None = None, resume: str = "",
           score_test: bool = True) -> RunRecord:
     def checkpoint(result: TrainResult) -> None:
-        RunCheckpoint(record.run_id, config.model, list(dataset.classes), dataset.image_shape, record.config,
-                      record.dataset, result.model.state_dict(), record.environment,
-                      result.state()).save(run_dir / folders.CHECKPOINT)
+        RunCheckpoint(run_id=record.run_id, model=config.model, classes=list(dataset.classes),
+                      in_shape=dataset.image_shape, config=record.config, dataset=record.dataset,
+                      state_dict=result.model.state_dict(), environment=record.environment,
+                      training=result.state()).save(run_dir / folders.CHECKPOINT)
 
     def after_epoch(metrics: EpochMetrics, result: TrainResult) -> None:
         store.add_epoch(record.run_id, metrics)

@@ -128,7 +128,7 @@ def study_path(name: str, runs_dir: str | os.PathLike | None) -> Path:
     return path
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrialRun:
     """One trial: its number, Optuna's verdict, the validation accuracy it reached, and its stored run."""
 
@@ -146,7 +146,7 @@ class TrialRun:
         return asdict(self)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TuneResult:
     """A study after this call: every trial, the best by validation accuracy, and that trial's one test score."""
 
@@ -286,18 +286,20 @@ def _trials_here(study: Any, base: TrainConfig, params: Sequence[ParamSpec], tri
             with RunStore(runs_dir) as store:  # the run stopped on purpose: recorded as pruned, not failed
                 store.finish_run(run_id, "pruned", error=str(pruned))
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            _announce(on_trial, TrialRun(trial.number, "pruned", reached[-1], run_id, trial.params, len(reached),
-                                         str(pruned)))
+            _announce(on_trial, TrialRun(number=trial.number, state="pruned", value=reached[-1], run_id=run_id,
+                                         params=trial.params, epochs=len(reached), error=str(pruned)))
             continue
         except KeyboardInterrupt:  # the run keeps its checkpoint; the study its finished trials
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             raise
         except CifarbenchError as exc:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            _announce(on_trial, TrialRun(trial.number, "fail", None, run_id, trial.params, len(reached), str(exc)))
+            _announce(on_trial, TrialRun(number=trial.number, state="fail", value=None, run_id=run_id,
+                                         params=trial.params, epochs=len(reached), error=str(exc)))
             continue
         study.tell(trial, reached[-1])
-        _announce(on_trial, TrialRun(trial.number, "complete", reached[-1], run_id, trial.params, len(reached)))
+        _announce(on_trial, TrialRun(number=trial.number, state="complete", value=reached[-1], run_id=run_id,
+                                     params=trial.params, epochs=len(reached)))
 
 
 def _announce(on_trial: Callable[[TrialRun], None] | None, trial: TrialRun) -> None:
@@ -328,7 +330,8 @@ def _trials_on_ray(study: Any, base: TrainConfig, params: Sequence[ParamSpec], t
             trial.report(h.val_accuracy, h.epoch)
         value = run.history[-1].val_accuracy
         study.tell(trial, value)
-        _announce(on_trial, TrialRun(trial.number, "complete", value, run.run_id, trial.params, len(run.history)))
+        _announce(on_trial, TrialRun(number=trial.number, state="complete", value=value, run_id=run.run_id,
+                                     params=trial.params, epochs=len(run.history)))
 
     left = trials
     while left > 0:
@@ -344,7 +347,8 @@ def _trials_on_ray(study: Any, base: TrainConfig, params: Sequence[ParamSpec], t
             for run_id, trial in list(by_run.items()):
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 why = "; ".join(f["error"] for f in failures) or "interrupted"
-                _announce(on_trial, TrialRun(trial.number, "fail", None, run_id, trial.params, 0, why))
+                _announce(on_trial, TrialRun(number=trial.number, state="fail", value=None, run_id=run_id,
+                                             params=trial.params, error=why))
             by_run.clear()
 
 
@@ -359,7 +363,8 @@ def _result(study: Any, name: str, runs_dir: str | os.PathLike | None, base: Tra
     for t in study.trials:
         steps = t.intermediate_values
         value = t.value if t.value is not None else steps[max(steps)] if steps else None
-        runs.append(TrialRun(t.number, states[t.state], value, t.user_attrs.get("run_id"), t.params, len(steps)))
+        runs.append(TrialRun(number=t.number, state=states[t.state], value=value, run_id=t.user_attrs.get("run_id"),
+                             params=t.params, epochs=len(steps)))
     complete = [r for r in runs if r.state == "complete" and r.value is not None]
     best = max(complete, key=lambda r: (r.value, -r.number)) if complete else None
     importances: dict[str, float] = {}
@@ -372,8 +377,9 @@ def _result(study: Any, name: str, runs_dir: str | os.PathLike | None, base: Tra
                 importances = {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
         except (RuntimeError, ValueError, ZeroDivisionError):
             importances = {}
-    return TuneResult(name, str(study_path(name, runs_dir)), study.user_attrs.get("base", base.to_dict()),
-                      [str(p) for p in params], runs, best, importances=importances)
+    return TuneResult(study=name, storage=str(study_path(name, runs_dir)),
+                      base=study.user_attrs.get("base", base.to_dict()), params=[str(p) for p in params],
+                      trials=runs, best=best, importances=importances)
 
 
 def _test_once(study: Any, best: TrialRun, dataset: Any, runs_dir: str | os.PathLike | None

@@ -167,7 +167,8 @@ def load_cifar10(data_dir: str | os.PathLike | None = None, *, verify: bool = Tr
         _write_cache(cache, key, cached)
     del payloads
     train, test, sha256 = cached
-    return ImageDataset("cifar10", CLASSES, train, test, sha256, official, str(layout.folder.resolve()), layout.kind)
+    return ImageDataset(name="cifar10", classes=CLASSES, train=train, test=test, sha256=sha256, verified=official,
+                        source=str(layout.folder.resolve()), layout=layout.kind)
 
 
 def _check_md5(layout: _Layout, md5s: dict[str, str], *, strict: bool) -> bool:

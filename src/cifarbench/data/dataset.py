@@ -23,7 +23,7 @@ class Split:
         return np.bincount(self.labels, minlength=num_classes).tolist()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ImageDataset:
     """A labelled image data set with the provenance a result needs to travel with."""
 

@@ -33,7 +33,7 @@ MAX_BYTES = 64 * MiB
 """The most an IDX file may hold, on disk and once gunzipped (the largest official one is 47 MiB unpacked)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class IdxDataset:
     name: str
     title: str
@@ -47,17 +47,17 @@ class IdxDataset:
 
 
 MNIST = IdxDataset(
-    "mnist", "MNIST", tuple(str(d) for d in range(10)), "mnist", "MNIST",
-    "https://ossci-datasets.s3.amazonaws.com/mnist/",
-    {TRAIN_IMAGES: "f68b3c2dcbeaaa9fbdd348bbdeb94873", TRAIN_LABELS: "d53e105ee54ea40749a09fcbcd1e9432",
+    name="mnist", title="MNIST", classes=tuple(str(d) for d in range(10)), folder="mnist", torchvision_folder="MNIST",
+    mirror="https://ossci-datasets.s3.amazonaws.com/mnist/",
+    md5={TRAIN_IMAGES: "f68b3c2dcbeaaa9fbdd348bbdeb94873", TRAIN_LABELS: "d53e105ee54ea40749a09fcbcd1e9432",
      TEST_IMAGES: "9fb629c4189551a2d022fa330f9573f3", TEST_LABELS: "ec29112dd5afa0611ce80d1b7f02629c"})
 FASHION_MNIST = IdxDataset(
-    "fashion-mnist", "Fashion-MNIST",
-    ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
-    "fashion-mnist", "FashionMNIST",
+    name="fashion-mnist", title="Fashion-MNIST",
+    classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+    folder="fashion-mnist", torchvision_folder="FashionMNIST",
     # The authors' own S3 site is http-only; their GitHub repository holds the same files over https.
-    "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
-    {TRAIN_IMAGES: "8d4fb7e6c68d591d4c3dfef9ec88bf0d", TRAIN_LABELS: "25c81989df183df01b3e8a0aad5dffbe",
+    mirror="https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
+    md5={TRAIN_IMAGES: "8d4fb7e6c68d591d4c3dfef9ec88bf0d", TRAIN_LABELS: "25c81989df183df01b3e8a0aad5dffbe",
      TEST_IMAGES: "bef4ecab320f06d8554ea6380940ec79", TEST_LABELS: "bb300cfdad3c16e7a12a480ee83cd310"})
 SPECS = {spec.name: spec for spec in (MNIST, FASHION_MNIST)}
 
@@ -130,8 +130,8 @@ def load_idx_dataset(name: str, data_dir: str | os.PathLike | None = None, *, ve
     test = _split(arrays, files, TEST_IMAGES, TEST_LABELS, len(spec.classes))
     folder = files[TEST_IMAGES].parent
     layout = "idx-gz" if all(p.suffix == ".gz" for p in files.values()) else "idx"
-    return ImageDataset(spec.name, spec.classes, train, test, fingerprint(train, test), verified,
-                        str(folder.resolve()), layout)
+    return ImageDataset(name=spec.name, classes=spec.classes, train=train, test=test, sha256=fingerprint(train, test),
+                        verified=verified, source=str(folder.resolve()), layout=layout)
 
 
 def _check_md5(spec: IdxDataset, files: dict[str, Path], payloads: dict[str, bytes], *, strict: bool) -> bool:

@@ -15,7 +15,7 @@ from cifarbench.errors import CifarbenchError
 SPLITS = ("train", "test")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DataOverview:
     """A loaded data set's classes, its images per class in each split, and where it came from."""
 
@@ -94,7 +94,8 @@ def explore(*, dataset: str = "cifar10", data_dir: str | os.PathLike | None = No
                                  verify=verify, download=download), progress=progress)
     counts = {"train": ds.train.class_counts(len(ds.classes)), "test": ds.test.class_counts(len(ds.classes))}
     _per_class(per_class, counts[split], split)
-    overview = DataOverview(ds.name, list(ds.classes), counts, ds.info(), per_class, split, seed, ds)
+    overview = DataOverview(name=ds.name, classes=list(ds.classes), counts=counts, info=ds.info(), per_class=per_class,
+                            split=split, seed=seed, dataset=ds)
     if out is not None:
         from cifarbench.reporting.plots import save_figure
 

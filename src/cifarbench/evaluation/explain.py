@@ -33,7 +33,7 @@ class ExplainFigure:
     """A short file-name stem: templates, filters, feature-maps, saliency."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ModelExplanation:
     label: str
     correct: np.ndarray
@@ -82,7 +82,7 @@ def explain_model(model: nn.Module, test: DeviceSplit, *, label: str, classes: S
     `experiments`, its accuracy under translation and corruptions. `mean`/`std` are the run's normalisation."""
     predicted = predictions(model, test, batch_size=batch_size, autocast_dtype=autocast_dtype)
     labels = test.labels.cpu().numpy()
-    result = ModelExplanation(label, predicted == labels)
+    result = ModelExplanation(label=label, correct=predicted == labels)
     probe = torch.zeros(1, *in_shape, device=test.device)
     layers = interpret.modules_in_forward_order(interpret.fp32_model(model), probe)
     chosen = interpret.pick_examples(labels, predicted, right=examples, wrong=examples, seed=seed)

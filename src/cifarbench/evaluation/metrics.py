@@ -14,7 +14,7 @@ from cifarbench.data.loader import DeviceSplit
 from cifarbench.device import autocast
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EvalResult:
     accuracy: float
     """Fraction of examples classified correctly, in [0, 1]."""

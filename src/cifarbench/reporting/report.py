@@ -47,8 +47,8 @@ def report_runs(refs: Sequence[str], out: str | os.PathLike, *, runs_dir: str | 
     path, pairs = _write_report(runs, results, out, target=target, data_dir=data_dir, verify=verify,
                                 download=download, device=device, progress=progress, trust_code=trust_code,
                                 runs_dir=runs_dir)
-    return Comparison(results, runs, target, report=str(path), environment=environment(), pairs=pairs,
-                      warnings=run_warnings(runs))
+    return Comparison(results=results, runs=runs, target=target, report=str(path), environment=environment(),
+                      pairs=pairs, warnings=run_warnings(runs))
 
 
 class _Evidence:

@@ -16,7 +16,7 @@ from cifarbench.training.state import EpochMetrics
 ENVIRONMENT_KEYS = ("code_version", "torch_version", "python", "platform", "cpu")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunRecord:
     """One run: what it trained, how it scored, what it cost, and what produced it."""
 
@@ -102,7 +102,7 @@ class RunRecord:
         return run_html(self)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ModelSummary:
     """One model's runs over seeds: accuracy mean and spread, cost, and time to a target."""
 
@@ -126,10 +126,12 @@ class ModelSummary:
         secs = [r.train_seconds for r in runs if r.train_seconds is not None]
         histories = [{"seed": r.seed, "run_id": r.run_id, "history": [h.to_dict() for h in r.history]} for r in runs]
         ttt = summarise_time_to_target(histories, target) if target is not None else None
-        return cls(label, runs[0].recipe, [r.seed for r in runs],
-                   statistics.fmean(acc) if acc else None, statistics.stdev(acc) if len(acc) > 1 else None,
-                   statistics.fmean(secs) if secs else None, statistics.stdev(secs) if len(secs) > 1 else None,
-                   runs[0].params, runs[0].flops_per_image, ttt, [r.run_id for r in runs])
+        return cls(model=label, recipe=runs[0].recipe, seeds=[r.seed for r in runs],
+                   test_accuracy_mean=statistics.fmean(acc) if acc else None,
+                   test_accuracy_std=statistics.stdev(acc) if len(acc) > 1 else None,
+                   train_seconds_mean=statistics.fmean(secs) if secs else None,
+                   train_seconds_std=statistics.stdev(secs) if len(secs) > 1 else None, params=runs[0].params,
+                   flops_per_image=runs[0].flops_per_image, time_to_target=ttt, run_ids=[r.run_id for r in runs])
 
     @property
     def macs_per_image(self) -> int | None:
@@ -143,7 +145,7 @@ class ModelSummary:
         return cls(**{f.name: d.get(f.name) for f in fields(cls)})
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Comparison:
     """Models compared over seeds: one summary per model, every run, and where the outputs went."""
 

@@ -346,11 +346,13 @@ class RunStore:
     @staticmethod
     def to_record(row: dict[str, Any]) -> RunRecord:
         """A decoded row (`get_run`, `list_runs`) as a typed record."""
-        record = RunRecord(row["id"], row["model"], row["recipe"], row["seed"], row["epochs"], row["status"],
-                           row["test_accuracy"], row["test_loss"], row["train_seconds"], row.get("wall_seconds"),
-                           row.get("steps"), row["params"], row.get("flops_per_image"), row.get("train_flops"),
-                           row["device"], row.get("world_size") or 1, row["dataset"] or {},
-                           [EpochMetrics.from_dict(h) for h in row.get("history", [])], config=row["config"],
+        record = RunRecord(run_id=row["id"], model=row["model"], recipe=row["recipe"], seed=row["seed"],
+                           epochs=row["epochs"], status=row["status"], test_accuracy=row["test_accuracy"],
+                           test_loss=row["test_loss"], train_seconds=row["train_seconds"],
+                           wall_seconds=row.get("wall_seconds"), steps=row.get("steps"), params=row["params"],
+                           flops_per_image=row.get("flops_per_image"), train_flops=row.get("train_flops"),
+                           device=row["device"], world_size=row.get("world_size") or 1, dataset=row["dataset"] or {},
+                           history=[EpochMetrics.from_dict(h) for h in row.get("history", [])], config=row["config"],
                            run_dir=row["run_dir"], error=row.get("error"), origin=row.get("origin"))
         record.environment = row.get("environment") or {k: row[k] for k in ("code_version", "torch_version") if row[k]}
         return record

@@ -354,7 +354,7 @@ def evaluation_share(model: nn.Module, train: DeviceSplit, test_size: int, confi
     return (1 + unsure * (views - 1)) / views, plain
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FinalEvaluation:
     """How a budgeted run's final evaluation is done: the TTA level and selective-TTA threshold it can afford
     in the time left, next to the configured ones."""
@@ -414,7 +414,8 @@ def choose_final_evaluation(tta: int, threshold: float, left: float, batch_secon
         unsure = 1.0 if t <= 0 else min(1.0, 1.5 * float((confidences < t).float().mean()))
         cost = plain * (1 + unsure * (views - 1))
         if cost * margin <= left or level == 0:
-            return index, FinalEvaluation(level, t, tta, threshold, cost, left)
+            return index, FinalEvaluation(tta=level, threshold=t, planned_tta=tta, planned_threshold=threshold,
+                                          estimate_seconds=cost, left_seconds=left)
     raise AssertionError("evaluation_options always ends with plain evaluation")
 
 
@@ -439,7 +440,7 @@ def note(message: str) -> None:
     print(f"note: {message}", file=sys.stderr, flush=True)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BudgetReport:
     """What a budgeted run planned, measured and gave up: recorded in its metrics.json and `--json`."""
 
@@ -498,9 +499,12 @@ def report(plan: StepPlan, config: TrainConfig, position: LoopPosition, final: F
     if plan.stopped is not None:
         cuts.insert(0, f"training stopped at step {plan.stopped} as the time ran out")
     seconds = max(position.elapsed, 1e-9)
-    return BudgetReport(config.budget_seconds, used_seconds, position.step, position.step / seconds,
-                        position.images / seconds, plan.step_seconds(), plan.reserved_evaluation(),
-                        final.estimate_seconds, eval_seconds, final.planned_tta, final.planned_threshold, final.tta,
-                        final.threshold, cuts, torch.get_num_threads(),
+    return BudgetReport(budget_seconds=config.budget_seconds, used_seconds=used_seconds, steps=position.step,
+                        steps_per_second=position.step / seconds, images_per_second=position.images / seconds,
+                        step_seconds=plan.step_seconds(), eval_reserved_seconds=plan.reserved_evaluation(),
+                        eval_estimate_seconds=final.estimate_seconds, eval_seconds=eval_seconds,
+                        tta_planned=final.planned_tta, tta_threshold_planned=final.planned_threshold,
+                        tta_used=final.tta, tta_threshold_used=final.threshold, cuts=cuts,
+                        threads=torch.get_num_threads(),
                         thread_changes=list(plan.threads.changes) if plan.threads is not None else [],
                         replans=list(plan.trace))

@@ -39,7 +39,7 @@ from cifarbench.training.state import EpochMetrics, LoopPosition, TrainingState,
 __all__ = ["EpochMetrics", "LoopPosition", "TrainResult", "autocast_dtype", "check_settings", "train"]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainResult:
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -187,7 +187,7 @@ def low_res_side(config: TrainConfig, side: int) -> int:
     return config.low_res if 0 < config.low_res < side and config.low_res_fraction > 0 else 0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Setup:
     """Everything the loop works with, built once: data on the device, the model (and what the steps call),
     augmentation, the step plan, and the result that collects the state as training goes."""
@@ -227,7 +227,7 @@ class _Setup:
         model = build_model(config, dataset, device, whiten_images)
         forward = ddp.wrap(model, world, device, config.sync_bn)
         forward = torch.compile(forward) if config.compile else forward
-        result = TrainResult(model, make_optimizer(model, config))
+        result = TrainResult(model=model, optimizer=make_optimizer(model, config))
         if resume is not None:
             model.load_state_dict(resume_weights)
             result.restore(resume, config)
@@ -243,9 +243,10 @@ class _Setup:
                                 low_res=low_res, side=side, resume=result.position if resume is not None else None,
                                 threads=threads)
         result.position.total_steps = plan.total_steps
-        return cls(config, device, world, amp, train_data, test_data, val_data, model, forward,
-                   Augmenter(config.augment, n, config.seed, device), plan, result, steps_per_epoch, low_res,
-                   len(dataset.classes), started)
+        return cls(config=config, device=device, world=world, amp=amp, train_data=train_data, test_data=test_data,
+                   val_data=val_data, model=model, forward=forward,
+                   augment=Augmenter(config.augment, n, config.seed, device), plan=plan, result=result,
+                   steps_per_epoch=steps_per_epoch, low_res=low_res, classes=len(dataset.classes), started=started)
 
     def batch(self, idx: torch.Tensor, low: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's share of a global batch, normalised, augmented and (progressive resizing) shrunk."""
@@ -310,9 +311,10 @@ class _Setup:
         test = None
         if score_test:
             test = self.final_evaluation() if last else self.evaluate(self.test_data) if c.eval_every_epoch else None
-        metrics = EpochMetrics(pos.epoch, pos.loss_sum / max(pos.seen, 1), test.loss if test else None,
-                               test.accuracy if test else None, pos.elapsed, time.perf_counter() - eval_start,
-                               val.loss if val else None, val.accuracy if val else None)
+        metrics = EpochMetrics(epoch=pos.epoch, train_loss=pos.loss_sum / max(pos.seen, 1),
+                               test_loss=test.loss if test else None, test_accuracy=test.accuracy if test else None,
+                               seconds=pos.elapsed, eval_seconds=time.perf_counter() - eval_start,
+                               val_loss=val.loss if val else None, val_accuracy=val.accuracy if val else None)
         self.result.history.append(metrics)
         self.result.final = test or self.result.final
         return metrics

@@ -56,7 +56,7 @@ def candidate(precision: str, channels_last: bool) -> str:
     return f"{precision} {'channels-last' if channels_last else 'contiguous'}"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class KernelChoice:
     """The precision and memory layout a budgeted CPU run trains with, chosen by timing its step here."""
 
@@ -97,7 +97,8 @@ def choose_kernels(step: Step, requested: str = "auto", *, native_bf16: bool, de
     start = clock()
     allowed = {"fp32": requested in ("auto", "fp32"),
                "bf16": requested == "bf16" or (requested == "auto" and native_bf16 and not deterministic)}
-    choice = KernelChoice("fp32" if allowed["fp32"] else "bf16", True, requested, native_bf16)
+    choice = KernelChoice(precision="fp32" if allowed["fp32"] else "bf16", channels_last=True, requested=requested,
+                          native_bf16=native_bf16)
     if not allowed["bf16"]:
         choice.not_chosen["bf16"] = ("deterministic runs train in fp32" if deterministic and requested == "auto"
                                      else "no native bf16 on this CPU" if requested == "auto" else "fp32 was asked for")
@@ -155,7 +156,7 @@ def choose_kernels(step: Step, requested: str = "auto", *, native_bf16: bool, de
     return choice
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Throughput:
     """The probe's measurement: training images/s of the reference net at the chosen thread count."""
 
@@ -372,4 +373,5 @@ def probe_throughput(threads: int | None = None, *, requested: str = "auto", det
             best = threads if tried[str(threads)] > tried["1"] else 1
         torch.set_num_threads(best)
         rate = PROBE_BATCH / _seconds(step, PROBE_BATCH, PROBE_STEPS)
-    return Throughput(rate * factor, best, tried, time.perf_counter() - start, factor, busy, load, kernels, most)
+    return Throughput(images_per_second=rate * factor, threads=best, tried=tried, seconds=time.perf_counter() - start,
+                      factor=factor, others_running=busy, load_average=load, kernels=kernels, most_threads=most)

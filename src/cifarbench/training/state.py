@@ -23,7 +23,7 @@ from cifarbench.errors import CifarbenchError
 from cifarbench.training.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EpochMetrics:
     epoch: int
     train_loss: float
@@ -47,7 +47,7 @@ class EpochMetrics:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LoopPosition:
     """Where the loop is, in plain values: enough, with the weights, optimiser and RNG states, to resume a run
     bitwise (the data order and augmentation of an epoch depend only on the seed and the epoch)."""
@@ -210,7 +210,7 @@ class TrainingState:
     rng: dict
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunCheckpoint:
     """A run's checkpoint: identity, weights and (for resuming) its training state."""
 
@@ -246,8 +246,9 @@ class RunCheckpoint:
                                      [EpochMetrics.from_dict(h) for h in p["history"]], p["rng"])
         environment = {k: p[k] for k in ("code_version", "torch_version", "python", "platform", "cpu")
                        if isinstance(p.get(k), str)}
-        return cls(p["run_id"], p["model"], list(p["classes"]), tuple(p["in_shape"]), p["config"], p["dataset"],
-                   p["state_dict"], environment, training)
+        return cls(run_id=p["run_id"], model=p["model"], classes=list(p["classes"]), in_shape=tuple(p["in_shape"]),
+                   config=p["config"], dataset=p["dataset"], state_dict=p["state_dict"], environment=environment,
+                   training=training)
 
     def weight_count(self) -> int:
         """Numbers in the weights, BatchNorm statistics aside: the parameters, counted without building the model."""
