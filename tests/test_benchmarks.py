@@ -159,3 +159,12 @@ def test_grade_isolation_times_the_same_inbox_in_process_and_boxed(tiny_py: Path
     assert out["bundles"] == 2 and grading["in-process"]["graded"] == 2 and grading["process"]["graded"] == 2
     assert "overhead_per_bundle_s" in grading["process"]
     assert "seconds" in grading["bubblewrap"] or "bubblewrap" in grading["bubblewrap"]["error"]
+
+
+def test_ray_overhead_times_both_executors_in_one_process(tiny_py: Path) -> None:
+    pytest.importorskip("ray")
+    done = run_benchmark("ray_overhead.py", "--seeds", "2", "--data-dir", str(tiny_py))
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout)
+    assert out["same_per_seed_accuracy"] is True and len(out["local_wall_seconds"]) == 2
+    assert out["ray_over_local"] == pytest.approx(out["ray_wall_seconds"] / (sum(out["local_wall_seconds"]) / 2))
