@@ -68,7 +68,10 @@ def task_resources(ray: Any, config: TrainConfig, threads: int) -> dict[str, flo
     gpus = ray.cluster_resources().get("GPU", 0)
     if gpus and config.device in ("auto", "cuda"):
         return {"num_gpus": 1, "num_cpus": 1}
-    return {"num_cpus": threads}
+    # Never more than the largest node has: such a task would wait forever (e.g. a 2-CPU test cluster on a
+    # machine with more cores). The run still uses `threads` threads, so its result does not change.
+    largest = max((n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+    return {"num_cpus": max(1, min(threads, int(largest) or 1))}
 
 
 def _line(exc: BaseException) -> str:
