@@ -130,8 +130,8 @@ def compare(models: Sequence[Model], *, seeds: int = 1, jobs: int = 1, target: f
     if (jobs > 1 or executor == "ray") and any(r.startswith("__main__:") for r in refs):
         from cifarbench.errors import CifarbenchError
 
-        raise CifarbenchError("jobs > 1 runs models in worker processes, which cannot see classes defined in a "
-                              "notebook or script; put the class in a .py file and pass 'file.py:Name'")
+        raise CifarbenchError("jobs > 1 (or executor='ray') runs models in worker processes, which cannot see classes "
+                              "defined in a notebook or script; put the class in a .py file and pass 'file.py:Name'")
     seed_given = choices.pop("seed", None)
     if seed_given is not None:
         from cifarbench.errors import CifarbenchError

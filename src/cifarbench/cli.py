@@ -151,7 +151,8 @@ def _tune_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--param", action="append", default=[], metavar="NAME=SPEC", required=True,
                    help="a config field and its range: log:LOW:HIGH, float:LOW:HIGH, int:LOW:HIGH or choice:A,B,... "
                         "e.g. --param optimizer.lr=log:1e-3:3e-1 --param optimizer.name=choice:sgd,adamw (repeatable)")
-    p.add_argument("--trials", type=int, default=10, help="trials to run now (more resume the study; default 10)")
+    p.add_argument("--trials", type=int, default=10,
+                   help="trials to run now (more resume the study; 0: report it; default 10)")
     p.add_argument("--study", metavar="NAME", help="the study's name: RUNS_DIR/studies/NAME.db (default tune-MODEL)")
     p.add_argument("--seed", type=int, default=0, help="every trial's seed, and the sampler's (default 0)")
     p.add_argument("--jobs", type=int, default=1, help="with --executor ray: trials running at once (default 1)")

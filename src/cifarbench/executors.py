@@ -53,9 +53,11 @@ def connect(address: str | None = None) -> Any:
     if not ray.is_initialized():
         # MKL reads MKL_CBWR at its first call: the workers need it from the start (runtime.py).
         env = {k: os.environ[k] for k in ("MKL_CBWR", "CIFARBENCH_DATA") if k in os.environ}
+        # A Ray of our own listens on this machine alone: a Ray node runs any task it is sent.
+        local = {} if address else {"_node_ip_address": "127.0.0.1"}
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                     runtime_env={"env_vars": env})
+                     runtime_env={"env_vars": env}, **local)
         except (ConnectionError, ValueError, RuntimeError) as exc:
             raise CifarbenchError(f"could not reach a Ray cluster at {address or 'a new local one'}: "
                                   f"{_line(exc)}") from None

@@ -175,6 +175,7 @@ def tune(base: TrainConfig, params: Sequence[ParamSpec], *, trials: int, study: 
          report: str | os.PathLike | None = None, on_trial: Callable[[TrialRun], None] | None = None) -> TuneResult:
     """Run `trials` more trials of the study `study` (default: tune-MODEL) on `base` with `params` searched.
 
+    `trials` 0 runs none: the study so far is reported, its best trial scored on the test set if it was not.
     Each trial is a stored run trained without its test set, scored by its validation accuracy (`base.val_split`
     examples held out of the training set: required). Locally, the median rule prunes a trial whose validation
     accuracy after an epoch is below the median of earlier trials' at that epoch; on Ray (`executor`) trials run
@@ -189,8 +190,8 @@ def tune(base: TrainConfig, params: Sequence[ParamSpec], *, trials: int, study: 
         raise CifarbenchError("tune needs --val-split N: trials are compared on N held-out training images, since "
                               "picking settings by test accuracy overstates it (the test set is scored once, at the "
                               "end, for the best trial only)")
-    if trials < 1 or jobs < 1:
-        raise CifarbenchError("--trials and --jobs must be at least 1")
+    if trials < 0 or jobs < 1:  # --trials 0: no new trial, the study's best scored (once) and reported
+        raise CifarbenchError("--trials must be at least 0 and --jobs at least 1")
     check_executor(executor, address)
     require("optuna", "tune", "tune")
     check_params(base, params)
