@@ -79,6 +79,9 @@ def test_four_trials_then_two_more_resume_the_study_and_test_is_scored_once(tiny
     page = (tmp_path / "study.html").read_text()
     assert "Optimisation history" in page and "Parameter importances" in page and "Best trial" in page
     assert again.importances and set(again.importances) == {"optimizer.lr", "optimizer.momentum"}
+    report = tune(base(tiny_py), PARAMS, trials=0, runs_dir=runs, study="lr")  # the study as it is: nothing new
+    assert report.new_trials == 0 and report.best == again.best and report.test_accuracy == again.test_accuracy
+    assert not report.tested_now and counted == {"training": 0, "tune": 1 + changed}
 
 
 def test_a_pruned_trial_is_recorded_as_pruned(tiny_py: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
