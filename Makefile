@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 # resolving a newer torch (and gigabytes of CUDA wheels) on a CPU machine.
 TORCH_PIN := torch==2.13.0
 DEMO_ARGS ?=
+PYTEST_ARGS ?=
 # The offline JPEG-q75 copy of CIFAR-10 that sits beside this repo on the team's machines (no internet there).
 Q75 := ../shared/datasets/cifar10-q75
 Q75_DATA := $(HOME)/.cache/cifarbench/cifar10-q75
@@ -34,11 +35,11 @@ demo: venv
 	@echo "demo: done. For the cifarbench command in your shell: . .venv/bin/activate"
 
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The quick local tier: `make test-fast` runs pytest -q -m "not slow and not realdata and not distributed".
 test-fast: venv
-	$(PY) -m pytest -q -m "not slow and not realdata and not distributed"
+	$(PY) -m pytest -q -m "not slow and not realdata and not distributed" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import multiprocessing.util
+import os
 import pickle
+import sys
 import tarfile
 from pathlib import Path
 
@@ -75,6 +78,48 @@ def pytest_configure(config: pytest.Config) -> None:
     from cifarbench import runtime
 
     runtime.configure()
+    _watch_processes()
+
+
+# --- the `slow` marker checks itself ------------------------------------------------------------------------------
+# A test that starts a process (a CLI subprocess, a worker pool, a kernel, torchrun) is slow whatever its machine:
+# unmarked, it fails, so `make test-fast` stays the quick tier it says it is. Counted, not timed (CI is shared).
+TIERS = ("slow", "distributed")
+STARTED: list[str] = []
+
+
+def _watch_processes() -> None:
+    def audit(event: str, args: tuple) -> None:
+        if event in ("subprocess.Popen", "os.posix_spawn", "os.fork", "os.exec"):
+            STARTED.append(event)
+    sys.addaudithook(audit)
+    spawn = multiprocessing.util.spawnv_passfds  # multiprocessing's spawn/forkserver raise no audit event
+
+    def spawnv_passfds(*args, **kwargs):
+        STARTED.append("multiprocessing spawn")
+        return spawn(*args, **kwargs)
+    multiprocessing.util.spawnv_passfds = spawnv_passfds
+
+
+@pytest.fixture(autouse=True)
+def _processes_only_in_slow_tests(request: pytest.FixtureRequest):
+    STARTED.clear()
+    yield
+    if STARTED and not any(request.node.get_closest_marker(m) for m in TIERS):
+        started, _ = sorted(set(STARTED)), STARTED.clear()
+        pytest.fail(f"{request.node.nodeid} starts processes ({', '.join(started)}) but is not marked slow",
+                    pytrace=False)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """The unmarked tests that took longer than a fast test should: candidates for `slow` (a list, never a
+    failure: the machine may be shared)."""
+    quick = [r for r in terminalreporter.stats.get("passed", []) if r.when == "call" and r.duration > 2.0
+             and not any(m in r.keywords for m in TIERS)]
+    if quick and os.environ.get("CI"):
+        terminalreporter.write_sep("-", "unmarked tests over 2 s (consider `slow`)")
+        for r in sorted(quick, key=lambda r: -r.duration)[:15]:
+            terminalreporter.write_line(f"{r.duration:6.1f} s  {r.nodeid}")
 
 
 @pytest.fixture(autouse=True)

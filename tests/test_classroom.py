@@ -161,6 +161,7 @@ def test_grading_ranks_the_honest_flags_the_edited_claim_and_runs_student_code_o
     assert not list((grader / "grading").glob("0*")), "the work folder keeps no submission once it is graded"
 
 
+@pytest.mark.slow
 def test_a_bad_submission_is_one_row_with_its_reason_and_the_others_are_graded(class_data: Path,
                                                                               tmp_path: Path) -> None:
     inbox = tmp_path / "inbox"

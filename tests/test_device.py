@@ -91,6 +91,7 @@ def test_kernel_choice_turns_onednn_off_and_restores_it() -> None:
     assert (torch.backends.mkldnn.enabled, torch.backends.cudnn.deterministic) == before
 
 
+@pytest.mark.slow
 def test_importing_cifarbench_changes_no_process_settings() -> None:
     """Settings belong to the entry points (cifarbench.runtime): a library import leaves the environment alone."""
     script = "import os, cifarbench, cifarbench.api; print(os.environ.get('MKL_CBWR'))"

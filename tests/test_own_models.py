@@ -124,6 +124,7 @@ def test_the_report_of_an_own_model_is_built_from_the_runs_copy(student: Path, t
     assert "Confusion matrices" in (tmp_path / "r.html").read_text()
 
 
+@pytest.mark.slow
 def test_an_interrupted_own_model_run_resumes_from_its_copy(student: Path, tiny_py: Path, tmp_path: Path) -> None:
     """Killed after its first epoch, the file then deleted: --resume rebuilds the model from the run's model.py."""
     runs = tmp_path / "runs"
@@ -281,6 +282,7 @@ def foreign_run(student: Path, tiny_py: Path, tmp_path: Path, capsys: pytest.Cap
     return copied, marker
 
 
+@pytest.mark.slow
 def test_code_from_elsewhere_runs_only_with_trust_code(student: Path, tiny_py: Path, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture) -> None:
     copied, marker = foreign_run(student, tiny_py, tmp_path, capsys)
@@ -298,6 +300,7 @@ def test_code_from_elsewhere_runs_only_with_trust_code(student: Path, tiny_py: P
     assert marker.exists()  # with consent, the code ran
 
 
+@pytest.mark.slow
 def test_imported_runs_list_compare_and_report_but_run_their_code_only_with_consent(
         student: Path, tiny_py: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     copied, marker = foreign_run(student, tiny_py, tmp_path, capsys)

@@ -199,3 +199,30 @@ def test_kernel_choice_round_trips_through_the_budget_report() -> None:
                           images_per_second={"fp32 channels-last": 400.0}, not_chosen={"bf16": "x"}, seconds=0.9)
     report = BudgetReport(budget_seconds=60.0, precision=choice.to_dict(), thread_changes=["step 9: threads 2 -> 1"])
     assert BudgetReport.from_dict(report.to_dict()) == report
+
+
+def test_budget_start_counts_from_an_earlier_start(monkeypatch) -> None:
+    from cifarbench import running
+
+    def probe(**kwargs) -> Throughput:
+        steps = FakeSteps(AVX2)
+        kernels = choose_kernels(steps, kwargs["requested"], native_bf16=False, clock=steps.clock)
+        return Throughput(images_per_second=800.0, threads=2, tried={}, seconds=1.5, kernels=kernels, most_threads=2)
+
+    monkeypatch.setattr(running, "probe_throughput", probe)
+    config = make_config("speedrun", "fast", budget_seconds=60, device="cpu")
+    _, started, *_ = running.budget_start(config, started=123.0)
+    assert started == 123.0  # the CLI's process start: imports and data loading are in the budget
+    _, started, *_ = running.budget_start(config)
+    assert started > 123.0
+
+
+@pytest.mark.slow
+def test_process_started_is_when_the_interpreter_started() -> None:
+    import subprocess
+    import sys
+
+    code = ("import time; time.sleep(1.0); from cifarbench import runtime; t = runtime.process_started(); "
+            "print(time.perf_counter() - t)")
+    age = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert age >= 0.95  # the sleep before the call is counted (clock ticks are 10 ms)

@@ -43,6 +43,7 @@ def test_run_lifecycle(tmp_path: Path) -> None:
     assert db.execute("PRAGMA user_version").fetchone()[0] == 2
 
 
+@pytest.mark.slow
 def test_run_of_a_dead_process_is_marked_crashed(tmp_path: Path) -> None:
     with RunStore(tmp_path) as store:
         start(store, "dead")
@@ -64,6 +65,7 @@ def _writer(path: str, worker: int, count: int) -> None:
             start(store, f"w{worker}-{i}")
 
 
+@pytest.mark.slow
 def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
     ctx = mp.get_context("fork")
     procs = [ctx.Process(target=_writer, args=(str(tmp_path), w, 50)) for w in range(4)]

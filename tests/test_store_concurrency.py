@@ -110,6 +110,7 @@ def test_eight_processes_writing_at_once_lose_nothing(tmp_path: Path) -> None:
     assert overlapping == 28  # every pair of the 8 writers was writing at the same time (the barrier's doing)
 
 
+@pytest.mark.slow
 def test_sigkilled_writers_never_lose_a_committed_run(tmp_path: Path) -> None:
     """20 writers, each SIGKILLed at a random moment: every id a writer reported committed is there, and
     the file is intact. Each writer is allowed far more rows than it gets to write before its kill."""
@@ -238,6 +239,7 @@ def test_newer_schema_is_refused_without_touching_the_file(tmp_path: Path) -> No
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cifarbench.db"]
 
 
+@pytest.mark.slow
 def test_processes_opening_a_new_store_at_once_migrate_it_once(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     runs, go = tmp_path / "runs", tmp_path / "go"

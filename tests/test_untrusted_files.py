@@ -308,6 +308,7 @@ def _dead_pid() -> int:
     return proc.pid
 
 
+@pytest.mark.slow
 def test_next_save_removes_only_the_temps_of_dead_writers(tmp_path: Path) -> None:
     path = tmp_path / "ck.pt"
     save_checkpoint(_state(1), path)
@@ -333,6 +334,7 @@ def _save_forever(path: str, first_epoch: int, weights: torch.Tensor, conn) -> N
         epoch += 1
 
 
+@pytest.mark.slow
 def test_sigkill_during_saves_leaves_a_loadable_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "ck.pt"
     ctx = mp.get_context("fork")

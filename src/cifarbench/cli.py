@@ -443,6 +443,7 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from cifarbench import runtime
     from cifarbench.running import train_run
 
     if args.resume:
@@ -452,7 +453,8 @@ def cmd_train(args: argparse.Namespace) -> None:
             raise CifarbenchError("name a model to train (`cifarbench models` lists them), or --resume RUN_ID")
         config = _config(args, args.model, 0 if args.seed is None else args.seed)
         show = _with_tensorboard(args, _epoch_printer(args))
-        result = train_run(config, runs_dir=args.runs_dir, on_epoch=lambda m: show(config, m))
+        result = train_run(config, runs_dir=args.runs_dir, on_epoch=lambda m: show(config, m),
+                           started=runtime.process_started())
     if not result.run_id:
         return  # a non-zero torchrun rank: rank 0 reports for everyone
     if args.json:

@@ -33,15 +33,16 @@ from cifarbench.training.state import EpochMetrics, RunCheckpoint
 def train_run(config: TrainConfig | None = None, *, runs_dir: str | os.PathLike | None = None,
               dataset: ImageDataset | None = None, progress: bool | None = None,
               on_epoch: Callable[[EpochMetrics], None] | None = None, resume: str | None = None,
-              data: DataConfig | None = None, trust_code: bool = False, run_id: str | None = None,
-              score_test: bool = True) -> RunRecord:
+              data: DataConfig | None = None, trust_code: bool = False, started: float | None = None,
+              run_id: str | None = None, score_test: bool = True) -> RunRecord:
     """Train one run end to end: its folder (config, checkpoint, metrics) and its row in the run history.
 
     With `resume` (a run id, run folder or checkpoint in `runs_dir`), continue that run from its last checkpoint
     under its own config and id instead (`data` may say where its data is now): the result is the same, bit for
     bit on CPU, as if it had never stopped. A non-zero torchrun rank returns a record without a run folder.
     An own model is rebuilt from the run's copy of its code; for a run imported from elsewhere that code runs
-    only with `trust_code`.
+    only with `trust_code`. `started` (a time.perf_counter() value) is when a budget's clock started, if before
+    this call (the CLI: when its process started).
 
     `run_id` names a new run (a Ray task trains under the id its driver chose, so the bundle it returns can be
     checked against it); without `score_test` the test set is never evaluated (a tuning trial).
@@ -60,7 +61,7 @@ def train_run(config: TrainConfig | None = None, *, runs_dir: str | os.PathLike 
     threads = torch.get_num_threads()  # a budget's probe may pick fewer for this run; the caller keeps its own
     try:
         record = _train(config, world, device, saved, runs_dir=runs_dir, dataset=dataset, progress=progress,
-                        on_epoch=on_epoch, run_id=run_id, score_test=score_test)
+                        on_epoch=on_epoch, started=started, run_id=run_id, score_test=score_test)
         finished = True
         return record
     finally:
@@ -68,15 +69,15 @@ def train_run(config: TrainConfig | None = None, *, runs_dir: str | os.PathLike 
         ddp.teardown(world, finished=finished)
 
 
-def budget_start(config: TrainConfig, dataset: ImageDataset | None = None
+def budget_start(config: TrainConfig, dataset: ImageDataset | None = None, started: float | None = None
                  ) -> tuple[TrainConfig, float, dict, dict, dict]:
     """The start of a budgeted CPU run: its clock starts, a short probe of this machine picks the precision and
     memory layout (written into the config the run trains and records), the thread count, and measures
     throughput; speedrun's shape is re-picked for the compute that buys (`budget_shape` "compute"). The net
     probed is the reference net when the shape is re-picked, else the config's own model (on `dataset`'s
     shape). Returns the config to train, the clock's start, the probe, the shape choice and the precision choice
-    as recorded."""
-    started = time.perf_counter()
+    as recorded. `started`: when the clock started, if earlier than now."""
+    started = time.perf_counter() if started is None else started
     own = None
     if config.budget_shape != "compute" and dataset is not None:
         def own() -> torch.nn.Module:
@@ -131,7 +132,7 @@ def _resumable(ref: str, runs_dir: str | os.PathLike | None, trust_code: bool) -
 
 def _train(config: TrainConfig, world: ddp.DistEnv, device: torch.device, saved: RunCheckpoint | None, *,
            runs_dir: str | os.PathLike | None, dataset: ImageDataset | None, progress: bool | None,
-           on_epoch: Callable[[EpochMetrics], None] | None, run_id: str | None = None,
+           on_epoch: Callable[[EpochMetrics], None] | None, started: float | None = None, run_id: str | None = None,
            score_test: bool = True) -> RunRecord:
     requested = config.to_dict()  # as asked, before the run adapts it: what `compare` finds a finished run by
     # Under torchrun only rank 0 downloads (and shows progress); the others wait for its files (data.download).
@@ -143,9 +144,11 @@ def _train(config: TrainConfig, world: ddp.DistEnv, device: torch.device, saved:
         result = train(config, dataset, device, progress=False, resume=training, resume_weights=weights, world=world)
         return RunRecord(run_id="", model=config.model, recipe=config.recipe, seed=config.seed, epochs=config.epochs,
                          test_accuracy=result.final.accuracy if result.final else None, world_size=world.world_size)
-    started, probe, shape, precision = None, None, None, None
+    probe, shape, precision = None, None, None
     if config.budget_seconds and device.type == "cpu" and saved is None and not world.enabled:
-        config, started, probe, shape, precision = budget_start(config, dataset)
+        config, started, probe, shape, precision = budget_start(config, dataset, started)
+    else:
+        started = None  # only a budget counts what came before the run
     config, model = preflight(config, dataset)  # before anything is written: a refusal leaves nothing behind
     cost = cost_of(model, dataset.image_shape)
     record = RunRecord(run_id="", model=config.model, recipe=config.recipe, seed=config.seed, epochs=config.epochs,

@@ -9,6 +9,22 @@
 from __future__ import annotations
 
 import os
+import time
+
+
+def process_started() -> float | None:
+    """When this process started, as a `time.perf_counter()` value (None where /proc cannot say): a command's
+    budget counts its interpreter start, imports and data loading too, so `train --budget 60` ends 60 s after
+    it was typed, not 60 s after its training began."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rpartition(")")[2].split()[19])  # field 22, starttime: clock ticks after boot
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        age = uptime - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+    return time.perf_counter() - age if 0 <= age < 3600 else None
 
 
 def configure() -> None:
