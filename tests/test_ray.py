@@ -151,3 +151,39 @@ def test_tune_on_ray_stores_every_trial_and_scores_test_once(local_ray, tiny_py:
     assert sorted(r["id"] for r in runs) == sorted(t.run_id for t in out.trials)
     tested = [r for r in runs if r["test_accuracy"] is not None]  # trials never touch the test set
     assert [r["id"] for r in tested] == [out.best.run_id] and tested[0]["test_accuracy"] == out.test_accuracy
+
+
+OWN_MODEL = '''
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes=10, in_shape=(3, 32, 32)):
+        super().__init__()
+        self.fc = nn.Linear(in_shape[0] * in_shape[1] * in_shape[2], num_classes)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+'''
+
+
+def test_student_code_on_ray_runs_in_the_same_box(local_ray, tmp_path: Path) -> None:
+    from cifarbench.sandbox import Limits
+
+    data = write_python_layout(tmp_path / "data", n=100)
+    code = tmp_path / "student.py"
+    code.write_text(OWN_MODEL)
+    config = make_config(f"{code}:Net", "seed", device="cpu", data_dir=str(data), verify=False, epochs=1,
+                         batch_size=50)
+    run = train_run(config, runs_dir=tmp_path / "ann", progress=False)
+    inbox = tmp_path / "inbox"
+    submit(run.run_id, student="Ann", out=inbox, runs_dir=tmp_path / "ann")
+    graded = {}
+    for executor in ("local", "ray"):
+        without = grade(inbox, data_dir=str(data), verify=False, device="cpu", executor=executor, write=False)
+        assert "--trust-code" in without.runs[0].error or "trust_code" in without.runs[0].error
+        graded[executor] = grade(inbox, data_dir=str(data), verify=False, device="cpu", trust_code=True,
+                                 isolation="process", limits=Limits(timeout=120), executor=executor, write=False)
+    local, on_ray = graded["local"].runs[0], graded["ray"].runs[0]
+    assert on_ray.isolation == local.isolation == "process"  # boxed in the task as here, never in-process
+    assert on_ray.rescored_accuracy == local.rescored_accuracy == run.test_accuracy
