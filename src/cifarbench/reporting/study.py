@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from cifarbench.reporting.html import CSP, STYLE, esc, png_data_uri, table, write_report
-from cifarbench.reporting.plots import _figure, png_bytes
+from cifarbench.reporting.plots import _epoch_axis, _figure, png_bytes
 
 
 def history_figure(trials: Sequence[Any]):
@@ -27,6 +27,7 @@ def history_figure(trials: Sequence[Any]):
         best.append((t.number, so_far))
     ax.step([n for n, v in best if v is not None], [100 * v for _, v in best if v is not None], where="post",
             color="tab:orange", label="best so far")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("trial")
     ax.set_ylabel("validation accuracy (%)")
     ax.legend(loc="lower right", fontsize=8)
@@ -49,10 +50,12 @@ def curves_figure(history: Sequence[Mapping[str, Any]]):
     ax.plot(epochs, [100 * (h.get("val_accuracy") or 0) for h in history], marker="o", label="validation accuracy")
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy (%)")
+    _epoch_axis(ax)
     twin = ax.twinx()
     twin.plot(epochs, [h.get("train_loss") for h in history], color="tab:gray", linestyle="--", label="train loss")
     twin.set_ylabel("train loss")
-    ax.legend(loc="lower right", fontsize=8)
+    lines = ax.get_lines() + twin.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize=8)
     return fig
 
 
