@@ -144,3 +144,21 @@ def test_a_study_of_another_config_is_not_resumed(tiny_py: Path, tmp_path: Path)
     tune(base(tiny_py, epochs=1), PARAMS[:1], trials=1, runs_dir=tmp_path / "runs", study="s")
     with pytest.raises(CifarbenchError, match="differs in: epochs"):
         tune(base(tiny_py, epochs=2), PARAMS[:1], trials=1, runs_dir=tmp_path / "runs", study="s")
+
+
+def test_ctrl_c_keeps_the_study_and_says_how_to_go_on(tiny_py: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from cifarbench import running
+    from cifarbench.errors import Interrupted
+
+    tune(base(tiny_py), PARAMS, trials=2, runs_dir=tmp_path / "runs", study="s")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(running, "train_run", interrupted)
+    with pytest.raises(Interrupted, match="trial 2 .*2 earlier trials: the same command adds trials"):
+        tune(base(tiny_py), PARAMS, trials=2, runs_dir=tmp_path / "runs", study="s")
+    monkeypatch.undo()
+    after = tune(base(tiny_py), PARAMS, trials=0, runs_dir=tmp_path / "runs", study="s")
+    assert [t.state for t in after.trials] == ["complete", "complete", "fail"]

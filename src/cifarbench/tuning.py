@@ -290,9 +290,13 @@ def _trials_here(study: Any, base: TrainConfig, params: Sequence[ParamSpec], tri
             _announce(on_trial, TrialRun(number=trial.number, state="pruned", value=reached[-1], run_id=run_id,
                                          params=trial.params, epochs=len(reached), error=str(pruned)))
             continue
-        except KeyboardInterrupt:  # the run keeps its checkpoint; the study its finished trials
+        except KeyboardInterrupt as exc:  # the study keeps its finished trials; this one counts as failed
+            from cifarbench.errors import Interrupted
+
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            raise
+            raise Interrupted(f"tune interrupted in trial {trial.number} (run {run_id}, recorded as failed); the "
+                              f"study {study.study_name} keeps its {trial.number} earlier trials: the same command "
+                              "adds trials to it", signal_name=getattr(exc, "signal_name", "SIGINT")) from None
         except CifarbenchError as exc:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             _announce(on_trial, TrialRun(number=trial.number, state="fail", value=None, run_id=run_id,
