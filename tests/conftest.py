@@ -78,6 +78,13 @@ def pytest_configure(config: pytest.Config) -> None:
     from cifarbench import runtime
 
     runtime.configure()
+    # A run's provenance asks git and uname, and the allocator's tuning ldconfig, once per process: done here,
+    # before the watch, so the first test that trains is not counted as starting processes.
+    from cifarbench.device import keep_cpu_memory
+    from cifarbench.provenance import environment
+
+    environment()
+    keep_cpu_memory()
     _watch_processes()
 
 

@@ -176,3 +176,12 @@ def test_own_model_speed_sets_the_notebook_cnn_as_a_file_model_beside_the_regist
         assert r["after"]["trains_in"] == r["choice"]["chosen"]
         assert r["speedup"] == pytest.approx(r["after"]["images_per_second"] / r["before"]["images_per_second"],
                                              rel=0.01)
+
+
+def test_ray_overhead_times_both_executors_in_one_process(tiny_py: Path) -> None:
+    pytest.importorskip("ray")
+    done = run_benchmark("ray_overhead.py", "--seeds", "2", "--data-dir", str(tiny_py))
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout)
+    assert out["same_per_seed_accuracy"] is True and len(out["local_wall_seconds"]) == 2
+    assert out["ray_over_local"] == pytest.approx(out["ray_wall_seconds"] / (sum(out["local_wall_seconds"]) / 2))

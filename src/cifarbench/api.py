@@ -53,6 +53,7 @@ from cifarbench.runs.limits import BundleLimits
 from cifarbench.runs.records import Comparison, ModelSummary, RunRecord
 from cifarbench.sandbox import Limits
 from cifarbench.training.recipes import config_for, make_config
+from cifarbench.tuning import TuneResult
 
 __all__ = ["BundleLimits", "Comparison", "DataOverview", "Evaluation", "ExperimentReport", "Explanation", "Grading",
            "Limits", "ModelSummary", "PermutationReport", "RunRecord", "Submission", "TrainedModel", "build_report",
@@ -60,7 +61,7 @@ __all__ = ["BundleLimits", "Comparison", "DataOverview", "Evaluation", "Experime
            "experiment", "explain", "explain_runs", "explore", "export_runs", "grade", "import_runs", "load",
            "load_trained_model", "make_config", "permutation", "permutation_experiment", "predict", "predict_images",
            "predict_test_set", "report", "report_runs", "run_config", "run_experiment", "run_history",
-           "score_images", "stored_runs", "submit", "train", "train_run", "write_comparison"]
+           "score_images", "stored_runs", "submit", "train", "train_run", "tune", "TuneResult", "write_comparison"]
 
 Model = str | type | Callable[..., Any]
 """A registered model's name, `file.py:Name`, `module:Name`, or an nn.Module subclass or factory itself."""
@@ -126,21 +127,23 @@ def compare(models: Sequence[Model], *, seeds: int = 1, jobs: int = 1, target: f
             report: str | os.PathLike | None = None, plot: str | os.PathLike | None = None,
             runs_dir: str | os.PathLike | None = None, progress: bool | None = None,
             on_epoch: Callable[[TrainConfig, Any], None] | None = None, retrain: bool = False,
-            **choices: Any) -> Comparison:
+            executor: str = "local", address: str | None = None, **choices: Any) -> Comparison:
     """Train every model for `seeds` seeds on the same data and compare them (`cifarbench compare`); finished runs
-    with the same config, code, seed and data are reused unless `retrain`."""
+    with the same config, code, seed and data are reused unless `retrain`. `executor="ray"` runs each training as
+    a task on the Ray cluster at `address` (a local one without; needs cifarbench[ray])."""
     _check_keywords(run_config, choices, extra=("seeds", "jobs", "target", "report", "plot", "runs_dir", "progress",
-                                            "on_epoch", "retrain"), where="compare")
+                                            "on_epoch", "retrain", "executor", "address"), where="compare")
     refs = [_ref(m) for m in models]
-    if jobs > 1 and any(r.startswith("__main__:") for r in refs):
-        raise CifarbenchError("jobs > 1 runs models in worker processes, which cannot see classes defined in a "
-                              "notebook or script; put the class in a .py file and pass 'file.py:Name'")
+    if (jobs > 1 or executor == "ray") and any(r.startswith("__main__:") for r in refs):
+        raise CifarbenchError("jobs > 1 (or executor='ray') runs models in worker processes, which cannot see classes "
+                              "defined in a notebook or script; put the class in a .py file and pass 'file.py:Name'")
     seed_given = choices.pop("seed", None)
     if seed_given is not None:
         raise CifarbenchError("compare trains seeds 0..seeds-1; pass seeds, not seed")
     comparison = compare_configs(refs, lambda m, s: run_config(m, seed=s, **choices), seeds=seeds, jobs=jobs,
                                  target=target, runs_dir=runs_dir, progress=progress,
-                                 on_epoch=on_epoch or EpochPrinter(), retrain=retrain,
+                                 on_epoch=on_epoch or EpochPrinter(), retrain=retrain, executor=executor,
+                                 address=address,
                                  on_reuse=lambda r: print(f"reusing run {r.run_id} ({r.model}, seed {r.seed}): "
                                                           "finished with the same config and data (retrain=True "
                                                           "trains it again)"))
@@ -170,6 +173,27 @@ def write_comparison(comparison: Comparison, *, plot: str | os.PathLike | None =
 
 
 _takes_run_options(compare, seed=False)
+
+
+def tune(model: Model, params: Sequence[str], *, trials: int = 10, val_split: int | None = None,
+         study: str | None = None, executor: str = "local", address: str | None = None, jobs: int = 1,
+         seed: int = 0, runs_dir: str | os.PathLike | None = None, progress: bool | None = None,
+         report: str | os.PathLike | None = None, **choices: Any) -> TuneResult:
+    """Search config fields with Optuna (`cifarbench tune`): `params` such as ["optimizer.lr=log:1e-3:3e-1"], each
+    trial a run scored on `val_split` held-out training images (required), the best scored on the test set once.
+    `choices` are `run_config`'s keywords for every trial (epochs=, verify=False, ...); needs cifarbench[tune]."""
+    from cifarbench.tuning import parse_param
+    from cifarbench.tuning import tune as tune_config
+
+    _check_keywords(run_config, choices, where="tune")
+    if isinstance(params, str):
+        params = [params]
+    specs = [parse_param(p) for p in params]
+    return tune_config(run_config(model, seed=seed, val_split=val_split, **choices), specs, trials=trials,
+                       study=study, executor=executor, address=address, jobs=jobs, seed=seed, runs_dir=runs_dir,
+                       progress=progress, report=report,
+                       on_trial=lambda t: print(f"trial {t.number}: {t.state}, validation "
+                                                f"{'-' if t.value is None else f'{100 * t.value:.2f}%'} ({t.run_id})"))
 
 
 def _run_ids(runs: Runs) -> list[str]:

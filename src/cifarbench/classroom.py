@@ -535,7 +535,7 @@ def grade(inbox: str | os.PathLike, *, trust_code: bool = False, data_dir: str |
           progress: bool | None = None, on_run: Callable[[GradedRun], None] | None = None,
           data: ImageDataset | None = None, roster: str | os.PathLike | None = None, isolation: str = "auto",
           limits: Limits | None = None, bundle_limits: BundleLimits | None = None,
-          spelling: Spelling = as_keyword) -> Grading:
+          spelling: Spelling = as_keyword, executor: str = "local", address: str | None = None) -> Grading:
     """Grade every submission (`*.tar.gz`) in `inbox`: re-score each run on the whole test set (and the hidden
     set), flag claims, selections and names that do not hold, and return the leaderboard. The front doors write
     it (`api.grade`: `leaderboard.html` and `leaderboard.csv` in `out`, default the inbox); `out` is also kept
@@ -546,7 +546,13 @@ def grade(inbox: str | os.PathLike, *, trust_code: bool = False, data_dir: str |
     code runs only with `trust_code`, and then each submission runs in a sandboxed child process with `limits` (time and
     memory; bubblewrap's namespaces where `isolation` allows: sandbox.py). The child sees images, never labels:
     the scores are computed here. A bad submission is one row with its reason and never stops the others; a
-    reason that names an option spells it by `spelling` (the caller's: the CLI's flags, the API's keywords)."""
+    reason that names an option spells it by `spelling` (the caller's: the CLI's flags, the API's keywords).
+
+    With `executor` "ray" each submission is one task on the Ray cluster at `address` (a local one without): the
+    task grades it exactly so, in the same box with the same limits, and returns its rows."""
+    from cifarbench.executors import check_executor
+
+    check_executor(executor, address)
     inbox = Path(inbox).expanduser()
     if not inbox.is_dir():
         raise CifarbenchError(f"{inbox} is not a folder of submissions")
@@ -573,17 +579,20 @@ def grade(inbox: str | os.PathLike, *, trust_code: bool = False, data_dir: str |
     runs: list[GradedRun] = []
     seen: dict[str, GradedRun] = {}  # weights sha256 -> the first run graded with them
     try:
-        for i, archive in enumerate(archives):
-            folder = work / f"{i:03d}"
-            try:
-                graded = _grade_archive(archive, folder, data, hidden_set, seen, box=box, device=device,
-                                        bundle_limits=bundle_limits, spelling=spelling)
-            except (Exception, SystemExit) as exc:  # a crafted archive must not stop the others either
-                graded = [GradedRun(archive=archive.name, student=None,
-                                    error=f"could not be graded ({type(exc).__name__}: {_line(exc)})")]
-            finally:
-                shutil.rmtree(folder, ignore_errors=True)  # the work folder never holds more than one submission
-            for run in graded:
+        if executor == "ray":
+            from cifarbench.executors import grade_on_ray
+
+            for graded in grade_on_ray(archives, data, hidden_set, box=box, device=device,
+                                       bundle_limits=bundle_limits, private=box.private if box else [],
+                                       address=address, spelling=spelling):
+                runs += graded
+            _flag_repeats(runs)
+            for run in runs:
+                if on_run:
+                    on_run(run)
+        for i, archive in enumerate(archives if executor == "local" else []):
+            for run in _grade_one(archive, work / f"{i:03d}", data, hidden_set, seen, box=box, device=device,
+                                  bundle_limits=bundle_limits, spelling=spelling):
                 runs.append(run)
                 if on_run:
                     on_run(run)
@@ -600,6 +609,63 @@ def grade(inbox: str | os.PathLike, *, trust_code: bool = False, data_dir: str |
                      isolation=box.isolation.describe() if box else "in-process (no student code runs)",
                      roster=str(roster) if roster is not None else None, missing=missing)
     return result
+
+
+def _grade_one(archive: Path, folder: Path, data: ImageDataset, hidden: HiddenSet | None,
+               seen: dict[str, GradedRun], *, box: _Box | None, device: str,
+               bundle_limits: BundleLimits | None, spelling: Spelling = as_keyword) -> list[GradedRun]:
+    """One submission unpacked into `folder`, graded, and `folder` removed."""
+    try:
+        return _grade_archive(archive, folder, data, hidden, seen, box=box, device=device,
+                              bundle_limits=bundle_limits, spelling=spelling)
+    except (Exception, SystemExit) as exc:  # a crafted archive must not stop the others either
+        return [GradedRun(archive=archive.name, student=None,
+                          error=f"could not be graded ({type(exc).__name__}: {_line(exc)})")]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # the work folder never holds more than one submission
+
+
+def grade_task(archive: bytes, name: str, data: ImageDataset, hidden: HiddenSet | None, *,
+               box: tuple[Isolation, Limits] | None, device: str, bundle_limits: BundleLimits | None,
+               private: Sequence[str], spelling: Spelling = as_keyword) -> list[GradedRun]:
+    """One submission graded where a Ray task runs: the archive's bytes in a fresh private folder, the same box
+    (isolation and limits, chosen by the driver: a node without bubblewrap fails the row, never falls back) with
+    the driver's private paths hidden too, and the rows returned. Only the submission's own repeats are caught
+    here; the driver checks repeats across submissions (`_flag_repeats`)."""
+    work = Path(tempfile.mkdtemp(prefix="cifarbench-grading-"))
+    boxed = _Box(box[0], box[1], device) if box is not None else None
+    try:
+        inbox = work / "inbox"
+        inbox.mkdir()
+        path = inbox / Path(name).name
+        path.write_bytes(archive)
+        if boxed is not None:
+            boxed.prepare(work, private=[work, *(Path(p) for p in private)])
+        rows = _grade_one(path, work / "000", data, hidden, {}, box=boxed, device=device,
+                          bundle_limits=bundle_limits, spelling=spelling)
+        for row in rows:  # reasons name the submission as the teacher knows it, not this task's copy
+            row.error = row.error.replace(str(path), name) if row.error else row.error
+        return rows
+    finally:
+        if boxed is not None:
+            boxed.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _flag_repeats(runs: Sequence[GradedRun]) -> None:
+    """The rule `_score` applies as it grades one submission after another, applied afterwards to submissions
+    graded apart: a run with the weights of a run of the same student graded before it is not graded."""
+    seen: dict[str, GradedRun] = {}
+    for row in runs:
+        if row.weights_sha256 is None:
+            continue
+        first = seen.get(row.weights_sha256)
+        if first is not None and first.student == row.student and first is not row and row.error is None:
+            row.error = f"the same weights as run {first.run_id} of {first.archive}, already graded"
+            row.rescored_accuracy = row.hidden_accuracy = row.params = row.test_images = row.tta = None
+            row.flags = []
+            continue
+        seen.setdefault(row.weights_sha256, row)
 
 
 def _number(value: Any, high: float = 1e15) -> float | None:

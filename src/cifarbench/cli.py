@@ -133,7 +133,36 @@ def _training_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--retrain", action="store_true",
                    help="train every run anew (default: reuse finished runs of this runs folder with the same config, "
                         "code, seed and data)")
+    _executor_flags(p)
     _run_flags(p)
+    _tune_command(sub)
+
+
+def _tune_command(sub: argparse._SubParsersAction) -> None:
+    """`tune MODEL --param NAME=SPEC ...`: Optuna's search, scored on the validation split (tuning.py)."""
+    p = sub.add_parser("tune", help="search config fields with Optuna, each trial scored on a validation split; the "
+                                    "best scored on the test set once (needs cifarbench[tune])")
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    p.add_argument("--param", action="append", default=[], metavar="NAME=SPEC", required=True,
+                   help="a config field and its range: log:LOW:HIGH, float:LOW:HIGH, int:LOW:HIGH or choice:A,B,... "
+                        "e.g. --param optimizer.lr=log:1e-3:3e-1 --param optimizer.name=choice:sgd,adamw (repeatable)")
+    p.add_argument("--trials", type=int, default=10,
+                   help="trials to run now (more resume the study; 0: report it; default 10)")
+    p.add_argument("--study", metavar="NAME", help="the study's name: RUNS_DIR/studies/NAME.db (default tune-MODEL)")
+    p.add_argument("--seed", type=int, default=0, help="every trial's seed, and the sampler's (default 0)")
+    p.add_argument("--jobs", type=int, default=1, help="with --executor ray: trials running at once (default 1)")
+    p.add_argument("--report", metavar="HTML", help="also write the study's HTML report there")
+    _executor_flags(p)
+    _run_flags(p)
+
+
+def _executor_flags(p: argparse.ArgumentParser) -> None:
+    """Where the runs go: this machine's worker processes, or a Ray cluster (docs/distributed.md#ray)."""
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: this machine's worker processes (default); ray: one Ray task per run, on the "
+                        "cluster at --address or a local Ray (needs cifarbench[ray])")
+    p.add_argument("--address", metavar="ADDR",
+                   help="with --executor ray: the Ray cluster's head, e.g. 10.0.0.1:6379 (default: start a local Ray)")
 
 
 def _history_commands(sub: argparse._SubParsersAction) -> None:
@@ -244,6 +273,7 @@ def _classroom_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--isolation", choices=ISOLATIONS, default="auto",
                    help="with --trust-code: bubblewrap (no network, read-only, private folders hidden), process "
                         "(limits only), or auto: bubblewrap where it works (default)")
+    _executor_flags(p)
     _bundle_flags(p)
     _data_flags(p)
 
@@ -475,9 +505,10 @@ def cmd_compare(args: argparse.Namespace) -> None:
               "config and data (--retrain trains it again)", file=sys.stderr, flush=True)
 
     report = compare(args.models, lambda m, s: _config(args, m, s), seeds=args.seeds, runs_dir=args.runs_dir,
-                     on_epoch=_with_tensorboard(args, _epoch_printer(args)), target=args.target,
-                     jobs=args.jobs, on_run=_run_printer(args) if args.jobs > 1 else None,
-                     retrain=args.retrain, on_reuse=reused, spelling=as_flag)
+                     on_epoch=_with_tensorboard(args, _epoch_printer(args)), target=args.target, jobs=args.jobs,
+                     on_run=_run_printer(args) if args.jobs > 1 or args.executor == "ray" else None,
+                     retrain=args.retrain, on_reuse=reused, spelling=as_flag, executor=args.executor,
+                     address=args.address)
     write_comparison(report, plot=args.plot, report=args.report, runs_dir=args.runs_dir, device=args.device)
     for failure in report.failures:
         print(f"cifarbench: warning: {printable(failure['model'])} seed {failure['seed']} failed: "
@@ -759,6 +790,41 @@ def cmd_submit(args: argparse.Namespace) -> None:
           f"{printable(result.model)}, test accuracy {acc})")
 
 
+def cmd_tune(args: argparse.Namespace) -> None:
+    from cifarbench.tuning import parse_param, tune
+
+    def show(trial) -> None:
+        value = "-" if trial.value is None else f"{100 * trial.value:.2f}%"
+        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+        extra = f" ({trial.error})" if trial.error else ""
+        print(f"trial {trial.number}: {trial.state}, validation {value} after {trial.epochs} epochs, run "
+              f"{printable(trial.run_id or '-')}: {printable(params)}{printable(extra)}", file=sys.stderr, flush=True)
+
+    params = [parse_param(p) for p in args.param]
+    result = tune(_config(args, args.model, args.seed), params, trials=args.trials, study=args.study,
+                  executor=args.executor, address=args.address, jobs=args.jobs, seed=args.seed,
+                  runs_dir=args.runs_dir, report=args.report, on_trial=show, spelling=as_flag)
+    if args.json:
+        _print_json(result.to_dict())
+        return
+    done = sum(t.state == "complete" for t in result.trials)
+    pruned = sum(t.state == "pruned" for t in result.trials)
+    print(f"study {result.study} ({result.storage}): {len(result.trials)} trials, {done} complete, {pruned} pruned")
+    if result.best is None:
+        print("no trial completed: nothing to score on the test set")
+        return
+    best = result.best
+    params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())
+    print(f"best trial {best.number} (run {printable(best.run_id or '-')}): validation accuracy "
+          f"{100 * best.value:.2f}% with {printable(params)}")
+    when = "scored now, once" if result.tested_now else "scored when it first became the best; not scored again"
+    print(f"its test accuracy: {100 * result.test_accuracy:.2f}% (the test set's only use: {when})")
+    if result.importances:
+        print("importances: " + ", ".join(f"{k} {v:.2f}" for k, v in result.importances.items()))
+    if result.report:
+        print(f"report: {printable(result.report)}")
+
+
 def cmd_grade(args: argparse.Namespace) -> None:
     from cifarbench.api import grade
     from cifarbench.reporting.leaderboard import leaderboard_text
@@ -774,7 +840,8 @@ def cmd_grade(args: argparse.Namespace) -> None:
     result = grade(args.inbox, trust_code=args.trust_code, data_dir=args.data_dir, verify=args.verify,
                    download=args.download, dataset=args.dataset, hidden=args.hidden, hidden_labels=args.hidden_labels,
                    out=args.out, work_dir=args.work_dir, device=args.device, on_run=show, roster=args.roster,
-                   isolation=args.isolation, limits=limits, bundle_limits=_bundle_limits(args), spelling=as_flag)
+                   isolation=args.isolation, limits=limits, bundle_limits=_bundle_limits(args), spelling=as_flag,
+                   executor=args.executor, address=args.address)
     if args.json:
         _print_json(result.to_dict())
         return
@@ -802,7 +869,8 @@ def _with_tensorboard(args: argparse.Namespace, show):
 
 COMMANDS = {"download": cmd_download, "explore": cmd_explore, "models": cmd_models, "train": cmd_train,
             "eval": cmd_eval, "compare": cmd_compare, "runs": cmd_runs, "report": cmd_report, "predict": cmd_predict,
-            "submit": cmd_submit, "grade": cmd_grade, "explain": cmd_explain, "experiment": cmd_experiment}
+            "submit": cmd_submit, "grade": cmd_grade, "tune": cmd_tune, "explain": cmd_explain,
+            "experiment": cmd_experiment}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

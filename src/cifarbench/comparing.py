@@ -39,7 +39,7 @@ def compare(models: Sequence[str], make: Callable[[str, int], TrainConfig], *, s
             on_run: Callable[[RunRecord], None] | None = None,
             on_epoch: Callable[[TrainConfig, EpochMetrics], None] | None = None, target: float | None = None,
             jobs: int = 1, retrain: bool = False, on_reuse: Callable[[RunRecord], None] | None = None,
-            spelling: Spelling = as_keyword) -> Comparison:
+            spelling: Spelling = as_keyword, executor: str = "local", address: str | None = None) -> Comparison:
     """Train every model for `seeds` seeds (0..seeds-1) on the same data, then tabulate and compare them.
 
     A finished run of this runs folder trained from the same config (code and seed included) on the same data is
@@ -48,7 +48,9 @@ def compare(models: Sequence[str], make: Callable[[str, int], TrainConfig], *, s
 
     With `jobs` > 1 the runs go to that many worker processes, each with its share of the CPU threads (or its
     own GPU); a run that fails is reported under `failures` and the others' results are kept, its error with
-    options spelled by `spelling` (the caller's: the CLI's flags, or the Python API's keywords).
+    options spelled by `spelling` (the caller's: the CLI's flags, or the Python API's keywords). With `executor`
+    "ray" each run is a task on the Ray cluster at `address` (a local one without), with the threads a local
+    worker would have, and comes back as a bundle that is stored here (executors.py).
 
     `make(model, seed)` builds each run's config, so the caller decides recipe and overrides. Each model's
     row has accuracy mean ± std, parameters, FLOPs per image, training seconds and, with `target` (a fraction
@@ -56,9 +58,12 @@ def compare(models: Sequence[str], make: Callable[[str, int], TrainConfig], *, s
     run's stored predictions (`scoring.score_runs`): nothing is evaluated again. The front doors write the
     learning-curve figure and the HTML report (`api.write_comparison`).
     """
+    from cifarbench.executors import check_executor
+
     runtime.configure()
     if seeds < 1 or jobs < 1:
         raise CifarbenchError("{seeds} and {jobs} must be at least 1", seeds=Keyword("seeds"), jobs=Keyword("jobs"))
+    check_executor(executor, address)
     check_target(target)
     configs = {m: [make(m, s) for s in range(seeds)] for m in models}  # fail fast on a bad model or flag
     for model_configs in configs.values():  # a model's seeds differ only in the seed
@@ -74,7 +79,16 @@ def compare(models: Sequence[str], make: Callable[[str, int], TrainConfig], *, s
     every = [c for c in every if (c.model, c.seed) not in done]
     runs, failures = list(reused), []
     try:
-        if jobs == 1:
+        if executor == "ray" and every:
+            from cifarbench.executors import train_on_ray
+
+            def arrived(run: RunRecord) -> None:
+                runs.append(run)
+                if on_run:
+                    on_run(run)
+
+            failures = train_on_ray(every, jobs, runs_dir, arrived, address=address, spelling=spelling)
+        elif jobs == 1:
             for config in every:
                 runs.append(train_run(config, runs_dir=runs_dir, dataset=dataset, progress=progress,
                                       on_epoch=(lambda m, c=config: on_epoch(c, m)) if on_epoch else None,

@@ -35,8 +35,10 @@ OBJECTS = {"limits": "Limits", "bundle_limits": "BundleLimits"}
 """Keywords that take an object: a message names its fields as `limits=Limits(timeout=...)`."""
 
 FLAGS = {"limits.timeout": "--timeout", "limits.memory_mib": "--memory", "bundle_limits.max_bytes": "--max-bundle-mib",
-         "bundle_limits.max_members": "--max-bundle-members", "bundle_limits.max_runs": "--max-bundle-runs"}
-"""The flags `flag_of`'s rule does not give: the fields of a keyword's object, which the CLI flattens."""
+         "bundle_limits.max_members": "--max-bundle-members", "bundle_limits.max_runs": "--max-bundle-runs",
+         "params": "--param"}
+"""The flags `flag_of`'s rule does not give: the fields of a keyword's object, which the CLI flattens, and `tune`'s
+`params` list, one `--param` each."""
 
 
 def flag_of(name: str, value: Any = UNSET) -> str:

@@ -44,7 +44,7 @@ def train_run(config: TrainConfig | None = None, *, runs_dir: str | os.PathLike 
               dataset: ImageDataset | None = None, progress: bool | None = None,
               on_epoch: Callable[[EpochMetrics], None] | None = None, resume: str | None = None,
               data: DataConfig | None = None, trust_code: bool = False, started: float | None = None,
-              spelling: Spelling = as_keyword) -> RunRecord:
+              spelling: Spelling = as_keyword, run_id: str | None = None, score_test: bool = True) -> RunRecord:
     """Train one run end to end: its folder (config, checkpoint, metrics) and its row in the run history.
 
     With `resume` (a run id, run folder or checkpoint in `runs_dir`), continue that run from its last checkpoint
@@ -54,6 +54,9 @@ def train_run(config: TrainConfig | None = None, *, runs_dir: str | os.PathLike 
     only with `trust_code`. `started` (a time.perf_counter() value) is when a budget's clock started, if before
     this call (the CLI: when its process started). `spelling` names options in what the run says (the CLI's flags,
     the API's keywords).
+
+    `run_id` names a new run (a Ray task trains under the id its driver chose, so the bundle it returns can be
+    checked against it); without `score_test` the test set is never evaluated (a tuning trial).
     """
     runtime.configure()
     saved = None
@@ -69,7 +72,8 @@ def train_run(config: TrainConfig | None = None, *, runs_dir: str | os.PathLike 
     threads = torch.get_num_threads()  # a budget's probe may pick fewer for this run; the caller keeps its own
     try:
         record = _train(config, world, device, saved, runs_dir=runs_dir, dataset=dataset, progress=progress,
-                        on_epoch=on_epoch, started=started, spelling=spelling)
+                        on_epoch=on_epoch, started=started, spelling=spelling, run_id=run_id,
+                        score_test=score_test)
         finished = True
         return record
     finally:
@@ -141,7 +145,7 @@ def _resumable(ref: str, runs_dir: str | os.PathLike | None, trust_code: bool) -
 def _train(config: TrainConfig, world: ddp.DistEnv, device: torch.device, saved: RunCheckpoint | None, *,
            runs_dir: str | os.PathLike | None, dataset: ImageDataset | None, progress: bool | None,
            on_epoch: Callable[[EpochMetrics], None] | None, started: float | None = None,
-           spelling: Spelling = as_keyword) -> RunRecord:
+           spelling: Spelling = as_keyword, run_id: str | None = None, score_test: bool = True) -> RunRecord:
     requested = config.to_dict()  # as asked, before the run adapts it: what `compare` finds a finished run by
     # Under torchrun only rank 0 downloads (and shows progress); the others wait for its files (data.download).
     dataset = dataset or load_dataset(config.data, progress=progress if world.is_main else False)
@@ -178,13 +182,15 @@ def _train(config: TrainConfig, world: ddp.DistEnv, device: torch.device, saved:
                                       data_dir=Keyword("data_dir", ...))
             store.reopen_run(saved.run_id)
         else:
-            record.run_id = folders.new_run_id(label(config.model), config.seed)
+            record.run_id = folders.check_run_id(run_id) if run_id else folders.new_run_id(label(config.model),
+                                                                                              config.seed)
         run_dir = folders.run_folder(runs_dir, record.run_id)
         record.run_dir = str(run_dir)
         if saved is None:
             _start(store, record, run_dir, requested)
         return _loop(config, dataset, device, world, record, store, run_dir, model, training, weights, progress,
-                     on_epoch, started, probe, shape, precision, resume=resume_command(record.run_id, runs_dir))
+                     on_epoch, started, probe, shape, precision, resume=resume_command(record.run_id, runs_dir),
+                     score_test=score_test)
     finally:
         store.close()
 
@@ -317,7 +323,8 @@ def _start(store: RunStore, record: RunRecord, run_dir: Path, requested: dict) -
 def _loop(config: TrainConfig, dataset: ImageDataset, device: torch.device, world: ddp.DistEnv, record: RunRecord,
           store: RunStore, run_dir: Path, model: torch.nn.Module, training, weights, progress: bool | None,
           on_epoch: Callable[[EpochMetrics], None] | None, started: float | None = None, probe: dict | None = None,
-          shape: dict | None = None, precision: dict | None = None, resume: str = "") -> RunRecord:
+          shape: dict | None = None, precision: dict | None = None, resume: str = "",
+          score_test: bool = True) -> RunRecord:
     def checkpoint(result: TrainResult) -> None:
         RunCheckpoint(run_id=record.run_id, model=config.model, classes=list(dataset.classes),
                       in_shape=dataset.image_shape, config=record.config, dataset=record.dataset,
@@ -336,7 +343,8 @@ def _loop(config: TrainConfig, dataset: ImageDataset, device: torch.device, worl
         watch.busy = probe["others_running"]
     try:
         result = train(config, dataset, device, on_epoch=after_epoch, on_interrupt=checkpoint, progress=progress,
-                       resume=training, resume_weights=weights, world=world, started=started, threads=watch)
+                       resume=training, resume_weights=weights, world=world, started=started, threads=watch,
+                       score_test=score_test)
     except KeyboardInterrupt as exc:
         signal_name = "SIGTERM" if exc.args == ("SIGTERM",) else "SIGINT"
         why = "stopped by SIGTERM (a timeout or a shutdown)" if signal_name == "SIGTERM" else "interrupted"
@@ -348,13 +356,15 @@ def _loop(config: TrainConfig, dataset: ImageDataset, device: torch.device, worl
     except BaseException as exc:
         store.finish_run(record.run_id, "failed", error=f"{type(exc).__name__}: {exc}"[:500])
         raise
-    assert result.final is not None
+    assert result.final is not None or not score_test
     final = result.final
     side = min(dataset.image_shape[1:])
-    record.status, record.test_accuracy, record.test_loss = "completed", final.accuracy, final.loss
+    record.status = "completed"
+    if final is not None:  # a tuning trial never touches the test set
+        record.test_accuracy, record.test_loss = final.accuracy, final.loss
+        record.per_class_accuracy, record.confusion = final.per_class_accuracy, final.confusion
     record.train_seconds, record.wall_seconds, record.steps = result.train_seconds, result.wall_seconds, result.steps
-    record.history, record.per_class_accuracy = result.history, final.per_class_accuracy
-    record.confusion = final.confusion
+    record.history = result.history
     record.budget = result.budget
     if record.budget is not None:
         record.budget.probe, record.budget.shape, record.budget.precision = probe, shape, precision

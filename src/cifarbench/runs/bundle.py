@@ -304,8 +304,43 @@ def import_runs(archive: str | os.PathLike, *, runs_dir: str | os.PathLike | Non
     return result
 
 
+def import_launched_run(archive: str | os.PathLike, *, run_id: str, requested: dict,
+                        runs_dir: str | os.PathLike | None = None, limits: BundleLimits | None = None) -> RunRecord:
+    """Bring in the run that a task this process launched trained elsewhere (a Ray worker), as this runs folder's
+    own run under the id it was given. The archive must hold exactly that run, trained from exactly the config
+    sent (`requested`, as `TrainConfig.to_dict` gives it, model code's sha256 included): a bundle that claims to
+    be some other run, or carries another config or code, is refused whole, so nothing a worker returns can pass
+    for a run the user did not launch."""
+    root = folders.resolve_runs_dir(runs_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".launched-", dir=root))
+    try:
+        bundle, written = extract_bundle(archive, staging, limits)
+        source = f"the bundle returned for run {run_id}"
+        if [r.run_id for r in bundle.runs] != [run_id]:
+            raise CifarbenchError(f"{source} holds runs {[r.run_id for r in bundle.runs]}, not that run alone")
+        (record,) = bundle.runs
+        try:
+            config = json.loads((staging / run_id / folders.CONFIG).read_text())
+        except (OSError, ValueError):
+            config = None
+        wanted = json.loads(json.dumps(requested))  # as config.json holds it (lists, not tuples)
+        if (not isinstance(config, dict) or config.get("requested") != wanted or record.status != "completed"
+                or record.model != wanted.get("model") or record.seed != wanted.get("seed")
+                or record.config.get("model_sha256") != wanted.get("model_sha256")):
+            raise CifarbenchError(f"{source} does not hold the completed run of the config it was sent; refused")
+        with RunStore(runs_dir) as store:
+            why = _import_one(record, bundle.files[run_id], written.get(run_id, {}), staging, runs_dir, store,
+                              origin=None)
+        if why:
+            raise CifarbenchError(f"{source} could not be stored: {why}")
+        return record
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def _import_one(record: RunRecord, files: dict[str, str], written: dict[str, str], staging: Path, runs_dir,
-                store: RunStore) -> str | None:
+                store: RunStore, origin: str | None = "imported") -> str | None:
     """Move one extracted run into place and record it; the reason it was skipped, or None."""
     source = staging / record.run_id
     for name, sha in files.items():
@@ -326,9 +361,9 @@ def _import_one(record: RunRecord, files: dict[str, str], written: dict[str, str
     if named != record.run_id:
         return f"its {folders.CONFIG} does not name the run"
     os.replace(source, target)
-    record.origin, record.run_dir = "imported", str(target)
+    record.origin, record.run_dir = origin, str(target)
     try:
-        store.start_run(record, model_sha256=record.config.get("model_sha256"))
+        store.start_run(record, model_sha256=record.config.get("model_sha256"), finished=True)
     except BaseException:
         shutil.rmtree(target, ignore_errors=True)
         raise

@@ -283,8 +283,9 @@ class RunStore:
                                [(time.time(), rid) for rid in dead])
 
     @_guarded
-    def start_run(self, record: RunRecord, *, model_sha256: str | None = None) -> None:
-        """Record a run that starts now (status 'running', or the record's own status for an imported run)."""
+    def start_run(self, record: RunRecord, *, model_sha256: str | None = None, finished: bool = False) -> None:
+        """Record a run that starts now (status 'running'), or one that arrives finished with its history: an
+        imported run, or (`finished`) one of ours trained elsewhere (a Ray task's)."""
         c = record.config
         with self._write() as db:
             db.execute(
@@ -292,13 +293,14 @@ class RunStore:
                 " dataset_json, code_version, torch_version, run_dir, host, pid, flops_per_image, world_size,"
                 " environment_json, model_sha256, origin)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (record.run_id, time.time(), "running" if record.origin is None else record.status, record.model,
+                (record.run_id, time.time(), "running" if record.origin is None and not finished else record.status,
+                 record.model,
                  record.recipe, record.seed, record.epochs, record.device, record.params, json.dumps(c),
                  json.dumps(record.dataset), record.environment.get("code_version"),
                  record.environment.get("torch_version"), record.run_dir, socket.gethostname(), os.getpid(),
                  record.flops_per_image, record.world_size, json.dumps(record.environment), model_sha256,
                  record.origin))
-            if record.origin is not None:  # an imported run arrives finished, with its history
+            if record.origin is not None or finished:  # it arrives finished, with its history
                 self._finish(db, record)
                 for h in record.history:
                     self._add_epoch(db, record.run_id, h)

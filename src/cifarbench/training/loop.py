@@ -308,21 +308,25 @@ class _Setup:
             budget.note(f"budget {c.budget_seconds:g} s: {'; '.join(result.budget.cuts)}")
         return ev
 
-    def end_epoch(self, loss_sum: torch.Tensor, last: bool, seconds: float, announce: bool) -> EpochMetrics:
+    def end_epoch(self, loss_sum: torch.Tensor, last: bool, seconds: float, announce: bool,
+                  score_test: bool = True) -> EpochMetrics:
         """Settle the epoch's sums over ranks, evaluate (validation every epoch; the test set at the end with the
         configured TTA, plain after other epochs when the config asks for learning curves and holds out no
-        validation split: with one, the curves are validation's and the test set is scored once) and record it."""
+        validation split: with one, the curves are validation's and the test set is scored once; never without
+        `score_test`) and record it."""
         pos, c = self.result.position, self.config
         pos.elapsed += seconds
         pos.in_epoch, pos.loss_sum = False, float(ddp.all_sum(loss_sum, self.world))
         pos.seen = int(ddp.all_sum(torch.tensor([pos.seen], dtype=torch.int64, device=self.device), self.world).item())
         eval_start = time.perf_counter()
         val = self.evaluate(self.val_data)
-        if last and c.tta:
+        if last and c.tta and score_test:
             unsure = " (the images the model is unsure of)" if c.tta_threshold > 0 else ""
             say(f"evaluating the test set ({tta_views(c.tta)} TTA views{unsure})...", enabled=announce)
         curve = c.eval_every_epoch and self.val_data is None
-        test = self.final_evaluation() if last else self.evaluate(self.test_data) if curve else None
+        test = None
+        if score_test:
+            test = self.final_evaluation() if last else self.evaluate(self.test_data) if curve else None
         metrics = EpochMetrics(epoch=pos.epoch, train_loss=pos.loss_sum / max(pos.seen, 1),
                                test_loss=test.loss if test else None, test_accuracy=test.accuracy if test else None,
                                seconds=pos.elapsed, eval_seconds=time.perf_counter() - eval_start,
@@ -337,7 +341,7 @@ def train(config: TrainConfig, dataset: ImageDataset, device: torch.device, *,
           on_interrupt: Callable[[TrainResult], None] | None = None,
           progress: bool | None = None, resume: TrainingState | None = None,
           resume_weights: dict[str, torch.Tensor] | None = None, world: ddp.DistEnv = ddp.SINGLE,
-          started: float | None = None, threads: ThreadWatch | None = None) -> TrainResult:
+          started: float | None = None, threads: ThreadWatch | None = None, score_test: bool = True) -> TrainResult:
     """Train `config.model` on the training set; evaluate after every epoch (if configured) and at the end.
 
     `resume` (with `resume_weights`) is a state saved earlier: training continues from that exact point. On
@@ -346,6 +350,7 @@ def train(config: TrainConfig, dataset: ImageDataset, device: torch.device, *,
     evaluates its slice of the test set; the sums are combined so every example counts exactly once.
     `started` (a time.perf_counter() value) is when the budget's clock started, if before this call.
     `threads` re-checks a budgeted CPU run's thread count at every re-plan (see `shape.ThreadWatch`).
+    Without `score_test` the test set is never evaluated (a tuning trial: it is scored on validation alone).
     """
     started = time.perf_counter() if started is None else started
     check_settings(config, device)
@@ -394,7 +399,7 @@ def train(config: TrainConfig, dataset: ImageDataset, device: torch.device, *,
             plan.pause()  # what follows (evaluations) is not step time
             synchronize(device)
             metrics = run.end_epoch(loss_sum, pos.step >= plan.total_steps, time.perf_counter() - epoch_start,
-                                    announce=world.is_main and progress is not False)
+                                    announce=world.is_main and progress is not False, score_test=score_test)
             result.wall_seconds = time.perf_counter() - started
             if on_epoch:
                 on_epoch(metrics, result)
