@@ -11,7 +11,7 @@ import pytest
 
 from cifarbench import executors
 from cifarbench.cli import main
-from cifarbench.errors import CifarbenchError
+from cifarbench.errors import CifarbenchError, as_flag
 from cifarbench.running import train_run
 from cifarbench.runs.bundle import export_runs, import_launched_run
 from cifarbench.runs.store import RunStore
@@ -82,8 +82,9 @@ def test_without_the_extra_one_line_names_it(monkeypatch: pytest.MonkeyPatch, ca
 
 
 def test_an_address_without_ray_is_refused() -> None:
-    with pytest.raises(CifarbenchError, match="use it with executor ray"):  # the keyword, from Python
-        executors.check_executor("local", "10.0.0.1:6379")
+    with pytest.raises(CifarbenchError, match="^address names a Ray cluster: use it with executor='ray'$") as raised:
+        executors.check_executor("local", "10.0.0.1:6379")  # the keywords, from Python
+    assert raised.value.spelled(as_flag) == "--address names a Ray cluster: use it with --executor ray"
 
 
 def test_the_extras_are_declared_and_not_in_the_default_install() -> None:

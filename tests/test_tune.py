@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from cifarbench import tuning
+from cifarbench.api import write_study
 from cifarbench.cli import main
 from cifarbench.errors import CifarbenchError
 from cifarbench.runs.store import RunStore
@@ -71,7 +72,8 @@ def test_four_trials_then_two_more_resume_the_study_and_test_is_scored_once(tiny
             with RunStore(runs, read_only=True) as store:
                 assert store.get_run(trial.run_id)["history"][-1]["val_accuracy"] == trial.value
 
-    again = tune(base(tiny_py), PARAMS, trials=2, runs_dir=runs, study="lr", report=tmp_path / "study.html")
+    again = write_study(tune(base(tiny_py), PARAMS, trials=2, runs_dir=runs, study="lr"), tmp_path / "study.html",
+                        runs_dir=runs)
     assert [t.number for t in again.trials] == [0, 1, 2, 3, 4, 5] and again.new_trials == 2
     assert len(runs_of(runs)) == 6
     changed = again.best.number != first.best.number

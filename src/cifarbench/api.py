@@ -61,7 +61,8 @@ __all__ = ["BundleLimits", "Comparison", "DataOverview", "Evaluation", "Experime
            "experiment", "explain", "explain_runs", "explore", "export_runs", "grade", "import_runs", "load",
            "load_trained_model", "make_config", "permutation", "permutation_experiment", "predict", "predict_images",
            "predict_test_set", "report", "report_runs", "run_config", "run_experiment", "run_history",
-           "score_images", "stored_runs", "submit", "train", "train_run", "tune", "TuneResult", "write_comparison"]
+           "score_images", "stored_runs", "submit", "train", "train_run", "tune", "TuneResult", "write_comparison",
+           "write_study"]
 
 Model = str | type | Callable[..., Any]
 """A registered model's name, `file.py:Name`, `module:Name`, or an nn.Module subclass or factory itself."""
@@ -189,11 +190,24 @@ def tune(model: Model, params: Sequence[str], *, trials: int = 10, val_split: in
     if isinstance(params, str):
         params = [params]
     specs = [parse_param(p) for p in params]
-    return tune_config(run_config(model, seed=seed, val_split=val_split, **choices), specs, trials=trials,
-                       study=study, executor=executor, address=address, jobs=jobs, seed=seed, runs_dir=runs_dir,
-                       progress=progress, report=report,
-                       on_trial=lambda t: print(f"trial {t.number}: {t.state}, validation "
-                                                f"{'-' if t.value is None else f'{100 * t.value:.2f}%'} ({t.run_id})"))
+    result = tune_config(run_config(model, seed=seed, val_split=val_split, **choices), specs, trials=trials,
+                         study=study, executor=executor, address=address, jobs=jobs, seed=seed, runs_dir=runs_dir,
+                         progress=progress,
+                         on_trial=lambda t: print(f"trial {t.number}: {t.state}, validation "
+                                                  f"{'-' if t.value is None else f'{100 * t.value:.2f}%'} "
+                                                  f"({t.run_id})"))
+    return write_study(result, report, runs_dir=runs_dir) if report else result
+
+
+def write_study(result: TuneResult, out: str | os.PathLike, *, runs_dir: str | os.PathLike | None = None
+                ) -> TuneResult:
+    """Write a tune's HTML report (optimisation history, parameter importances, the best trial's curves) to
+    `out`; the result records where (`report`)."""
+    from cifarbench.reporting.study import write_study_report
+    from cifarbench.tuning import trial_histories
+
+    result.report = str(write_study_report(result, trial_histories(result, runs_dir), out))
+    return result
 
 
 def _run_ids(runs: Runs) -> list[str]:

@@ -582,8 +582,8 @@ def grade(inbox: str | os.PathLike, *, trust_code: bool = False, data_dir: str |
         if executor == "ray":
             from cifarbench.executors import grade_on_ray
 
-            for graded in grade_on_ray(archives, data, hidden_set, box=box, device=device,
-                                       bundle_limits=bundle_limits, private=box.private if box else [],
+            for graded in grade_on_ray(archives, data, hidden_set, grade=grade_task, failed=_failed_row, box=box,
+                                       device=device, bundle_limits=bundle_limits, private=box.private if box else [],
                                        address=address, spelling=spelling):
                 runs += graded
             _flag_repeats(runs)
@@ -623,6 +623,10 @@ def _grade_one(archive: Path, folder: Path, data: ImageDataset, hidden: HiddenSe
                           error=f"could not be graded ({type(exc).__name__}: {_line(exc)})")]
     finally:
         shutil.rmtree(folder, ignore_errors=True)  # the work folder never holds more than one submission
+
+
+def _failed_row(archive: str, why: str) -> GradedRun:
+    return GradedRun(archive=archive, student=None, error=why)
 
 
 def grade_task(archive: bytes, name: str, data: ImageDataset, hidden: HiddenSet | None, *,

@@ -791,6 +791,7 @@ def cmd_submit(args: argparse.Namespace) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
+    from cifarbench.api import write_study
     from cifarbench.tuning import parse_param, tune
 
     def show(trial) -> None:
@@ -803,7 +804,9 @@ def cmd_tune(args: argparse.Namespace) -> None:
     params = [parse_param(p) for p in args.param]
     result = tune(_config(args, args.model, args.seed), params, trials=args.trials, study=args.study,
                   executor=args.executor, address=args.address, jobs=args.jobs, seed=args.seed,
-                  runs_dir=args.runs_dir, report=args.report, on_trial=show, spelling=as_flag)
+                  runs_dir=args.runs_dir, on_trial=show, spelling=as_flag)
+    if args.report:
+        write_study(result, args.report, runs_dir=args.runs_dir)
     if args.json:
         _print_json(result.to_dict())
         return

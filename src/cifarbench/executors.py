@@ -197,13 +197,13 @@ def _bundle_file(data: bytes, runs_dir: str | os.PathLike | None) -> Path:
     return Path(name)
 
 
-def grade_on_ray(archives: Sequence[Path], data: Any, hidden: Any, *, box: Any, device: str, bundle_limits: Any,
+def grade_on_ray(archives: Sequence[Path], data: Any, hidden: Any, *, grade: Callable[..., list[Any]],
+                 failed: Callable[[str, str], Any], box: Any, device: str, bundle_limits: Any,
                  private: Sequence[Path], address: str | None = None,
                  spelling: Spelling = as_keyword) -> list[list[Any]]:
-    """Each submission graded by one Ray task (classroom.grade_task: the same box and limits inside the task);
-    the rows of each, in the archives' order. A task whose worker died twice is one row saying so."""
-    from cifarbench.classroom import GradedRun
-
+    """Each submission graded by one Ray task running `grade` (classroom.grade_task: the same box and limits
+    inside the task); the rows of each, in the archives' order. A submission that cannot be sent, or whose
+    worker died twice, is one row saying so: `failed(archive name, reason)`."""
     ray = connect(address)
     data_ref = ray.put(data)
     hidden_ref = ray.put(hidden)
@@ -215,25 +215,25 @@ def grade_on_ray(archives: Sequence[Path], data: Any, hidden: Any, *, box: Any, 
         try:
             content = _read_archive(archive, bundle_limits)
         except CifarbenchError as exc:  # as the local grading says it, from the same bounded read
-            refs.append(GradedRun(archive=archive.name, student=None, error=exc.spelled(spelling)))
+            refs.append([failed(archive.name, exc.spelled(spelling))])
             continue
         refs.append(remote.options(max_retries=RETRIES, **resources).remote(
-            content, str(archive), data_ref, hidden_ref, (box.isolation, box.limits) if box is not None else None,
-            device, bundle_limits, [str(p) for p in private], spelling))
+            grade, content, str(archive), data_ref, hidden_ref,
+            (box.isolation, box.limits) if box is not None else None, device, bundle_limits, [str(p) for p in private],
+            spelling))
     out: list[list[Any]] = []
     try:
         for archive, ref in zip(archives, refs, strict=True):
-            if isinstance(ref, GradedRun):
-                out.append([ref])
+            if isinstance(ref, list):
+                out.append(ref)
                 continue
             try:
                 out.append(ray.get(ref))
             except Exception as exc:
-                out.append([GradedRun(archive=archive.name, student=None,
-                                      error=f"could not be graded ({failure_line(exc, spelling)})")])
+                out.append([failed(archive.name, f"could not be graded ({failure_line(exc, spelling)})")])
     except BaseException:
         for ref in refs:
-            if not isinstance(ref, GradedRun):
+            if not isinstance(ref, list):
                 ray.cancel(ref, force=True)
         raise
     return out
@@ -251,12 +251,10 @@ def _read_archive(archive: Path, bundle_limits: Any) -> bytes:
         return f.read()
 
 
-def _grade_in_task(archive: bytes, name: str, data: Any, hidden: Any, box: Any, device: str, bundle_limits: Any,
-                   private: list[str], spelling: Spelling) -> list[Any]:
+def _grade_in_task(grade: Callable[..., list[Any]], archive: bytes, name: str, data: Any, hidden: Any, box: Any,
+                   device: str, bundle_limits: Any, private: list[str], spelling: Spelling) -> list[Any]:
     import torch
 
-    from cifarbench.classroom import grade_task
-
     torch.set_num_threads(1)  # the task asked the cluster for one CPU
-    return grade_task(archive, name, data, hidden, box=box, device=device, bundle_limits=bundle_limits,
+    return grade(archive, name, data, hidden, box=box, device=device, bundle_limits=bundle_limits,
                       private=private, spelling=spelling)

@@ -180,8 +180,7 @@ class TuneResult:
 def tune(base: TrainConfig, params: Sequence[ParamSpec], *, trials: int, study: str | None = None,
          executor: str = "local", address: str | None = None, jobs: int = 1, seed: int = 0,
          runs_dir: str | os.PathLike | None = None, progress: bool | None = None,
-         report: str | os.PathLike | None = None, on_trial: Callable[[TrialRun], None] | None = None,
-         spelling: Spelling = as_keyword) -> TuneResult:
+         on_trial: Callable[[TrialRun], None] | None = None, spelling: Spelling = as_keyword) -> TuneResult:
     """Run `trials` more trials of the study `study` (default: tune-MODEL) on `base` with `params` searched; what
     the trials say names options by `spelling` (the CLI's flags, the API's keywords).
 
@@ -221,10 +220,6 @@ def tune(base: TrainConfig, params: Sequence[ParamSpec], *, trials: int, study: 
     result.new_trials = len(opened.trials) - before
     if result.best is not None:
         result.test_accuracy, result.tested_now = _test_once(opened, result.best, dataset, runs_dir)
-    if report:
-        from cifarbench.reporting.study import write_study_report
-
-        result.report = str(write_study_report(result, _histories(result, runs_dir), report))
     return result
 
 
@@ -439,7 +434,7 @@ def score_on_test(run_id: str, dataset: Any, runs_dir: str | os.PathLike | None)
     return float(result.accuracy)
 
 
-def _histories(result: TuneResult, runs_dir: str | os.PathLike | None) -> dict[int, list[dict]]:
+def trial_histories(result: TuneResult, runs_dir: str | os.PathLike | None) -> dict[int, list[dict]]:
     """Each trial's stored epochs (validation curves), by trial number."""
     from cifarbench.runs.store import RunStore
 
