@@ -65,10 +65,8 @@ def stored(runs: Path) -> dict[tuple[str, int], dict]:
 
 
 def test_compare_on_ray_stores_the_local_executors_runs(local_ray, tiny_py: Path, tmp_path: Path) -> None:
-    local = compare(["fnn", "cnn"], maker(tiny_py), seeds=2, jobs=2, runs_dir=tmp_path / "local",
-                    plot=tmp_path / "l.png")
-    on_ray = compare(["fnn", "cnn"], maker(tiny_py), seeds=2, jobs=2, runs_dir=tmp_path / "ray",
-                     plot=tmp_path / "r.png", executor="ray")
+    local = compare(["fnn", "cnn"], maker(tiny_py), seeds=2, jobs=2, runs_dir=tmp_path / "local")
+    on_ray = compare(["fnn", "cnn"], maker(tiny_py), seeds=2, jobs=2, runs_dir=tmp_path / "ray", executor="ray")
     assert on_ray.failures == [] and local.failures == []
     here, there = stored(tmp_path / "local"), stored(tmp_path / "ray")
     assert sorted(there) == [("cnn", 0), ("cnn", 1), ("fnn", 0), ("fnn", 1)]
@@ -78,7 +76,7 @@ def test_compare_on_ray_stores_the_local_executors_runs(local_ray, tiny_py: Path
         assert (Path(row["run_dir"]) / "checkpoint.pt").is_file()
     assert {r.run_id for r in on_ray.runs} == {r["id"] for r in there.values()}
     # Run again: the Ray-trained runs count as this folder's own finished runs and are reused, not retrained.
-    again = compare(["fnn"], maker(tiny_py), seeds=2, jobs=2, runs_dir=tmp_path / "ray", plot=tmp_path / "r.png",
+    again = compare(["fnn"], maker(tiny_py), seeds=2, jobs=2, runs_dir=tmp_path / "ray",
                     executor="ray")
     assert {r.run_id for r in again.runs} == {there[("fnn", 0)]["id"], there[("fnn", 1)]["id"]}
 
@@ -90,8 +88,7 @@ def test_a_killed_worker_is_retried_or_reported_in_one_line(local_ray, tiny_py: 
     code = tmp_path / "killer.py"
     code.write_text(KILLER.format(mark=str(mark), always=" (every time)" if always else "",
                                   always_flag=str(always)))
-    out = compare(["fnn", f"{code}:Net"], maker(tiny_py), seeds=1, jobs=2, runs_dir=tmp_path / "runs",
-                  plot=tmp_path / "p.png", executor="ray")
+    out = compare(["fnn", f"{code}:Net"], maker(tiny_py), seeds=1, jobs=2, runs_dir=tmp_path / "runs", executor="ray")
     assert mark.exists()  # a worker really died
     if always:
         (failure,) = out.failures
@@ -110,8 +107,7 @@ def test_ctrl_c_cancels_the_rest_and_keeps_finished_runs(local_ray, tiny_py: Pat
         raise KeyboardInterrupt
 
     with pytest.raises(Interrupted, match="1 of 4 runs finished") as stopped:
-        compare(["fnn"], maker(tiny_py, epochs=2), seeds=4, jobs=2, runs_dir=tmp_path / "runs",
-                plot=tmp_path / "p.png", executor="ray", on_run=interrupt)
+        compare(["fnn"], maker(tiny_py, epochs=2), seeds=4, jobs=2, runs_dir=tmp_path / "runs", executor="ray", on_run=interrupt)
     assert arrived[0] in str(stopped.value)
     with RunStore(tmp_path / "runs", read_only=True) as store:
         assert store.get_run(arrived[0])["status"] == "completed"
@@ -180,10 +176,10 @@ def test_student_code_on_ray_runs_in_the_same_box(local_ray, tmp_path: Path) -> 
     submit(run.run_id, student="Ann", out=inbox, runs_dir=tmp_path / "ann")
     graded = {}
     for executor in ("local", "ray"):
-        without = grade(inbox, data_dir=str(data), verify=False, device="cpu", executor=executor, write=False)
+        without = grade(inbox, data_dir=str(data), verify=False, device="cpu", executor=executor)
         assert "--trust-code" in without.runs[0].error or "trust_code" in without.runs[0].error
         graded[executor] = grade(inbox, data_dir=str(data), verify=False, device="cpu", trust_code=True,
-                                 isolation="process", limits=Limits(timeout=120), executor=executor, write=False)
+                                 isolation="process", limits=Limits(timeout=120), executor=executor)
     local, on_ray = graded["local"].runs[0], graded["ray"].runs[0]
     assert on_ray.isolation == local.isolation == "process"  # boxed in the task as here, never in-process
     assert on_ray.rescored_accuracy == local.rescored_accuracy == run.test_accuracy

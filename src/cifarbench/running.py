@@ -370,7 +370,7 @@ def _loop(config: TrainConfig, dataset: ImageDataset, device: torch.device, worl
         record.budget.probe, record.budget.shape, record.budget.precision = probe, shape, precision
     record.train_flops = training_flops(model, dataset.image_shape, result.position.images,
                                         low_res_side(config, side), result.position.low_images)
-    if final.predictions is not None and final.confidences is not None:  # what paired tests reuse (runs.predictions)
+    if final is not None and final.predictions is not None and final.confidences is not None:  # paired tests reuse
         write_predictions(run_dir, final.predictions, dataset.test.labels, final.confidences,
                           dataset_sha256=dataset.sha256, tta=result.final_tta[0], tta_threshold=result.final_tta[1],
                           classes=len(dataset.classes))
