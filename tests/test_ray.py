@@ -107,7 +107,8 @@ def test_ctrl_c_cancels_the_rest_and_keeps_finished_runs(local_ray, tiny_py: Pat
         raise KeyboardInterrupt
 
     with pytest.raises(Interrupted, match="1 of 4 runs finished") as stopped:
-        compare(["fnn"], maker(tiny_py, epochs=2), seeds=4, jobs=2, runs_dir=tmp_path / "runs", executor="ray", on_run=interrupt)
+        compare(["fnn"], maker(tiny_py, epochs=2), seeds=4, jobs=2, runs_dir=tmp_path / "runs", executor="ray",
+                on_run=interrupt)
     assert arrived[0] in str(stopped.value)
     with RunStore(tmp_path / "runs", read_only=True) as store:
         assert store.get_run(arrived[0])["status"] == "completed"
