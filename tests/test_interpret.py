@@ -163,7 +163,7 @@ def test_missing_captum_is_a_user_error_naming_the_extra(monkeypatch):
     with pytest.raises(CifarbenchError) as err:
         saliency_attributions(_model("cnn"), _inputs(1), [0])
     assert str(err.value) == CAPTUM_MISSING
-    assert "cifarbench[interpret]" in CAPTUM_MISSING
+    assert "pip install -e '.[interpret]'" in CAPTUM_MISSING
 
 
 def test_pick_examples_takes_right_then_wrong_predictions():

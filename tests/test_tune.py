@@ -124,7 +124,7 @@ def test_the_cli_runs_a_study_and_prints_the_one_test_score(tiny_py: Path, tmp_p
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("lr=log:1e-3:1e-1", "unknown config field .lr."),  # the same check as --set (the field is optimizer.lr)
+    ("learning_rate=log:1e-3:1e-1", "unknown config field .learning_rate."),  # the same check as --set
     ("optimizer.momentum=float:0:1.5", "optimizer.momentum"),
     ("optimizer.name=choice:sgd,rmsprop", "optimizer.name"),
     ("optimizer.lr=log:0:1", "LOW > 0"),
@@ -134,6 +134,13 @@ def test_a_param_is_checked_like_set(tiny_py: Path, tmp_path: Path, spec: str, m
     with pytest.raises(CifarbenchError, match=message):
         tune(base(tiny_py), [parse_param(spec)], trials=1, runs_dir=tmp_path / "runs")
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_options_keyword_names_its_field() -> None:
+    # `--param lr=...` searches what `train --lr` sets; the trials and the study name the field.
+    assert parse_param("lr=log:1e-3:3e-1") == parse_param("optimizer.lr=log:1e-3:3e-1")
+    assert str(parse_param("optimizer=choice:sgd,adamw")) == "optimizer.name=choice:sgd,adamw"
+    assert parse_param("epochs=int:1:3").name == "epochs"
 
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", "", ".hidden", "x" * 65])

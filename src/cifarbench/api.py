@@ -131,7 +131,7 @@ def compare(models: Sequence[Model], *, seeds: int = 1, jobs: int = 1, target: f
             executor: str = "local", address: str | None = None, **choices: Any) -> Comparison:
     """Train every model for `seeds` seeds on the same data and compare them (`cifarbench compare`); finished runs
     with the same config, code, seed and data are reused unless `retrain`. `executor="ray"` runs each training as
-    a task on the Ray cluster at `address` (a local one without; needs cifarbench[ray])."""
+    a task on the Ray cluster at `address` (a local one without; needs the [ray] extra)."""
     _check_keywords(run_config, choices, extra=("seeds", "jobs", "target", "report", "plot", "runs_dir", "progress",
                                             "on_epoch", "retrain", "executor", "address"), where="compare")
     refs = [_ref(m) for m in models]
@@ -182,7 +182,7 @@ def tune(model: Model, params: Sequence[str], *, trials: int = 10, val_split: in
          report: str | os.PathLike | None = None, **choices: Any) -> TuneResult:
     """Search config fields with Optuna (`cifarbench tune`): `params` such as ["optimizer.lr=log:1e-3:3e-1"], each
     trial a run scored on `val_split` held-out training images (required), the best scored on the test set once.
-    `choices` are `run_config`'s keywords for every trial (epochs=, verify=False, ...); needs cifarbench[tune]."""
+    `choices` are `run_config`'s keywords for every trial (epochs=, verify=False, ...); needs the [tune] extra."""
     from cifarbench.tuning import parse_param
     from cifarbench.tuning import tune as tune_config
 

@@ -141,7 +141,7 @@ def _training_commands(sub: argparse._SubParsersAction) -> None:
 def _tune_command(sub: argparse._SubParsersAction) -> None:
     """`tune MODEL --param NAME=SPEC ...`: Optuna's search, scored on the validation split (tuning.py)."""
     p = sub.add_parser("tune", help="search config fields with Optuna, each trial scored on a validation split; the "
-                                    "best scored on the test set once (needs cifarbench[tune])")
+                                    "best scored on the test set once (needs the [tune] extra)")
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--param", action="append", default=[], metavar="NAME=SPEC", required=True,
                    help="a config field and its range: log:LOW:HIGH, float:LOW:HIGH, int:LOW:HIGH or choice:A,B,... "
@@ -160,7 +160,7 @@ def _executor_flags(p: argparse.ArgumentParser) -> None:
     """Where the runs go: this machine's worker processes, or a Ray cluster (docs/distributed.md#ray)."""
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local: this machine's worker processes (default); ray: one Ray task per run, on the "
-                        "cluster at --address or a local Ray (needs cifarbench[ray])")
+                        "cluster at --address or a local Ray (needs the [ray] extra)")
     p.add_argument("--address", metavar="ADDR",
                    help="with --executor ray: the Ray cluster's head, e.g. 10.0.0.1:6379 (default: start a local Ray)")
 

@@ -44,7 +44,8 @@ def require(module: str, extra: str, what: str | Keyword) -> None:
     import importlib.util
 
     if importlib.util.find_spec(module) is None:
-        raise CifarbenchError("{what} needs {module}, which is not installed: pip install 'cifarbench[{extra}]'",
+        raise CifarbenchError("{what} needs {module}, which is not installed: pip install -e '.[{extra}]' in the "
+                              "cifarbench folder",
                               what=what, module=module, extra=extra)
 
 

@@ -63,8 +63,10 @@ class ParamSpec:
 
 
 def parse_param(text: str) -> ParamSpec:
-    """`NAME=KIND:SPEC` as a ParamSpec (KIND log, float or int with LOW:HIGH; choice with A,B,...)."""
+    """`NAME=KIND:SPEC` as a ParamSpec (KIND log, float or int with LOW:HIGH; choice with A,B,...). NAME is a
+    config field (`optimizer.lr`) or a run option's keyword for one (`lr`, as `train --lr` sets it)."""
     name, eq, spec = text.partition("=")
+    name = _field_of(name.strip())
     kind, colon, rest = spec.partition(":")
     example = "e.g. optimizer.lr=log:1e-4:1e-1, model_kwargs.width=int:16:128 or optimizer.name=choice:sgd,adamw"
     if not eq or not name or not colon or kind not in KINDS:
@@ -92,6 +94,13 @@ def parse_param(text: str) -> ParamSpec:
         raise CifarbenchError("{option} {name}: an int range needs whole numbers (got {low:g}:{high:g})",
                               option=PARAM, name=name, low=low, high=high)
     return ParamSpec(name, kind, low, high)
+
+
+def _field_of(name: str) -> str:
+    """The config field a run option's keyword sets (`lr` -> `optimizer.lr`); any other name as it is."""
+    from cifarbench.options import run_options
+
+    return next((o.field for o in run_options() if o.keyword == name and o.field), name)
 
 
 def _value(text: str) -> Any:

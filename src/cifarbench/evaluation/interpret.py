@@ -4,7 +4,7 @@ Each `*_figure`-style function returns a matplotlib Figure built with the object
 Layers are found by running the model on a batch and watching which modules it calls, in order, so any
 registered model works whatever its attributes are called. Everything runs in float32 without autocast
 (a bf16-trained model is copied to fp32 first) and accepts channels_last inputs.
-Saliency uses Captum, an optional extra: pip install 'cifarbench[interpret]'.
+Saliency uses Captum, an optional extra: pip install -e '.[interpret]' in the cifarbench folder.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch import nn
 from cifarbench.errors import CifarbenchError
 from cifarbench.reporting.plots import _figure, _to_rgb
 
-CAPTUM_MISSING = "saliency maps need the optional extra: pip install 'cifarbench[interpret]'"
+CAPTUM_MISSING = "saliency maps need the optional extra: pip install -e '.[interpret]' in the cifarbench folder"
 
 
 # --- Shared helpers ----------------------------------------------------------------------------------------
