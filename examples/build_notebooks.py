@@ -258,7 +258,7 @@ holds. The rest of this notebook is about *why*."""),
 - **CNN: first-layer filters and feature maps.** Small 3×3 colour patterns that slide over *every* position of
   the image, and where each one responded to a test image, layer by layer. What is learnt once works
   everywhere.
-- **Saliency** (both models, with the optional Captum package: `pip install 'cifarbench[interpret]'`): for
+- **Saliency** (both models, with the optional Captum package: `pip install -e '.[interpret]'`): for
   right and wrong predictions, the pixels the predicted class's score is most sensitive to, and for the CNN
   Grad-CAM, the regions its last convolution used.
 

@@ -182,7 +182,8 @@ def tune(model: Model, params: Sequence[str], *, trials: int = 10, val_split: in
          report: str | os.PathLike | None = None, **choices: Any) -> TuneResult:
     """Search config fields with Optuna (`cifarbench tune`): `params` such as ["optimizer.lr=log:1e-3:3e-1"], each
     trial a run scored on `val_split` held-out training images (required), the best scored on the test set once.
-    `choices` are `run_config`'s keywords for every trial (epochs=, verify=False, ...); needs the [tune] extra."""
+    `choices` are `run_config`'s keywords for every trial (epochs=, verify=False, ...); `report` also writes the
+    study's HTML report there (`write_study`). Needs the [tune] extra."""
     from cifarbench.tuning import parse_param
     from cifarbench.tuning import tune as tune_config
 

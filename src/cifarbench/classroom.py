@@ -32,7 +32,7 @@ from cifarbench import display_hooks
 from cifarbench.config import DataConfig, TrainConfig
 from cifarbench.data import ImageDataset, load_dataset, prepare
 from cifarbench.data.dataset import Split
-from cifarbench.errors import CifarbenchError, Keyword, Spelling, as_keyword
+from cifarbench.errors import CifarbenchError, Keyword, Spelling, as_keyword, spelled
 from cifarbench.evaluation.stats import Spread, mean_spread
 from cifarbench.models.reference import is_reference, label
 from cifarbench.runs import folders
@@ -278,7 +278,7 @@ def claim_flags(claimed: float | None, rescored: float, images: int, *, same_dat
 
 
 def selection_flags(record: RunRecord, config: TrainConfig, claimed: float | None, images: int,
-                    recipe_epochs: int | None) -> list[Flag]:
+                    recipe_epochs: int | None, spelling: Spelling = as_keyword) -> list[Flag]:
     """Signs that the test set took part in choosing the model.
 
     - claim-from-epoch (error): the claim is not the final model's test accuracy but equals an earlier epoch's,
@@ -306,8 +306,8 @@ def selection_flags(record: RunRecord, config: TrainConfig, claimed: float | Non
         epochs = f"{config.epochs} epoch" + ("s" if config.epochs != 1 else "")
         flags.append(Flag("test-selection", "warning", f"trained {epochs} (the {config.recipe} recipe's default is "
                           f"{recipe_epochs}) with no validation split, watching the per-epoch test accuracy: if the "
-                          "epoch count was chosen on it, the test figure is optimistic (choose on --val-split 5000 "
-                          "instead)"))
+                          "epoch count was chosen on it, the test figure is optimistic (choose on "
+                          f"{spelling(Keyword('val_split', 5000))} instead)"))
     return flags
 
 
@@ -443,8 +443,8 @@ def _work_folder(path: Path) -> Path:
     return path
 
 
-def _line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:300] or type(exc).__name__
+def _line(exc: BaseException, spelling: Spelling = as_keyword) -> str:
+    return " ".join(spelled(exc, spelling).split())[:300] or type(exc).__name__
 
 
 # --- Student names ----------------------------------------------------------------------------------------------
@@ -620,7 +620,7 @@ def _grade_one(archive: Path, folder: Path, data: ImageDataset, hidden: HiddenSe
                               bundle_limits=bundle_limits, spelling=spelling)
     except (Exception, SystemExit) as exc:  # a crafted archive must not stop the others either
         return [GradedRun(archive=archive.name, student=None,
-                          error=f"could not be graded ({type(exc).__name__}: {_line(exc)})")]
+                          error=f"could not be graded ({type(exc).__name__}: {_line(exc, spelling)})")]
     finally:
         shutil.rmtree(folder, ignore_errors=True)  # the work folder never holds more than one submission
 
@@ -843,7 +843,7 @@ def _score(row: GradedRun, record: RunRecord, store: Path, data: ImageDataset, h
                                 tta_matches=tta_matches)
         convolutional = any(t.ndim == 4 for t in ckpt.state_dict.values())  # conv filters, read from the weights
         row.flags += selection_flags(record, config, row.claimed_accuracy, len(test),
-                                     recipe_epochs(config, convolutional))
+                                     recipe_epochs(config, convolutional), spelling)
     except CifarbenchError as exc:
         row.error = exc.spelled(spelling)
     except (Exception, SystemExit) as exc:  # a model that crashes while building or scoring

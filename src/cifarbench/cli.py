@@ -472,7 +472,7 @@ def _resume(args: argparse.Namespace):
     data = config.data.for_loading(foreign=False, data_dir=args.data_dir, verify=args.verify, download=args.download)
     show = _with_tensorboard(args, _epoch_printer(args))
     return train_run(runs_dir=args.runs_dir, on_epoch=lambda m: show(config, m), resume=args.resume, data=data,
-                     trust_code=args.trust_code)
+                     trust_code=args.trust_code, spelling=as_flag)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -607,7 +607,7 @@ def _experiment_permutation(args: argparse.Namespace) -> None:
         reuse=args.reuse, runs_dir=args.runs_dir, on_epoch=_epoch_printer(args),
         on_reuse=lambda r: print(f"reusing stored run {printable(r.run_id)} ({printable(r.model)} seed {r.seed}"
                                  f"{', permuted pixels' if permutation_of(r) is not None else ''})", file=out,
-                                 flush=True))
+                                 flush=True), spelling=as_flag)
     if args.json:
         _print_json(report.to_dict())
         return

@@ -170,7 +170,8 @@ def train_on_ray(configs: Sequence[TrainConfig], jobs: int, runs_dir: str | os.P
                 finally:
                     archive.unlink(missing_ok=True)
             except Exception as exc:  # a failed run (or a dead worker, after its retry) is one line; the rest go on
-                failures.append({"model": config.model, "seed": config.seed, "error": failure_line(exc, spelling)})
+                failures.append({"model": config.model, "seed": config.seed, "run_id": run_id,
+                                 "error": failure_line(exc, spelling)})
                 continue
             on_run(record)
     except BaseException:

@@ -15,7 +15,7 @@ from cifarbench.config import TrainConfig
 from cifarbench.data import ImageDataset, load_dataset
 from cifarbench.data.loader import DeviceSplit
 from cifarbench.device import autocast_dtype, resolve_device
-from cifarbench.errors import CifarbenchError, Keyword
+from cifarbench.errors import CifarbenchError, Keyword, Spelling, as_keyword
 from cifarbench.evaluation.experiments import CORRUPTIONS, corruption_accuracy, translation_accuracy
 from cifarbench.evaluation.explain import ModelExplanation, explain_model
 from cifarbench.evaluation.stats import (
@@ -349,7 +349,8 @@ def permutation_experiment(models: Sequence[str], make: Callable[[str, int], Tra
                            permutation_seed: int = 0, reuse: bool = True, runs_dir: str | os.PathLike | None = None,
                            progress: bool | None = None,
                            on_epoch: Callable[[TrainConfig, EpochMetrics], None] | None = None,
-                           on_reuse: Callable[[RunRecord], None] | None = None) -> PermutationReport:
+                           on_reuse: Callable[[RunRecord], None] | None = None,
+                           spelling: Spelling = as_keyword) -> PermutationReport:
     """Train each model for seeds 0..seeds-1 on the images as they are and under one fixed random pixel
     permutation (`permutation_seed`, the same for train and test), reusing stored runs with the same config
     and data when `reuse`. A fully connected net should not care (the permutation only relabels its inputs);
@@ -390,7 +391,8 @@ def permutation_experiment(models: Sequence[str], make: Callable[[str, int], Tra
                         on_reuse(run)
                 else:
                     run = train_run(config, runs_dir=runs_dir, dataset=dataset, progress=progress,
-                                    on_epoch=(lambda e, c=config: on_epoch(c, e)) if on_epoch else None)
+                                    on_epoch=(lambda e, c=config: on_epoch(c, e)) if on_epoch else None,
+                                    spelling=spelling)
                 done[(m, config.seed, kind)] = run
     report.runs = list(done.values())
     correct = score_runs(report.runs, dataset=dataset, device=first.device, runs_dir=runs_dir,

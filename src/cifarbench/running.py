@@ -81,8 +81,8 @@ def train_run(config: TrainConfig | None = None, *, runs_dir: str | os.PathLike 
         ddp.teardown(world, finished=finished)
 
 
-def budget_start(config: TrainConfig, dataset: ImageDataset | None = None, started: float | None = None
-                 ) -> tuple[TrainConfig, float, dict, dict, dict]:
+def budget_start(config: TrainConfig, dataset: ImageDataset | None = None, started: float | None = None,
+                 spelling: Spelling = as_keyword) -> tuple[TrainConfig, float, dict, dict, dict]:
     """The start of a budgeted CPU run: its clock starts, a short probe of this machine picks the precision and
     memory layout (written into the config the run trains and records), the thread count, and measures
     throughput; speedrun's shape is re-picked for the compute that buys (`budget_shape` "compute"). The net
@@ -102,8 +102,9 @@ def budget_start(config: TrainConfig, dataset: ImageDataset | None = None, start
     config = replace(config, precision=kernels.precision, channels_last=kernels.channels_last)
     slowdown = kernels.slowdown()
     if kernels.requested == "bf16" and not kernels.native_bf16 and slowdown and slowdown > 1:
-        note(f"--precision bf16 on a CPU without native bf16: its steps measured {slowdown:.1f}x slower than "
-             f"fp32 here ({torch.backends.cpu.get_cpu_capability()}); --precision auto would train in fp32")
+        note(f"{spelling(Keyword('precision', 'bf16'))} on a CPU without native bf16: its steps measured "
+             f"{slowdown:.1f}x slower than fp32 here ({torch.backends.cpu.get_cpu_capability()}); "
+             f"{spelling(Keyword('precision', 'auto'))} would train in fp32")
     probe = throughput.to_dict()
     probe.pop("kernels")  # recorded on its own, as `budget.precision`
     shape = {"by": "config", "widths": config.model_kwargs.get("widths")}
@@ -158,7 +159,7 @@ def _train(config: TrainConfig, world: ddp.DistEnv, device: torch.device, saved:
                          test_accuracy=result.final.accuracy if result.final else None, world_size=world.world_size)
     probe, shape, precision = None, None, None
     if config.budget_seconds and device.type == "cpu" and saved is None and not world.enabled:
-        config, started, probe, shape, precision = budget_start(config, dataset, started)
+        config, started, probe, shape, precision = budget_start(config, dataset, started, spelling)
     else:
         started = None  # only a budget counts what came before the run
     config, model = preflight(config, dataset)  # before anything is written: a refusal leaves nothing behind

@@ -367,7 +367,7 @@ def _trials_on_ray(study: Any, base: TrainConfig, params: Sequence[ParamSpec], t
         finally:  # what never arrived failed (or was cancelled by Ctrl-C)
             for run_id, trial in list(by_run.items()):
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                why = "; ".join(f["error"] for f in failures) or "interrupted"
+                why = next((f["error"] for f in failures if f.get("run_id") == run_id), "interrupted")
                 _announce(on_trial, TrialRun(number=trial.number, state="fail", value=None, run_id=run_id,
                                              params=trial.params, error=why))
             by_run.clear()

@@ -158,7 +158,8 @@ class Comparison:
     dataset: dict | None = None
     failures: list[dict[str, Any]] = field(default_factory=list)
     plot_file: str | None = None
-    """The learning-curve PNG `compare` wrote (`"plot"` in JSON); `plot()` draws the figure."""
+    """The learning-curve PNG written for this comparison (`api.write_comparison`; `"plot"` in JSON); `plot()` draws
+    the figure."""
     report: str | None = None
     jobs: int = 1
     environment: dict[str, str] = field(default_factory=dict)
