@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cifarbench.device import CPU_BF16_ENV, cpu_bf16_native
-from cifarbench.errors import CifarbenchError
+from cifarbench.errors import CifarbenchError, as_flag
 from cifarbench.training import shape
 from cifarbench.training.recipes import make_config
 from cifarbench.training.shape import ABANDON, KernelChoice, ThreadWatch, Throughput, choose_kernels
@@ -149,8 +149,13 @@ def test_budget_start_trains_and_records_what_the_probe_chose(monkeypatch, capsy
     assert "kernels" not in recorded_probe and capsys.readouterr().err == ""
     forced, *_ = running.budget_start(replace(config, precision="bf16"))
     assert forced.precision == "bf16"
+    (line,) = capsys.readouterr().err.splitlines()  # from Python: the keywords
+    assert line.startswith("note: precision='bf16' on a CPU without native bf16: its steps measured 13.")
+    assert line.endswith("; precision='auto' would train in fp32")
+    running.budget_start(replace(config, precision="bf16"), spelling=as_flag)  # the CLI's: its flags
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("note: --precision bf16 on a CPU without native bf16: its steps measured 13.")
+    assert line.endswith("; --precision auto would train in fp32")
 
 
 @pytest.mark.slow
