@@ -27,8 +27,7 @@ def timed_compare(models: list[str], seeds: int, jobs: int, epochs: int, data_di
 
     runs = tempfile.mkdtemp(prefix=f"cifarbench-{executor}-")
     start = time.perf_counter()
-    out = compare(models, make, seeds=seeds, jobs=jobs, runs_dir=runs, plot=os.path.join(runs, "p.png"),
-                  executor=executor, progress=False)
+    out = compare(models, make, seeds=seeds, jobs=jobs, runs_dir=runs, executor=executor, progress=False)
     wall = time.perf_counter() - start
     if out.failures:
         raise SystemExit(f"{executor}: {out.failures}")

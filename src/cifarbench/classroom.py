@@ -491,7 +491,10 @@ def read_roster(path: str | os.PathLike) -> list[str]:
     first column is the name)."""
     from cifarbench.fsutil import read_regular_file
 
-    text = read_regular_file(path, 1 << 20, "roster file", error=CifarbenchError).decode("utf-8", "replace")
+    try:
+        text = read_regular_file(path, 1 << 20, "roster file", error=CifarbenchError).decode("utf-8", "replace")
+    except CifarbenchError as exc:  # named by the option that gave it, in the caller's spelling
+        raise CifarbenchError("{option}: {reason}", option=Keyword("roster"), reason=exc) from None
     names = [line.split(",")[0].strip() for line in text.splitlines()]
     names = [n for n in names if n and not n.startswith("#")]
     if not names:
