@@ -43,6 +43,15 @@ def _loaded(run: RunRecord, *, device: str, runs_dir: str | os.PathLike | None, 
     return load_trained_model(str(checkpoint), device=device, runs_dir=runs_dir, trust_code=trust_code)
 
 
+def _eval_batch(loaded: TrainedModel) -> int:
+    """The run's evaluation batch, at most CPU_EVAL_BATCH on a CPU: there small batches keep activations in cache
+    (the notebook's CNN: 2.5x the images/s of batches of 1,000; docs/cpu-performance.md#evaluation-batch-256)."""
+    from cifarbench.training.recipes import CPU_EVAL_BATCH
+
+    size = loaded.config.eval_batch_size
+    return min(size, CPU_EVAL_BATCH) if loaded.device.type == "cpu" else size
+
+
 def _test_split(loaded: TrainedModel, dataset: ImageDataset) -> DeviceSplit:
     c = loaded.config
     return DeviceSplit(dataset.test, loaded.device, c.data.mean, c.data.std, c.channels_last)
@@ -53,7 +62,7 @@ def explain_trained(loaded: TrainedModel, dataset: ImageDataset, *, label: str, 
     """`explain_model` for a loaded run on `dataset` (as that run sees it: `loaded.test_dataset`)."""
     c = loaded.config
     return explain_model(loaded.model, _test_split(loaded, dataset), label=label, classes=loaded.classes,
-                         in_shape=loaded.in_shape, mean=c.data.mean, std=c.data.std, batch_size=c.eval_batch_size,
+                         in_shape=loaded.in_shape, mean=c.data.mean, std=c.data.std, batch_size=_eval_batch(loaded),
                          autocast_dtype=autocast_dtype(c, loaded.device), examples=examples, seed=seed,
                          experiments=experiments, **settings)
 
@@ -229,7 +238,7 @@ def run_experiment(name: str, refs: Sequence[str], *, shifts: int = 4, flip: boo
         loaded = _loaded(run, device=device, runs_dir=runs_dir, trust_code=trust_code)
         seen = copies.seen_by(run, loaded.config, own=loaded.own)
         c = loaded.config
-        common = dict(mean=c.data.mean, std=c.data.std, batch_size=c.eval_batch_size,
+        common = dict(mean=c.data.mean, std=c.data.std, batch_size=_eval_batch(loaded),
                       autocast_dtype=autocast_dtype(c, loaded.device), channels_last=c.channels_last)
         test = _test_split(loaded, seen)
         if name == "translation":
