@@ -132,15 +132,20 @@ def test_a_layout_the_model_cannot_take_is_not_chosen() -> None:
     assert choice.name == "fp32 contiguous" and choice.not_chosen["fp32 channels-last"] == "failed: RuntimeError"
 
 
-def test_budget_start_trains_and_records_what_the_probe_chose(monkeypatch, capsys) -> None:
-    from cifarbench import running
-
+def _fake_probe(monkeypatch, running) -> None:
+    """`running.budget_start`'s probe replaced by fake timings of an AVX2 CPU (no native bf16)."""
     def probe(**kwargs) -> Throughput:
         steps = FakeSteps(AVX2)
         kernels = choose_kernels(steps, kwargs["requested"], native_bf16=False, clock=steps.clock)
         return Throughput(images_per_second=800.0, threads=2, tried={}, seconds=1.5, kernels=kernels, most_threads=2)
 
     monkeypatch.setattr(running, "probe_throughput", probe)
+
+
+def test_budget_start_trains_and_records_what_the_probe_chose(monkeypatch, capsys) -> None:
+    from cifarbench import running
+
+    _fake_probe(monkeypatch, running)
     config = make_config("speedrun", "fast", budget_seconds=60, device="cpu")
     assert config.precision == "auto"
     chosen, _, recorded_probe, _, precision = running.budget_start(config)
@@ -209,12 +214,7 @@ def test_kernel_choice_round_trips_through_the_budget_report() -> None:
 def test_budget_start_counts_from_an_earlier_start(monkeypatch) -> None:
     from cifarbench import running
 
-    def probe(**kwargs) -> Throughput:
-        steps = FakeSteps(AVX2)
-        kernels = choose_kernels(steps, kwargs["requested"], native_bf16=False, clock=steps.clock)
-        return Throughput(images_per_second=800.0, threads=2, tried={}, seconds=1.5, kernels=kernels, most_threads=2)
-
-    monkeypatch.setattr(running, "probe_throughput", probe)
+    _fake_probe(monkeypatch, running)
     config = make_config("speedrun", "fast", budget_seconds=60, device="cpu")
     _, started, *_ = running.budget_start(config, started=123.0)
     assert started == 123.0  # the CLI's process start: imports and data loading are in the budget

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,24 +32,14 @@ from cifarbench.runs.predictions import StoredPredictions, read_predictions
 from cifarbench.runs.records import RunRecord
 
 
-@dataclass(kw_only=True)
-class RunScore:
-    """One run's final test-set evaluation, image by image, in test-set order."""
+@dataclass(frozen=True, kw_only=True)
+class RunScore(StoredPredictions):
+    """One run's final test-set evaluation, image by image, in test-set order (the stored record's fields), with
+    the run it belongs to and where it came from."""
 
     run_id: str
-    predicted: np.ndarray
-    correct: np.ndarray
-    confidence: np.ndarray
-    tta: int
-    tta_threshold: float
     stored: bool
     """True: the run's own stored predictions; False: evaluated here from its checkpoint."""
-    dataset_sha256: str
-    """The copy (as the run saw it) the predictions were scored against."""
-
-    @property
-    def accuracy(self) -> float:
-        return float(self.correct.mean()) if len(self.correct) else 0.0
 
 
 @dataclass
@@ -128,10 +118,8 @@ def score_runs(runs: Sequence[RunRecord], *, dataset: ImageDataset | None = None
             seen = copies.seen_by(run, config, own=own)
             stored = _matching(stored, seen, own)
         if stored is not None:
-            scores.runs[run.run_id] = RunScore(run_id=run.run_id, predicted=stored.predicted, correct=stored.correct,
-                                               confidence=stored.confidence, tta=stored.tta,
-                                               tta_threshold=stored.tta_threshold, stored=True,
-                                               dataset_sha256=stored.dataset_sha256)
+            scores.runs[run.run_id] = RunScore(run_id=run.run_id, stored=True, **{
+                f.name: getattr(stored, f.name) for f in fields(StoredPredictions)})
             if seen is not None:
                 scores.datasets[run.run_id] = seen
             continue
@@ -176,5 +164,5 @@ def _evaluate(run: RunRecord, copies: TestCopies, *, device: str, runs_dir: str 
             f"elsewhere); evaluated its checkpoint here with its own settings ({views})")
     score = RunScore(run_id=run.run_id, predicted=result.predictions, correct=result.predictions == seen.test.labels,
                      confidence=result.confidences, tta=tta, tta_threshold=threshold if tta else 0.0, stored=False,
-                     dataset_sha256=seen.sha256)
+                     dataset_sha256=seen.sha256, classes=len(seen.classes))
     return score, seen, note
