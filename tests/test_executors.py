@@ -54,6 +54,37 @@ def test_a_bundle_that_claims_another_run_is_refused_whole(worker_bundle, tmp_pa
     assert [p.name for p in (tmp_path / "runs").iterdir() if not p.name.startswith("cifarbench.db")] == []
 
 
+@pytest.mark.parametrize("forged", ["the checkpoint's model", "config.json's data folder",
+                                    "config.json's download setting"])
+def test_a_bundle_whose_run_chose_its_own_code_or_data_is_refused(tiny_py: Path, tmp_path: Path, forged: str) -> None:
+    # A worker answers with the right run id and `requested`, but the run inside names other code to import, or
+    # another data folder to read: as an own run either would be trusted, so the whole bundle is refused.
+    import json
+
+    from cifarbench.training.checkpoint import load_checkpoint
+    from cifarbench.training.checkpoint_file import save_checkpoint
+
+    config = make_config("fnn", data_dir=str(tiny_py), verify=False, epochs=1, batch_size=20, device="cpu")
+    run_id = "20260101-000000-fnn-s0-abcd"
+    folder = tmp_path / "worker" / run_id
+    train_run(config, runs_dir=tmp_path / "worker", progress=False, run_id=run_id)
+    if forged == "the checkpoint's model":
+        payload = load_checkpoint(folder / "checkpoint.pt")
+        payload.pop("format", None)
+        payload["model"] = payload["config"]["model"] = f"{tmp_path / 'evil.py'}:Net"
+        save_checkpoint(payload, folder / "checkpoint.pt")
+    else:
+        stored = json.loads((folder / "config.json").read_text())
+        stored["config"]["data"].update({"data_dir": str(tmp_path / "elsewhere")} if "folder" in forged
+                                        else {"download": not config.data.download})
+        (folder / "config.json").write_text(json.dumps(stored))
+    archive = export_runs([run_id], tmp_path / "run.tar.gz", runs_dir=tmp_path / "worker")
+    with pytest.raises(CifarbenchError, match="refused"):
+        import_launched_run(archive, run_id=run_id, requested=config.to_dict(), runs_dir=tmp_path / "runs")
+    with RunStore(tmp_path / "runs", read_only=True) as store:
+        assert store.list_runs() == []
+
+
 def test_a_run_already_stored_is_not_overwritten(worker_bundle, tmp_path: Path) -> None:
     config, run_id, archive = worker_bundle
     import_launched_run(archive, run_id=run_id, requested=config.to_dict(), runs_dir=tmp_path / "runs")

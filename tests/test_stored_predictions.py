@@ -174,19 +174,28 @@ def test_a_foreign_runs_predictions_for_another_test_set_are_not_used(trained: d
 
 
 @pytest.mark.slow
-def test_imported_runs_bring_their_predictions_and_they_are_checked_against_the_local_test_set(
-        trained: dict, tmp_path: Path, no_evaluation: None) -> None:
-    """Exported and imported elsewhere, a run's predictions travel with it; they match the local test set's size
-    and fingerprint, so McNemar's test there evaluates nothing either."""
+def test_imported_runs_are_evaluated_here_whatever_predictions_they_bring(trained: dict, tmp_path: Path) -> None:
+    """Exported and imported elsewhere, a run's predictions travel with it, but they are its sender's word: there
+    the runs are evaluated from their checkpoints, so predictions forged with the right fingerprint change no
+    paired test."""
     from cifarbench.comparing import compare_runs
     from cifarbench.runs.bundle import export_runs, import_runs
     from cifarbench.runs.catalog import stored_runs
+    from cifarbench.scoring import score_runs
 
     archive = export_runs(trained["ids"], tmp_path / "runs.tar.gz", runs_dir=trained["runs"])
     elsewhere = tmp_path / "elsewhere"
     import_runs(archive, runs_dir=elsewhere)
     runs = stored_runs(trained["ids"], runs_dir=elsewhere)
     assert all(r.origin is not None and (Path(r.run_dir) / PREDICTIONS).is_file() for r in runs)
+    honest = read_predictions(Path(runs[0].run_dir))
+    labels = np.where(honest.correct, honest.predicted, -1)
+    write_predictions(Path(runs[0].run_dir), (honest.predicted + 1) % 10, labels, honest.confidence,
+                      dataset_sha256=honest.dataset_sha256, tta=honest.tta, tta_threshold=honest.tta_threshold,
+                      classes=honest.classes)  # every prediction wrong, the fingerprint right
+    scores = score_runs(runs, runs_dir=elsewhere, device="cpu", data_dir=trained["data"], verify=False)
+    assert not any(s.stored for s in scores.runs.values())
+    assert np.array_equal(scores.runs[runs[0].run_id].predicted, honest.predicted)
     here = compare_runs(trained["ids"], runs_dir=elsewhere, mcnemar=True, data_dir=trained["data"], verify=False,
                         device="cpu")
     there = compare_runs(trained["ids"], runs_dir=trained["runs"], mcnemar=True, device="cpu")

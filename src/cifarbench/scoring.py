@@ -4,9 +4,9 @@ experiment pair their statistics on (McNemar's test), from one rule.
 Each run's own final evaluation is reused: the predictions it stored (`runs.predictions`) are exactly those behind
 its reported accuracy, so nothing is evaluated again. A run trained before predictions were kept is evaluated from
 its checkpoint with its own recorded evaluation settings (the TTA its final evaluation used), and that is said in
-one line. A run from elsewhere (imported, copied) brings its predictions as data: they are used only when they
-match the local test set's size and fingerprint, scored against the local labels; otherwise the run is evaluated
-locally (its code runs only with `trust_code`).
+one line. A run from elsewhere (imported, copied) is always evaluated here from its checkpoint (its code runs only
+with `trust_code`): the predictions it brings are its sender's word, and a forged file could decide a paired test
+that the checkpoint would not.
 
 The data copy, one rule: the test set is read once per data set and copy (by fingerprint, as read); a run gets it
 as it saw it (`prepare`: e.g. its pixels permuted), and a run trained on another copy gets that copy.
@@ -109,14 +109,14 @@ def score_runs(runs: Sequence[RunRecord], *, dataset: ImageDataset | None = None
             raise CifarbenchError(f"run {run.run_id} was trained on {config.data.dataset}, not {dataset.name}; "
                                   "McNemar's test compares predictions on one test set")
         try:
-            stored = read_predictions(folder) if config is not None else None
-        except CifarbenchError as exc:  # damaged, or malformed data from elsewhere: evaluated here instead
+            stored = read_predictions(folder) if config is not None and own else None
+        except CifarbenchError as exc:  # damaged: evaluated here instead
             stored = None
             scores.notes.append(str(exc))
         seen = None
-        if stored is not None and (not own or need_data or dataset is not None):
+        if stored is not None and (need_data or dataset is not None):
             seen = copies.seen_by(run, config, own=own)
-            stored = _matching(stored, seen, own)
+            stored = _matching(stored, seen)
         if stored is not None:
             scores.runs[run.run_id] = RunScore(run_id=run.run_id, stored=True, **{
                 f.name: getattr(stored, f.name) for f in fields(StoredPredictions)})
@@ -133,13 +133,13 @@ def score_runs(runs: Sequence[RunRecord], *, dataset: ImageDataset | None = None
     return scores
 
 
-def _matching(stored: StoredPredictions, seen: ImageDataset, own: bool) -> StoredPredictions | None:
-    """Stored predictions scored against the local test labels when they are for this test set (size, classes
-    and, for a run from elsewhere, fingerprint); None when in doubt (the run is evaluated here instead)."""
+def _matching(stored: StoredPredictions, seen: ImageDataset) -> StoredPredictions | None:
+    """An own run's stored predictions, scored against the local test labels when they are for this test set;
+    None when they are not for a test set of this size and classes (the run is evaluated here instead)."""
     if len(stored.predicted) != len(seen.test) or stored.classes != len(seen.classes):
         return None
     if stored.dataset_sha256 != seen.sha256:
-        return None if not own else stored  # an own run keeps its own labels' verdicts; the report notes the copy
+        return stored  # its own labels' verdicts; the report notes the copy
     return stored.rescored(seen.test.labels)
 
 

@@ -327,7 +327,8 @@ def import_launched_run(archive: str | os.PathLike, *, run_id: str, requested: d
         wanted = json.loads(json.dumps(requested))  # as config.json holds it (lists, not tuples)
         if (not isinstance(config, dict) or config.get("requested") != wanted or record.status != "completed"
                 or record.model != wanted.get("model") or record.seed != wanted.get("seed")
-                or record.config.get("model_sha256") != wanted.get("model_sha256")):
+                or not all(_same_choices(c, wanted) for c in (record.config, config.get("config"),
+                                                               _checkpoint_config(staging / run_id)))):
             raise CifarbenchError(f"{source} does not hold the completed run of the config it was sent; refused")
         with RunStore(runs_dir) as store:
             why = _import_one(record, bundle.files[run_id], written.get(run_id, {}), staging, runs_dir, store,
@@ -337,6 +338,37 @@ def import_launched_run(archive: str | os.PathLike, *, run_id: str, requested: d
         return record
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+LAUNCH_FIXED = ("model", "model_sha256", "seed")
+"""What a launched run cannot change about itself: the code it runs and its seed (and, below, where its data is)."""
+LAUNCH_FIXED_DATA = ("dataset", "data_dir", "verify", "download", "permute_pixels")
+
+
+def _same_choices(config: object, wanted: dict) -> bool:
+    """Whether a config the bundle carries keeps the driver's code, seed and data source. A run adapts its other
+    settings as it trains (precision, shape, normalisation), but these decide what runs here and which local
+    files are read, so the worker may not choose them."""
+    if not isinstance(config, dict) or not isinstance(config.get("data"), dict):
+        return False
+    data, sent = config["data"], wanted.get("data") or {}
+    return (all(config.get(k) == wanted.get(k) for k in LAUNCH_FIXED)
+            and all(data.get(k) == sent.get(k) for k in LAUNCH_FIXED_DATA))
+
+
+def _checkpoint_config(folder: Path) -> dict | None:
+    """The config inside the bundle's checkpoint (read the safe way), with the model the checkpoint names; None
+    when it cannot be read."""
+    from cifarbench.training.checkpoint import load_checkpoint
+
+    try:
+        payload = load_checkpoint(folder / folders.CHECKPOINT)
+    except CifarbenchError:
+        return None
+    config = payload.get("config")
+    if not isinstance(config, dict) or payload.get("model") != config.get("model"):
+        return None
+    return config
 
 
 def _import_one(record: RunRecord, files: dict[str, str], written: dict[str, str], staging: Path, runs_dir,
