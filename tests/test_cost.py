@@ -130,7 +130,7 @@ def test_an_estimate_from_elsewhere_is_shown_only_when_every_field_has_its_type(
     good = estimate_of(300).to_dict()
     assert est.RunEstimate.from_dict(good) == estimate_of(300)
     for bad in ({**good, "total_seconds": "300"}, {**good, "source": 1}, {**good, "params": float("nan")},
-                {**good, "epoch_seconds": True}, {"params": 1}, None, []):
+                {**good, "epoch_seconds": True}, {**good, "params": 10**400}, {"params": 1}, None, []):
         assert est.RunEstimate.from_dict(bad) is None
 
 

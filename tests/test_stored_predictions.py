@@ -149,6 +149,21 @@ def test_predictions_file_round_trips_and_malformed_ones_are_refused(tmp_path: P
         read_predictions(write(correct=np.array([1, 0])))
     with pytest.raises(CifarbenchError, match="holds"):
         read_predictions(write(extra=np.array(1)))
+    # A header that declares a trillion classes over 16 bytes: refused before numpy allocates 8 TB for it.
+    import io
+    import zipfile
+
+    huge = write()
+    with zipfile.ZipFile(huge / PREDICTIONS) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<i8", "fortran_order": False, "shape": (10**12,)})
+    members["predicted.npy"] = header.getvalue() + bytes(16)  # the header starts with the .npy magic
+    with zipfile.ZipFile(huge / PREDICTIONS, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    with pytest.raises(CifarbenchError, match="predicted declares more data than it holds"):
+        read_predictions(huge)
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / PREDICTIONS).write_bytes(b"not a zip")
     with pytest.raises(CifarbenchError, match="not a"):

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +64,17 @@ def write_predictions(run_dir: str | os.PathLike, predicted: np.ndarray, labels:
     return atomic_write(Path(run_dir) / PREDICTIONS, lambda f: np.savez(f, **arrays))
 
 
+def _declared_bytes(archive: zipfile.ZipFile, member: str) -> int:
+    """The bytes an .npy member's header says its array holds (shape x item size)."""
+    with archive.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):  # what np.savez writes
+            raise ValueError(f".npy format version {version} is not read here")
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+    return math.prod(shape) * dtype.itemsize
+
+
 def read_predictions(run_dir: str | os.PathLike, *, images: int | None = None) -> StoredPredictions | None:
     """A run's stored predictions, checked; None when the run has none. With `images`, predictions for another
     number of test images are refused. A damaged or malformed file is a one-line error."""
@@ -81,8 +94,11 @@ def read_predictions(run_dir: str | os.PathLike, *, images: int | None = None) -
         with np.load(buffer, allow_pickle=False) as npz:
             if set(npz.files) != _FIELDS:
                 raise refuse(f"it holds {sorted(npz.files)}, not {sorted(_FIELDS)}")
+            for name in _FIELDS:  # numpy allocates what a header declares: check it against the member first
+                if _declared_bytes(npz.zip, f"{name}.npy") > npz.zip.getinfo(f"{name}.npy").file_size:
+                    raise refuse(f"{name} declares more data than it holds")
             arrays = {name: npz[name] for name in _FIELDS}
-    except (ValueError, OSError, EOFError) as exc:
+    except (ValueError, OSError, EOFError, KeyError) as exc:
         raise refuse(" ".join(str(exc).split())[:200]) from None
     predicted, correct, confidence = arrays["predicted"], arrays["correct"], arrays["confidence"]
     n = len(predicted) if predicted.ndim == 1 else -1

@@ -37,6 +37,14 @@ SHORTEST_RUN_IMAGES = 20 * PROBE_BATCH_MAX
 gets no estimate."""
 
 
+def _finite(value: int | float) -> bool:
+    """A finite number that a float can hold (a JSON integer of 400 digits is neither)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 @dataclass(kw_only=True)
 class RunEstimate:
     """A run's cost as estimated before it started (recorded, so the real time can be compared with it)."""
@@ -82,7 +90,7 @@ class RunEstimate:
             text = f.type == "str"
             if (v is not None or f.name in ("params", "images_per_second", "total_seconds")) and (
                     not isinstance(v, str) if text else
-                    isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                    isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v)):
                 return None
         try:
             return cls(**values)
