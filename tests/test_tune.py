@@ -149,6 +149,25 @@ def test_a_study_name_cannot_leave_the_studies_folder(tiny_py: Path, tmp_path: P
         tune(base(tiny_py), PARAMS, trials=1, runs_dir=tmp_path / "runs", study=name)
 
 
+@pytest.mark.parametrize("planted", ["garbage", "hard link", "journal link"])
+def test_a_planted_study_file_is_refused_in_one_line_and_nothing_outside_is_written(
+        tiny_py: Path, tmp_path: Path, capsys: pytest.CaptureFixture, planted: str) -> None:
+    studies, victim = tmp_path / "runs" / "studies", tmp_path / "victim.db"
+    studies.mkdir(parents=True)
+    victim.write_bytes(b"")
+    if planted == "garbage":
+        (studies / "s.db").write_bytes(b"not a database" * 100)
+    elif planted == "hard link":
+        (studies / "s.db").hardlink_to(victim)
+    else:
+        (studies / "s.db-journal").symlink_to(victim)
+    code = main(["tune", "fnn", "--param", "optimizer.lr=log:1e-3:1e-1", "--study", "s", "--val-split", "20",
+                 "--data-dir", str(tiny_py), "--no-verify", "--runs-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and "s.db" in err and "Traceback" not in err, err
+    assert victim.read_bytes() == b""
+
+
 def test_a_study_of_another_config_is_not_resumed(tiny_py: Path, tmp_path: Path) -> None:
     tune(base(tiny_py, epochs=1), PARAMS[:1], trials=1, runs_dir=tmp_path / "runs", study="s")
     with pytest.raises(CifarbenchError, match="differs in: epochs"):

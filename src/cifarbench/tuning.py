@@ -135,12 +135,16 @@ def check_study_name(name: str) -> str:
 
 
 def study_path(name: str, runs_dir: str | os.PathLike | None) -> Path:
-    """Where study `name` lives: RUNS_DIR/studies/NAME.db (a plain file: a link there is refused)."""
+    """Where study `name` lives: RUNS_DIR/studies/NAME.db (a plain file of its own: a link there, symbolic or hard,
+    and SQLite's journal files as links, are refused, since SQLite would write through them)."""
     from cifarbench.runs.folders import resolve_runs_dir
 
     folder = resolve_runs_dir(runs_dir) / STUDIES
     path = folder / f"{check_study_name(name)}.db"
-    if folder.is_symlink() or path.is_symlink() or (path.exists() and not path.is_file()):
+    companions = [path.with_name(path.name + suffix) for suffix in ("-journal", "-wal", "-shm")]
+    if (folder.is_symlink() or path.is_symlink() or (path.exists() and not path.is_file())
+            or (path.is_file() and path.stat().st_nlink > 1)
+            or any(c.is_symlink() or (c.is_file() and c.stat().st_nlink > 1) for c in companions)):
         raise CifarbenchError(f"{path} is not a plain file in the runs folder; refusing to use it as a study")
     return path
 
@@ -242,17 +246,25 @@ def _open_study(name: str, base: TrainConfig, params: Sequence[ParamSpec], seed:
                 runs_dir: str | os.PathLike | None) -> Any:
     """The study, created or (same base config and search space) resumed; another config is refused, since its
     trials would not be comparable."""
+    import sqlite3
+
     import optuna
+    import sqlalchemy
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     path = study_path(name, runs_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    storage = optuna.storages.RDBStorage(f"sqlite:///{path}")
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, len(params) * 2)))
     # Steps are epochs counted from 1, and Optuna prunes from step == n_warmup_steps on.
     pruner = optuna.pruners.MedianPruner(n_startup_trials=STARTUP_TRIALS, n_warmup_steps=WARMUP_EPOCHS + 1)
-    study = optuna.create_study(study_name=name, storage=storage, direction="maximize", sampler=sampler,
-                                pruner=pruner, load_if_exists=True)
+    try:
+        storage = optuna.storages.RDBStorage(f"sqlite:///{path}")
+        study = optuna.create_study(study_name=name, storage=storage, direction="maximize", sampler=sampler,
+                                    pruner=pruner, load_if_exists=True)
+    except (sqlalchemy.exc.SQLAlchemyError, sqlite3.Error) as exc:  # a file that is not a study database
+        why = " ".join(str(getattr(exc, "orig", None) or exc).split())[:200]
+        raise CifarbenchError("{path} cannot be opened as a study ({why}); pass another {option} or remove the file",
+                              path=path, why=why, option=Keyword("study", ...)) from None
     fixed = json.loads(json.dumps(base.to_dict()))
     space = sorted(str(p) for p in params)
     if "base" not in study.user_attrs:
