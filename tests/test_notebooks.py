@@ -5,6 +5,7 @@ that speak the Python caller's language."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import json
 import os
@@ -33,8 +34,10 @@ nbclient = pytest.importorskip("nbclient")
 
 # --- running a notebook in a real kernel -------------------------------------------------------------------------
 
-def _kernel_manager(folder: Path):
-    """A kernel manager whose kernel is this interpreter (so a fresh .venv needs no `ipykernel install`)."""
+@contextlib.contextmanager
+def kernel_manager(folder: Path):
+    """A kernel manager whose kernel is this interpreter (so a fresh .venv needs no `ipykernel install`); its
+    kernel is shut down on leaving (nbclient leaves alone a kernel whose manager it was given)."""
     from jupyter_client import KernelManager
     from jupyter_client.kernelspec import KernelSpecManager
 
@@ -43,8 +46,13 @@ def _kernel_manager(folder: Path):
     (spec / "kernel.json").write_text(json.dumps({
         "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": "cifarbench tests", "language": "python"}))
-    return KernelManager(kernel_name="cifarbench-test",
-                         kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(folder / "kernels")]))
+    km = KernelManager(kernel_name="cifarbench-test",
+                       kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(folder / "kernels")]))
+    try:
+        yield km
+    finally:
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
 
 
 def run_notebook(path: Path, workdir: Path, env: dict[str, str], rerun: str | None = None) -> tuple[Any, Any]:
@@ -52,7 +60,11 @@ def run_notebook(path: Path, workdir: Path, env: dict[str, str], rerun: str | No
     execute once more the first code cell whose source contains `rerun`, if given. Returns the executed notebook
     and the re-run cell (None without `rerun`)."""
     nb = nbformat.read(path, as_version=4)
-    km = _kernel_manager(workdir / "jupyter")
+    with kernel_manager(workdir / "jupyter") as km:
+        return _execute(nb, km, workdir, env, rerun)
+
+
+def _execute(nb: Any, km: Any, workdir: Path, env: dict[str, str], rerun: str | None) -> tuple[Any, Any]:
     client = nbclient.NotebookClient(nb, km=km, timeout=600, resources={"metadata": {"path": str(workdir)}})
     with client.setup_kernel(env=env, cwd=str(workdir)):
         for i, cell in enumerate(nb.cells):

@@ -190,15 +190,15 @@ def test_scored_and_predicted_images_display_like_the_cli(fnn_run: dict, tmp_pat
 @pytest.mark.slow
 def test_a_plot_shows_when_assigned_and_once_when_returned(tmp_path: Path) -> None:
     nbformat = pytest.importorskip("nbformat")
-    from test_notebooks import _kernel_manager, nbclient
+    from test_notebooks import kernel_manager, nbclient
 
     history = '[[{"epoch": 1, "test_accuracy": 0.5, "seconds": 1.0, "train_loss": 1.0, "test_loss": 1.1}]]'
     make = f"curves_figure({{'MyCNN': {history}}})"
     cells = ["from cifarbench.reporting.display import curves_figure\nimport cifarbench as cb",
              f"fig = {make}", make, "x = 1", f"fig = {make}\nfig"]
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
-    client = nbclient.NotebookClient(nb, km=_kernel_manager(tmp_path), timeout=120)
-    client.execute(cwd=str(tmp_path))
+    with kernel_manager(tmp_path) as km:
+        nbclient.NotebookClient(nb, km=km, timeout=120).execute(cwd=str(tmp_path))
     images = [sum("image/png" in o.get("data", {}) for o in cell.outputs) for cell in nb.cells]
     assert images == [0, 1, 1, 0, 1]
 
