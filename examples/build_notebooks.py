@@ -29,13 +29,15 @@ DATA = {
 # How many times each model is trained (with seeds 0, 1, ...): 1 is quick; 3 shows how much results vary.
 SEEDS = 1
 # Training as the classroom notebook did (5 epochs for the FNN, 10 for the CNN) takes minutes per model on a
-# laptop. The tests run this notebook in seconds: CIFARBENCH_EXAMPLE_QUICK=1 trains one epoch per model, and
-# CIFARBENCH_EXAMPLE_BUDGET=S about S seconds per model.
+# laptop. The tests run this notebook in seconds: CIFARBENCH_EXAMPLE_QUICK=1 trains one epoch per model,
+# CIFARBENCH_EXAMPLE_BUDGET=S about S seconds per model, and CIFARBENCH_EXAMPLE_SEEDS=N sets SEEDS.
 SHORT = {}
 if os.environ.get("CIFARBENCH_EXAMPLE_QUICK") == "1":
     SHORT = {"epochs": 1}
 if os.environ.get("CIFARBENCH_EXAMPLE_BUDGET"):
-    SHORT = {"budget": float(os.environ["CIFARBENCH_EXAMPLE_BUDGET"])}'''
+    SHORT = {"budget": float(os.environ["CIFARBENCH_EXAMPLE_BUDGET"])}
+if os.environ.get("CIFARBENCH_EXAMPLE_SEEDS"):
+    SEEDS = int(os.environ["CIFARBENCH_EXAMPLE_SEEDS"])'''
 
 IMPROVED = '''\
 from torch import nn

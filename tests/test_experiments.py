@@ -9,7 +9,9 @@ import torch
 from cifarbench.data.dataset import Split
 from cifarbench.data.loader import DeviceSplit
 from cifarbench.errors import CifarbenchError
+from cifarbench.evaluation import experiments
 from cifarbench.evaluation.experiments import (
+    CorruptedCopies,
     CorruptionResult,
     TranslationResult,
     corrupt_images,
@@ -129,6 +131,50 @@ def test_corruption_accuracy_is_deterministic_given_the_seed(band_split, fnn):
     a = corrupt_images(data.images[:20], "gaussian_noise", 3, seed=3)
     assert torch.equal(a, corrupt_images(data.images[:20], "gaussian_noise", 3, seed=3))
     assert not torch.equal(a, corrupt_images(data.images[:20], "gaussian_noise", 3, seed=4))
+
+
+class _Recorder(torch.nn.Module):
+    """A 'model' that keeps every input it is given and answers class 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.clone())
+        return torch.zeros(len(x), 10)
+
+
+def test_the_noise_an_image_gets_does_not_depend_on_the_evaluation_batch(band_split, monkeypatch):
+    monkeypatch.setattr(experiments, "CORRUPT_CHUNK", 30)  # several chunks in the 100 images
+    data = DeviceSplit(band_split, torch.device("cpu"), MEAN, STD)
+    inputs = []
+    for batch in (7, 50, 100):
+        recorder = _Recorder()
+        corruption_accuracy(recorder, data, mean=MEAN, std=STD, kinds=("gaussian_noise",), severities=(5,),
+                            batch_size=batch, seed=2)
+        inputs.append(torch.cat(recorder.seen[-(100 // batch + (100 % batch > 0)):]))  # the noisy pass
+    assert not torch.equal(inputs[0], data.normalise(data.images))
+    assert torch.equal(inputs[0], inputs[1]) and torch.equal(inputs[1], inputs[2])
+
+
+def test_runs_on_the_same_images_share_each_corrupted_copy(band_split, fnn, monkeypatch):
+    data = DeviceSplit(band_split, torch.device("cpu"), MEAN, STD)
+    args = dict(mean=MEAN, std=STD, kinds=("gaussian_noise", "jpeg"), severities=(1, 5), batch_size=40, seed=1)
+    alone = corruption_accuracy(fnn, data, **args).to_dict()
+    made = []
+    real = experiments.corrupt_images
+    monkeypatch.setattr(experiments, "corrupt_images",
+                        lambda x, kind, s, **kw: made.append((kind, s)) or real(x, kind, s, **kw))
+    copies = CorruptedCopies(data.images)
+    again = DeviceSplit(band_split, torch.device("cpu"), MEAN, STD)  # another run's split of the same images
+    assert corruption_accuracy(fnn, data, copies=copies, **args).to_dict() == alone
+    assert corruption_accuracy(fnn, again, copies=copies, **args).to_dict() == alone
+    assert sorted(m for m in made if m[1]) == [("gaussian_noise", 1), ("gaussian_noise", 5), ("jpeg", 1), ("jpeg", 5)]
+    other = DeviceSplit(Split(band_split.images[::-1].copy(), band_split.labels), torch.device("cpu"), MEAN, STD)
+    assert not copies.made_from(other.images)
+    with pytest.raises(ValueError, match="copies"):
+        corruption_accuracy(fnn, other, copies=copies, **args)
 
 
 @pytest.mark.parametrize("kind", ["gaussian_noise", "gaussian_blur", "contrast"])

@@ -16,7 +16,12 @@ from cifarbench.data import ImageDataset, load_dataset
 from cifarbench.data.loader import DeviceSplit
 from cifarbench.device import autocast_dtype, resolve_device
 from cifarbench.errors import CifarbenchError, Keyword, Spelling, as_keyword
-from cifarbench.evaluation.experiments import CORRUPTIONS, corruption_accuracy, translation_accuracy
+from cifarbench.evaluation.experiments import (
+    CORRUPTIONS,
+    CorruptedCopies,
+    corruption_accuracy,
+    translation_accuracy,
+)
 from cifarbench.evaluation.explain import ModelExplanation, explain_model
 from cifarbench.evaluation.stats import (
     PairComparison,
@@ -234,6 +239,7 @@ def run_experiment(name: str, refs: Sequence[str], *, shifts: int = 4, flip: boo
     groups = group_runs(runs)
     results: dict[str, dict[str, Any]] = {}
     copies = TestCopies(None, progress, {"data_dir": data_dir, "verify": verify, "download": download})
+    corrupted: CorruptedCopies | None = None  # of the last run's test images: the next run on them reuses them
     for run in runs:
         loaded = _loaded(run, device=device, runs_dir=runs_dir, trust_code=trust_code)
         seen = copies.seen_by(run, loaded.config, own=loaded.own)
@@ -245,8 +251,10 @@ def run_experiment(name: str, refs: Sequence[str], *, shifts: int = 4, flip: boo
             result = translation_accuracy(loaded.model, test, shifts=range(shifts + 1), flip=flip, fill=fill,
                                           **common).to_dict()  # type: ignore[arg-type]
         else:
+            if corrupted is None or not corrupted.made_from(test.images):
+                corrupted = CorruptedCopies(test.images)
             result = corruption_accuracy(loaded.model, test, kinds=list(kinds), severities=[int(s) for s in severities],
-                                         seed=seed, **common).to_dict()  # type: ignore[arg-type]
+                                         seed=seed, copies=corrupted, **common).to_dict()  # type: ignore[arg-type]
         folders.store_experiment(folders.run_folder(runs_dir, run.run_id), name, result)
         results[run.run_id] = result
         if on_run:

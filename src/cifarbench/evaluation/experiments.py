@@ -167,7 +167,7 @@ def _jpeg(images: torch.Tensor, quality: int) -> torch.Tensor:
 
 
 def _noise_generator(seed: int, kind: str, severity: int, start: int) -> torch.Generator:
-    """A generator for one batch: the noise depends on the seed, the corruption, the severity and the batch's
+    """A generator for one chunk: the noise depends on the seed, the corruption, the severity and the chunk's
     first image, not on what ran before."""
     key = zlib.crc32(f"{seed}/{kind}/{severity}/{start}".encode())
     return torch.Generator().manual_seed(key)
@@ -201,6 +201,40 @@ def corrupt_images(images: torch.Tensor, kind: str, severity: int, *, seed: int 
     return (x.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
 
 
+# Images are corrupted in chunks of this many, whatever batch a model is scored in, so the noise an image gets
+# depends only on its index (and the seed), never on the evaluation batch size or the device.
+CORRUPT_CHUNK = 1000
+
+
+def corrupt_split(images: torch.Tensor, kind: str, severity: int, *, seed: int = 0) -> torch.Tensor:
+    """`corrupt_images` over a whole split, chunk by chunk (see CORRUPT_CHUNK)."""
+    if len(images) == 0:
+        return corrupt_images(images, kind, severity, seed=seed)
+    return torch.cat([corrupt_images(images[i:i + CORRUPT_CHUNK], kind, severity, seed=seed, start=i)
+                      for i in range(0, len(images), CORRUPT_CHUNK)])
+
+
+class CorruptedCopies:
+    """The corrupted copies of one split's images, each made once: runs scored on the same test images share them
+    (making them, JPEG above all, costs more than scoring a small model). Holds every copy asked for: 30 MB each
+    for CIFAR-10's test set."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+        self._made: dict[tuple[str, int, int], torch.Tensor] = {}
+
+    def made_from(self, images: torch.Tensor) -> bool:
+        """Whether these are copies of `images` (compared pixel by pixel: cheap beside corrupting them)."""
+        return (images.shape == self.images.shape and images.device == self.images.device
+                and torch.equal(images, self.images))
+
+    def get(self, kind: str, severity: int, seed: int = 0) -> torch.Tensor:
+        key = (kind, int(severity), int(seed))
+        if key not in self._made:
+            self._made[key] = corrupt_split(self.images, kind, int(severity), seed=seed)
+        return self._made[key]
+
+
 @dataclass
 class CorruptionResult:
     """Accuracy on clean images and at each severity of each corruption."""
@@ -219,19 +253,23 @@ class CorruptionResult:
 def corruption_accuracy(model: nn.Module, split: LabelledImages, *, mean: Sequence[float], std: Sequence[float],
                         kinds: Sequence[str] = tuple(CORRUPTIONS), severities: Sequence[int] = (1, 2, 3, 4, 5),
                         seed: int = 0, batch_size: int = 1000, autocast_dtype: torch.dtype | None = None,
-                        channels_last: bool = False) -> CorruptionResult:
-    """Test accuracy under CIFAR-10-C style corruptions generated on the fly from the uint8 test images
-    (Hendrycks & Dietterich's parameters, see CORRUPTIONS); deterministic given `seed`."""
+                        channels_last: bool = False, copies: CorruptedCopies | None = None) -> CorruptionResult:
+    """Test accuracy under CIFAR-10-C style corruptions generated from the uint8 test images (Hendrycks &
+    Dietterich's parameters, see CORRUPTIONS); deterministic given `seed`. `copies` (of `split.images`) keeps the
+    corrupted images for the next model; without it each copy is made, used and dropped."""
     for kind in kinds:
         corrupt_images(split.images[:0], kind, 0)  # a bad name fails before any evaluation
+    if copies is not None and not copies.made_from(split.images):
+        raise ValueError("copies must be made from this split's images")
     norm = Normaliser(mean, std, batch_size, autocast_dtype, channels_last)
     clean = accuracy_under(model, split, norm)
     result = CorruptionResult(clean, [int(s) for s in severities], seed=seed, n=len(split.labels))
     for kind in kinds:
-        result.accuracy[kind] = [
-            accuracy_under(model, split, norm,
-                           lambda x, start, k=kind, s=int(s): corrupt_images(x, k, s, seed=seed, start=start))
-            for s in severities]
+        result.accuracy[kind] = []
+        for s in severities:
+            made = copies.get(kind, s, seed) if copies else corrupt_split(split.images, kind, int(s), seed=seed)
+            result.accuracy[kind].append(
+                accuracy_under(model, split, norm, lambda x, start, m=made: m[start:start + len(x)].to(x.device)))
     return result
 
 
