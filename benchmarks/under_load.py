@@ -3,7 +3,10 @@ competing process: a Python busy loop (`busy`, one CPU-bound thread) and/or a no
 threads (`cnn`, the common case of two trainings on one laptop); each is stopped when the run ends.
 
     python benchmarks/under_load.py [--budgets 30 60 120] [--beside busy cnn] [--seed 0] [--data-dir DIR]
-        [--settle 15] [--docs PATH | --no-docs]
+        [--settle 15] [--competitor-env NAME=VALUE ...] [--docs PATH | --no-docs]
+
+`--competitor-env GOMP_SPINCOUNT=300000` gives the cnn competitor libgomp's default spin, as a training outside
+cifarbench has it (cifarbench's entry points shorten it: src/cifarbench/runtime.py).
 
 Prints one JSON object (per budget and competitor: wall seconds against the budget, steps loaded against idle,
 accuracy, what the loaded run gave up, the precision it chose, whether the bar held: within budget + 5% and at
@@ -30,7 +33,7 @@ BAR_WALL = 1.05
 
 
 def competitor(kind: str, budget: float, runs_dir: str, data_dir: str | None,
-               settle: float = SETTLE_SECONDS) -> subprocess.Popen:
+               settle: float = SETTLE_SECONDS, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start the competing process: a busy loop, or a 2-thread cnn training (notebook recipe, bounded in time)."""
     if kind == "busy":
         return subprocess.Popen([sys.executable, "-c", BUSY.format(limit=3 * budget + 120)])
@@ -38,16 +41,16 @@ def competitor(kind: str, budget: float, runs_dir: str, data_dir: str | None,
            "--device", "cpu", "--runs-dir", os.path.join(runs_dir, "competitor")]
     if data_dir:
         cmd += ["--data-dir", data_dir]
-    env = {**os.environ, "OMP_NUM_THREADS": str(CNN_THREADS)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(CNN_THREADS), **(extra_env or {})}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(settle)
     return proc
 
 
 def loaded(kind: str, budget: float, seed: int, runs_dir: str, data_dir: str | None,
-           settle: float = SETTLE_SECONDS) -> dict:
+           settle: float = SETTLE_SECONDS, extra_env: dict[str, str] | None = None) -> dict:
     """The run with the competitor beside it (killed when the run ends; whether it ran throughout is recorded)."""
-    other = competitor(kind, budget, runs_dir, data_dir, settle)
+    other = competitor(kind, budget, runs_dir, data_dir, settle, extra_env)
     try:
         if other.poll() is not None:
             sys.exit(f"the {kind} competitor ended before the run started (exit status {other.returncode})")
@@ -82,17 +85,23 @@ def main() -> None:
                     help="the competing processes, each measured in turn")
     ap.add_argument("--settle", type=float, default=SETTLE_SECONDS,
                     help="seconds the cnn competitor runs before the measured run starts")
+    ap.add_argument("--competitor-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="an environment variable for the cnn competitor only (repeatable)")
     args = ap.parse_args()
+    if any("=" not in item for item in args.competitor_env):
+        ap.error("--competitor-env takes NAME=VALUE")
+    extra_env = dict(item.split("=", 1) for item in args.competitor_env)
     runs_dir = tempfile.mkdtemp(prefix="cifarbench-under-load-")
     rows = []
     for budget in args.budgets:
         load = budget_runs.load_average()
         idle = budget_runs.train("speedrun", "fast", budget, args.seed, runs_dir, args.data_dir)
         for kind in args.beside:
-            busy = loaded(kind, budget, args.seed, runs_dir, args.data_dir, args.settle)
+            busy = loaded(kind, budget, args.seed, runs_dir, args.data_dir, args.settle, extra_env)
             ratio = busy["steps"] / max(idle["steps"], 1)
             within = busy["used_seconds"] <= BAR_WALL * budget and idle["used_seconds"] <= BAR_WALL * budget
-            row = {"budget_seconds": budget, "beside": kind, "load_average": load, "idle": idle, "loaded": busy,
+            row = {"budget_seconds": budget, "beside": kind, "competitor_env": extra_env, "load_average": load,
+                   "idle": idle, "loaded": busy,
                    "steps_ratio": ratio, "wall_over_budget": busy["used_seconds"] / budget, "within": within,
                    "bar": within and ratio >= BAR_STEPS}
             print(f"budget {budget:g}s beside {kind}: idle {100 * idle['test_accuracy']:.2f}% {idle['steps']} steps "

@@ -120,13 +120,14 @@ def test_same_budget_compares_three_recipes_and_writes_the_docs_table(tiny_py: P
     assert "old table" not in text and "| 3 s |" in text and text.endswith("after\n")
 
 
-def test_under_load_beside_a_cnn_training_reports_the_bar_and_the_precision(tiny_py: Path, tmp_path: Path) -> None:
+def test_under_load_runs_alone_beside_a_busy_loop_and_beside_a_cnn_training(tiny_py: Path, tmp_path: Path) -> None:
     docs = tmp_path / "results.md"
     done = run_benchmark("under_load.py", "--budgets", "3", "--beside", "busy", "cnn", "--settle", "3",
-                         "--data-dir", str(tiny_py), "--docs", str(docs))
+                         "--competitor-env", "GOMP_SPINCOUNT=300000", "--data-dir", str(tiny_py), "--docs", str(docs))
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     busy, cnn = out["results"]
+    assert cnn["competitor_env"] == {"GOMP_SPINCOUNT": "300000"}
     assert (busy["beside"], cnn["beside"], out["beside"]) == ("busy", "cnn", ["busy", "cnn"])
     assert busy["idle"] == cnn["idle"]  # one idle run per budget, compared with each competitor
     assert cnn["loaded"]["competitor_ran_throughout"] is True
@@ -135,19 +136,23 @@ def test_under_load_beside_a_cnn_training_reports_the_bar_and_the_precision(tiny
     assert cnn["bar"] == (ratio >= 0.4 and cnn["within"])
     assert cnn["loaded"]["precision"] in ("fp32 channels-last", "fp32 contiguous", "bf16 channels-last",
                                           "bf16 contiguous")
+    assert busy["steps_ratio"] == pytest.approx(busy["loaded"]["steps"] / busy["idle"]["steps"])
+    assert busy["wall_over_budget"] == pytest.approx(busy["loaded"]["used_seconds"] / 3)
+    assert busy["loaded"]["probe"]["images_per_second"] > 0 and busy["idle"]["steps"] >= 1
     text = docs.read_text()
     assert "<!-- under-load-beside-cnn:start -->" in text and "| 3 s | cnn |" in text
 
 
-def test_under_load_reports_wall_steps_and_accuracy_idle_and_loaded(tiny_py: Path, tmp_path: Path) -> None:
-    docs = tmp_path / "results.md"
-    done = run_benchmark("under_load.py", "--budgets", "3", "--data-dir", str(tiny_py), "--docs", str(docs))
+def test_openmp_spin_times_each_spin_and_thread_count_alone_and_beside_a_cnn_training(tiny_py: Path) -> None:
+    done = run_benchmark("openmp_spin.py", "--spins", "10000", "300000", "--competitor-spins", "300000",
+                         "--threads", "1", "--batch", "8", "--seconds", "0.2", "--rounds", "1", "--settle", "2",
+                         "--data-dir", str(tiny_py))
     assert done.returncode == 0, done.stderr
-    (row,) = json.loads(done.stdout)["results"]
-    assert row["steps_ratio"] == pytest.approx(row["loaded"]["steps"] / row["idle"]["steps"])
-    assert row["wall_over_budget"] == pytest.approx(row["loaded"]["used_seconds"] / 3)
-    assert row["loaded"]["probe"]["images_per_second"] > 0 and row["idle"]["steps"] >= 1
-    assert "<!-- under-load:start -->" in docs.read_text()
+    rates = json.loads(done.stdout)["images_per_second"]
+    assert list(rates) == ["alone", "beside cnn (its spin 300000)"]
+    for phase in rates.values():
+        assert set(phase) == {"10000", "300000"}
+        assert all(len(r["1"]) == 1 and r["1"][0] > 0 for r in phase.values())
 
 
 def test_grade_isolation_times_the_same_inbox_in_process_and_boxed(tiny_py: Path) -> None:

@@ -86,6 +86,27 @@ def test_plan_reserves_tta_at_the_timed_price_and_plain_evaluation_at_the_curren
     assert short.reserved_evaluation() == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("plain_now, cut", [(0.4, False), (2.0, True)])
+def test_only_a_plain_pass_dearer_than_first_timed_is_reported_as_a_cut(plain_now: float, cut: bool,
+                                                                      monkeypatch) -> None:
+    # 6 views timed at 6 s in a 10 s budget: 1 s plain, and the 15% cap (1.5 s) cannot buy a view for every
+    # unsure image, so only the plain pass is reserved. Re-measured at 0.4 s, the pass leaves room for the views
+    # (reserved 1.5 s): that is not a cut for a dearer evaluation. At 2.0 s it is.
+    clock = FakeClock()
+    monkeypatch.setattr(budget_module, "time", clock)
+    clock.now = 2.0
+    plan = StepPlan(10**9, budget=10.0, started=0.0, eval_seconds=lambda: 6.0, eval_views=6,
+                    eval_share=lambda: (1.0, plain_now))
+    plan.calibrate(step=20, step_seconds=0.1)
+    assert plan.reserved_evaluation() == pytest.approx(1.0)
+    plan.replan(30, seconds=1.0, steps=10)
+    assert plan.reserved_evaluation() == pytest.approx(1.5 if plain_now < 1 else plain_now)
+    if cut:
+        assert plan.eval_cut is not None and plan.eval_cut[0] > 0 and plan.eval_cut[1:] == (1.0, 2.0)
+    else:
+        assert plan.eval_cut is None
+
+
 def test_guard_stops_a_run_whose_calibration_steps_use_the_budget_up(monkeypatch) -> None:
     clock = FakeClock()
     monkeypatch.setattr(budget_module, "time", clock)
@@ -271,6 +292,34 @@ def test_throughput_factor_refuses_what_is_not_a_positive_number(value: str, mon
     monkeypatch.setenv(shape.THROUGHPUT_FACTOR_ENV, value)
     with pytest.raises(CifarbenchError, match=shape.THROUGHPUT_FACTOR_ENV):
         shape.throughput_factor()
+
+
+@pytest.mark.parametrize("faster", [1, 2])
+def test_beside_other_work_the_probe_times_both_thread_counts_and_keeps_the_faster(faster: int, monkeypatch) -> None:
+    """Every core busy with another process's threads: the probe still times one thread against all of them
+    (with libgomp's short spin, two threads beat one beside a 2-thread training) and records what it saw."""
+    from cifarbench.training import shape
+
+    kernels = shape.KernelChoice(precision="fp32", channels_last=True, requested="auto", native_bf16=False)
+    checked = []
+
+    def check(step, threads):
+        checked.append(threads)
+        return {"1": 300.0, str(threads): 450.0 if faster == 2 else 200.0}
+
+    monkeypatch.setattr(shape, "others_running", lambda: 2)
+    monkeypatch.setattr(shape, "training_steps", lambda *a, **k: lambda *b, **c: None)
+    monkeypatch.setattr(shape, "reference_model", lambda: torch.nn.Linear(1, 1))
+    monkeypatch.setattr(shape, "choose_kernels", lambda *a, **k: kernels)
+    monkeypatch.setattr(shape, "check_threads", check)
+    monkeypatch.setattr(shape, "_seconds", lambda *a: 0.1)
+    threads = torch.get_num_threads()
+    try:
+        result = shape.probe_throughput(2)
+    finally:
+        torch.set_num_threads(threads)
+    assert checked == [2] and result.threads == faster and result.others_running == 2
+    assert result.tried == {"1": 300.0, "2": 450.0 if faster == 2 else 200.0}
 
 
 def test_thread_check_is_not_decided_by_one_step_a_passing_process_slowed(monkeypatch) -> None:

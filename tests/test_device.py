@@ -98,3 +98,35 @@ def test_importing_cifarbench_changes_no_process_settings() -> None:
     env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
     assert done.stdout.strip() == "None"
+
+
+SPIN_AT_TORCH = r"""
+import os, sys
+
+seen = []
+
+
+class Watch:  # records GOMP_SPINCOUNT when torch is first imported: libgomp reads it then
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and not seen:
+            seen.append(os.environ.get("GOMP_SPINCOUNT"))
+
+
+sys.meta_path.insert(0, Watch())
+{use}
+print(seen)
+"""
+
+
+API, CLI = "import cifarbench as cb; cb.run_config", "from cifarbench.cli import main; main(['models'])"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("use, users, expected", [(API, {}, "['10000']"), (CLI, {}, "['10000']"),
+                                                  (API, {"GOMP_SPINCOUNT": "7"}, "['7']"),
+                                                  (CLI, {"OMP_WAIT_POLICY": "PASSIVE"}, "[None]")])
+def test_the_short_openmp_spin_is_set_before_torch_loads_unless_the_user_chose(use, users, expected) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    done = subprocess.run([sys.executable, "-c", SPIN_AT_TORCH.replace("{use}", use)], capture_output=True,
+                          text=True, check=True, env={**env, **users})
+    assert done.stdout.strip().splitlines()[-1] == expected

@@ -195,8 +195,9 @@ class StepPlan:
                 self._low_seconds = self._full_seconds * low / full
         total = self._fit(step, self._time_left())
         # What the evaluation's growth since it was first timed cost in steps: the plan priced at that price.
+        # Only growth counts: a plain pass that got cheaper leaves room for views, which is not a cut.
         first = self._time_left() + self.reserved_evaluation() - self.reserved_evaluation(first_price=True)
-        cut = self._fit(step, first) - total
+        cut = self._fit(step, first) - total if self._plain_evaluation() > self._first_plain() else 0
         self.eval_cut = (cut, self._first_plain(), self._plain_evaluation()) if cut > 0 else None
         self.total_steps = self.agree(total)
         self.trace.append([step, round(self._elapsed(), 2), self.total_steps, round(self._step_seconds()[0], 4),

@@ -291,12 +291,20 @@ def thread_limit(threads: int, busy: int | None) -> int:
     return threads if busy is None else max(1, min(threads, (os.cpu_count() or 1) - busy))
 
 
+def _threads_running(busy: int) -> str:
+    return f"{busy} thread{'' if busy == 1 else 's'} of other processes running"
+
+
 class ThreadWatch:
     """Re-checks the thread count during a run (at each re-plan): when the threads of other processes change, the
-    count follows the cores they leave; a change that made the next steps slower is undone and held until the
-    competition changes again (the measured step decides, as in the probe's check)."""
+    count follows the cores they leave; a change that made the next steps slower is undone (the measured step
+    decides, as in the probe's check). Beside other work, the count the probe did not choose is also tried for
+    one stretch of real steps and kept only if faster: the probe times small steps, and beside a 2-thread
+    training one thread won those while two threads trained 512-image steps faster
+    (docs/cpu-performance.md#threads-on-a-shared-machine). What each level of competition measured is kept for
+    the run, so a reading that flickers (2, 3, 2 threads) costs no second try."""
 
-    SLOWER = 1.15  # a stretch this much slower than the one before the change undoes it
+    SLOWER = 1.15  # a stretch this much slower than the one before a change the competition asked for undoes it
 
     def __init__(self, most: int, read: Callable[[], int | None] | None = None,
                  set_threads: Callable[[int], None] = torch.set_num_threads,
@@ -305,30 +313,48 @@ class ThreadWatch:
         self.read = read or (lambda: others_running(samples=5, interval=0.002))
         self.set_threads, self.current = set_threads, current
         self.busy: int | None = None  # the reading the current count was chosen for
-        self._trial: tuple[int, float] | None = None  # (count before a change, its step seconds)
+        # (count before a change, its step seconds, how much slower undoes it, the competition it was tried at)
+        self._trial: tuple[int, float, float, int] | None = None
+        self._best: dict[int, int] = {}  # per competition level tried: the count its measured steps favoured
         self.changes: list[str] = []
         """What changed, in words (recorded in the run's budget report)."""
 
     def check(self, step: int, step_seconds: float) -> bool:
-        """After a stretch of steps that took `step_seconds` each: change the thread count if the competition
-        asks for it (or undo the last change if it made steps slower). True if the count changed."""
+        """After a stretch of steps that took `step_seconds` each: end a try (undo it if its steps were slower),
+        follow a change of competition, or try the other count once beside unchanged competition. True if the
+        count changed."""
         now = self.current()
         if self._trial is not None:
-            before, seconds = self._trial
+            before, seconds, tolerance, level = self._trial
             self._trial = None
-            if step_seconds > self.SLOWER * seconds:
+            if step_seconds > tolerance * seconds:
+                self._best[level] = before
                 self._set(before, step, f"back to {before} (with {now}: {step_seconds:.3f} s a step "
                                         f"against {seconds:.3f} s)")
                 return True
+            self._best[level] = now
         busy = self.read()
-        if busy is None or busy == self.busy:
+        if busy is None:
             return False
-        self.busy = busy
-        target = thread_limit(self.most, busy)
-        if target == now:
+        if busy != self.busy:
+            self.busy = busy
+            if busy in self._best:
+                target = self._best[busy]
+                if target == now:
+                    return False
+                self._set(target, step, f"{now} -> {target} ({_threads_running(busy)}; faster here before)")
+                return True
+            target = thread_limit(self.most, busy)
+            if target == now:
+                return False
+            self._trial = (now, step_seconds, self.SLOWER, busy)
+            self._set(target, step, f"{now} -> {target} ({_threads_running(busy)})")
+            return True
+        other = 1 if now > 1 else self.most
+        if busy == 0 or other == now or busy in self._best:
             return False
-        self._trial = (now, step_seconds)
-        self._set(target, step, f"{now} -> {target} ({busy} threads of other processes running)")
+        self._trial = (now, step_seconds, 1.0, busy)  # a try, not a response to a change: kept only if faster
+        self._set(other, step, f"{now} -> {other} (trying it: {_threads_running(busy)})")
         return True
 
     def _set(self, threads: int, step: int, why: str) -> None:
@@ -342,8 +368,8 @@ def probe_throughput(threads: int | None = None, *, requested: str = "auto", det
     """Choose the precision and layout (`choose_kernels`, on one thread), then the thread count (one, or
     `threads`, default torch's, whichever's small steps are faster; set with torch.set_num_threads), and
     measure training images/s with them. The net timed is `model()` (the reference net by default, what the
-    shape rows are keyed by). On a machine where another process holds a core, the multi-thread steps are many
-    times slower, and one thread wins."""
+    shape rows are keyed by). Beside another process's threads, multi-thread steps can be many times slower
+    (libgomp's default spin at each barrier), and then one thread wins."""
     from cifarbench.device import cpu_bf16_native
 
     start = time.perf_counter()
@@ -352,8 +378,7 @@ def probe_throughput(threads: int | None = None, *, requested: str = "auto", det
     keep_cpu_memory()
     most = threads or torch.get_num_threads()
     load = load_average()
-    busy = others_running()
-    threads = thread_limit(most, busy)  # leave the cores that other work is using
+    busy = others_running()  # recorded; the timed steps below decide
     # Even building the net's parameters runs parallel kernels: one thread until the check has chosen.
     torch.set_num_threads(1)
     with torch.random.fork_rng():  # the run's seeded random stream stays as it would be without the probe
@@ -368,9 +393,9 @@ def probe_throughput(threads: int | None = None, *, requested: str = "auto", det
             steps(batch, dtype, kernels.channels_last)
 
         tried, best = {}, 1
-        if threads > 1:
-            tried = check_threads(step, threads)
-            best = threads if tried[str(threads)] > tried["1"] else 1
+        if most > 1:  # even beside other work: with libgomp's short spin (runtime.py), more threads can win there
+            tried = check_threads(step, most)
+            best = most if tried[str(most)] > tried["1"] else 1
         torch.set_num_threads(best)
         rate = PROBE_BATCH / _seconds(step, PROBE_BATCH, PROBE_STEPS)
     return Throughput(images_per_second=rate * factor, threads=best, tried=tried, seconds=time.perf_counter() - start,
