@@ -100,8 +100,8 @@ def main() -> None:
             busy = loaded(kind, budget, args.seed, runs_dir, args.data_dir, args.settle, extra_env)
             ratio = busy["steps"] / max(idle["steps"], 1)
             within = busy["used_seconds"] <= BAR_WALL * budget and idle["used_seconds"] <= BAR_WALL * budget
-            row = {"budget_seconds": budget, "beside": kind, "competitor_env": extra_env, "load_average": load,
-                   "idle": idle, "loaded": busy,
+            row = {"budget_seconds": budget, "beside": kind, "competitor_env": extra_env if kind == "cnn" else {},
+                   "load_average": load, "idle": idle, "loaded": busy,
                    "steps_ratio": ratio, "wall_over_budget": busy["used_seconds"] / budget, "within": within,
                    "bar": within and ratio >= BAR_STEPS}
             print(f"budget {budget:g}s beside {kind}: idle {100 * idle['test_accuracy']:.2f}% {idle['steps']} steps "

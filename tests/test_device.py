@@ -94,10 +94,11 @@ def test_kernel_choice_turns_onednn_off_and_restores_it() -> None:
 @pytest.mark.slow
 def test_importing_cifarbench_changes_no_process_settings() -> None:
     """Settings belong to the entry points (cifarbench.runtime): a library import leaves the environment alone."""
-    script = "import os, cifarbench, cifarbench.api; print(os.environ.get('MKL_CBWR'))"
-    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    script = ("import os, cifarbench, cifarbench.api; "
+              "print(os.environ.get('MKL_CBWR'), os.environ.get('GOMP_SPINCOUNT'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("MKL_CBWR", "GOMP_SPINCOUNT")}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
-    assert done.stdout.strip() == "None"
+    assert done.stdout.strip() == "None None"
 
 
 SPIN_AT_TORCH = r"""

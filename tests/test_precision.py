@@ -4,6 +4,7 @@ and the thread count re-checked during a run."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -187,40 +188,35 @@ def test_budgeted_run_without_native_bf16_trains_in_fp32_and_records_the_choice(
     assert f"precision {b.precision['chosen']} (asked: auto, no native bf16; measured images/s" in shown
 
 
-def _watch(readings: list[int], threads: list[int], busy: int) -> ThreadWatch:
+def _watch(readings: list[int], threads: list[int], busy: int, most: int = 2) -> ThreadWatch:
     values = iter(readings)
-    watch = ThreadWatch(2, read=lambda: next(values), set_threads=lambda n: threads.__setitem__(0, n),
+    watch = ThreadWatch(most, read=lambda: next(values), set_threads=lambda n: threads.__setitem__(0, n),
                         current=lambda: threads[0])
     watch.busy = busy  # what the probe saw when it chose the count
     return watch
 
 
-def test_thread_watch_follows_the_competition_and_undoes_a_change_that_made_steps_slower() -> None:
+@pytest.fixture
+def two_cores(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+
+
+def test_thread_watch_compares_both_counts_beside_the_same_competition_and_remembers(two_cores) -> None:
     threads = [1]
-    watch = _watch([1, 1, 0, 0, 1, 1], threads, busy=1)  # one competing thread; the probe chose one thread
-    assert watch.check(10, 0.5) and threads == [2]  # beside it, the other count gets one stretch of real steps
+    watch = _watch([1, 1, 1, 0, 0, 1, 1], threads, busy=1)  # one competing thread; the probe chose one thread
+    assert watch.check(10, 0.5) and threads == [2]  # the other count gets one stretch of real steps
     assert watch.check(20, 0.6) and threads == [1]  # not faster: back
-    assert not watch.check(30, 0.5) and threads == [1]  # tried at this competition: not again
+    assert not watch.check(30, 0.5) and threads == [1]  # compared at this competition: not again
     assert watch.check(40, 0.5) and threads == [2]  # the competitor ended: both cores
-    assert not watch.check(50, 0.3) and threads == [2]  # faster: kept; nothing else to try when idle
+    assert not watch.check(50, 0.3) and threads == [2]  # nothing to try when the others leave both cores
     assert watch.check(60, 0.3) and threads == [1]  # the competitor is back: the count measured faster beside it
     assert not watch.check(70, 0.6) and threads == [1]
     assert len(watch.changes) == 4 and "trying it: 1 thread of other processes running" in watch.changes[0]
     assert watch.changes[1].startswith("step 20: threads back to 1")
-    assert watch.changes[-1] == "step 60: threads 2 -> 1 (1 thread of other processes running; faster here before)"
+    assert watch.changes[-1] == "step 60: threads 2 -> 1 (1 thread of other processes running: faster here before)"
 
 
-def test_a_competition_reading_that_flickers_costs_one_try_per_level() -> None:
-    threads = [2]
-    watch = _watch([3, 2, 3, 2, 3], threads, busy=2)
-    watch._best[2] = 2  # two threads already measured faster beside two competing threads
-    assert watch.check(10, 1.1) and threads == [1]  # three: the cores they leave, tried
-    assert watch.check(20, 1.4) and threads == [2]  # slower by more than 15%: undone
-    assert not watch.check(30, 1.1) and not watch.check(40, 1.1) and not watch.check(50, 1.1)
-    assert not watch.check(60, 1.1) and threads == [2] and len(watch.changes) == 2
-
-
-def test_thread_watch_keeps_the_count_it_tried_when_its_real_steps_are_faster() -> None:
+def test_thread_watch_keeps_the_count_it_tried_when_its_real_steps_are_faster(two_cores) -> None:
     """Beside a 2-thread training the probe's small steps chose one thread; two threads train the real steps
     faster, and the try keeps them."""
     threads = [1]
@@ -228,6 +224,34 @@ def test_thread_watch_keeps_the_count_it_tried_when_its_real_steps_are_faster() 
     assert watch.check(10, 0.5) and threads == [2]
     assert not watch.check(20, 0.4) and threads == [2]  # faster: kept
     assert not watch.check(30, 0.4) and threads == [2] and len(watch.changes) == 1
+
+
+def test_a_competition_reading_that_flickers_costs_one_try_per_level(two_cores) -> None:
+    threads = [2]
+    watch = _watch([3, 3, 3, 2, 3, 2], threads, busy=2)
+    watch._best[2] = 2  # two threads already measured faster beside two competing threads
+    assert watch.check(10, 1.1) and threads == [1]  # three: the cores they leave
+    assert watch.check(20, 1.4) and threads == [2]  # then all of them, beside the same three
+    assert not watch.check(30, 1.2) and threads == [2]  # faster: kept, and remembered for three
+    assert not any(watch.check(step, 1.2) for step in (40, 50, 60)) and threads == [2]
+    assert len(watch.changes) == 2
+
+
+def test_a_try_is_not_judged_when_the_competition_changed_during_it(two_cores) -> None:
+    threads = [1]
+    watch = _watch([2, 3], threads, busy=2)
+    assert watch.check(10, 0.5) and threads == [2]  # trying two threads beside two others
+    assert watch.check(20, 0.4) and threads == [1]  # a third arrived: no verdict, the cores they leave
+    assert watch._best == {}
+
+
+def test_no_try_without_room_to_judge_it_or_where_the_others_leave_cores(monkeypatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    threads = [1]
+    assert not _watch([2], threads, busy=2).check(10, 0.5, can_try=False) and threads == [1]
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    threads = [16]
+    assert not _watch([1], threads, busy=1, most=16).check(10, 0.5) and threads == [16]  # 15 cores left
 
 
 def test_kernel_choice_round_trips_through_the_budget_report() -> None:

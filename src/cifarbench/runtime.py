@@ -6,9 +6,8 @@
   every core (measured: no slower; docs/distributed.md). MKL reads it at its first call, so it must be set
   before any work; a user's own setting wins.
 - libgomp's spin at a barrier (`GOMP_SPINCOUNT=10000`, down from its 300,000 rounds): beside another process's
-  threads, torch's waiting threads spun on the cores the others needed. Beside a 2-thread training, 2-thread
-  steps ran 55-60% faster with the shorter spin; alone they cost at most ~10%
-  (docs/cpu-performance.md#libgomps-spin). libgomp reads it when torch loads, so it counts only where torch is
+  threads, torch's waiting threads spun on the cores the others needed (measured alone and beside a training:
+  docs/cpu-performance.md#libgomps-spin). libgomp reads it when torch loads, so it counts only where torch is
   not loaded yet (the CLI, and the API's first use when torch was not imported before); a user's own
   `GOMP_SPINCOUNT` or `OMP_WAIT_POLICY` wins.
 """

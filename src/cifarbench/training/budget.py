@@ -135,7 +135,9 @@ class StepPlan:
                 self.pause()
                 replanning = time.perf_counter()
                 self.replan(step, stretch.seconds, stretch.steps, stretch.low_steps)
-                if self.threads is not None and self.threads.check(step, stretch.seconds / stretch.steps):
+                # A try needs its own stretch and one more to be judged before the final evaluation.
+                can_try = self.total_steps - step >= 2 * max(self.CALIBRATION_STEPS, self.total_steps // self.REPLANS)
+                if self.threads is not None and self.threads.check(step, stretch.seconds / stretch.steps, can_try):
                     self.replan(step)  # the next stretch measures the new count; until then, the old rate
                 # The next stretch's clock includes this re-plan (its evaluation check), so that the step time
                 # the plan extrapolates carries the cost of the re-plans still to come.

@@ -168,7 +168,8 @@ class Throughput:
     factor: float = 1.0
     """The emulation factor applied to `images_per_second` (1 = as measured)."""
     others_running: int | None = None
-    """Threads of other processes ready to run when the probe started (Linux), which caps the thread count."""
+    """Threads of other processes ready to run when the probe started (Linux): the thread count timed against one
+    thread is the cores they leave, or all of them where they leave one."""
     load_average: float | None = None
     """The 1-minute load average when the probe started (a competitor that has run for a while)."""
     kernels: KernelChoice | None = None
@@ -261,9 +262,8 @@ def _runnable(path: str) -> int:
 
 def others_running(samples: int = 20, interval: float = 0.01) -> int | None:
     """How many threads of other processes were ready to run, the median of `samples` readings of Linux's
-    /proc/stat less this process's own runnable threads (None elsewhere). Counted before any multi-thread step:
-    on a machine where another process holds a core, one multi-thread step can take seconds (each parallel
-    region waits for the descheduled thread). The load average is recorded, not used: over its minute it still
+    /proc/stat less this process's own runnable threads (None elsewhere). Counted before any multi-thread step,
+    which would count its own spinning workers. The load average is recorded, not used: over its minute it still
     counts a run that has just ended."""
     counts = []
     try:
@@ -287,7 +287,8 @@ def load_average() -> float | None:
 
 
 def thread_limit(threads: int, busy: int | None) -> int:
-    """The most threads worth using beside `busy` threads of other processes: the cores they leave."""
+    """The cores `busy` threads of other processes leave, at most `threads` (at least one): the count first tried
+    beside them; the measured steps decide between it and the others (probe_throughput, ThreadWatch)."""
     return threads if busy is None else max(1, min(threads, (os.cpu_count() or 1) - busy))
 
 
@@ -296,15 +297,13 @@ def _threads_running(busy: int) -> str:
 
 
 class ThreadWatch:
-    """Re-checks the thread count during a run (at each re-plan): when the threads of other processes change, the
-    count follows the cores they leave; a change that made the next steps slower is undone (the measured step
-    decides, as in the probe's check). Beside other work, the count the probe did not choose is also tried for
-    one stretch of real steps and kept only if faster: the probe times small steps, and beside a 2-thread
+    """Re-checks the thread count during a run (at each re-plan). When the threads of other processes change, the
+    count becomes the one measured faster beside that competition earlier in the run, else the cores they leave.
+    Where they leave a single core, one thread and all of them are then compared on stretches of the run's real
+    steps beside the same competition, once per level: the probe times small steps, and beside a 2-thread
     training one thread won those while two threads trained 512-image steps faster
-    (docs/cpu-performance.md#threads-on-a-shared-machine). What each level of competition measured is kept for
-    the run, so a reading that flickers (2, 3, 2 threads) costs no second try."""
-
-    SLOWER = 1.15  # a stretch this much slower than the one before a change the competition asked for undoes it
+    (docs/cpu-performance.md#threads-on-a-shared-machine). A reading that flickers (2, 3, 2 threads) costs no
+    second try."""
 
     def __init__(self, most: int, read: Callable[[], int | None] | None = None,
                  set_threads: Callable[[int], None] = torch.set_num_threads,
@@ -313,47 +312,40 @@ class ThreadWatch:
         self.read = read or (lambda: others_running(samples=5, interval=0.002))
         self.set_threads, self.current = set_threads, current
         self.busy: int | None = None  # the reading the current count was chosen for
-        # (count before a change, its step seconds, how much slower undoes it, the competition it was tried at)
-        self._trial: tuple[int, float, float, int] | None = None
-        self._best: dict[int, int] = {}  # per competition level tried: the count its measured steps favoured
+        self._trial: tuple[int, float, int] | None = None  # (count before a try, its step seconds, the reading)
+        self._best: dict[int, int] = {}  # per reading compared: the count whose real steps were faster
         self.changes: list[str] = []
         """What changed, in words (recorded in the run's budget report)."""
 
-    def check(self, step: int, step_seconds: float) -> bool:
-        """After a stretch of steps that took `step_seconds` each: end a try (undo it if its steps were slower),
-        follow a change of competition, or try the other count once beside unchanged competition. True if the
-        count changed."""
+    def check(self, step: int, step_seconds: float, can_try: bool = True) -> bool:
+        """After a stretch of steps that took `step_seconds` each: judge a try, follow a change of competition,
+        or (with `can_try`: stretches enough left to judge one) try the other count beside unchanged
+        competition. True if the count changed."""
         now = self.current()
-        if self._trial is not None:
-            before, seconds, tolerance, level = self._trial
-            self._trial = None
-            if step_seconds > tolerance * seconds:
-                self._best[level] = before
-                self._set(before, step, f"back to {before} (with {now}: {step_seconds:.3f} s a step "
-                                        f"against {seconds:.3f} s)")
-                return True
-            self._best[level] = now
         busy = self.read()
+        if self._trial is not None:
+            before, seconds, level = self._trial
+            self._trial = None
+            if busy == level:  # only steps timed beside the same competition are compared
+                self._best[level] = before if step_seconds > seconds else now
+                if self._best[level] != now:
+                    self._set(before, step, f"back to {before} (with {now}: {step_seconds:.3f} s a step "
+                                            f"against {seconds:.3f} s)")
+                    return True
         if busy is None:
             return False
         if busy != self.busy:
             self.busy = busy
-            if busy in self._best:
-                target = self._best[busy]
-                if target == now:
-                    return False
-                self._set(target, step, f"{now} -> {target} ({_threads_running(busy)}; faster here before)")
-                return True
-            target = thread_limit(self.most, busy)
+            target = self._best.get(busy, thread_limit(self.most, busy))
             if target == now:
                 return False
-            self._trial = (now, step_seconds, self.SLOWER, busy)
-            self._set(target, step, f"{now} -> {target} ({_threads_running(busy)})")
+            why = "faster here before" if busy in self._best else "the cores they leave"
+            self._set(target, step, f"{now} -> {target} ({_threads_running(busy)}: {why})")
             return True
-        other = 1 if now > 1 else self.most
-        if busy == 0 or other == now or busy in self._best:
+        if not can_try or self.most == 1 or busy in self._best or thread_limit(self.most, busy) > 1:
             return False
-        self._trial = (now, step_seconds, 1.0, busy)  # a try, not a response to a change: kept only if faster
+        other = 1 if now > 1 else self.most
+        self._trial = (now, step_seconds, busy)
         self._set(other, step, f"{now} -> {other} (trying it: {_threads_running(busy)})")
         return True
 
@@ -378,7 +370,10 @@ def probe_throughput(threads: int | None = None, *, requested: str = "auto", det
     keep_cpu_memory()
     most = threads or torch.get_num_threads()
     load = load_average()
-    busy = others_running()  # recorded; the timed steps below decide
+    busy = others_running()
+    # Timed against one thread: the cores the others leave, or all of them where they leave one (with libgomp's
+    # short spin, runtime.py, all threads can win there).
+    candidate = thread_limit(most, busy) if thread_limit(most, busy) > 1 else most
     # Even building the net's parameters runs parallel kernels: one thread until the check has chosen.
     torch.set_num_threads(1)
     with torch.random.fork_rng():  # the run's seeded random stream stays as it would be without the probe
@@ -393,9 +388,9 @@ def probe_throughput(threads: int | None = None, *, requested: str = "auto", det
             steps(batch, dtype, kernels.channels_last)
 
         tried, best = {}, 1
-        if most > 1:  # even beside other work: with libgomp's short spin (runtime.py), more threads can win there
-            tried = check_threads(step, most)
-            best = most if tried[str(most)] > tried["1"] else 1
+        if candidate > 1:
+            tried = check_threads(step, candidate)
+            best = candidate if tried[str(candidate)] > tried["1"] else 1
         torch.set_num_threads(best)
         rate = PROBE_BATCH / _seconds(step, PROBE_BATCH, PROBE_STEPS)
     return Throughput(images_per_second=rate * factor, threads=best, tried=tried, seconds=time.perf_counter() - start,
