@@ -109,6 +109,10 @@ class StepPlan:
         """Whether step `step` (0-based) trains on the small images."""
         return self.progress(step) < self.low_fraction
 
+    def _stretch_steps(self) -> int:
+        """Steps between re-plans at the current plan."""
+        return max(self.CALIBRATION_STEPS, self.total_steps // self.REPLANS)
+
     def pause(self) -> None:
         """Stop counting time as step time (the loop is about to do something else, e.g. evaluate)."""
         if self._stretch.since is not None:
@@ -130,13 +134,13 @@ class StepPlan:
             stretch = self._stretch
             stretch.steps += 1
             stretch.low_steps += low
-            due = stretch.steps >= max(self.CALIBRATION_STEPS, self.total_steps // self.REPLANS)
+            due = stretch.steps >= self._stretch_steps()
             if due and step < self.total_steps:
                 self.pause()
                 replanning = time.perf_counter()
                 self.replan(step, stretch.seconds, stretch.steps, stretch.low_steps)
                 # A try needs its own stretch and one more to be judged before the final evaluation.
-                can_try = self.total_steps - step >= 2 * max(self.CALIBRATION_STEPS, self.total_steps // self.REPLANS)
+                can_try = self.total_steps - step >= 2 * self._stretch_steps()
                 if self.threads is not None and self.threads.check(step, stretch.seconds / stretch.steps, can_try):
                     self.replan(step)  # the next stretch measures the new count; until then, the old rate
                 # The next stretch's clock includes this re-plan (its evaluation check), so that the step time

@@ -373,7 +373,8 @@ def probe_throughput(threads: int | None = None, *, requested: str = "auto", det
     busy = others_running()
     # Timed against one thread: the cores the others leave, or all of them where they leave one (with libgomp's
     # short spin, runtime.py, all threads can win there).
-    candidate = thread_limit(most, busy) if thread_limit(most, busy) > 1 else most
+    left = thread_limit(most, busy)
+    candidate = left if left > 1 else most
     # Even building the net's parameters runs parallel kernels: one thread until the check has chosen.
     torch.set_num_threads(1)
     with torch.random.fork_rng():  # the run's seeded random stream stays as it would be without the probe
